@@ -1,0 +1,15 @@
+//! Realm's model core: everything needed to run a GGUF model, shared by the coordinator and the
+//! workers. Reading files (`gguf`), weights (`quant`), text (`tokenizer`, `chat`), the forward pass
+//! (`model`), per-session state (`kv`) and token choice (`sampling`, `generate`).
+#![deny(unsafe_code)]
+
+pub mod chat;
+pub mod error;
+pub mod gguf;
+mod mmap;
+pub mod quant;
+pub mod sampling;
+pub mod stop;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

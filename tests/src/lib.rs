@@ -1,0 +1,1 @@
+//! Shared helpers for Realm's end-to-end tests.
