@@ -6,7 +6,9 @@
 pub mod chat;
 pub mod error;
 pub mod gguf;
+pub mod kv;
 mod mmap;
+pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod stop;

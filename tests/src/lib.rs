@@ -1,1 +1,40 @@
-//! Shared helpers for Realm's end-to-end tests.
+//! Shared helpers for Realm's end-to-end tests: where the models and fixtures are.
+
+use std::path::PathBuf;
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate lives in the repository")
+        .to_path_buf()
+}
+
+/// Path of a project model; panics with the fix when it has not been fetched.
+pub fn model_path(file: &str) -> PathBuf {
+    let path = repo_root().join("models").join(file);
+    assert!(
+        path.exists(),
+        "{} is missing: run deploy/fetch-models.sh first",
+        path.display()
+    );
+    path
+}
+
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = repo_root().join("tests/fixtures").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Reference token ids of fixture text `key` (t1..t6) for `model` ("smollm2" or "gemma3").
+pub fn reference_ids(model: &str, key: &str) -> Vec<u32> {
+    let ids = &fixture("tokenizer.json")["ids"][model][key];
+    ids.as_array()
+        .unwrap_or_else(|| panic!("no reference ids for {model}/{key}"))
+        .iter()
+        .map(|v| v.as_u64().expect("token id") as u32)
+        .collect()
+}

@@ -1,0 +1,116 @@
+//! The `gemma3` architecture. What sets it apart from llama:
+//! - embeddings scaled by √d_model (done in the embedding stage);
+//! - RMSNorm on every query and key head (QK-norm) before NeoX-style RoPE;
+//! - norms both before and after attention and the MLP ("sandwich" norms);
+//! - a GELU (tanh approximation) gated MLP;
+//! - five sliding-window layers (own RoPE base) for every global layer; the window applies to
+//!   every step, single-token decode included.
+//!
+//! GGUF norm weights already include Gemma's `1 +` offset, so they multiply as stored.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module, Tensor};
+
+use super::attention::{attend, rms_norm_heads, split_heads, Rope, RopeStyle};
+use super::llama::names::*;
+use super::{load_vector, Block, ModelConfig};
+use crate::error::Result;
+use crate::gguf::GgufFile;
+use crate::kv::LayerKv;
+use crate::quant::load_matmul;
+
+const ATTN_Q_NORM: &str = "attn_q_norm.weight";
+const ATTN_K_NORM: &str = "attn_k_norm.weight";
+const POST_ATTN_NORM: &str = "post_attention_norm.weight";
+const POST_FFN_NORM: &str = "post_ffw_norm.weight";
+
+#[derive(Debug)]
+pub(super) struct Gemma3Block {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    wo: QMatMul,
+    post_attn_norm: Tensor,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    post_ffn_norm: Tensor,
+    rope: Rope,
+    /// `Some` on sliding-window layers.
+    window: Option<usize>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+    scale: f64,
+    device: Device,
+}
+
+impl Gemma3Block {
+    pub fn load(file: &GgufFile, config: &ModelConfig, layer: usize, device: &Device) -> Result<Self> {
+        let name = |n: &str| format!("blk.{layer}.{n}");
+        let matmul = |n: &str| load_matmul(file, &name(n), device);
+        let vector = |n: &str, len: usize| load_vector(file, &name(n), len, device);
+        let sliding = config.is_sliding(layer);
+        let rope = if sliding {
+            Rope::new(RopeStyle::Neox, config.head_dim, config.rope_base_local, 1.0)
+        } else {
+            Rope::new(
+                RopeStyle::Neox,
+                config.head_dim,
+                config.rope_base,
+                config.rope_position_scale,
+            )
+        };
+        Ok(Self {
+            attn_norm: vector(ATTN_NORM, config.d_model)?,
+            wq: matmul(ATTN_Q)?,
+            wk: matmul(ATTN_K)?,
+            wv: matmul(ATTN_V)?,
+            q_norm: vector(ATTN_Q_NORM, config.head_dim)?,
+            k_norm: vector(ATTN_K_NORM, config.head_dim)?,
+            wo: matmul(ATTN_OUTPUT)?,
+            post_attn_norm: vector(POST_ATTN_NORM, config.d_model)?,
+            ffn_norm: vector(FFN_NORM, config.d_model)?,
+            gate: matmul(FFN_GATE)?,
+            up: matmul(FFN_UP)?,
+            down: matmul(FFN_DOWN)?,
+            post_ffn_norm: vector(POST_FFN_NORM, config.d_model)?,
+            rope,
+            window: if sliding { config.sliding_window } else { None },
+            n_heads: config.n_heads,
+            n_kv_heads: config.n_kv_heads,
+            head_dim: config.head_dim,
+            eps: config.rms_eps,
+            scale: config.attention_scale,
+            device: device.clone(),
+        })
+    }
+}
+
+impl Block for Gemma3Block {
+    fn forward(&self, x: &Tensor, position: usize, kv: &mut LayerKv) -> Result<Tensor> {
+        let eps = self.eps as f32;
+        let n = x.dim(0)?;
+        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, eps)?;
+        let q = self.wq.forward(&h)?.reshape((n, self.n_heads, self.head_dim))?;
+        let k = self.wk.forward(&h)?.reshape((n, self.n_kv_heads, self.head_dim))?;
+        let q = rms_norm_heads(&q, &self.q_norm, self.eps)?.transpose(0, 1)?.contiguous()?;
+        let k = rms_norm_heads(&k, &self.k_norm, self.eps)?.transpose(0, 1)?.contiguous()?;
+        let v = split_heads(&self.wv.forward(&h)?, self.n_kv_heads, self.head_dim)?;
+        let q = self.rope.apply(&q, position, &self.device)?;
+        let k = self.rope.apply(&k, position, &self.device)?;
+        let attn = attend(&q, &k, &v, kv, position, self.window, self.scale)?;
+        let attn = candle_nn::ops::rms_norm(&self.wo.forward(&attn)?, &self.post_attn_norm, eps)?;
+        let x = (x + attn)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
+        let mlp = (self.gate.forward(&h)?.gelu()? * self.up.forward(&h)?)?;
+        let mlp = candle_nn::ops::rms_norm(&self.down.forward(&mlp)?, &self.post_ffn_norm, eps)?;
+        Ok((x + mlp)?)
+    }
+}

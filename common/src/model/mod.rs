@@ -1,0 +1,265 @@
+//! The forward pass, split the way Realm distributes it: an [`Embedding`] stage, a run of
+//! transformer [`Block`]s grouped in a [`Shard`] that owns a [`LayerRange`], and a [`Head`].
+//!
+//! Blocks load only their own `blk.{i}.*` tensors, so a worker can hold any contiguous range.
+//! Blocks hold weights only; the attention state of a sequence lives in a [`SessionKv`] owned by
+//! that session, so many sessions run through the same weights at once.
+
+mod attention;
+pub mod config;
+mod gemma3;
+mod llama;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::kv::{LayerKv, SessionKv};
+use crate::quant::{load_matmul, qtensor_from_bytes};
+
+pub use config::{Architecture, ModelConfig};
+
+const TOKEN_EMBD: &str = "token_embd.weight";
+const OUTPUT_NORM: &str = "output_norm.weight";
+const OUTPUT: &str = "output.weight";
+
+/// A contiguous, non-empty range of transformer blocks `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerRange {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl LayerRange {
+    pub fn new(start: usize, end: usize) -> Result<Self> {
+        if start >= end {
+            return Err(Error::InvalidArgument(format!(
+                "layer range {start}..{end} is empty"
+            )));
+        }
+        Ok(Self { start, end })
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn contains(&self, layer: usize) -> bool {
+        (self.start..self.end).contains(&layer)
+    }
+
+    pub fn iter(&self) -> std::ops::Range<usize> {
+        self.start..self.end
+    }
+}
+
+impl std::fmt::Display for LayerRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end - 1)
+    }
+}
+
+/// One transformer block: weights of `blk.{i}.*` and the forward pass over them.
+pub trait Block: Send + Sync + std::fmt::Debug {
+    /// Runs the block on `x` (`[n_tokens, d_model]`), whose first token sits at `position`
+    /// (the number of tokens already in `kv`). Appends this step's keys and values to `kv`.
+    fn forward(&self, x: &Tensor, position: usize, kv: &mut LayerKv) -> Result<Tensor>;
+}
+
+fn load_block(file: &GgufFile, config: &ModelConfig, layer: usize, device: &Device) -> Result<Box<dyn Block>> {
+    Ok(match config.architecture {
+        Architecture::Llama => Box::new(llama::LlamaBlock::load(file, config, layer, device)?),
+        Architecture::Gemma3 => Box::new(gemma3::Gemma3Block::load(file, config, layer, device)?),
+    })
+}
+
+/// Token embeddings. The table stays quantized in the file mapping; a lookup dequantizes only
+/// the rows it needs.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    file: GgufFile,
+    info: TensorInfo,
+    d_model: usize,
+    vocab: usize,
+    /// Gemma scales embeddings by √d_model; 1 for llama.
+    scale: f64,
+    device: Device,
+}
+
+impl Embedding {
+    pub fn load(file: &GgufFile, config: &ModelConfig, device: &Device) -> Result<Self> {
+        let info = file.tensor_info(TOKEN_EMBD)?.clone();
+        if info.dims.len() != 2 || info.dims[0] as usize != config.d_model {
+            return Err(Error::Tensor {
+                name: TOKEN_EMBD.to_string(),
+                problem: format!("shape {:?} does not match d_model {}", info.dims, config.d_model),
+            });
+        }
+        Ok(Self {
+            file: file.clone(),
+            vocab: info.dims[1] as usize,
+            info,
+            d_model: config.d_model,
+            scale: config.embedding_scale,
+            device: device.clone(),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    /// `[tokens.len(), d_model]` hidden states for `tokens`.
+    pub fn forward(&self, tokens: &[u32]) -> Result<Tensor> {
+        let row_bytes = self.info.size as usize / self.vocab;
+        let bytes = self.file.tensor_bytes(&self.info);
+        let mut rows = Vec::with_capacity(tokens.len());
+        for &t in tokens {
+            let t = t as usize;
+            if t >= self.vocab {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {t} is outside the vocabulary of {} tokens",
+                    self.vocab
+                )));
+            }
+            let row = &bytes[t * row_bytes..(t + 1) * row_bytes];
+            let q = qtensor_from_bytes(self.info.dtype, row, &[self.d_model as u64], &Device::Cpu)?;
+            rows.push(q.dequantize(&Device::Cpu)?);
+        }
+        let x = Tensor::stack(&rows, 0)?.to_device(&self.device)?;
+        Ok(if self.scale != 1.0 { (x * self.scale)? } else { x })
+    }
+}
+
+/// Final norm and output projection.
+#[derive(Debug, Clone)]
+pub struct Head {
+    norm: Tensor,
+    output: QMatMul,
+    eps: f64,
+}
+
+impl Head {
+    pub fn load(file: &GgufFile, config: &ModelConfig, device: &Device) -> Result<Self> {
+        // Tied embeddings: without an output matrix the embedding table doubles as the head.
+        let output_name = if file.tensors.contains_key(OUTPUT) { OUTPUT } else { TOKEN_EMBD };
+        Ok(Self {
+            norm: load_vector(file, OUTPUT_NORM, config.d_model, device)?,
+            output: load_matmul(file, output_name, device)?,
+            eps: config.rms_eps,
+        })
+    }
+
+    /// Logits `[n, vocab]` for every row of `x` (`[n, d_model]`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.eps as f32)?;
+        Ok(self.output.forward(&x)?)
+    }
+}
+
+/// The blocks of one contiguous layer range.
+#[derive(Debug)]
+pub struct Shard {
+    range: LayerRange,
+    blocks: Vec<Box<dyn Block>>,
+}
+
+impl Shard {
+    /// Loads only the `blk.{i}.*` tensors of `range`.
+    pub fn load(file: &GgufFile, config: &ModelConfig, range: LayerRange, device: &Device) -> Result<Self> {
+        if range.end > config.n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "layer range {range} exceeds the model's {} layers",
+                config.n_layers
+            )));
+        }
+        let blocks = range
+            .iter()
+            .map(|layer| load_block(file, config, layer, device))
+            .collect::<Result<_>>()?;
+        Ok(Self { range, blocks })
+    }
+
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    /// Runs every block of the shard. `kv` must be the session's cache for exactly this range.
+    pub fn forward(&self, x: &Tensor, position: usize, kv: &mut SessionKv) -> Result<Tensor> {
+        if kv.n_layers() != self.blocks.len() {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache holds {} layers, shard {} has {}",
+                kv.n_layers(),
+                self.range,
+                self.blocks.len()
+            )));
+        }
+        if kv.len() != position {
+            return Err(Error::InvalidArgument(format!(
+                "position {position} does not follow the {} tokens already cached",
+                kv.len()
+            )));
+        }
+        let mut x = x.clone();
+        for (block, layer_kv) in self.blocks.iter().zip(kv.layers_mut()) {
+            x = block.forward(&x, position, layer_kv)?;
+        }
+        Ok(x)
+    }
+}
+
+/// A whole model in one process: embedding, every block, head.
+#[derive(Debug)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub embedding: Embedding,
+    pub shard: Shard,
+    pub head: Head,
+}
+
+impl Model {
+    pub fn load(file: &GgufFile, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_gguf(file)?;
+        let all = LayerRange::new(0, config.n_layers)?;
+        Ok(Self {
+            embedding: Embedding::load(file, &config, device)?,
+            shard: Shard::load(file, &config, all, device)?,
+            head: Head::load(file, &config, device)?,
+            config,
+        })
+    }
+
+    /// A fresh KV cache for one sequence through every layer.
+    pub fn new_session_kv(&self) -> SessionKv {
+        SessionKv::new(self.config.n_layers)
+    }
+
+    /// Runs `tokens` (placed after the `kv.len()` tokens already cached) and returns logits:
+    /// for every position when `all_logits`, else only for the last one (`[1, vocab]`).
+    pub fn forward(&self, tokens: &[u32], kv: &mut SessionKv, all_logits: bool) -> Result<Tensor> {
+        let position = kv.len();
+        self.config.check_fits(position, tokens.len())?;
+        let x = self.embedding.forward(tokens)?;
+        let x = self.shard.forward(&x, position, kv)?;
+        let x = if all_logits { x } else { x.narrow(0, tokens.len() - 1, 1)? };
+        self.head.forward(&x)
+    }
+}
+
+/// Loads a 1-D f32 tensor (norm weights) and checks its length.
+fn load_vector(file: &GgufFile, name: &str, len: usize, device: &Device) -> Result<Tensor> {
+    let info = file.tensor_info(name)?;
+    if info.dims.len() != 1 || info.dims[0] as usize != len {
+        return Err(Error::Tensor {
+            name: name.to_string(),
+            problem: format!("expected a vector of {len}, found dimensions {:?}", info.dims),
+        });
+    }
+    let q = crate::quant::load_qtensor(file, info, device)?;
+    Ok(q.dequantize(device)?)
+}
