@@ -1,43 +1,57 @@
 //! Per-session attention state. A [`SessionKv`] belongs to one sequence and covers the layers of
 //! one shard; block weights never hold it, so any number of sessions share the same blocks.
 
-use candle_core::{DType, Tensor};
+use half::f16;
 
-use crate::error::Result;
-
-/// Keys and values of one layer for one sequence, `[n_kv_heads, seq, head_dim]` each, in f16.
+/// Keys and values of one layer for one sequence, stored in f16 (half the memory of f32, and
+/// the precision other GGUF engines cache at). Layout is position-major, `[seq][kv_head][dim]`,
+/// so appending a step never moves what is already cached.
 #[derive(Debug, Default, Clone)]
 pub struct LayerKv {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
+    k: Vec<f16>,
+    v: Vec<f16>,
+    /// Values per position: `kv_heads * head_dim`.
+    width: usize,
 }
 
 impl LayerKv {
     /// Number of positions cached.
     pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[1])
+        if self.width == 0 {
+            0
+        } else {
+            self.k.len() / self.width
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.k.is_empty()
     }
 
-    /// Appends this step's keys and values and returns the whole cache.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = (k.to_dtype(DType::F16)?, v.to_dtype(DType::F16)?);
-        let (k, v) = match (&self.k, &self.v) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
-            _ => (k, v),
-        };
-        self.k = Some(k.clone());
-        self.v = Some(v.clone());
-        Ok((k, v))
+    /// Appends `n` positions of keys and values, each `[n][kv_heads * head_dim]`.
+    pub(crate) fn append(&mut self, width: usize, k: &[f32], v: &[f32]) {
+        debug_assert!(self.width == 0 || self.width == width);
+        self.width = width;
+        self.k.extend(k.iter().map(|&x| f16::from_f32(x)));
+        self.v.extend(v.iter().map(|&x| f16::from_f32(x)));
+    }
+
+    /// Keys of position `pos`, KV head `head`.
+    #[inline]
+    pub(crate) fn key(&self, pos: usize, head: usize, head_dim: usize) -> &[f16] {
+        let at = pos * self.width + head * head_dim;
+        &self.k[at..at + head_dim]
+    }
+
+    #[inline]
+    pub(crate) fn value(&self, pos: usize, head: usize, head_dim: usize) -> &[f16] {
+        let at = pos * self.width + head * head_dim;
+        &self.v[at..at + head_dim]
     }
 
     /// Bytes held by this layer's cache.
     pub fn bytes(&self) -> usize {
-        let size = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes());
-        size(&self.k) + size(&self.v)
+        (self.k.capacity() + self.v.capacity()) * std::mem::size_of::<f16>()
     }
 }
 

@@ -5,10 +5,13 @@
 
 pub mod chat;
 pub mod error;
+//TMP pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod kv;
 mod mmap;
 pub mod model;
+pub mod perplexity;
 pub mod quant;
 pub mod sampling;
 pub mod stop;

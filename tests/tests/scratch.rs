@@ -14,7 +14,7 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
         let (id, _) = v.iter().enumerate().fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a });
         let mut s: Vec<(f32, usize)> = v.iter().enumerate().map(|(i, &x)| (x, i)).collect();
         s.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
-        eprintln!("{} ms top {:?} {:?} margin {}", t.elapsed().as_millis(), s[0], s[1], s[0].0 - s[1].0);
+        if false { eprintln!("{} ms top {:?} {:?} margin {}", t.elapsed().as_millis(), s[0], s[1], s[0].0 - s[1].0); }
         out.push(id as u32);
         input = vec![id as u32];
     }
@@ -23,13 +23,16 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
 
 #[test]
 fn scratch() {
-    for (m, f) in [("smollm2", SMOLLM2)] {
+    for (m, f) in [("smollm2", SMOLLM2), ("gemma3", GEMMA3)] {
         let file = GgufFile::open(model_path(f)).unwrap();
         let t = std::time::Instant::now();
         let model = Model::load(&file, &Device::Cpu).unwrap();
         eprintln!("load {:?} {:?}", t.elapsed(), model.config);
-        let ids = reference_ids(m, "t2");
-        let out = greedy(&model, &ids, 16);
-        eprintln!("{m}: {out:?}");
+        for (i, key) in ["t2", "t3", "t4", "t5"].iter().enumerate() {
+            let ids = reference_ids(m, key);
+            let out = greedy(&model, &ids, 16);
+            let want: Vec<u32> = fixture("greedy.json")["runs"][m][i]["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            eprintln!("{m} {key}: {} {out:?}", out == want);
+        }
     }
 }

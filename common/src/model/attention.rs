@@ -1,7 +1,9 @@
 //! Rotary position embeddings and grouped-query attention over a session's KV cache, shared by
 //! the architectures.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kv::LayerKv;
@@ -60,12 +62,18 @@ impl Rope {
     }
 }
 
-/// Scaled dot-product attention with grouped KV heads.
+/// Scaled dot-product attention with grouped KV heads over a session's f16 cache.
 ///
 /// `q` is `[n_heads, n, head_dim]`, `k` and `v` are `[n_kv_heads, n, head_dim]` for the new
 /// tokens (already rotated); they are appended to `kv` first. Token `i` sits at
 /// `position + i` and sees cached positions `j <= position + i`, and with a `window` only those
 /// with `position + i - j < window`. Returns `[n, n_heads * head_dim]`.
+///
+/// One pass per query with an online softmax: the query is rounded to f16 like the keys, scores
+/// accumulate in f32, and the weighted sum of values accumulates in f16, rescaled whenever a
+/// new maximum score appears. This is the numerics of the fused attention kernels other GGUF
+/// engines run on CPU by default, which keeps greedy output identical to theirs where
+/// candidates nearly tie.
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -78,43 +86,55 @@ pub(crate) fn attend(
     let (n_heads, n, head_dim) = q.dims3()?;
     let n_kv_heads = k.dims()[0];
     let group = n_heads / n_kv_heads;
-    let (k_all, v_all) = kv.append(k, v)?;
-    let (k_all, v_all) = (k_all.to_dtype(DType::F32)?, v_all.to_dtype(DType::F32)?);
-    let total = k_all.dims()[1];
-
-    // Heads sharing a KV head are stacked along the token axis, so one batched matmul per KV
-    // head serves the whole group without copying keys.
-    let q = round_f16(&q.reshape((n_kv_heads, group * n, head_dim))?)?;
-    let scores = (q.matmul(&k_all.t()?)? * scale)?;
-    let needs_mask = n > 1 || window.is_some_and(|w| total > w);
-    let scores = if needs_mask {
-        let mask = attention_mask(n, total, position, window, q.device())?;
-        scores
-            .reshape((n_kv_heads, group, n, total))?
-            .broadcast_add(&mask)?
-            .reshape((n_kv_heads, group * n, total))?
-    } else {
-        scores
+    // Position-major `[n][kv_heads * head_dim]` for the cache.
+    let position_major = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?)
     };
-    let probs = round_f16(&candle_nn::ops::softmax_last_dim(&scores)?)?;
-    let out = probs.matmul(&v_all)?;
-    Ok(out
-        .reshape((n_heads, n, head_dim))?
-        .transpose(0, 1)?
-        .reshape((n, n_heads * head_dim))?)
-}
+    kv.append(n_kv_heads * head_dim, &position_major(k)?, &position_major(v)?);
+    let device = q.device().clone();
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let scale = scale as f32;
 
-/// Additive mask `[n, total]`: 0 where token `i` may attend to position `j`, -inf elsewhere.
-fn attention_mask(n: usize, total: usize, position: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let mut mask = Vec::with_capacity(n * total);
-    for i in 0..n {
+    let mut out = vec![0.0f32; n * n_heads * head_dim];
+    // One task per (token, head): each writes its own `head_dim` slice of `out`.
+    out.par_chunks_mut(head_dim).enumerate().for_each(|(task, out)| {
+        let (i, h) = (task / n_heads, task % n_heads);
         let p = position + i;
-        for j in 0..total {
-            let visible = j <= p && window.is_none_or(|w| p - j < w);
-            mask.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
+        let kv_head = h / group;
+        let query: Vec<f32> = q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim]
+            .iter()
+            .map(|&x| f16::from_f32(x).to_f32())
+            .collect();
+        let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let mut max = f32::NEG_INFINITY;
+        let mut sum = 0.0f32;
+        let mut acc = vec![f16::ZERO; head_dim];
+        for j in first..=p {
+            let key = kv.key(j, kv_head, head_dim);
+            let s = query.iter().zip(key).map(|(&a, &b)| a * b.to_f32()).sum::<f32>() * scale;
+            let (rescale, weight) = if s > max {
+                let old = max;
+                max = s;
+                ((old - max).exp(), 1.0)
+            } else {
+                (1.0, (s - max).exp())
+            };
+            if rescale != 1.0 {
+                for a in acc.iter_mut() {
+                    *a = f16::from_f32(a.to_f32() * rescale);
+                }
+            }
+            for (a, &x) in acc.iter_mut().zip(kv.value(j, kv_head, head_dim)) {
+                *a = f16::from_f32(x.to_f32() * weight + a.to_f32());
+            }
+            sum = sum * rescale + weight;
         }
-    }
-    Ok(Tensor::from_vec(mask, (n, total), device)?)
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = a.to_f32() * inv;
+        }
+    });
+    Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
 }
 
 /// RMS-normalizes each `head_dim` row of `x` (`[n, heads, head_dim]`).
@@ -128,8 +148,3 @@ pub(crate) fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<T
     Ok(x.reshape((n, heads, head_dim))?.transpose(0, 1)?.contiguous()?)
 }
 
-/// Keys and values are cached in f16; the operands multiplied with them are rounded to f16 as
-/// well, so every product in attention is of two f16 values accumulated in f32.
-fn round_f16(x: &Tensor) -> Result<Tensor> {
-    Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
-}

@@ -8,16 +8,14 @@
 //!
 //! GGUF norm weights already include Gemma's `1 +` offset, so they multiply as stored.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::attention::{attend, rms_norm_heads, split_heads, Rope, RopeStyle};
 use super::llama::names::*;
-use super::{load_vector, Block, ModelConfig};
+use super::{load_vector, Block, Linear, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv::LayerKv;
-use crate::quant::load_matmul;
 
 const ATTN_Q_NORM: &str = "attn_q_norm.weight";
 const ATTN_K_NORM: &str = "attn_k_norm.weight";
@@ -27,17 +25,17 @@ const POST_FFN_NORM: &str = "post_ffw_norm.weight";
 #[derive(Debug)]
 pub(super) struct Gemma3Block {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
     q_norm: Tensor,
     k_norm: Tensor,
-    wo: QMatMul,
+    wo: Linear,
     post_attn_norm: Tensor,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     post_ffn_norm: Tensor,
     rope: Rope,
     /// `Some` on sliding-window layers.
@@ -53,7 +51,7 @@ pub(super) struct Gemma3Block {
 impl Gemma3Block {
     pub fn load(file: &GgufFile, config: &ModelConfig, layer: usize, device: &Device) -> Result<Self> {
         let name = |n: &str| format!("blk.{layer}.{n}");
-        let matmul = |n: &str| load_matmul(file, &name(n), device);
+        let matmul = |n: &str| Linear::load(file, &name(n), device);
         let vector = |n: &str, len: usize| load_vector(file, &name(n), len, device);
         let sliding = config.is_sliding(layer);
         let rope = if sliding {

@@ -2,15 +2,13 @@
 //! attention with interleaved RoPE (GGUF stores Q/K permuted for adjacent-pair rotation), and a
 //! SwiGLU MLP. Embeddings are unscaled; the head may be tied to the embedding table.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::attention::{attend, split_heads, Rope, RopeStyle};
-use super::{load_vector, Block, ModelConfig};
+use super::{load_vector, Block, Linear, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::kv::LayerKv;
-use crate::quant::load_matmul;
 
 /// Names of a llama block's tensors, under `blk.{i}.`.
 pub(super) mod names {
@@ -28,14 +26,14 @@ pub(super) mod names {
 #[derive(Debug)]
 pub(super) struct LlamaBlock {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     rope: Rope,
     n_heads: usize,
     n_kv_heads: usize,
@@ -48,7 +46,7 @@ pub(super) struct LlamaBlock {
 impl LlamaBlock {
     pub fn load(file: &GgufFile, config: &ModelConfig, layer: usize, device: &Device) -> Result<Self> {
         let name = |n: &str| format!("blk.{layer}.{n}");
-        let matmul = |n: &str| load_matmul(file, &name(n), device);
+        let matmul = |n: &str| Linear::load(file, &name(n), device);
         Ok(Self {
             attn_norm: load_vector(file, &name(names::ATTN_NORM), config.d_model, device)?,
             wq: matmul(names::ATTN_Q)?,

@@ -15,6 +15,7 @@ use candle_core::{Device, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
+use crate::kernels::{self, QMatrix};
 use crate::kv::{LayerKv, SessionKv};
 use crate::quant::{load_matmul, qtensor_from_bytes};
 
@@ -61,6 +62,47 @@ impl LayerRange {
 impl std::fmt::Display for LayerRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}-{}", self.start, self.end - 1)
+    }
+}
+
+/// A weight matrix applied as `x @ W^T`: Realm's own kernels where the format has one (on CPU),
+/// candle's otherwise.
+#[derive(Debug, Clone)]
+pub(crate) enum Linear {
+    Realm(QMatrix),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    pub fn load(file: &GgufFile, name: &str, device: &Device) -> Result<Self> {
+        let info = file.tensor_info(name)?;
+        if device.is_cpu() && kernels::supported(info.dtype) && info.dims.len() == 2 {
+            let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
+            if let Some(m) = QMatrix::new(info.dtype, rows, cols, file.tensor_bytes(info)) {
+                return Ok(Self::Realm(m));
+            }
+        }
+        Ok(Self::Candle(load_matmul(file, name, device)?))
+    }
+
+    /// `x` is `[n, cols]`; returns `[n, rows]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(m) => Ok(m.forward(x)?),
+            Self::Realm(m) => {
+                let (n, cols) = x.dims2()?;
+                if cols != m.cols() {
+                    return Err(Error::InvalidArgument(format!(
+                        "activation width {cols} does not match weight width {}",
+                        m.cols()
+                    )));
+                }
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0.0f32; n * m.rows()];
+                m.matmul(&input, n, &mut out);
+                Ok(Tensor::from_vec(out, (n, m.rows()), x.device())?)
+            }
+        }
     }
 }
 
@@ -140,7 +182,7 @@ impl Embedding {
 #[derive(Debug, Clone)]
 pub struct Head {
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     eps: f64,
 }
 
@@ -150,7 +192,7 @@ impl Head {
         let output_name = if file.tensors.contains_key(OUTPUT) { OUTPUT } else { TOKEN_EMBD };
         Ok(Self {
             norm: load_vector(file, OUTPUT_NORM, config.d_model, device)?,
-            output: load_matmul(file, output_name, device)?,
+            output: Linear::load(file, output_name, device)?,
             eps: config.rms_eps,
         })
     }
@@ -158,7 +200,7 @@ impl Head {
     /// Logits `[n, vocab]` for every row of `x` (`[n, d_model]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.eps as f32)?;
-        Ok(self.output.forward(&x)?)
+        self.output.forward(&x)
     }
 }
 

@@ -1,0 +1,190 @@
+//! Quantized matrix × activation products computed by Realm itself.
+//!
+//! Activations are quantized to 8 bits per 32-value block (`Q8_0`, or `Q8_1` which also carries
+//! the block's scaled sum), then each weight row is dotted with them in integers and scaled
+//! once per block. The rounding of activations (ties to even), the per-block scale products and
+//! the eight-lane accumulation order follow the de-facto reference numerics of GGUF engines, so
+//! greedy decoding agrees with them token for token even where two candidates nearly tie.
+//!
+//! Formats without a kernel here fall back to candle's (see `model::Linear`).
+
+use half::f16;
+
+use crate::quant::GgmlType;
+
+const QK: usize = 32;
+/// Accumulator lanes: each lane sums four adjacent products of a 32-value block.
+const LANES: usize = 8;
+
+/// Weight formats with a kernel here.
+pub fn supported(dtype: GgmlType) -> bool {
+    matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+/// One activation block: 32 signed 8-bit values, their scale, and (`Q8_1`) scale × sum.
+#[derive(Debug, Clone, Copy, Default)]
+struct ActBlock {
+    d: f32,
+    s: f32,
+    qs: [i8; QK],
+}
+
+/// Quantizes one activation row (`len % 32 == 0`) into `out`.
+fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
+    out.clear();
+    for block in x.chunks_exact(QK) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut qs = [0i8; QK];
+        let mut sum = 0i32;
+        for (q, &v) in qs.iter_mut().zip(block) {
+            let r = (v * id).round_ties_even() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        out.push(ActBlock {
+            d: f16::from_f32(d).to_f32(),
+            s: f16::from_f32(d * sum as f32).to_f32(),
+            qs,
+        });
+    }
+}
+
+/// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`: the horizontal-sum order of an 8-lane register.
+#[inline(always)]
+fn hsum(acc: [f32; LANES]) -> f32 {
+    let r = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// Integer dot product of one block, as eight lane sums of four adjacent products.
+#[inline(always)]
+fn lane_sums(w: &[i32; QK], a: &[i8; QK]) -> [i32; LANES] {
+    let mut lanes = [0i32; LANES];
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        for j in 4 * l..4 * l + 4 {
+            *lane += w[j] * a[j] as i32;
+        }
+    }
+    lanes
+}
+
+#[inline(always)]
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+#[inline(always)]
+fn dot_q4_1(row: &[u8], act: &[ActBlock]) -> f32 {
+    const SIZE: usize = 20;
+    let mut acc = [0.0f32; LANES];
+    let mut summs = 0.0f32;
+    for (block, a) in row.chunks_exact(SIZE).zip(act) {
+        let d = f16_at(block, 0);
+        let m = f16_at(block, 2);
+        summs += m * a.s;
+        let mut w = [0i32; QK];
+        for j in 0..QK / 2 {
+            w[j] = (block[4 + j] & 0x0F) as i32;
+            w[j + QK / 2] = (block[4 + j] >> 4) as i32;
+        }
+        let dd = d * a.d;
+        for (acc, lane) in acc.iter_mut().zip(lane_sums(&w, &a.qs)) {
+            *acc = dd.mul_add(lane as f32, *acc);
+        }
+    }
+    hsum(acc) + summs
+}
+
+#[inline(always)]
+fn dot_q8_0(row: &[u8], act: &[ActBlock]) -> f32 {
+    const SIZE: usize = 34;
+    let mut acc = [0.0f32; LANES];
+    for (block, a) in row.chunks_exact(SIZE).zip(act) {
+        let d = f16_at(block, 0);
+        let mut w = [0i32; QK];
+        for (w, &b) in w.iter_mut().zip(&block[2..SIZE]) {
+            *w = b as i8 as i32;
+        }
+        let dd = d * a.d;
+        for (acc, lane) in acc.iter_mut().zip(lane_sums(&w, &a.qs)) {
+            *acc = dd.mul_add(lane as f32, *acc);
+        }
+    }
+    hsum(acc)
+}
+
+/// A quantized weight matrix `[rows, cols]` (row-major, ggml block layout).
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: Vec<u8>,
+}
+
+impl QMatrix {
+    /// `bytes` hold `rows` rows of `cols` values of `dtype`; callers check `supported(dtype)`
+    /// and the sizes (the GGUF reader already has).
+    pub fn new(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let ok = supported(dtype) && cols % QK == 0 && bytes.len() == rows * row_bytes;
+        ok.then(|| Self {
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            data: bytes.to_vec(),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `out[t][r] = Σ_c x[t][c] · W[r][c]` for `t < n`; `x` is `[n, cols]`, `out` `[n, rows]`.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        debug_assert_eq!(x.len(), n * self.cols);
+        debug_assert_eq!(out.len(), n * self.rows);
+        let acts: Vec<Vec<ActBlock>> = x
+            .chunks_exact(self.cols)
+            .map(|row| {
+                let mut q = Vec::with_capacity(self.cols / QK);
+                quantize_row(row, &mut q);
+                q
+            })
+            .collect();
+        let dot: fn(&[u8], &[ActBlock]) -> f32 = match self.dtype {
+            GgmlType::Q4_1 => dot_q4_1,
+            _ => dot_q8_0,
+        };
+        // Parallel over weight rows: each task reads a slice of the matrix once for all tokens.
+        use rayon::prelude::*;
+        const ROWS_PER_TASK: usize = 64;
+        let mut transposed = vec![0.0f32; n * self.rows];
+        transposed
+            .par_chunks_mut(ROWS_PER_TASK * n)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let first = task * ROWS_PER_TASK;
+                for (i, ys) in chunk.chunks_exact_mut(n).enumerate() {
+                    let r = first + i;
+                    let row = &self.data[r * self.row_bytes..(r + 1) * self.row_bytes];
+                    for (y, act) in ys.iter_mut().zip(&acts) {
+                        *y = dot(row, act);
+                    }
+                }
+            });
+        for r in 0..self.rows {
+            for t in 0..n {
+                out[t * self.rows + r] = transposed[r * n + t];
+            }
+        }
+    }
+}
