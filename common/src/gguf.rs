@@ -4,6 +4,11 @@
 //! the header is trusted: every count, length and offset is checked against the bytes that remain
 //! before anything is allocated or sliced, so a truncated or hostile file yields an [`Error::Gguf`]
 //! naming the field and offset, never a panic or an allocation the file cannot back.
+//!
+//! Layout (all little-endian): magic `GGUF`, `u32` version, `u64` tensor count, `u64` metadata
+//! count, the metadata key/value pairs, one info record per tensor (name, `u32` rank, `u64` dims,
+//! `u32` ggml type, `u64` offset into the data section), padding to `general.alignment`, then the
+//! data section. The checks follow llama.cpp's reader where the specification leaves room.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,15 +16,50 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::mmap::MappedFile;
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, MAX_DIMS};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
-/// ggml tensors have at most four dimensions.
-const MAX_DIMS: u32 = 4;
 /// Arrays nest in principle; real files use one level. Bounding the depth bounds recursion.
 const MAX_ARRAY_DEPTH: usize = 4;
+/// Upper bound on the metadata values of one file, array elements included. A value costs Realm
+/// about 32 bytes whatever its size in the file, so without a bound a file of one-byte array
+/// elements could claim 32 times its own size in memory. Real vocabularies hold a few hundred
+/// thousand entries.
+const MAX_METADATA_VALUES: u64 = 1 << 24;
 const KEY_ALIGNMENT: &str = "general.alignment";
+/// The smallest key/value pair: key length, a one-byte key (keys may not be empty), type, a
+/// one-byte value.
+const MIN_KV_BYTES: u64 = 8 + 1 + 4 + 1;
+/// The smallest tensor info: name length (names may be empty), rank, one dimension, type, offset.
+const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+
+// Metadata value type ids (`enum gguf_type`).
+const TYPE_U8: u32 = 0;
+const TYPE_I8: u32 = 1;
+const TYPE_U16: u32 = 2;
+const TYPE_I16: u32 = 3;
+const TYPE_U32: u32 = 4;
+const TYPE_I32: u32 = 5;
+const TYPE_F32: u32 = 6;
+const TYPE_BOOL: u32 = 7;
+const TYPE_STRING: u32 = 8;
+const TYPE_ARRAY: u32 = 9;
+const TYPE_U64: u32 = 10;
+const TYPE_I64: u32 = 11;
+const TYPE_F64: u32 = 12;
+
+/// Bytes of the smallest encoding of a value of type `ty`, or `None` for an unknown type.
+fn min_value_bytes(ty: u32) -> Option<u64> {
+    Some(match ty {
+        TYPE_U8 | TYPE_I8 | TYPE_BOOL => 1,
+        TYPE_U16 | TYPE_I16 => 2,
+        TYPE_U32 | TYPE_I32 | TYPE_F32 => 4,
+        TYPE_U64 | TYPE_I64 | TYPE_F64 | TYPE_STRING => 8,
+        TYPE_ARRAY => 4 + 8,
+        _ => return None,
+    })
+}
 
 /// A metadata value, in the file's own types.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +98,7 @@ impl Value {
         }
     }
 
-    /// The value as a signed integer, if it is an integer of any width.
+    /// The value as a signed integer, if it is an integer of any width that fits `i64`.
     pub fn as_i64(&self) -> Option<i64> {
         Some(match *self {
             Value::U8(v) => v.into(),
@@ -73,10 +113,12 @@ impl Value {
         })
     }
 
+    /// The value as a float, if it is a number of any type.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             Value::F32(v) => Some(v.into()),
             Value::F64(v) => Some(v),
+            Value::U64(v) => Some(v as f64),
             _ => self.as_i64().map(|v| v as f64),
         }
     }
@@ -96,14 +138,15 @@ pub struct TensorInfo {
     /// ggml order: `dims[0]` is the innermost (contiguous) dimension.
     pub dims: Vec<u64>,
     pub dtype: GgmlType,
-    /// Absolute byte offset in the file; checked to lie, with `size`, inside the file.
+    /// Absolute byte offset in the file; checked, with `size`, to lie inside the file.
     pub offset: u64,
     pub size: u64,
 }
 
 impl TensorInfo {
+    /// Number of elements (saturating; a parsed tensor's count is known not to overflow).
     pub fn elements(&self) -> u64 {
-        self.dims.iter().product()
+        self.dims.iter().fold(1u64, |n, &d| n.saturating_mul(d))
     }
 }
 
@@ -150,9 +193,26 @@ impl GgufFile {
     }
 
     /// The raw (still quantized) bytes of a tensor, borrowed from the mapping.
-    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        // In range by construction: `Header::parse` checked offset + size against the file.
-        &self.map.bytes()[info.offset as usize..(info.offset + info.size) as usize]
+    ///
+    /// The infos of this file were checked when it was opened; an info edited since, or taken
+    /// from another file, is checked again here rather than trusted.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
+        let bytes = self.map.bytes();
+        let start = usize::try_from(info.offset).ok();
+        let len = usize::try_from(info.size).ok();
+        start
+            .zip(len)
+            .and_then(|(start, len)| bytes.get(start..start.checked_add(len)?))
+            .ok_or_else(|| Error::Tensor {
+                name: info.name.clone(),
+                problem: format!(
+                    "{} bytes at offset {} lie outside {} ({} bytes)",
+                    info.size,
+                    info.offset,
+                    self.path.display(),
+                    bytes.len()
+                ),
+            })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -181,13 +241,17 @@ impl GgufFile {
     /// An integer key that must fit `usize` and be non-negative.
     pub fn get_usize(&self, key: &str) -> Result<usize> {
         let v = self.require(key)?;
+        let invalid = |shown: String| Error::Metadata {
+            key: key.to_string(),
+            problem: format!("{shown} is not a valid count"),
+        };
+        if let Value::U64(u) = *v {
+            return usize::try_from(u).map_err(|_| invalid(u.to_string()));
+        }
         let i = v
             .as_i64()
             .ok_or_else(|| Self::wrong_type(key, "integer", v))?;
-        usize::try_from(i).map_err(|_| Error::Metadata {
-            key: key.to_string(),
-            problem: format!("{i} is not a valid count"),
-        })
+        usize::try_from(i).map_err(|_| invalid(i.to_string()))
     }
 
     pub fn get_f32(&self, key: &str) -> Result<f32> {
@@ -214,7 +278,10 @@ impl GgufFile {
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
         self.get_array(key)?
             .iter()
-            .map(|v| v.as_str().ok_or_else(|| Self::wrong_type(key, "array of strings", v)))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| Self::wrong_type(key, "array of strings", v))
+            })
             .collect()
     }
 
@@ -232,10 +299,20 @@ impl GgufFile {
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>> {
         self.get_array(key)?
             .iter()
-            .map(|v| v.as_i64().ok_or_else(|| Self::wrong_type(key, "array of integers", v)))
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(|| Self::wrong_type(key, "array of integers", v))
+            })
             .collect()
     }
 }
+
+/// A parse failure, later wrapped with the file name into [`Error::Gguf`].
+type Parse<T> = std::result::Result<T, String>;
+
+/// Describes the field being read; only called to build an error message, so the hot path over
+/// large vocabularies formats nothing.
+type What<'w> = &'w dyn Fn() -> String;
 
 /// The parsed header, before it is tied to a file.
 struct Header {
@@ -246,28 +323,44 @@ struct Header {
 }
 
 impl Header {
-    fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
-        let mut r = Reader { bytes, pos: 0 };
-        let magic = r.take(4, "magic")?;
+    fn parse(bytes: &[u8]) -> Parse<Self> {
+        let mut r = Reader {
+            bytes,
+            pos: 0,
+            values_left: MAX_METADATA_VALUES,
+        };
+        let magic = r.take(4, &|| "magic".into())?;
         if magic != MAGIC {
             return Err(format!("bad magic {magic:02x?}, expected \"GGUF\""));
         }
-        let version = r.u32("version")?;
+        let version = r.u32(&|| "version".into())?;
         if !(2..=3).contains(&version) {
-            return Err(format!("unsupported GGUF version {version} (Realm reads 2 and 3)"));
+            let hint = if (2..=3).contains(&version.swap_bytes()) {
+                " (a big-endian file? Realm reads little-endian GGUF only)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "unsupported GGUF version {version}{hint}; Realm reads versions 2 and 3"
+            ));
         }
-        let tensor_count = r.u64("tensor count")?;
-        let kv_count = r.u64("metadata count")?;
-        // The smallest key/value is an 8-byte length, a 1-byte key, a type and a 1-byte value; the
-        // smallest tensor info is a length, a 1-byte name, n_dims, one dim, a type and an offset.
-        r.check_count(kv_count, 8 + 1 + 4 + 1, "metadata count")?;
-        r.check_count(tensor_count, 8 + 1 + 4 + 8 + 4 + 8, "tensor count")?;
+        let tensor_count = r.u64(&|| "tensor count".into())?;
+        let kv_count = r.u64(&|| "metadata count".into())?;
+        r.check_count(tensor_count, MIN_TENSOR_INFO_BYTES, &|| {
+            "tensor count".into()
+        })?;
+        r.check_count(kv_count, MIN_KV_BYTES, &|| "metadata count".into())?;
 
         let mut metadata = BTreeMap::new();
         for i in 0..kv_count {
-            let key = r.string(&format!("key of metadata entry {i}"))?;
-            let ty = r.u32(&format!("type of `{key}`"))?;
-            let value = r.value(ty, &key, 0)?;
+            let key = r.string(&|| format!("key of metadata entry {i}"))?;
+            if key.is_empty() {
+                return Err(format!("key of metadata entry {i} is empty"));
+            }
+            let what = || format!("`{key}`");
+            let ty = r.u32(&|| format!("type of `{key}`"))?;
+            r.spend_values(1, &what)?;
+            let value = r.value(ty, &what, 0)?;
             if metadata.insert(key.clone(), value).is_some() {
                 return Err(format!("duplicate metadata key `{key}`"));
             }
@@ -275,40 +368,42 @@ impl Header {
 
         let alignment = match metadata.get(KEY_ALIGNMENT) {
             None => DEFAULT_ALIGNMENT,
-            Some(v) => match v.as_i64() {
-                Some(a) if a > 0 && (a as u64).is_power_of_two() => a as u64,
-                _ => return Err(format!("`{KEY_ALIGNMENT}` is {v:?}, not a power of two")),
-            },
+            Some(&Value::U32(a)) if a.is_power_of_two() => a.into(),
+            Some(Value::U32(a)) => {
+                return Err(format!("`{KEY_ALIGNMENT}` is {a}, not a power of two"));
+            }
+            Some(v) => {
+                return Err(format!(
+                    "`{KEY_ALIGNMENT}` must be a u32, found {}",
+                    v.type_name()
+                ));
+            }
         };
 
+        // The metadata used up bytes the tensor count was first checked against.
+        r.check_count(tensor_count, MIN_TENSOR_INFO_BYTES, &|| {
+            "tensor count".into()
+        })?;
         let mut infos = Vec::new();
         for i in 0..tensor_count {
-            let name = r.string(&format!("name of tensor {i}"))?;
-            let n_dims = r.u32(&format!("dimension count of `{name}`"))?;
-            if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(format!("tensor `{name}` has {n_dims} dimensions (1..={MAX_DIMS} allowed)"));
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for d in 0..n_dims {
-                dims.push(r.u64(&format!("dimension {d} of `{name}`"))?);
-            }
-            let type_id = r.u32(&format!("type of `{name}`"))?;
-            let dtype = GgmlType::from_id(type_id)
-                .ok_or_else(|| format!("tensor `{name}` has unknown or unsupported ggml type id {type_id}"))?;
-            let offset = r.u64(&format!("offset of `{name}`"))?;
-            infos.push((name, dims, dtype, offset));
+            infos.push(r.tensor_info(i)?);
         }
 
-        let data_start = r.pos.next_multiple_of(alignment as usize) as u64;
         let file_len = bytes.len() as u64;
-        if data_start > file_len {
+        let data_start = (r.pos as u64)
+            .checked_next_multiple_of(alignment)
+            .ok_or_else(|| format!("data section offset overflows at alignment {alignment}"))?;
+        if !infos.is_empty() && data_start > file_len {
             return Err(format!(
-                "file ends at {file_len} bytes, before the tensor data section at {data_start}"
+                "truncated: file ends at {file_len} bytes, before the tensor data section at {data_start}"
             ));
         }
+
         let mut tensors = BTreeMap::new();
         for (name, dims, dtype, offset) in infos {
-            let size = tensor_size(&name, &dims, dtype)?;
+            let size = dtype
+                .checked_size(&dims)
+                .map_err(|problem| format!("tensor `{name}`: {problem}"))?;
             if offset % alignment != 0 {
                 return Err(format!(
                     "tensor `{name}` at data offset {offset} is not aligned to {alignment}"
@@ -317,7 +412,11 @@ impl Header {
             let start = data_start
                 .checked_add(offset)
                 .filter(|s| *s <= file_len)
-                .ok_or_else(|| format!("tensor `{name}` starts at data offset {offset}, past the end of the file ({file_len} bytes)"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "tensor `{name}` starts at data offset {offset}, past the end of the file ({file_len} bytes)"
+                    )
+                })?;
             if size > file_len - start {
                 return Err(format!(
                     "tensor `{name}` ({size} bytes at file offset {start}) runs past the end of the file ({file_len} bytes)"
@@ -343,73 +442,58 @@ impl Header {
     }
 }
 
-/// Bytes of a tensor of `dims` elements of `dtype`, checked for overflow and whole blocks.
-fn tensor_size(name: &str, dims: &[u64], dtype: GgmlType) -> std::result::Result<u64, String> {
-    let mut elements: u64 = 1;
-    for &d in dims {
-        if d == 0 {
-            return Err(format!("tensor `{name}` has a zero dimension in {dims:?}"));
-        }
-        elements = elements
-            .checked_mul(d)
-            .ok_or_else(|| format!("tensor `{name}` dimensions {dims:?} overflow"))?;
-    }
-    let block = dtype.block_size() as u64;
-    if dims[0] % block != 0 {
-        return Err(format!(
-            "tensor `{name}` row of {} elements is not a whole number of {dtype:?} blocks of {block}",
-            dims[0]
-        ));
-    }
-    (elements / block)
-        .checked_mul(dtype.type_size() as u64)
-        .ok_or_else(|| format!("tensor `{name}` byte size overflows"))
-}
-
 /// A bounds-checked little-endian cursor.
 struct Reader<'a> {
     bytes: &'a [u8],
+    /// Never past `bytes.len()`.
     pos: usize,
+    /// Metadata values the file may still create; see [`MAX_METADATA_VALUES`].
+    values_left: u64,
 }
 
 impl<'a> Reader<'a> {
     fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
+        self.bytes.len().saturating_sub(self.pos)
     }
 
-    fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], String> {
-        if n > self.remaining() {
-            return Err(format!(
-                "truncated: {what} needs {n} bytes at offset {}, only {} remain",
-                self.pos,
-                self.remaining()
-            ));
-        }
-        let out = &self.bytes[self.pos..self.pos + n];
-        self.pos += n;
+    fn take(&mut self, n: u64, what: What) -> Parse<&'a [u8]> {
+        let out = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.pos.checked_add(n))
+            .and_then(|end| self.bytes.get(self.pos..end))
+            .ok_or_else(|| {
+                format!(
+                    "truncated: {} needs {n} bytes at offset {}, only {} remain",
+                    what(),
+                    self.pos,
+                    self.remaining()
+                )
+            })?;
+        self.pos += out.len();
         Ok(out)
     }
 
-    fn array<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self, what: What) -> Parse<[u8; N]> {
         let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N, what)?);
+        out.copy_from_slice(self.take(N as u64, what)?);
         Ok(out)
     }
 
-    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+    fn u32(&mut self, what: What) -> Parse<u32> {
         Ok(u32::from_le_bytes(self.array(what)?))
     }
 
-    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+    fn u64(&mut self, what: What) -> Parse<u64> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
     /// Rejects a count of items that could not fit in the rest of the file even at `min_size`
     /// bytes each, before anything is allocated for them.
-    fn check_count(&self, count: u64, min_size: u64, what: &str) -> std::result::Result<(), String> {
+    fn check_count(&self, count: u64, min_size: u64, what: What) -> Parse<()> {
         if count.saturating_mul(min_size) > self.remaining() as u64 {
             return Err(format!(
-                "{what} {count} is impossible: only {} bytes remain at offset {}",
+                "{} is {count}, more than the {} bytes left at offset {} can hold",
+                what(),
                 self.remaining(),
                 self.pos
             ));
@@ -417,54 +501,791 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn string(&mut self, what: &str) -> std::result::Result<String, String> {
-        let at = self.pos;
-        let len = self.u64(what)?;
-        self.check_count(len, 1, &format!("length of {what}"))?;
-        let raw = self.take(len as usize, what)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| format!("{what} at offset {at} is not valid UTF-8"))
+    fn spend_values(&mut self, count: u64, what: What) -> Parse<()> {
+        self.values_left = self.values_left.checked_sub(count).ok_or_else(|| {
+            format!(
+                "{} brings the metadata past {MAX_METADATA_VALUES} values",
+                what()
+            )
+        })?;
+        Ok(())
     }
 
-    fn value(&mut self, ty: u32, key: &str, depth: usize) -> std::result::Result<Value, String> {
+    fn string(&mut self, what: What) -> Parse<String> {
+        let length = || format!("length of {}", what());
+        let len = self.u64(&length)?;
+        self.check_count(len, 1, &length)?;
+        let at = self.pos;
+        let raw = self.take(len, what)?;
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| format!("{} at offset {at} is not valid UTF-8", what()))
+    }
+
+    fn value(&mut self, ty: u32, what: What, depth: usize) -> Parse<Value> {
         Ok(match ty {
-            0 => Value::U8(self.array::<1>(key)?[0]),
-            1 => Value::I8(self.array::<1>(key)?[0] as i8),
-            2 => Value::U16(u16::from_le_bytes(self.array(key)?)),
-            3 => Value::I16(i16::from_le_bytes(self.array(key)?)),
-            4 => Value::U32(u32::from_le_bytes(self.array(key)?)),
-            5 => Value::I32(i32::from_le_bytes(self.array(key)?)),
-            6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
-            7 => match self.array::<1>(key)?[0] {
-                0 => Value::Bool(false),
-                1 => Value::Bool(true),
-                b => return Err(format!("`{key}` holds bool byte {b}, not 0 or 1")),
+            TYPE_U8 => Value::U8(u8::from_le_bytes(self.array(what)?)),
+            TYPE_I8 => Value::I8(i8::from_le_bytes(self.array(what)?)),
+            TYPE_U16 => Value::U16(u16::from_le_bytes(self.array(what)?)),
+            TYPE_I16 => Value::I16(i16::from_le_bytes(self.array(what)?)),
+            TYPE_U32 => Value::U32(u32::from_le_bytes(self.array(what)?)),
+            TYPE_I32 => Value::I32(i32::from_le_bytes(self.array(what)?)),
+            TYPE_F32 => Value::F32(f32::from_le_bytes(self.array(what)?)),
+            TYPE_BOOL => match self.array::<1>(what)? {
+                [0] => Value::Bool(false),
+                [1] => Value::Bool(true),
+                [b] => return Err(format!("{} holds bool byte {b}, not 0 or 1", what())),
             },
-            8 => Value::String(self.string(&format!("value of `{key}`"))?),
-            9 => {
+            TYPE_STRING => Value::String(self.string(what)?),
+            TYPE_ARRAY => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(format!("`{key}` nests arrays deeper than {MAX_ARRAY_DEPTH}"));
+                    return Err(format!(
+                        "{} nests arrays deeper than {MAX_ARRAY_DEPTH}",
+                        what()
+                    ));
                 }
-                let elem_ty = self.u32(&format!("element type of `{key}`"))?;
-                let count = self.u64(&format!("length of `{key}`"))?;
-                let min_size = match elem_ty {
-                    0 | 1 | 7 => 1,
-                    2 | 3 => 2,
-                    4 | 5 | 6 => 4,
-                    8 | 10 | 11 | 12 => 8,
-                    9 => 12,
-                    other => return Err(format!("`{key}` has unknown array element type {other}")),
-                };
-                self.check_count(count, min_size, &format!("length of `{key}`"))?;
-                let mut items = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    items.push(self.value(elem_ty, key, depth + 1)?);
+                let elem_ty = self.u32(&|| format!("element type of {}", what()))?;
+                let min_size = min_value_bytes(elem_ty).ok_or_else(|| {
+                    format!("{} has unknown array element type {elem_ty}", what())
+                })?;
+                let length = || format!("length of {}", what());
+                let count = self.u64(&length)?;
+                self.check_count(count, min_size, &length)?;
+                self.spend_values(count, &length)?;
+                // Both checks above bound `count` by the bytes left, so the allocation is backed.
+                let mut items = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+                for i in 0..count {
+                    let element = || format!("element {i} of {}", what());
+                    items.push(self.value(elem_ty, &element, depth + 1)?);
                 }
                 Value::Array(items)
             }
-            10 => Value::U64(self.u64(key)?),
-            11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
-            12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
-            other => return Err(format!("`{key}` has unknown value type {other}")),
+            TYPE_U64 => Value::U64(u64::from_le_bytes(self.array(what)?)),
+            TYPE_I64 => Value::I64(i64::from_le_bytes(self.array(what)?)),
+            TYPE_F64 => Value::F64(f64::from_le_bytes(self.array(what)?)),
+            other => return Err(format!("{} has unknown value type {other}", what())),
         })
+    }
+
+    /// One tensor info record: name, dimensions, type and data-section offset, unvalidated
+    /// except for the rank and the type id.
+    fn tensor_info(&mut self, i: u64) -> Parse<(String, Vec<u64>, GgmlType, u64)> {
+        let name = self.string(&|| format!("name of tensor {i}"))?;
+        let n_dims = self.u32(&|| format!("dimension count of `{name}`"))?;
+        if n_dims == 0 || n_dims as usize > MAX_DIMS {
+            return Err(format!(
+                "tensor `{name}` has {n_dims} dimensions (1..={MAX_DIMS} allowed)"
+            ));
+        }
+        let mut dims = Vec::with_capacity(MAX_DIMS);
+        for d in 0..n_dims {
+            dims.push(self.u64(&|| format!("dimension {d} of `{name}`"))?);
+        }
+        let type_id = self.u32(&|| format!("type of `{name}`"))?;
+        let dtype = GgmlType::from_id(type_id).ok_or_else(|| {
+            format!("tensor `{name}` has unknown or unsupported ggml type id {type_id}")
+        })?;
+        let offset = self.u64(&|| format!("offset of `{name}`"))?;
+        Ok((name, dims, dtype, offset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Writes GGUF fields one by one; malformed files are made by writing the wrong field.
+    #[derive(Default)]
+    struct W {
+        buf: Vec<u8>,
+    }
+
+    impl W {
+        fn u8(&mut self, v: u8) -> &mut Self {
+            self.buf.push(v);
+            self
+        }
+        fn u32(&mut self, v: u32) -> &mut Self {
+            self.buf.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn u64(&mut self, v: u64) -> &mut Self {
+            self.buf.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn raw(&mut self, v: &[u8]) -> &mut Self {
+            self.buf.extend_from_slice(v);
+            self
+        }
+        /// A GGUF string: `u64` length, then the bytes (not necessarily UTF-8).
+        fn str(&mut self, v: &[u8]) -> &mut Self {
+            self.u64(v.len() as u64).raw(v)
+        }
+        fn header(&mut self, version: u32, tensors: u64, kvs: u64) -> &mut Self {
+            self.raw(b"GGUF").u32(version).u64(tensors).u64(kvs)
+        }
+        fn kv(&mut self, key: &str, v: &Value) -> &mut Self {
+            self.str(key.as_bytes()).u32(type_id(v));
+            self.payload(v)
+        }
+        fn payload(&mut self, v: &Value) -> &mut Self {
+            match v {
+                Value::U8(x) => self.raw(&x.to_le_bytes()),
+                Value::I8(x) => self.raw(&x.to_le_bytes()),
+                Value::U16(x) => self.raw(&x.to_le_bytes()),
+                Value::I16(x) => self.raw(&x.to_le_bytes()),
+                Value::U32(x) => self.raw(&x.to_le_bytes()),
+                Value::I32(x) => self.raw(&x.to_le_bytes()),
+                Value::U64(x) => self.raw(&x.to_le_bytes()),
+                Value::I64(x) => self.raw(&x.to_le_bytes()),
+                Value::F32(x) => self.raw(&x.to_le_bytes()),
+                Value::F64(x) => self.raw(&x.to_le_bytes()),
+                Value::Bool(x) => self.u8(u8::from(*x)),
+                Value::String(s) => self.str(s.as_bytes()),
+                Value::Array(items) => {
+                    // An empty array still names an element type; u8 is as good as any.
+                    let elem = items.first().map_or(TYPE_U8, type_id);
+                    self.u32(elem).u64(items.len() as u64);
+                    for item in items {
+                        self.payload(item);
+                    }
+                    self
+                }
+            }
+        }
+        fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> &mut Self {
+            self.str(name.as_bytes()).u32(dims.len() as u32);
+            for &d in dims {
+                self.u64(d);
+            }
+            self.u32(ty).u64(offset)
+        }
+        fn pad(&mut self, alignment: usize) -> &mut Self {
+            while self.buf.len() % alignment != 0 {
+                self.buf.push(0);
+            }
+            self
+        }
+    }
+
+    fn type_id(v: &Value) -> u32 {
+        match v {
+            Value::U8(_) => TYPE_U8,
+            Value::I8(_) => TYPE_I8,
+            Value::U16(_) => TYPE_U16,
+            Value::I16(_) => TYPE_I16,
+            Value::U32(_) => TYPE_U32,
+            Value::I32(_) => TYPE_I32,
+            Value::F32(_) => TYPE_F32,
+            Value::Bool(_) => TYPE_BOOL,
+            Value::String(_) => TYPE_STRING,
+            Value::Array(_) => TYPE_ARRAY,
+            Value::U64(_) => TYPE_U64,
+            Value::I64(_) => TYPE_I64,
+            Value::F64(_) => TYPE_F64,
+        }
+    }
+
+    const F32_ID: u32 = 0;
+    const Q4_0_ID: u32 = 2;
+    const Q8_0_ID: u32 = 8;
+
+    fn open(bytes: &[u8]) -> Result<GgufFile> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(bytes).unwrap();
+        file.flush().unwrap();
+        GgufFile::open(file.path())
+    }
+
+    /// The message of the `Error::Gguf` that opening `bytes` must give.
+    fn gguf_error(bytes: &[u8]) -> String {
+        match open(bytes) {
+            Err(Error::Gguf(msg)) => msg,
+            Err(other) => panic!("expected a GGUF error, got {other:?}"),
+            Ok(_) => panic!("malformed file was accepted"),
+        }
+    }
+
+    fn assert_gguf_error(bytes: &[u8], needles: &[&str]) {
+        let msg = gguf_error(bytes);
+        for needle in needles {
+            assert!(
+                msg.contains(needle),
+                "error {msg:?} does not mention {needle:?}"
+            );
+        }
+    }
+
+    /// One metadata value of every type, arrays of every element type, an empty array and an
+    /// array of arrays.
+    fn every_value() -> Vec<(&'static str, Value)> {
+        use Value::*;
+        vec![
+            ("t.u8", U8(0xfe)),
+            ("t.i8", I8(-100)),
+            ("t.u16", U16(0xbeef)),
+            ("t.i16", I16(-30_000)),
+            ("t.u32", U32(0xdead_beef)),
+            ("t.i32", I32(-2_000_000_000)),
+            ("t.u64", U64(u64::MAX)),
+            ("t.i64", I64(i64::MIN)),
+            ("t.f32", F32(-1.5e-3)),
+            ("t.f64", F64(std::f64::consts::PI)),
+            ("t.bool.true", Bool(true)),
+            ("t.bool.false", Bool(false)),
+            ("t.string", String("héllo ✓".into())),
+            ("t.string.empty", String(std::string::String::new())),
+            ("t.arr.u8", Array(vec![U8(1), U8(255)])),
+            ("t.arr.i8", Array(vec![I8(-1), I8(127)])),
+            ("t.arr.u16", Array(vec![U16(1), U16(65535)])),
+            ("t.arr.i16", Array(vec![I16(-1), I16(300)])),
+            ("t.arr.u32", Array(vec![U32(1), U32(7)])),
+            ("t.arr.i32", Array(vec![I32(-5), I32(5)])),
+            ("t.arr.u64", Array(vec![U64(1 << 40)])),
+            ("t.arr.i64", Array(vec![I64(-(1 << 40))])),
+            ("t.arr.f32", Array(vec![F32(0.25), F32(-8.0)])),
+            ("t.arr.f64", Array(vec![F64(1e300)])),
+            ("t.arr.bool", Array(vec![Bool(true), Bool(false)])),
+            (
+                "t.arr.string",
+                Array(vec![String("a".into()), String("".into())]),
+            ),
+            ("t.arr.empty", Array(vec![])),
+            (
+                "t.arr.nested",
+                Array(vec![Array(vec![U32(1), U32(2)]), Array(vec![U32(3)])]),
+            ),
+        ]
+    }
+
+    /// A small valid file: metadata of every type, an F32 and a Q8_0 tensor.
+    fn sample_file(version: u32) -> Vec<u8> {
+        let kvs = every_value();
+        let mut w = W::default();
+        w.header(version, 2, kvs.len() as u64);
+        for (k, v) in &kvs {
+            w.kv(k, v);
+        }
+        w.tensor("a", &[4, 2], F32_ID, 0);
+        w.tensor("b", &[32], Q8_0_ID, 32);
+        w.pad(32);
+        for i in 0..8 {
+            w.raw(&(i as f32).to_le_bytes());
+        }
+        w.raw(&half::f16::from_f32(0.5).to_le_bytes());
+        for i in 0..32u8 {
+            w.u8(i.wrapping_mul(3));
+        }
+        w.buf
+    }
+
+    /// A file with one tensor whose info is written by `tensor`, and `data` bytes of data.
+    fn one_tensor(tensor: impl FnOnce(&mut W), data: usize) -> Vec<u8> {
+        let mut w = W::default();
+        w.header(3, 1, 0);
+        tensor(&mut w);
+        w.pad(32);
+        w.raw(&vec![0u8; data]);
+        w.buf
+    }
+
+    /// A file with one key/value pair written by `kv` and no tensors.
+    fn one_kv(kv: impl FnOnce(&mut W)) -> Vec<u8> {
+        let mut w = W::default();
+        w.header(3, 0, 1);
+        kv(&mut w);
+        w.buf
+    }
+
+    #[test]
+    fn every_value_type_round_trips_in_v2_and_v3() {
+        for version in [2, 3] {
+            let file = open(&sample_file(version)).unwrap();
+            assert_eq!(file.version, version);
+            assert_eq!(file.alignment, DEFAULT_ALIGNMENT);
+            let want: BTreeMap<String, Value> = every_value()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            assert_eq!(file.metadata, want);
+
+            let a = file.tensor_info("a").unwrap();
+            assert_eq!(a.dims, vec![4, 2]);
+            assert_eq!(a.dtype, GgmlType::F32);
+            assert_eq!(a.elements(), 8);
+            assert_eq!(a.size, 32);
+            assert_eq!(a.offset % 32, 0);
+            let floats: Vec<f32> = file
+                .tensor_bytes(a)
+                .unwrap()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(floats, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+
+            let b = file.tensor_info("b").unwrap();
+            assert_eq!(
+                (b.dtype, b.size, b.offset),
+                (GgmlType::Q8_0, 34, a.offset + 32)
+            );
+            assert_eq!(b.offset + b.size, file.file_len());
+            assert_eq!(&file.tensor_bytes(b).unwrap()[2..5], &[0, 3, 6]);
+        }
+    }
+
+    #[test]
+    fn typed_getters() {
+        let mut w = W::default();
+        w.header(3, 0, 6)
+            .kv("s", &Value::String("llama".into()))
+            .kv("n", &Value::U32(30))
+            .kv("neg", &Value::I32(-1))
+            .kv("big", &Value::U64(u64::MAX))
+            .kv("eps", &Value::F32(1e-5))
+            .kv("words", &Value::Array(vec![Value::String("x".into())]));
+        let file = open(&w.buf).unwrap();
+        assert_eq!(file.get_str("s").unwrap(), "llama");
+        assert_eq!(file.get_usize("n").unwrap(), 30);
+        assert_eq!(file.get_f32("n").unwrap(), 30.0);
+        assert_eq!(file.get_f32("eps").unwrap(), 1e-5);
+        assert_eq!(file.get_str_array("words").unwrap(), ["x"]);
+        assert_eq!(
+            file.get("big").and_then(Value::as_f64),
+            Some(u64::MAX as f64)
+        );
+        let problem = |r: Result<usize>| match r {
+            Err(Error::Metadata { problem, .. }) => problem,
+            other => panic!("expected a metadata error, got {other:?}"),
+        };
+        assert!(problem(file.get_usize("neg")).contains("not a valid count"));
+        assert!(problem(file.get_usize("s")).contains("expected integer, found string"));
+        assert!(problem(file.get_usize("absent")).contains("missing"));
+        if usize::BITS < 64 {
+            assert!(problem(file.get_usize("big")).contains("not a valid count"));
+        }
+        assert!(matches!(file.get_bool("s"), Err(Error::Metadata { .. })));
+        assert!(matches!(
+            file.get_f32_array("words"),
+            Err(Error::Metadata { .. })
+        ));
+        assert!(matches!(
+            file.tensor_info("x"),
+            Err(Error::MissingTensor(_))
+        ));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_never_a_panic() {
+        let full = sample_file(3);
+        for len in 0..full.len() {
+            let msg = gguf_error(&full[..len]);
+            assert!(
+                ["truncated", "past the end", "can hold"]
+                    .iter()
+                    .any(|needle| msg.contains(needle)),
+                "truncation at {len} gave {msg:?}"
+            );
+        }
+        open(&full).unwrap();
+    }
+
+    #[test]
+    fn bad_magic() {
+        let mut bytes = sample_file(3);
+        bytes[..4].copy_from_slice(b"GGML");
+        assert_gguf_error(&bytes, &["bad magic"]);
+    }
+
+    #[test]
+    fn unsupported_versions() {
+        for version in [0, 1, 4, u32::MAX] {
+            let mut w = W::default();
+            w.header(version, 0, 0);
+            assert_gguf_error(&w.buf, &["unsupported GGUF version", &version.to_string()]);
+        }
+        let mut w = W::default();
+        w.header(3u32.swap_bytes(), 0, 0);
+        assert_gguf_error(&w.buf, &["big-endian"]);
+    }
+
+    #[test]
+    fn absurd_counts() {
+        for count in [u64::MAX, 1 << 40, 1000] {
+            let mut w = W::default();
+            w.header(3, count, 0);
+            assert_gguf_error(&w.buf, &["tensor count", "can hold"]);
+            let mut w = W::default();
+            w.header(3, 0, count);
+            assert_gguf_error(&w.buf, &["metadata count", "can hold"]);
+        }
+    }
+
+    #[test]
+    fn absurd_string_lengths() {
+        let bytes = one_kv(|w| {
+            w.u64(u64::MAX).raw(b"key").u32(TYPE_U8).u8(0);
+        });
+        assert_gguf_error(&bytes, &["length of key of metadata entry 0", "can hold"]);
+        let bytes = one_kv(|w| {
+            w.str(b"k").u32(TYPE_STRING).u64(1 << 62).raw(b"short");
+        });
+        assert_gguf_error(
+            &bytes,
+            &["length of `k` is 4611686018427387904", "can hold"],
+        );
+        let bytes = one_tensor(
+            |w| {
+                w.u64(u64::MAX - 3)
+                    .raw(b"t")
+                    .u32(1)
+                    .u64(32)
+                    .u32(F32_ID)
+                    .u64(0);
+            },
+            128,
+        );
+        assert_gguf_error(&bytes, &["length of name of tensor 0", "can hold"]);
+    }
+
+    #[test]
+    fn absurd_array_lengths() {
+        for (elem, count) in [
+            (TYPE_U8, u64::MAX),
+            (TYPE_U64, 1 << 61),
+            (TYPE_STRING, 1 << 40),
+            (TYPE_ARRAY, 1 << 40),
+        ] {
+            let bytes = one_kv(|w| {
+                w.str(b"arr")
+                    .u32(TYPE_ARRAY)
+                    .u32(elem)
+                    .u64(count)
+                    .raw(&[0; 64]);
+            });
+            assert_gguf_error(&bytes, &["length of `arr`", "can hold"]);
+        }
+        // An element count that does not fit in the rest of an array of arrays.
+        let bytes = one_kv(|w| {
+            w.str(b"arr").u32(TYPE_ARRAY).u32(TYPE_ARRAY).u64(1);
+            w.u32(TYPE_U32).u64(1 << 50).u32(7);
+        });
+        assert_gguf_error(&bytes, &["length of element 0 of `arr`", "can hold"]);
+    }
+
+    #[test]
+    fn metadata_value_budget_bounds_memory() {
+        let count = MAX_METADATA_VALUES; // plus the key's own value
+        let bytes = one_kv(|w| {
+            w.str(b"arr").u32(TYPE_ARRAY).u32(TYPE_U8).u64(count);
+            w.raw(&vec![0u8; count as usize]);
+        });
+        assert_gguf_error(&bytes, &["length of `arr`", "past 16777216 values"]);
+    }
+
+    #[test]
+    fn unknown_value_types() {
+        for ty in [13, 99, u32::MAX] {
+            let bytes = one_kv(|w| {
+                w.str(b"k").u32(ty).u64(0);
+            });
+            assert_gguf_error(&bytes, &["`k` has unknown value type", &ty.to_string()]);
+            let bytes = one_kv(|w| {
+                w.str(b"k").u32(TYPE_ARRAY).u32(ty).u64(0);
+            });
+            assert_gguf_error(
+                &bytes,
+                &["`k` has unknown array element type", &ty.to_string()],
+            );
+        }
+    }
+
+    #[test]
+    fn bad_bool_and_deep_nesting() {
+        let bytes = one_kv(|w| {
+            w.str(b"flag").u32(TYPE_BOOL).u8(2);
+        });
+        assert_gguf_error(&bytes, &["`flag` holds bool byte 2"]);
+        let bytes = one_kv(|w| {
+            w.str(b"deep").u32(TYPE_ARRAY);
+            for _ in 0..=MAX_ARRAY_DEPTH {
+                w.u32(TYPE_ARRAY).u64(1);
+            }
+            w.raw(&[0; 64]);
+        });
+        assert_gguf_error(&bytes, &["nests arrays deeper than 4"]);
+    }
+
+    #[test]
+    fn keys_must_be_unique_non_empty_utf8() {
+        let mut w = W::default();
+        w.header(3, 0, 2)
+            .kv("dup", &Value::U8(1))
+            .kv("dup", &Value::U8(2));
+        assert_gguf_error(&w.buf, &["duplicate metadata key `dup`"]);
+        let bytes = one_kv(|w| {
+            w.str(b"").u32(TYPE_U8).u8(0).raw(&[0; 8]);
+        });
+        assert_gguf_error(&bytes, &["key of metadata entry 0 is empty"]);
+        let bytes = one_kv(|w| {
+            w.str(b"bad\xff").u32(TYPE_U8).u8(0);
+        });
+        assert_gguf_error(&bytes, &["key of metadata entry 0", "not valid UTF-8"]);
+    }
+
+    #[test]
+    fn strings_must_be_utf8() {
+        let bytes = one_kv(|w| {
+            w.str(b"k").u32(TYPE_STRING).str(b"\xc3\x28");
+        });
+        assert_gguf_error(&bytes, &["`k`", "not valid UTF-8"]);
+        let bytes = one_kv(|w| {
+            w.str(b"k").u32(TYPE_ARRAY).u32(TYPE_STRING).u64(2);
+            w.str(b"ok").str(b"\xed\xa0\x80"); // an encoded surrogate
+        });
+        assert_gguf_error(&bytes, &["element 1 of `k`", "not valid UTF-8"]);
+        let bytes = one_tensor(
+            |w| {
+                w.str(b"\x80").u32(1).u64(8).u32(F32_ID).u64(0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["name of tensor 0", "not valid UTF-8"]);
+    }
+
+    #[test]
+    fn unknown_tensor_types() {
+        // 4 and 5 are ggml's removed Q4_2/Q4_3; 16 onwards (i-quants...) are not read by Realm.
+        for ty in [4, 5, 16, 29, 31, 99, u32::MAX] {
+            let bytes = one_tensor(
+                |w| {
+                    w.tensor("w", &[32], ty, 0);
+                },
+                256,
+            );
+            assert_gguf_error(
+                &bytes,
+                &[
+                    "`w` has unknown or unsupported ggml type id",
+                    &ty.to_string(),
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn tensor_offsets_and_sizes_must_lie_in_the_file() {
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[8], F32_ID, 1 << 40);
+            },
+            32,
+        );
+        assert_gguf_error(
+            &bytes,
+            &["`w` starts at data offset 1099511627776", "past the end"],
+        );
+        // An aligned offset so large that data start + offset overflows.
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[8], F32_ID, u64::MAX - 31);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w` starts at data offset", "past the end"]);
+        // Starts inside the file, ends past it.
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[9], F32_ID, 0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w` (36 bytes", "runs past the end"]);
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[1 << 20, 1 << 20], F32_ID, 0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w` (4398046511104 bytes", "runs past the end"]);
+        // A tensor exactly at the end is fine.
+        let file = open(&one_tensor(
+            |w| {
+                w.tensor("w", &[8], F32_ID, 0);
+            },
+            32,
+        ))
+        .unwrap();
+        let info = file.tensor_info("w").unwrap();
+        assert_eq!(info.offset + info.size, file.file_len());
+    }
+
+    #[test]
+    fn misaligned_tensor_offset() {
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[8], F32_ID, 4);
+            },
+            64,
+        );
+        assert_gguf_error(&bytes, &["`w` at data offset 4 is not aligned to 32"]);
+    }
+
+    #[test]
+    fn bad_dimensions() {
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[4, 0], F32_ID, 0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w`: zero dimension in [4, 0]"]);
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[1, 1, 1, 1, 1], F32_ID, 0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w` has 5 dimensions (1..=4 allowed)"]);
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[], F32_ID, 0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w` has 0 dimensions"]);
+        // A huge rank is refused before anything is allocated for it.
+        let bytes = one_tensor(
+            |w| {
+                w.str(b"w").u32(u32::MAX).u64(8).u32(F32_ID).u64(0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w` has 4294967295 dimensions"]);
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[1 << 32, 1 << 32, 2], F32_ID, 0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w`: dimensions", "overflow"]);
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[1 << 62], F32_ID, 0);
+            },
+            32,
+        );
+        assert_gguf_error(&bytes, &["`w`: byte size", "overflows"]);
+        let bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[16], Q4_0_ID, 0);
+            },
+            32,
+        );
+        assert_gguf_error(
+            &bytes,
+            &["`w`: row of 16 elements is not a whole number of Q4_0 blocks"],
+        );
+    }
+
+    #[test]
+    fn duplicate_tensor_names() {
+        let bytes = {
+            let mut w = W::default();
+            w.header(3, 2, 0)
+                .tensor("w", &[8], F32_ID, 0)
+                .tensor("w", &[8], F32_ID, 32)
+                .pad(32)
+                .raw(&[0; 64]);
+            w.buf
+        };
+        assert_gguf_error(&bytes, &["duplicate tensor name `w`"]);
+    }
+
+    fn with_alignment(alignment: &Value, offset: u64) -> Vec<u8> {
+        let mut w = W::default();
+        w.header(3, 1, 1)
+            .kv(KEY_ALIGNMENT, alignment)
+            .tensor("w", &[8], F32_ID, offset);
+        let a = match alignment {
+            Value::U32(a) if a.is_power_of_two() => *a as usize,
+            _ => 32,
+        };
+        w.pad(a).raw(&vec![0u8; offset as usize]);
+        for i in 0..8 {
+            w.raw(&(i as f32 * 1.5).to_le_bytes());
+        }
+        w.buf
+    }
+
+    #[test]
+    fn alignment_values() {
+        for a in [0, 3, 48, u32::MAX] {
+            let bytes = with_alignment(&Value::U32(a), 0);
+            assert_gguf_error(&bytes, &["`general.alignment` is", "not a power of two"]);
+        }
+        for v in [Value::I32(32), Value::U64(32), Value::String("32".into())] {
+            assert_gguf_error(
+                &with_alignment(&v, 0),
+                &["`general.alignment` must be a u32"],
+            );
+        }
+        for (a, offset) in [(1, 3), (8, 8), (64, 128), (1 << 12, 1 << 12)] {
+            let file = open(&with_alignment(&Value::U32(a), offset)).unwrap();
+            assert_eq!(file.alignment, a as u64);
+            let info = file.tensor_info("w").unwrap();
+            assert_eq!(info.offset % a as u64, 0);
+            assert_eq!(info.offset + info.size, file.file_len());
+            // An oddly placed tensor still loads, through an aligned copy.
+            let t = crate::quant::load_qtensor(&file, info, &candle_core::Device::Cpu).unwrap();
+            let values = t
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(values, [0.0, 1.5, 3.0, 4.5, 6.0, 7.5, 9.0, 10.5]);
+        }
+        let bytes = with_alignment(&Value::U32(64), 32);
+        assert_gguf_error(&bytes, &["data offset 32 is not aligned to 64"]);
+    }
+
+    #[test]
+    fn metadata_only_files_need_no_data_section() {
+        let mut w = W::default();
+        w.header(3, 0, 1)
+            .kv("general.architecture", &Value::String("llama".into()));
+        let file = open(&w.buf).unwrap();
+        assert!(file.tensors.is_empty());
+        assert_eq!(file.get_str("general.architecture").unwrap(), "llama");
+        // With a tensor, the padding up to the data section must be there.
+        let mut bytes = one_tensor(
+            |w| {
+                w.tensor("w", &[8], F32_ID, 0);
+            },
+            32,
+        );
+        bytes.truncate(bytes.len() - 33);
+        assert_gguf_error(
+            &bytes,
+            &[
+                "truncated: file ends at",
+                "before the tensor data section at 64",
+            ],
+        );
+    }
+
+    #[test]
+    fn tensor_bytes_rechecks_foreign_infos() {
+        let file = open(&sample_file(3)).unwrap();
+        let mut info = file.tensor_info("b").unwrap().clone();
+        info.size += 1;
+        assert!(matches!(
+            file.tensor_bytes(&info),
+            Err(Error::Tensor { .. })
+        ));
+        info.offset = u64::MAX;
+        assert!(matches!(
+            file.tensor_bytes(&info),
+            Err(Error::Tensor { .. })
+        ));
     }
 }

@@ -14,7 +14,7 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
         let (id, _) = v.iter().enumerate().fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a });
         let mut s: Vec<(f32, usize)> = v.iter().enumerate().map(|(i, &x)| (x, i)).collect();
         s.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
-        if false { eprintln!("{} ms top {:?} {:?} margin {}", t.elapsed().as_millis(), s[0], s[1], s[0].0 - s[1].0); }
+        if std::env::var("SHOW").is_ok() { eprintln!("{} ms top {:?} {:?} margin {}", t.elapsed().as_millis(), s[0], s[1], s[0].0 - s[1].0); }
         out.push(id as u32);
         input = vec![id as u32];
     }

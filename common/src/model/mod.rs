@@ -78,7 +78,7 @@ impl Linear {
         let info = file.tensor_info(name)?;
         if device.is_cpu() && kernels::supported(info.dtype) && info.dims.len() == 2 {
             let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
-            if let Some(m) = QMatrix::new(info.dtype, rows, cols, file.tensor_bytes(info)) {
+            if let Some(m) = QMatrix::new(info.dtype, rows, cols, file.tensor_bytes(info)?) {
                 return Ok(Self::Realm(m));
             }
         }
@@ -159,7 +159,7 @@ impl Embedding {
     /// `[tokens.len(), d_model]` hidden states for `tokens`.
     pub fn forward(&self, tokens: &[u32]) -> Result<Tensor> {
         let row_bytes = self.info.size as usize / self.vocab;
-        let bytes = self.file.tensor_bytes(&self.info);
+        let bytes = self.file.tensor_bytes(&self.info)?;
         let mut rows = Vec::with_capacity(tokens.len());
         for &t in tokens {
             let t = t as usize;
