@@ -38,3 +38,40 @@ pub fn reference_ids(model: &str, key: &str) -> Vec<u32> {
         .map(|v| v.as_u64().expect("token id") as u32)
         .collect()
 }
+
+/// Path of one of Realm's binaries, built by this workspace (built on demand when missing, so
+/// `cargo test -p realm-tests` works alone).
+pub fn binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory")
+        .to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let release = dir.file_name().is_some_and(|p| p == "release");
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(["build", "--bin", name]).current_dir(repo_root());
+        if release {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
+
+/// Reference greedy continuation ids of prompt `index` for `model`.
+pub fn reference_greedy(model: &str, index: usize) -> (String, Vec<u32>) {
+    let run = &fixture("greedy.json")["runs"][model][index];
+    let prompt = run["prompt"].as_str().expect("prompt").to_string();
+    let ids = run["generated_ids"]
+        .as_array()
+        .expect("generated ids")
+        .iter()
+        .map(|v| v.as_u64().expect("token id") as u32)
+        .collect();
+    (prompt, ids)
+}
