@@ -14,8 +14,8 @@ mod decoder;
 mod pretokenize;
 mod special;
 mod spm;
+mod vocab;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -25,6 +25,7 @@ use crate::gguf::GgufFile;
 pub use decoder::StreamDecoder;
 use pretokenize::PreTokenizer;
 use special::{Fragment, SpecialTokens};
+use vocab::{attr, Vocab};
 
 const KEY_MODEL: &str = "tokenizer.ggml.model";
 const KEY_PRE: &str = "tokenizer.ggml.pre";
@@ -54,30 +55,6 @@ const KEY_FIM_SEP: &str = "tokenizer.ggml.fim_sep_token_id";
 const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 const KEY_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
 const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
-
-/// Token attributes, as bit flags (a token can gain `CONTROL` on top of its declared type).
-mod attr {
-    pub const UNKNOWN: u16 = 1 << 0;
-    pub const UNUSED: u16 = 1 << 1;
-    pub const NORMAL: u16 = 1 << 2;
-    pub const CONTROL: u16 = 1 << 3;
-    pub const USER_DEFINED: u16 = 1 << 4;
-    pub const BYTE: u16 = 1 << 5;
-
-    /// The attribute of a GGUF `token_type` value; unknown values leave the token undefined,
-    /// which renders as nothing.
-    pub fn from_gguf_type(t: i64) -> u16 {
-        match t {
-            1 => NORMAL,
-            2 => UNKNOWN,
-            3 => CONTROL,
-            4 => USER_DEFINED,
-            5 => UNUSED,
-            6 => BYTE,
-            _ => 0,
-        }
-    }
-}
 
 /// Texts that mark a token as end-of-turn when the file names none.
 const EOT_TEXTS: &[&str] = &[
@@ -164,40 +141,6 @@ const EOG_TEXTS: &[&str] = &[
 const ALWAYS_RENDERED_TEXTS: &[&str] =
     &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
 
-/// The vocabulary: token texts, scores and attributes, and the reverse map.
-#[derive(Debug)]
-pub(crate) struct Vocab {
-    texts: Vec<String>,
-    scores: Vec<f32>,
-    attrs: Vec<u16>,
-    ids: HashMap<String, u32>,
-    /// Byte-fallback token of each byte (SentencePiece vocabularies).
-    byte_tokens: [Option<u32>; 256],
-}
-
-impl Vocab {
-    pub(crate) fn id(&self, text: &str) -> Option<u32> {
-        self.ids.get(text).copied()
-    }
-
-    pub(crate) fn score(&self, id: u32) -> f32 {
-        self.scores.get(id as usize).copied().unwrap_or(0.0)
-    }
-
-    pub(crate) fn byte_token(&self, byte: u8) -> Option<u32> {
-        self.byte_tokens[usize::from(byte)]
-    }
-
-    fn attr(&self, id: u32) -> u16 {
-        self.attrs.get(id as usize).copied().unwrap_or(0)
-    }
-
-    /// The first token (lowest id) whose text is one of `texts`.
-    fn find_any(&self, texts: &[&str]) -> Option<u32> {
-        texts.iter().filter_map(|t| self.id(t)).min()
-    }
-}
-
 #[derive(Debug)]
 enum Model {
     /// Byte-level BPE.
@@ -238,7 +181,7 @@ impl fmt::Debug for Tokenizer {
                     Model::Spm => "spm",
                 },
             )
-            .field("vocab_size", &i.vocab.texts.len())
+            .field("vocab_size", &i.vocab.len())
             .field("bos", &i.bos)
             .field("eos", &i.eos)
             .field("eog", &i.eog)
@@ -264,15 +207,10 @@ impl Tokenizer {
         };
 
         let mut vocab = load_vocab(file)?;
-        let n_tokens = vocab.texts.len();
+        let n_tokens = vocab.len();
 
         let (model, clean_spaces) = if is_spm {
-            for byte in 0..=255u8 {
-                let hex = format!("<0x{byte:02X}>");
-                vocab.byte_tokens[usize::from(byte)] = vocab
-                    .id(&hex)
-                    .or_else(|| std::str::from_utf8(&[byte]).ok().and_then(|s| vocab.id(s)));
-            }
+            vocab.resolve_byte_tokens();
             (Model::Spm, false)
         } else {
             let pre = file.get(KEY_PRE).and_then(|v| v.as_str()).unwrap_or("");
@@ -389,7 +327,8 @@ impl Tokenizer {
                     let a = vocab.attrs[i];
                     (a & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0).then(|| {
                         let always = a & (attr::CONTROL | attr::UNKNOWN) == 0;
-                        (i as u32, vocab.texts[i].clone(), always)
+                        let id = i as u32;
+                        (id, vocab.text(id).unwrap_or_default().to_string(), always)
                     })
                 })
                 .collect(),
@@ -478,7 +417,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.vocab.texts.len()
+        self.inner.vocab.len()
     }
 
     pub fn bos_id(&self) -> Option<u32> {
@@ -513,7 +452,7 @@ impl Tokenizer {
 
     /// A token's text as stored in the vocabulary (e.g. `<bos>`, `<|im_end|>`, `▁Paris`).
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.inner.vocab.texts.get(id as usize).map(String::as_str)
+        self.inner.vocab.text(id)
     }
 
     /// The bytes a token contributes to output text: byte-level BPE decoded, `<0xNN>` tokens as
@@ -521,10 +460,10 @@ impl Tokenizer {
     /// `render_special`, then their text; user-defined tokens always contribute their text.
     pub fn token_bytes(&self, id: u32, render_special: bool) -> Result<Vec<u8>> {
         let i = &*self.inner;
-        let text = i.vocab.texts.get(id as usize).ok_or_else(|| {
+        let text = i.vocab.text(id).ok_or_else(|| {
             Error::Tokenizer(format!(
                 "token id {id} is outside the vocabulary of {} tokens",
-                i.vocab.texts.len()
+                i.vocab.len()
             ))
         })?;
         let a = i.vocab.attr(id);
@@ -584,9 +523,6 @@ impl Tokenizer {
 fn load_vocab(file: &GgufFile) -> Result<Vocab> {
     let tokens = file.get_str_array(KEY_TOKENS)?;
     let n = tokens.len();
-    if n == 0 || u32::try_from(n).is_err() {
-        return Err(Error::Tokenizer(format!("vocabulary of {n} tokens")));
-    }
     let scores = match file.get(KEY_SCORES) {
         Some(_) => file.get_f32_array(KEY_SCORES)?,
         None => vec![0.0; n],
@@ -608,29 +544,7 @@ fn load_vocab(file: &GgufFile) -> Result<Vocab> {
         }
     }
 
-    let mut texts = Vec::with_capacity(n);
-    let mut ids = HashMap::with_capacity(n);
-    for (id, &text) in tokens.iter().enumerate() {
-        let text = if text.is_empty() {
-            format!("[EMPTY_{id}]")
-        } else {
-            text.to_string()
-        };
-        if ids.insert(text.clone(), id as u32).is_some() {
-            return Err(Error::Tokenizer(format!(
-                "token text {text:?} appears twice in the vocabulary"
-            )));
-        }
-        texts.push(text);
-    }
-
-    Ok(Vocab {
-        texts,
-        scores,
-        attrs,
-        ids,
-        byte_tokens: [None; 256],
-    })
+    Vocab::new(&tokens, scores, attrs)
 }
 
 /// The pre-tokenizer of a byte-level BPE vocabulary and whether decoding cleans up spaces.

@@ -19,13 +19,19 @@ pub(crate) struct SpecialTokens {
     /// `(id, text, always)`, longest text first (ties by id). `always` marks user-defined tokens,
     /// which are matched even when special-token parsing is off.
     tokens: Vec<(u32, String, bool)>,
+    /// All token texts, to find in one pass which tokens occur in a text at all.
+    trie: Trie,
 }
 
 impl SpecialTokens {
     pub(crate) fn new(mut tokens: Vec<(u32, String, bool)>) -> Self {
         tokens.retain(|(_, text, _)| !text.is_empty());
         tokens.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
-        Self { tokens }
+        let mut trie = Trie::default();
+        for (index, (_, text, _)) in tokens.iter().enumerate() {
+            trie.insert(text.as_bytes(), index);
+        }
+        Self { tokens, trie }
     }
 
     /// Splits `text` into fragments. With `parse_special` off only user-defined tokens match.
@@ -35,28 +41,10 @@ impl SpecialTokens {
         }
         let mut fragments = vec![Fragment::Text(0..text.len())];
 
-        // Fragments are substrings of `text`, so a token absent from `text` matches nowhere;
-        // checking its first two bytes against those present skips most tokens cheaply.
-        let bytes = text.as_bytes();
-        let mut singles = [false; 256];
-        let mut pairs = vec![false; 1 << 16];
-        for (i, &b) in bytes.iter().enumerate() {
-            singles[usize::from(b)] = true;
-            if let Some(&next) = bytes.get(i + 1) {
-                pairs[usize::from(b) << 8 | usize::from(next)] = true;
-            }
-        }
-        let may_occur = |t: &[u8]| match t {
-            [a] => singles[usize::from(*a)],
-            [a, b, ..] => pairs[usize::from(*a) << 8 | usize::from(*b)],
-            [] => false,
-        };
-
-        for (id, token, always) in &self.tokens {
-            if !(parse_special || *always) || !may_occur(token.as_bytes()) {
-                continue;
-            }
-            if !text.contains(token.as_str()) {
+        // Fragments are substrings of `text`, so a token absent from `text` matches nowhere.
+        let occurs = self.trie.occurring(text.as_bytes(), self.tokens.len());
+        for ((id, token, always), _) in self.tokens.iter().zip(&occurs).filter(|(_, &o)| o) {
+            if !(parse_special || *always) {
                 continue;
             }
             let mut next = Vec::with_capacity(fragments.len() + 2);
@@ -81,6 +69,75 @@ impl SpecialTokens {
             fragments = next;
         }
         fragments
+    }
+}
+
+/// A byte trie over the special token texts.
+#[derive(Debug)]
+struct Trie {
+    /// Node 0 is the root.
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Default)]
+struct TrieNode {
+    /// `(byte, child node)`, sorted by byte.
+    children: Vec<(u8, usize)>,
+    /// The index of the token whose text ends here.
+    token: Option<usize>,
+}
+
+impl Default for Trie {
+    fn default() -> Self {
+        Self {
+            nodes: vec![TrieNode::default()],
+        }
+    }
+}
+
+impl Trie {
+    fn insert(&mut self, text: &[u8], token: usize) {
+        let mut node = 0;
+        for &b in text {
+            node = match self.child(node, b) {
+                Some(child) => child,
+                None => {
+                    let child = self.nodes.len();
+                    self.nodes.push(TrieNode::default());
+                    let children = &mut self.nodes[node].children;
+                    let at = children.partition_point(|&(c, _)| c < b);
+                    children.insert(at, (b, child));
+                    child
+                }
+            };
+        }
+        self.nodes[node].token.get_or_insert(token);
+    }
+
+    fn child(&self, node: usize, b: u8) -> Option<usize> {
+        let children = &self.nodes[node].children;
+        children
+            .binary_search_by_key(&b, |&(c, _)| c)
+            .ok()
+            .map(|i| children[i].1)
+    }
+
+    /// Which of `n` tokens occur anywhere in `text`.
+    fn occurring(&self, text: &[u8], n: usize) -> Vec<bool> {
+        let mut found = vec![false; n];
+        for start in 0..text.len() {
+            let mut node = 0;
+            for &b in &text[start..] {
+                let Some(child) = self.child(node, b) else {
+                    break;
+                };
+                node = child;
+                if let Some(token) = self.nodes[node].token {
+                    found[token] = true;
+                }
+            }
+        }
+        found
     }
 }
 
