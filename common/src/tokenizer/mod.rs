@@ -245,14 +245,14 @@ impl Tokenizer {
         };
         let bos = key_id(KEY_BOS)?.or(Some(default_bos).filter(|&id| in_range(id)));
         let eos = key_id(KEY_EOS)?.or(Some(default_eos).filter(|&id| in_range(id)));
-        let mut eot = key_id(KEY_EOT)?;
-        let mut eom = key_id(KEY_EOM)?;
-        let mut fim_pre = keys_id(&KEY_FIM_PRE)?;
-        let mut fim_suf = keys_id(&KEY_FIM_SUF)?;
-        let mut fim_mid = keys_id(&KEY_FIM_MID)?;
-        let mut fim_pad = key_id(KEY_FIM_PAD)?;
-        let mut fim_rep = key_id(KEY_FIM_REP)?;
-        let mut fim_sep = key_id(KEY_FIM_SEP)?;
+        let eot = key_id(KEY_EOT)?;
+        let eom = key_id(KEY_EOM)?;
+        let fim_pre = keys_id(&KEY_FIM_PRE)?;
+        let fim_suf = keys_id(&KEY_FIM_SUF)?;
+        let fim_mid = keys_id(&KEY_FIM_MID)?;
+        let fim_pad = key_id(KEY_FIM_PAD)?;
+        let fim_rep = key_id(KEY_FIM_REP)?;
+        let fim_sep = key_id(KEY_FIM_SEP)?;
 
         let flag = |key: &str, default: bool| -> Result<bool> {
             match file.get(key) {
@@ -264,62 +264,20 @@ impl Tokenizer {
         let add_eos = flag(KEY_ADD_EOS, false)?;
         let add_space_prefix = flag(KEY_ADD_SPACE_PREFIX, is_spm)?;
 
-        // Roles the file does not name are recognized by token text; a token so recognized is
-        // treated as a control token.
-        for (slot, texts) in [
-            (&mut eot, EOT_TEXTS),
-            (&mut eom, EOM_TEXTS),
-            (&mut fim_pre, FIM_PRE_TEXTS),
-            (&mut fim_suf, FIM_SUF_TEXTS),
-            (&mut fim_mid, FIM_MID_TEXTS),
-            (&mut fim_pad, FIM_PAD_TEXTS),
-            (&mut fim_rep, FIM_REP_TEXTS),
-            (&mut fim_sep, FIM_SEP_TEXTS),
-        ] {
-            if slot.is_none() {
-                *slot = vocab.find_any(texts);
-                if let Some(id) = *slot {
-                    vocab.attrs[id as usize] |= attr::CONTROL;
-                }
-            }
-        }
-
-        let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
-        for text in EOG_TEXTS {
-            if let Some(id) = vocab.id(text) {
-                eog.push(id);
-                vocab.attrs[id as usize] |= attr::CONTROL;
-            }
-        }
-        for text in ALWAYS_RENDERED_TEXTS {
-            if let Some(id) = vocab.id(text) {
-                vocab.attrs[id as usize] = attr::USER_DEFINED;
-            }
-        }
-        eog.extend([eos, eot, eom].into_iter().flatten());
-        eog.sort_unstable();
-        eog.dedup();
-
-        // Vocabularies with explicit return/call tokens use `<|end|>` between messages, not at
-        // the end of generation.
-        let eog_has = |eog: &[u32], vocab: &Vocab, text: &str| {
-            vocab.id(text).is_some_and(|id| eog.contains(&id))
-        };
-        if let Some(end) = vocab.id("<|end|>").filter(|id| eog.contains(id)) {
-            let calls = eog_has(&eog, &vocab, "<|call|>") || eog_has(&eog, &vocab, "<|calls|>");
-            let ends = eog_has(&eog, &vocab, "<|return|>") || eog_has(&eog, &vocab, "<|flush|>");
-            if calls && ends {
-                eog.retain(|&id| id != end);
-                vocab.attrs[end as usize] = attr::USER_DEFINED;
-            }
-        }
-        // Vocabularies with their own end-of-turn markers use `</s>` as ordinary text.
-        if let Some(s) = vocab.id("</s>").filter(|id| eog.contains(id)) {
-            if eog_has(&eog, &vocab, "<|tool_response>") || eog_has(&eog, &vocab, "<|plamo:eos|>") {
-                eog.retain(|&id| id != s);
-                vocab.attrs[s as usize] = attr::NORMAL;
-            }
-        }
+        let eog = end_of_generation(
+            &mut vocab,
+            Roles {
+                eos,
+                eot,
+                eom,
+                fim_pre,
+                fim_suf,
+                fim_mid,
+                fim_pad,
+                fim_rep,
+                fim_sep,
+            },
+        );
 
         let specials = SpecialTokens::new(
             (0..n_tokens)
@@ -517,6 +475,92 @@ impl Tokenizer {
     pub fn stream_decoder(&self) -> StreamDecoder {
         StreamDecoder::new()
     }
+}
+
+/// Token roles named by the file (`None` where it names none).
+struct Roles {
+    eos: Option<u32>,
+    eot: Option<u32>,
+    eom: Option<u32>,
+    fim_pre: Option<u32>,
+    fim_suf: Option<u32>,
+    fim_mid: Option<u32>,
+    fim_pad: Option<u32>,
+    fim_rep: Option<u32>,
+    fim_sep: Option<u32>,
+}
+
+/// The sorted ids of the tokens that end generation. Roles the file leaves unnamed are
+/// recognized by token text, and tokens recognized that way become control tokens (so they are
+/// parsed as special and not rendered), as the reference does; where several tokens match one
+/// role, the lowest id takes it.
+fn end_of_generation(vocab: &mut Vocab, roles: Roles) -> Vec<u32> {
+    let Roles {
+        eos,
+        mut eot,
+        mut eom,
+        mut fim_pre,
+        mut fim_suf,
+        mut fim_mid,
+        mut fim_pad,
+        mut fim_rep,
+        mut fim_sep,
+    } = roles;
+    for (slot, texts) in [
+        (&mut eot, EOT_TEXTS),
+        (&mut eom, EOM_TEXTS),
+        (&mut fim_pre, FIM_PRE_TEXTS),
+        (&mut fim_suf, FIM_SUF_TEXTS),
+        (&mut fim_mid, FIM_MID_TEXTS),
+        (&mut fim_pad, FIM_PAD_TEXTS),
+        (&mut fim_rep, FIM_REP_TEXTS),
+        (&mut fim_sep, FIM_SEP_TEXTS),
+    ] {
+        if slot.is_none() {
+            *slot = vocab.find_any(texts);
+            if let Some(id) = *slot {
+                vocab.attrs[id as usize] |= attr::CONTROL;
+            }
+        }
+    }
+
+    let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
+    for text in EOG_TEXTS {
+        if let Some(id) = vocab.id(text) {
+            eog.push(id);
+            vocab.attrs[id as usize] |= attr::CONTROL;
+        }
+    }
+    for text in ALWAYS_RENDERED_TEXTS {
+        if let Some(id) = vocab.id(text) {
+            vocab.attrs[id as usize] = attr::USER_DEFINED;
+        }
+    }
+    eog.extend([eos, eot, eom].into_iter().flatten());
+    eog.sort_unstable();
+    eog.dedup();
+
+    // Vocabularies with explicit return/call tokens use `<|end|>` between messages, not at
+    // the end of generation.
+    let eog_has =
+        |eog: &[u32], vocab: &Vocab, text: &str| vocab.id(text).is_some_and(|id| eog.contains(&id));
+    if let Some(end) = vocab.id("<|end|>").filter(|id| eog.contains(id)) {
+        let calls = eog_has(&eog, &vocab, "<|call|>") || eog_has(&eog, &vocab, "<|calls|>");
+        let ends = eog_has(&eog, &vocab, "<|return|>") || eog_has(&eog, &vocab, "<|flush|>");
+        if calls && ends {
+            eog.retain(|&id| id != end);
+            vocab.attrs[end as usize] = attr::USER_DEFINED;
+        }
+    }
+    // Vocabularies with their own end-of-turn markers use `</s>` as ordinary text.
+    if let Some(s) = vocab.id("</s>").filter(|id| eog.contains(id)) {
+        if eog_has(&eog, &vocab, "<|tool_response>") || eog_has(&eog, &vocab, "<|plamo:eos|>") {
+            eog.retain(|&id| id != s);
+            vocab.attrs[s as usize] = attr::NORMAL;
+        }
+    }
+
+    eog
 }
 
 /// Reads token texts, scores and types.
