@@ -545,8 +545,8 @@ fn end_of_generation(vocab: &mut Vocab, roles: Roles) -> Vec<u32> {
     let eog_has =
         |eog: &[u32], vocab: &Vocab, text: &str| vocab.id(text).is_some_and(|id| eog.contains(&id));
     if let Some(end) = vocab.id("<|end|>").filter(|id| eog.contains(id)) {
-        let calls = eog_has(&eog, &vocab, "<|call|>") || eog_has(&eog, &vocab, "<|calls|>");
-        let ends = eog_has(&eog, &vocab, "<|return|>") || eog_has(&eog, &vocab, "<|flush|>");
+        let calls = eog_has(&eog, vocab, "<|call|>") || eog_has(&eog, vocab, "<|calls|>");
+        let ends = eog_has(&eog, vocab, "<|return|>") || eog_has(&eog, vocab, "<|flush|>");
         if calls && ends {
             eog.retain(|&id| id != end);
             vocab.attrs[end as usize] = attr::USER_DEFINED;
@@ -554,7 +554,7 @@ fn end_of_generation(vocab: &mut Vocab, roles: Roles) -> Vec<u32> {
     }
     // Vocabularies with their own end-of-turn markers use `</s>` as ordinary text.
     if let Some(s) = vocab.id("</s>").filter(|id| eog.contains(id)) {
-        if eog_has(&eog, &vocab, "<|tool_response>") || eog_has(&eog, &vocab, "<|plamo:eos|>") {
+        if eog_has(&eog, vocab, "<|tool_response>") || eog_has(&eog, vocab, "<|plamo:eos|>") {
             eog.retain(|&id| id != s);
             vocab.attrs[s as usize] = attr::NORMAL;
         }

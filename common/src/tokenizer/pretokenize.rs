@@ -21,7 +21,7 @@ pub(crate) enum PreTokenizer {
 
 impl PreTokenizer {
     /// The words of `text`, in order; they concatenate back to `text`.
-    pub(crate) fn split<'a>(self, text: &'a str) -> Vec<&'a str> {
+    pub(crate) fn split(self, text: &str) -> Vec<&str> {
         let chars: Vec<(usize, char)> = text.char_indices().collect();
         let classes: Vec<CharClass> = chars.iter().map(|&(_, c)| CharClass::of(c)).collect();
         let mut lengths = Vec::with_capacity(chars.len() / 3 + 1);

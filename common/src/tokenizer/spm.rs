@@ -134,3 +134,59 @@ fn queue_pair(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::vocab::{attr, Vocab};
+    use super::*;
+
+    fn vocab(tokens: &[(&str, f32)]) -> Vocab {
+        let texts: Vec<&str> = tokens.iter().map(|(t, _)| *t).collect();
+        let scores = tokens.iter().map(|(_, s)| *s).collect();
+        let mut v = Vocab::new(&texts, scores, vec![attr::NORMAL; texts.len()]).expect("vocab");
+        v.resolve_byte_tokens();
+        v
+    }
+
+    fn encode_str(v: &Vocab, text: &str) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        encode(v, text, &mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn highest_score_merges_first() {
+        // In "abc" the better-scoring of "ab" and "bc" forms; the other pair is then gone.
+        let v = vocab(&[
+            ("a", 0.0),
+            ("b", 0.0),
+            ("c", 0.0),
+            ("ab", -1.0),
+            ("bc", -2.0),
+        ]);
+        assert_eq!(encode_str(&v, "abc").expect("encode"), [3, 2]);
+        let v = vocab(&[
+            ("a", 0.0),
+            ("b", 0.0),
+            ("c", 0.0),
+            ("ab", -2.0),
+            ("bc", -1.0),
+        ]);
+        assert_eq!(encode_str(&v, "abc").expect("encode"), [0, 4]);
+    }
+
+    #[test]
+    fn unknown_characters_fall_back_to_bytes() {
+        let mut tokens = vec![("a", 0.0)];
+        let hex: Vec<String> = (0..=255u8).map(|b| format!("<0x{b:02X}>")).collect();
+        tokens.extend(hex.iter().map(|h| (h.as_str(), 0.0)));
+        let v = vocab(&tokens);
+        // "é" is C3 A9.
+        assert_eq!(
+            encode_str(&v, "aé").expect("encode"),
+            [0, 1 + 0xC3, 1 + 0xA9]
+        );
+        let v = vocab(&[("a", 0.0)]);
+        assert!(encode_str(&v, "aé").is_err());
+    }
+}
