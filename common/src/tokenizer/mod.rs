@@ -641,6 +641,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tokenizers_are_shareable_across_threads() {
+        fn shareable<T: Clone + Send + Sync + fmt::Debug>() {}
+        shareable::<Tokenizer>();
+        shareable::<StreamDecoder>();
+    }
+
+    #[test]
     fn byte_tokens_parse() {
         assert_eq!(byte_token_value("<0x0A>"), Some(b'\n'));
         assert_eq!(byte_token_value("<0xff>"), Some(0xFF));
