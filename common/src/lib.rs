@@ -5,7 +5,7 @@
 
 pub mod chat;
 pub mod error;
-//TMP pub mod generate;
+pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod kv;

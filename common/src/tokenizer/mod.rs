@@ -1,1 +1,667 @@
-//! Tokenizers built from GGUF metadata (placeholder until the tokenizer lands).
+//! Tokenizers built from GGUF metadata.
+//!
+//! Two tokenizer models are supported: byte-level BPE (`tokenizer.ggml.model = "gpt2"`, e.g.
+//! SmolLM2) and SentencePiece-style BPE with byte fallback (`"llama"`, e.g. Gemma 3). Encoding
+//! first cuts special tokens out of the text ([`special`]), then hands each remaining fragment to
+//! the model ([`bpe`] or [`spm`]). Token ids are identical to the reference implementation's for
+//! the same GGUF file, including its rules for which tokens are special, which end generation,
+//! and how tokens render back to bytes.
+//!
+//! A [`Tokenizer`] is immutable and cheap to clone (the vocabulary is shared).
+
+mod bpe;
+mod decoder;
+mod pretokenize;
+mod special;
+mod spm;
+mod vocab;
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+pub use decoder::StreamDecoder;
+use pretokenize::PreTokenizer;
+use special::{Fragment, SpecialTokens};
+use vocab::{attr, Vocab};
+
+const KEY_MODEL: &str = "tokenizer.ggml.model";
+const KEY_PRE: &str = "tokenizer.ggml.pre";
+const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
+const KEY_SCORES: &str = "tokenizer.ggml.scores";
+const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+const KEY_MERGES: &str = "tokenizer.ggml.merges";
+const KEY_BOS: &str = "tokenizer.ggml.bos_token_id";
+const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+const KEY_EOT: &str = "tokenizer.ggml.eot_token_id";
+const KEY_EOM: &str = "tokenizer.ggml.eom_token_id";
+const KEY_FIM_PRE: [&str; 2] = [
+    "tokenizer.ggml.fim_pre_token_id",
+    "tokenizer.ggml.prefix_token_id",
+];
+const KEY_FIM_SUF: [&str; 2] = [
+    "tokenizer.ggml.fim_suf_token_id",
+    "tokenizer.ggml.suffix_token_id",
+];
+const KEY_FIM_MID: [&str; 2] = [
+    "tokenizer.ggml.fim_mid_token_id",
+    "tokenizer.ggml.middle_token_id",
+];
+const KEY_FIM_PAD: &str = "tokenizer.ggml.fim_pad_token_id";
+const KEY_FIM_REP: &str = "tokenizer.ggml.fim_rep_token_id";
+const KEY_FIM_SEP: &str = "tokenizer.ggml.fim_sep_token_id";
+const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+const KEY_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+
+/// Texts that mark a token as end-of-turn when the file names none.
+const EOT_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
+];
+const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
+const FIM_PRE_TEXTS: &[&str] = &[
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
+];
+const FIM_SUF_TEXTS: &[&str] = &[
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+];
+const FIM_MID_TEXTS: &[&str] = &[
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+];
+const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
+const FIM_REP_TEXTS: &[&str] = &[
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+];
+const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
+
+/// Texts of tokens that end generation, whatever their declared type.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
+];
+
+/// Tokens some chat formats print verbatim although their vocabularies mark them as control.
+const ALWAYS_RENDERED_TEXTS: &[&str] =
+    &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
+
+#[derive(Debug)]
+enum Model {
+    /// Byte-level BPE.
+    Bpe(bpe::Bpe),
+    /// SentencePiece-style BPE with byte fallback.
+    Spm,
+}
+
+struct Inner {
+    vocab: Vocab,
+    model: Model,
+    specials: SpecialTokens,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    /// Sorted ids of the end-of-generation tokens.
+    eog: Vec<u32>,
+    add_bos: bool,
+    add_eos: bool,
+    add_space_prefix: bool,
+    /// Remove spaces before punctuation when decoding (set per pre-tokenizer).
+    clean_spaces: bool,
+}
+
+/// A tokenizer loaded from a GGUF file's `tokenizer.ggml.*` metadata.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("Tokenizer")
+            .field(
+                "model",
+                &match i.model {
+                    Model::Bpe(_) => "bpe",
+                    Model::Spm => "spm",
+                },
+            )
+            .field("vocab_size", &i.vocab.len())
+            .field("bos", &i.bos)
+            .field("eos", &i.eos)
+            .field("eog", &i.eog)
+            .field("add_bos", &i.add_bos)
+            .field("add_eos", &i.add_eos)
+            .field("add_space_prefix", &i.add_space_prefix)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer described by a GGUF file's metadata.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let kind = file.get_str(KEY_MODEL)?;
+        let is_spm = match kind {
+            "llama" => true,
+            "gpt2" => false,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "tokenizer model `{other}` (supported: gpt2, llama)"
+                )))
+            }
+        };
+
+        let mut vocab = load_vocab(file)?;
+        let n_tokens = vocab.len();
+
+        let (model, clean_spaces) = if is_spm {
+            vocab.resolve_byte_tokens();
+            (Model::Spm, false)
+        } else {
+            let pre = file.get(KEY_PRE).and_then(|v| v.as_str()).unwrap_or("");
+            let (pre_tokenizer, clean_spaces) = bpe_pre_tokenizer(pre)?;
+            let merges = file.get_str_array(KEY_MERGES)?;
+            (
+                Model::Bpe(bpe::Bpe::new(&merges, pre_tokenizer)),
+                clean_spaces,
+            )
+        };
+
+        // Defaults that the file's keys override.
+        let in_range = |id: u32| (id as usize) < n_tokens;
+        let (default_bos, default_eos) = if is_spm { (1, 2) } else { (11, 11) };
+        let key_id = |key: &str| -> Result<Option<u32>> {
+            let Some(value) = file.get(key) else {
+                return Ok(None);
+            };
+            let id = value.as_i64().ok_or_else(|| Error::Metadata {
+                key: key.to_string(),
+                problem: "expected an integer token id".to_string(),
+            })?;
+            // An id outside the vocabulary is ignored, keeping the default.
+            Ok(u32::try_from(id).ok().filter(|&id| in_range(id)))
+        };
+        let keys_id = |keys: &[&str]| -> Result<Option<u32>> {
+            let mut found = None;
+            for key in keys {
+                found = key_id(key)?.or(found);
+            }
+            Ok(found)
+        };
+        let bos = key_id(KEY_BOS)?.or(Some(default_bos).filter(|&id| in_range(id)));
+        let eos = key_id(KEY_EOS)?.or(Some(default_eos).filter(|&id| in_range(id)));
+        let eot = key_id(KEY_EOT)?;
+        let eom = key_id(KEY_EOM)?;
+        let fim_pre = keys_id(&KEY_FIM_PRE)?;
+        let fim_suf = keys_id(&KEY_FIM_SUF)?;
+        let fim_mid = keys_id(&KEY_FIM_MID)?;
+        let fim_pad = key_id(KEY_FIM_PAD)?;
+        let fim_rep = key_id(KEY_FIM_REP)?;
+        let fim_sep = key_id(KEY_FIM_SEP)?;
+
+        let flag = |key: &str, default: bool| -> Result<bool> {
+            match file.get(key) {
+                None => Ok(default),
+                Some(_) => file.get_bool(key),
+            }
+        };
+        let add_bos = flag(KEY_ADD_BOS, is_spm)?;
+        let add_eos = flag(KEY_ADD_EOS, false)?;
+        let add_space_prefix = flag(KEY_ADD_SPACE_PREFIX, is_spm)?;
+
+        let eog = end_of_generation(
+            &mut vocab,
+            Roles {
+                eos,
+                eot,
+                eom,
+                fim_pre,
+                fim_suf,
+                fim_mid,
+                fim_pad,
+                fim_rep,
+                fim_sep,
+            },
+        );
+
+        let specials = SpecialTokens::new(
+            (0..n_tokens)
+                .filter_map(|i| {
+                    let a = vocab.attrs[i];
+                    (a & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0).then(|| {
+                        let always = a & (attr::CONTROL | attr::UNKNOWN) == 0;
+                        let id = i as u32;
+                        (id, vocab.text(id).unwrap_or_default().to_string(), always)
+                    })
+                })
+                .collect(),
+        );
+
+        if add_bos && bos.is_none() {
+            return Err(Error::Tokenizer(
+                "the model asks for a BOS token but names none".to_string(),
+            ));
+        }
+        if add_eos && eos.is_none() {
+            return Err(Error::Tokenizer(
+                "the model asks for an EOS token but names none".to_string(),
+            ));
+        }
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                vocab,
+                model,
+                specials,
+                bos,
+                eos,
+                eog,
+                add_bos,
+                add_eos,
+                add_space_prefix,
+                clean_spaces,
+            }),
+        })
+    }
+
+    /// Token ids of `text`.
+    ///
+    /// `add_special` prepends BOS when the model's `add_bos_token` says so (and appends EOS if
+    /// `add_eos_token` does). With `parse_special`, special tokens written in the text (control
+    /// and user-defined, e.g. `<|im_start|>`, `<bos>`) become their ids; without it only
+    /// user-defined tokens do, and control-token text is tokenized as plain text.
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        let i = &*self.inner;
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        if add_special && i.add_bos {
+            out.extend(i.bos);
+        }
+
+        let fragments = i.specials.partition(text, parse_special);
+        match &i.model {
+            Model::Bpe(bpe) => {
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Token(id) => out.push(id),
+                        Fragment::Text(range) => bpe.encode(&i.vocab, &text[range], &mut out),
+                    }
+                }
+            }
+            Model::Spm => {
+                let mut escaped = String::new();
+                // A fragment at the start or after a special token gets the space prefix.
+                let mut after_special = true;
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Token(id) => {
+                            out.push(id);
+                            after_special = true;
+                        }
+                        Fragment::Text(range) => {
+                            escaped.clear();
+                            if i.add_space_prefix && after_special {
+                                escaped.push(spm::SPACE_MARK);
+                            }
+                            for c in text[range].chars() {
+                                escaped.push(if c == ' ' { spm::SPACE_MARK } else { c });
+                            }
+                            spm::encode(&i.vocab, &escaped, &mut out)?;
+                            after_special = false;
+                        }
+                    }
+                }
+            }
+        }
+
+        if add_special && i.add_eos {
+            out.extend(i.eos);
+        }
+        Ok(out)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.vocab.len()
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.inner.bos
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.inner.eos
+    }
+
+    /// Whether `encode(.., add_special = true, ..)` prepends BOS.
+    pub fn add_bos(&self) -> bool {
+        self.inner.add_bos
+    }
+
+    /// True for tokens that end generation: EOS, EOT, EOM, and tokens recognized by their text
+    /// such as `<|im_end|>`, `<end_of_turn>` and `<|endoftext|>`.
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.inner.eog.binary_search(&id).is_ok()
+    }
+
+    /// The ids of all end-of-generation tokens, ascending.
+    pub fn end_of_generation_ids(&self) -> &[u32] {
+        &self.inner.eog
+    }
+
+    /// The token whose text is exactly `text` (as stored in the vocabulary: `▁` for spaces in
+    /// SentencePiece vocabularies, the byte-level alphabet in BPE ones).
+    pub fn token_to_id(&self, text: &str) -> Option<u32> {
+        self.inner.vocab.id(text)
+    }
+
+    /// A token's text as stored in the vocabulary (e.g. `<bos>`, `<|im_end|>`, `▁Paris`).
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.inner.vocab.text(id)
+    }
+
+    /// The bytes a token contributes to output text: byte-level BPE decoded, `<0xNN>` tokens as
+    /// their byte, `▁` as a space. Control and unknown tokens contribute nothing unless
+    /// `render_special`, then their text; user-defined tokens always contribute their text.
+    pub fn token_bytes(&self, id: u32, render_special: bool) -> Result<Vec<u8>> {
+        let i = &*self.inner;
+        let text = i.vocab.text(id).ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "token id {id} is outside the vocabulary of {} tokens",
+                i.vocab.len()
+            ))
+        })?;
+        let a = i.vocab.attr(id);
+        let special = attr::UNKNOWN | attr::CONTROL;
+        if a & special != 0 && !render_special {
+            return Ok(Vec::new());
+        }
+        if a & (special | attr::USER_DEFINED) != 0 {
+            return Ok(text.as_bytes().to_vec());
+        }
+        if a & attr::NORMAL != 0 {
+            return Ok(match i.model {
+                Model::Spm => text.replace(spm::SPACE_MARK, " ").into_bytes(),
+                Model::Bpe(_) => decode_byte_level(text),
+            });
+        }
+        if a & attr::BYTE != 0 {
+            return byte_token_value(text).map(|b| vec![b]).ok_or_else(|| {
+                Error::Tokenizer(format!("byte token {id} has malformed text {text:?}"))
+            });
+        }
+        // Unused and undefined tokens render as nothing.
+        Ok(Vec::new())
+    }
+
+    /// The text of a token sequence. Control tokens (BOS, EOS, turn markers) contribute nothing.
+    /// When the model adds a space prefix, the first token's leading space is dropped, as the
+    /// encoder added it; the vocabularies that ask for it also get spaces before punctuation
+    /// removed. Invalid UTF-8 becomes U+FFFD, decided only on the whole text.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let i = &*self.inner;
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        for (n, &id) in ids.iter().enumerate() {
+            let piece = self.token_bytes(id, false)?;
+            let piece = match piece.split_first() {
+                Some((b' ', rest)) if n == 0 && i.add_space_prefix => rest,
+                _ => &piece[..],
+            };
+            bytes.extend_from_slice(piece);
+        }
+        if i.clean_spaces {
+            decoder::clean_spaces(&mut bytes);
+        }
+        Ok(match String::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
+    }
+
+    /// A decoder for streaming generated tokens as text.
+    pub fn stream_decoder(&self) -> StreamDecoder {
+        StreamDecoder::new()
+    }
+}
+
+/// Token roles named by the file (`None` where it names none).
+struct Roles {
+    eos: Option<u32>,
+    eot: Option<u32>,
+    eom: Option<u32>,
+    fim_pre: Option<u32>,
+    fim_suf: Option<u32>,
+    fim_mid: Option<u32>,
+    fim_pad: Option<u32>,
+    fim_rep: Option<u32>,
+    fim_sep: Option<u32>,
+}
+
+/// The sorted ids of the tokens that end generation. Roles the file leaves unnamed are
+/// recognized by token text, and tokens recognized that way become control tokens (so they are
+/// parsed as special and not rendered), as the reference does; where several tokens match one
+/// role, the lowest id takes it.
+fn end_of_generation(vocab: &mut Vocab, roles: Roles) -> Vec<u32> {
+    let Roles {
+        eos,
+        mut eot,
+        mut eom,
+        mut fim_pre,
+        mut fim_suf,
+        mut fim_mid,
+        mut fim_pad,
+        mut fim_rep,
+        mut fim_sep,
+    } = roles;
+    for (slot, texts) in [
+        (&mut eot, EOT_TEXTS),
+        (&mut eom, EOM_TEXTS),
+        (&mut fim_pre, FIM_PRE_TEXTS),
+        (&mut fim_suf, FIM_SUF_TEXTS),
+        (&mut fim_mid, FIM_MID_TEXTS),
+        (&mut fim_pad, FIM_PAD_TEXTS),
+        (&mut fim_rep, FIM_REP_TEXTS),
+        (&mut fim_sep, FIM_SEP_TEXTS),
+    ] {
+        if slot.is_none() {
+            *slot = vocab.find_any(texts);
+            if let Some(id) = *slot {
+                vocab.attrs[id as usize] |= attr::CONTROL;
+            }
+        }
+    }
+
+    let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
+    for text in EOG_TEXTS {
+        if let Some(id) = vocab.id(text) {
+            eog.push(id);
+            vocab.attrs[id as usize] |= attr::CONTROL;
+        }
+    }
+    for text in ALWAYS_RENDERED_TEXTS {
+        if let Some(id) = vocab.id(text) {
+            vocab.attrs[id as usize] = attr::USER_DEFINED;
+        }
+    }
+    eog.extend([eos, eot, eom].into_iter().flatten());
+    eog.sort_unstable();
+    eog.dedup();
+
+    // Vocabularies with explicit return/call tokens use `<|end|>` between messages, not at
+    // the end of generation.
+    let eog_has =
+        |eog: &[u32], vocab: &Vocab, text: &str| vocab.id(text).is_some_and(|id| eog.contains(&id));
+    if let Some(end) = vocab.id("<|end|>").filter(|id| eog.contains(id)) {
+        let calls = eog_has(&eog, vocab, "<|call|>") || eog_has(&eog, vocab, "<|calls|>");
+        let ends = eog_has(&eog, vocab, "<|return|>") || eog_has(&eog, vocab, "<|flush|>");
+        if calls && ends {
+            eog.retain(|&id| id != end);
+            vocab.attrs[end as usize] = attr::USER_DEFINED;
+        }
+    }
+    // Vocabularies with their own end-of-turn markers use `</s>` as ordinary text.
+    if let Some(s) = vocab.id("</s>").filter(|id| eog.contains(id)) {
+        if eog_has(&eog, vocab, "<|tool_response>") || eog_has(&eog, vocab, "<|plamo:eos|>") {
+            eog.retain(|&id| id != s);
+            vocab.attrs[s as usize] = attr::NORMAL;
+        }
+    }
+
+    eog
+}
+
+/// Reads token texts, scores and types.
+fn load_vocab(file: &GgufFile) -> Result<Vocab> {
+    let tokens = file.get_str_array(KEY_TOKENS)?;
+    let n = tokens.len();
+    let scores = match file.get(KEY_SCORES) {
+        Some(_) => file.get_f32_array(KEY_SCORES)?,
+        None => vec![0.0; n],
+    };
+    let attrs: Vec<u16> = match file.get(KEY_TOKEN_TYPE) {
+        Some(_) => file
+            .get_i64_array(KEY_TOKEN_TYPE)?
+            .into_iter()
+            .map(attr::from_gguf_type)
+            .collect(),
+        None => vec![attr::NORMAL; n],
+    };
+    for (key, len) in [(KEY_SCORES, scores.len()), (KEY_TOKEN_TYPE, attrs.len())] {
+        if len < n {
+            return Err(Error::Metadata {
+                key: key.to_string(),
+                problem: format!("{len} entries for {n} tokens"),
+            });
+        }
+    }
+
+    Vocab::new(&tokens, scores, attrs)
+}
+
+/// The pre-tokenizer of a byte-level BPE vocabulary and whether decoding cleans up spaces.
+fn bpe_pre_tokenizer(pre: &str) -> Result<(PreTokenizer, bool)> {
+    Ok(match pre {
+        "smollm" | "command-r" => (PreTokenizer::IsolatedDigitsGpt2, false),
+        "starcoder" | "refact" | "codeshell" => (PreTokenizer::IsolatedDigitsGpt2, true),
+        "gpt-2" | "phi-2" | "mpt" | "olmo" => (PreTokenizer::Gpt2, true),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "BPE pre-tokenizer `{other}` (supported: smollm, starcoder, refact, command-r, \
+                 codeshell, gpt-2, phi-2, mpt, olmo)"
+            )))
+        }
+    })
+}
+
+/// Decodes a token spelled in the byte-level alphabet. A character outside the alphabet (which
+/// a well-formed vocabulary never has) is kept visible as `[UNK_BYTE_0x..]`.
+fn decode_byte_level(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        match bpe::char_to_byte(c) {
+            Some(b) => out.push(b),
+            None => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(b"[UNK_BYTE_0x");
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.extend_from_slice(format!("{b:02x}").as_bytes());
+                }
+                out.extend_from_slice(text.as_bytes());
+                out.push(b']');
+            }
+        }
+    }
+    out
+}
+
+/// The byte of a `<0xNN>` token.
+fn byte_token_value(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizers_are_shareable_across_threads() {
+        fn shareable<T: Clone + Send + Sync + fmt::Debug>() {}
+        shareable::<Tokenizer>();
+        shareable::<StreamDecoder>();
+    }
+
+    #[test]
+    fn byte_tokens_parse() {
+        assert_eq!(byte_token_value("<0x0A>"), Some(b'\n'));
+        assert_eq!(byte_token_value("<0xff>"), Some(0xFF));
+        assert_eq!(byte_token_value("<0x1>"), None);
+        assert_eq!(byte_token_value("0x41"), None);
+    }
+
+    #[test]
+    fn byte_level_text_decodes() {
+        assert_eq!(decode_byte_level("ĠHello"), b" Hello");
+        assert_eq!(decode_byte_level("Ċ"), b"\n");
+        // "é" is two bytes, spelled as two characters of the alphabet.
+        let spelled: String = "é".bytes().map(bpe::byte_to_char).collect();
+        assert_eq!(decode_byte_level(&spelled), "é".as_bytes());
+        assert_eq!(decode_byte_level("日"), b"[UNK_BYTE_0xe697a5\xe6\x97\xa5]");
+    }
+}

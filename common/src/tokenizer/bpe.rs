@@ -1,0 +1,249 @@
+//! Byte-level BPE (the `gpt2` tokenizer model).
+//!
+//! Text is cut into words by the pre-tokenizer, each word's UTF-8 bytes are spelled with the
+//! byte-to-character alphabet (printable bytes stand for themselves, the rest map to U+0100 and
+//! up), and adjacent symbols are merged lowest-rank first, the leftmost pair winning ties. A
+//! final symbol that is not a token falls back to its single-byte tokens.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+
+use super::pretokenize::PreTokenizer;
+use super::Vocab;
+
+/// The character that spells `byte` in the byte-level alphabet.
+pub(crate) fn byte_to_char(byte: u8) -> char {
+    byte_alphabet().0[usize::from(byte)]
+}
+
+/// The byte a character of the byte-level alphabet spells, if it is one.
+pub(crate) fn char_to_byte(c: char) -> Option<u8> {
+    let code = u32::from(c);
+    byte_alphabet()
+        .1
+        .get(usize::try_from(code).ok()?)
+        .copied()
+        .flatten()
+}
+
+type ByteAlphabet = ([char; 256], [Option<u8>; 0x144]);
+
+fn byte_alphabet() -> &'static ByteAlphabet {
+    static ALPHABET: std::sync::OnceLock<ByteAlphabet> = std::sync::OnceLock::new();
+    ALPHABET.get_or_init(|| {
+        let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let mut to_char = ['\0'; 256];
+        let mut to_byte = [None; 0x144];
+        let mut next_unprintable = 0x100u32;
+        for byte in 0..=255u8 {
+            let code = if printable(byte) {
+                u32::from(byte)
+            } else {
+                next_unprintable += 1;
+                next_unprintable - 1
+            };
+            // Every code here is below 0x144, a valid scalar value.
+            let c = char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER);
+            to_char[usize::from(byte)] = c;
+            to_byte[code as usize] = Some(byte);
+        }
+        (to_char, to_byte)
+    })
+}
+
+/// The merge table and word splitting of a byte-level BPE vocabulary.
+#[derive(Debug)]
+pub(crate) struct Bpe {
+    /// `"left right"` (the merge's own spelling) to its rank; lower ranks merge first. The
+    /// byte-level alphabet has no space, so the first space always separates the two sides.
+    ranks: HashMap<String, u32>,
+    pre: PreTokenizer,
+}
+
+impl Bpe {
+    pub(crate) fn new(merges: &[&str], pre: PreTokenizer) -> Self {
+        let mut ranks = HashMap::with_capacity(merges.len());
+        for (rank, merge) in merges.iter().enumerate() {
+            // Lookups spell the key as `left + " " + right` with space-free sides, so an entry
+            // without a separating space simply never matches. The first of duplicates wins.
+            let rank = u32::try_from(rank).unwrap_or(u32::MAX);
+            ranks.entry((*merge).to_string()).or_insert(rank);
+        }
+        Self { ranks, pre }
+    }
+
+    pub(crate) fn encode(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
+        let mut session = Session::default();
+        let mut spelled = String::new();
+        for word in self.pre.split(text) {
+            spelled.clear();
+            spelled.extend(word.bytes().map(byte_to_char));
+            session.merge(self, &spelled);
+            for (start, len) in session.pieces() {
+                let piece = &spelled[start..start + len];
+                match vocab.id(piece) {
+                    Some(id) => out.push(id),
+                    None => {
+                        // Only single bytes of the spelled piece can be tokens here.
+                        for i in 0..piece.len() {
+                            if let Some(id) = piece.get(i..i + 1).and_then(|b| vocab.id(b)) {
+                                out.push(id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn rank(&self, key: &mut String, left: &str, right: &str) -> Option<u32> {
+        key.clear();
+        key.push_str(left);
+        key.push(' ');
+        key.push_str(right);
+        self.ranks.get(key.as_str()).copied()
+    }
+}
+
+/// One symbol of a word being merged: a byte range of the spelled word, linked to its live
+/// neighbours. A symbol merged into its left neighbour has `len == 0`.
+#[derive(Debug, Clone, Copy)]
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Candidate {
+    rank: u32,
+    left: usize,
+    right: usize,
+    /// Bytes of the merged pair when queued; a mismatch later means either side has changed.
+    len: usize,
+}
+
+impl Ord for Candidate {
+    /// The max-heap yields the lowest rank first, then the leftmost pair.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .rank
+            .cmp(&self.rank)
+            .then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Buffers reused across the words of one text.
+#[derive(Default)]
+struct Session {
+    symbols: Vec<Symbol>,
+    queue: BinaryHeap<Candidate>,
+    key: String,
+}
+
+impl Session {
+    fn merge(&mut self, bpe: &Bpe, word: &str) {
+        self.symbols.clear();
+        self.queue.clear();
+        let count = word.chars().count();
+        for (i, (start, c)) in word.char_indices().enumerate() {
+            self.symbols.push(Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: (i + 1 < count).then_some(i + 1),
+            });
+        }
+        for i in 1..self.symbols.len() {
+            self.queue_pair(bpe, word, i - 1, i);
+        }
+
+        while let Some(top) = self.queue.pop() {
+            let (left, right) = (self.symbols[top.left], self.symbols[top.right]);
+            if left.len == 0 || right.len == 0 || left.len + right.len != top.len {
+                continue;
+            }
+            self.symbols[top.left].len += right.len;
+            self.symbols[top.left].next = right.next;
+            self.symbols[top.right].len = 0;
+            if let Some(next) = right.next {
+                self.symbols[next].prev = Some(top.left);
+            }
+            if let Some(prev) = left.prev {
+                self.queue_pair(bpe, word, prev, top.left);
+            }
+            if let Some(next) = right.next {
+                self.queue_pair(bpe, word, top.left, next);
+            }
+        }
+    }
+
+    fn queue_pair(&mut self, bpe: &Bpe, word: &str, left: usize, right: usize) {
+        let (l, r) = (self.symbols[left], self.symbols[right]);
+        let left_text = &word[l.start..l.start + l.len];
+        let right_text = &word[r.start..r.start + r.len];
+        if let Some(rank) = bpe.rank(&mut self.key, left_text, right_text) {
+            self.queue.push(Candidate {
+                rank,
+                left,
+                right,
+                len: l.len + r.len,
+            });
+        }
+    }
+
+    /// The surviving symbols in text order, as byte ranges of the word.
+    fn pieces(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.symbols
+            .iter()
+            .filter(|s| s.len > 0)
+            .map(|s| (s.start, s.len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alphabet_round_trips() {
+        let mut seen = std::collections::HashSet::new();
+        for byte in 0..=255u8 {
+            let c = byte_to_char(byte);
+            assert!(seen.insert(c), "{c:?} spells two bytes");
+            assert_eq!(char_to_byte(c), Some(byte));
+        }
+        assert_eq!(byte_to_char(b'A'), 'A');
+        assert_eq!(byte_to_char(b' '), 'Ġ');
+        assert_eq!(byte_to_char(b'\n'), 'Ċ');
+        assert_eq!(byte_to_char(0), '\u{100}');
+        assert_eq!(byte_to_char(0xAD), '\u{143}');
+        assert_eq!(char_to_byte('\u{144}'), None);
+        assert_eq!(char_to_byte('日'), None);
+    }
+
+    #[test]
+    fn merges_lowest_rank_first() {
+        let bpe = Bpe::new(&["b c", "a b", "a bc"], PreTokenizer::Gpt2);
+        let mut session = Session::default();
+        session.merge(&bpe, "abcab");
+        let pieces: Vec<_> = session.pieces().map(|(s, l)| &"abcab"[s..s + l]).collect();
+        assert_eq!(pieces, ["abc", "ab"]);
+    }
+
+    #[test]
+    fn ties_go_to_the_leftmost_pair() {
+        let bpe = Bpe::new(&["a a"], PreTokenizer::Gpt2);
+        let mut session = Session::default();
+        session.merge(&bpe, "aaa");
+        let pieces: Vec<_> = session.pieces().map(|(s, l)| &"aaa"[s..s + l]).collect();
+        assert_eq!(pieces, ["aa", "a"]);
+    }
+}
