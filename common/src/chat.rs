@@ -21,6 +21,10 @@ use crate::gguf::GgufFile;
 
 pub const KEY_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 pub const KEY_ARCHITECTURE: &str = "general.architecture";
+/// The system message Realm's chat mode sends when the caller gives none. Some templates insert a
+/// long default of their own when there is no system message, which derails small models (SmolLM2
+/// answers "What is the capital of France?" with nonsense under its template's default).
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
 const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
 
 const TEMPLATE_NAME: &str = "chat";

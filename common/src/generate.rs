@@ -75,7 +75,12 @@ pub struct Decoding {
 
 impl Decoding {
     /// Validates the request against the context window and sets up the sampler.
-    pub fn new(tokenizer: &Tokenizer, prompt: Vec<u32>, params: &GenerationParams, context_length: usize) -> Result<Self> {
+    pub fn new(
+        tokenizer: &Tokenizer,
+        prompt: Vec<u32>,
+        params: &GenerationParams,
+        context_length: usize,
+    ) -> Result<Self> {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("the prompt is empty".to_string()));
         }
@@ -86,7 +91,9 @@ impl Decoding {
             });
         }
         if params.max_tokens == 0 {
-            return Err(Error::InvalidArgument("max_tokens must be at least 1".to_string()));
+            return Err(Error::InvalidArgument(
+                "max_tokens must be at least 1".to_string(),
+            ));
         }
         Ok(Self {
             sampler: Sampler::new(params.sampling.clone())?,
@@ -129,14 +136,19 @@ impl Decoding {
             });
         }
         let mut text = outcome.text;
-        let full = self.generated().len() >= self.max_tokens || self.history.len() >= self.context_length;
+        let full =
+            self.generated().len() >= self.max_tokens || self.history.len() >= self.context_length;
         let finish = if full {
             text.push_str(&self.flush());
             Some(FinishReason::Length)
         } else {
             None
         };
-        Ok(Step { token, text, finish })
+        Ok(Step {
+            token,
+            text,
+            finish,
+        })
     }
 
     /// Releases text held back for a possible stop string or an unfinished character.
@@ -162,7 +174,10 @@ pub struct Usage {
 impl Usage {
     /// Decode speed: tokens after the first over the time after the first.
     pub fn decode_tokens_per_second(&self) -> f64 {
-        let decode = self.total.saturating_sub(self.time_to_first_token).as_secs_f64();
+        let decode = self
+            .total
+            .saturating_sub(self.time_to_first_token)
+            .as_secs_f64();
         if self.generated_tokens < 2 || decode <= 0.0 {
             return 0.0;
         }

@@ -55,7 +55,12 @@ fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
 /// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`: the horizontal-sum order of an 8-lane register.
 #[inline(always)]
 fn hsum(acc: [f32; LANES]) -> f32 {
-    let r = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    let r = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
@@ -169,7 +174,8 @@ impl QMatrix {
             .enumerate()
             .for_each(|(task, chunk)| {
                 let first = task * ROWS_PER_TASK;
-                let rows = &self.data[first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
+                let rows =
+                    &self.data[first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
                 dot_rows(self.dtype, rows, self.row_bytes, &acts, chunk);
             });
         for r in 0..self.rows {
@@ -181,27 +187,17 @@ impl QMatrix {
 }
 
 /// Dots every row of `rows` with every activation row: `out[r * n + t]`.
-fn dot_rows(dtype: GgmlType, rows: &[u8], row_bytes: usize, acts: &[Vec<ActBlock>], out: &mut [f32]) {
+fn dot_rows(
+    dtype: GgmlType,
+    rows: &[u8],
+    row_bytes: usize,
+    acts: &[Vec<ActBlock>],
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        unsafe {
-            return dot_rows_avx2(dtype, rows, row_bytes, acts, out);
-        }
+    if simd::available() {
+        return simd::dot_rows(dtype, rows, row_bytes, acts, out);
     }
-    dot_rows_generic(dtype, rows, row_bytes, acts, out)
-}
-
-/// The same loops compiled for AVX2 + FMA, so `mul_add` is one instruction and lanes vectorize.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_rows_avx2(dtype: GgmlType, rows: &[u8], row_bytes: usize, acts: &[Vec<ActBlock>], out: &mut [f32]) {
-    dot_rows_generic(dtype, rows, row_bytes, acts, out)
-}
-
-#[inline(always)]
-fn dot_rows_generic(dtype: GgmlType, rows: &[u8], row_bytes: usize, acts: &[Vec<ActBlock>], out: &mut [f32]) {
     let n = acts.len();
     for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
         for (y, act) in ys.iter_mut().zip(acts) {
@@ -209,6 +205,104 @@ fn dot_rows_generic(dtype: GgmlType, rows: &[u8], row_bytes: usize, acts: &[Vec<
                 GgmlType::Q4_1 => dot_q4_1(row, act),
                 _ => dot_q8_0(row, act),
             };
+        }
+    }
+}
+
+/// AVX2 versions of the block dot products: the same lane grouping and accumulation order as the
+/// portable code, one instruction per step.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::{hsum, ActBlock, LANES};
+    use crate::quant::GgmlType;
+
+    pub fn available() -> bool {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+
+    /// The f16 at `block[at..at + 2]`, converted in one instruction.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn f16_at(block: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([block[at], block[at + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    pub fn dot_rows(
+        dtype: GgmlType,
+        rows: &[u8],
+        row_bytes: usize,
+        acts: &[Vec<ActBlock>],
+        out: &mut [f32],
+    ) {
+        // SAFETY: `available()` checked AVX2, FMA and F16C on this CPU before dispatching here.
+        unsafe { dot_rows_avx2(dtype, rows, row_bytes, acts, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_rows_avx2(
+        dtype: GgmlType,
+        rows: &[u8],
+        row_bytes: usize,
+        acts: &[Vec<ActBlock>],
+        out: &mut [f32],
+    ) {
+        let n = acts.len();
+        let mut acc = vec![_mm256_setzero_ps(); n];
+        let mut summs = vec![0.0f32; n];
+        let ones = _mm256_set1_epi16(1);
+        let low_nibbles = _mm_set1_epi8(0x0F);
+        let block_bytes = dtype.type_size();
+        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            acc.fill(_mm256_setzero_ps());
+            summs.fill(0.0);
+            for (b, block) in row.chunks_exact(block_bytes).enumerate() {
+                let d = f16_at(block, 0);
+                match dtype {
+                    GgmlType::Q4_1 => {
+                        let m = f16_at(block, 2);
+                        // SAFETY: a Q4_1 block is 20 bytes; bytes 4..20 are its 16 nibble bytes.
+                        let packed = unsafe { _mm_loadu_si128(block[4..20].as_ptr().cast()) };
+                        let lo = _mm_and_si128(packed, low_nibbles);
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), low_nibbles);
+                        let qx = _mm256_set_m128i(hi, lo);
+                        for t in 0..n {
+                            let a = &acts[t][b];
+                            // SAFETY: `a.qs` is 32 bytes.
+                            let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
+                            let dd = _mm256_set1_ps(d * a.d);
+                            acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sums), acc[t]);
+                            summs[t] += m * a.s;
+                        }
+                    }
+                    _ => {
+                        // SAFETY: a Q8_0 block is 34 bytes; bytes 2..34 are its 32 quants.
+                        let qx = unsafe { _mm256_loadu_si256(block[2..34].as_ptr().cast()) };
+                        let ax = _mm256_sign_epi8(qx, qx);
+                        for t in 0..n {
+                            let a = &acts[t][b];
+                            // SAFETY: `a.qs` is 32 bytes.
+                            let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+                            let sy = _mm256_sign_epi8(qy, qx);
+                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                            let dd = _mm256_set1_ps(d * a.d);
+                            acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sums), acc[t]);
+                        }
+                    }
+                }
+            }
+            for ((y, acc), summs) in ys.iter_mut().zip(&acc).zip(&summs) {
+                let mut lanes = [0.0f32; LANES];
+                // SAFETY: `lanes` holds 8 f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
+                *y = hsum(lanes) + summs;
+            }
         }
     }
 }

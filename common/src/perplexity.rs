@@ -33,7 +33,9 @@ pub fn perplexity(
     mut on_chunk: impl FnMut(usize, f64),
 ) -> Result<PerplexityReport> {
     if ctx < 4 {
-        return Err(Error::InvalidArgument(format!("context of {ctx} tokens is too small to score")));
+        return Err(Error::InvalidArgument(format!(
+            "context of {ctx} tokens is too small to score"
+        )));
     }
     model.config.check_fits(0, ctx)?;
     let chunks = tokens.len() / ctx;
@@ -84,7 +86,12 @@ fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f64>>> {
         .into_iter()
         .map(|row| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let log_sum = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+            let log_sum = row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
             row.into_iter().map(|x| x as f64 - log_sum).collect()
         })
         .collect())

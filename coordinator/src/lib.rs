@@ -40,14 +40,19 @@ impl LocalModel {
         let file = open_model_file(path)?;
         let tokenizer = Tokenizer::from_gguf(&file).context("cannot build the tokenizer")?;
         let model = Model::load(&file, &Device::Cpu).context("cannot load the model weights")?;
-        Ok(Self { file, model, tokenizer })
+        Ok(Self {
+            file,
+            model,
+            tokenizer,
+        })
     }
 
-    /// Turns a prompt into token ids: as raw text, or rendered through the chat template.
-    pub fn prompt_tokens(&self, prompt: &str, chat: bool) -> anyhow::Result<Vec<u32>> {
-        if !chat {
+    /// Turns a prompt into token ids: as raw text, or (with `chat`) as a user message after an
+    /// optional system message, rendered through the model's chat template.
+    pub fn prompt_tokens(&self, prompt: &str, chat: Option<&str>) -> anyhow::Result<Vec<u32>> {
+        let Some(system) = chat else {
             return Ok(self.tokenizer.encode(prompt, true, true)?);
-        }
+        };
         let text_of = |id: Option<u32>| {
             id.and_then(|id| self.tokenizer.token_text(id))
                 .unwrap_or_default()
@@ -58,16 +63,22 @@ impl LocalModel {
             &text_of(self.tokenizer.bos_id()),
             &text_of(self.tokenizer.eos_id()),
         )?;
-        let rendered = template.render(&[ChatMessage::user(prompt)], true)?;
+        let mut messages = Vec::new();
+        if !system.is_empty() {
+            messages.push(ChatMessage::system(system));
+        }
+        messages.push(ChatMessage::user(prompt));
+        let rendered = template.render(&messages, true)?;
         let add_special = !template.starts_with_bos(&rendered);
         Ok(self.tokenizer.encode(&rendered, add_special, true)?)
     }
 
-    /// Generates, writing text to `out` as it becomes final.
+    /// Generates, writing text to `out` as it becomes final. `chat` is the system message of a
+    /// chat (empty for none), or `None` for a raw prompt.
     pub fn complete(
         &self,
         prompt: &str,
-        chat: bool,
+        chat: Option<&str>,
         params: &GenerationParams,
         out: &mut impl Write,
     ) -> anyhow::Result<Completion> {
@@ -87,10 +98,20 @@ impl LocalModel {
     }
 
     /// Perplexity of the text in `path` over chunks of `ctx` tokens.
-    pub fn perplexity(&self, path: &PathBuf, ctx: usize, on_chunk: impl FnMut(usize, f64)) -> anyhow::Result<PerplexityReport> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    pub fn perplexity(
+        &self,
+        path: &PathBuf,
+        ctx: usize,
+        on_chunk: impl FnMut(usize, f64),
+    ) -> anyhow::Result<PerplexityReport> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let tokens = self.tokenizer.encode(&text, true, false)?;
-        let bos = if self.tokenizer.add_bos() { self.tokenizer.bos_id() } else { None };
+        let bos = if self.tokenizer.add_bos() {
+            self.tokenizer.bos_id()
+        } else {
+            None
+        };
         Ok(perplexity(&self.model, &tokens, ctx, bos, on_chunk)?)
     }
 }

@@ -5,12 +5,17 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::sampling::SamplingParams;
 use realm_coordinator::{LocalModel, DEFAULT_MODEL};
 
 #[derive(Parser)]
-#[command(name = "realm-coordinator", version, about = "Realm: distributed LLM inference over GGUF models")]
+#[command(
+    name = "realm-coordinator",
+    version,
+    about = "Realm: distributed LLM inference over GGUF models"
+)]
 struct Cli {
     /// Worker threads for the math (default: all cores).
     #[arg(long, global = true, env = "REALM_THREADS")]
@@ -46,6 +51,9 @@ struct RunArgs {
     /// Render the prompt as a user message through the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// System message for --chat; an empty string sends none (the template's own default applies).
+    #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT)]
+    system: String,
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
     max_tokens: usize,
@@ -106,7 +114,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REALM_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("REALM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -137,7 +146,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         stop: args.stop,
     };
     let mut stdout = std::io::stdout().lock();
-    let completion = model.complete(&args.prompt, args.chat, &params, &mut stdout)?;
+    let chat = args.chat.then_some(args.system.as_str());
+    let completion = model.complete(&args.prompt, chat, &params, &mut stdout)?;
     writeln!(stdout).context("cannot write the completion")?;
     let u = &completion.usage;
     eprintln!(
@@ -157,7 +167,8 @@ fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
     let tokenizer = realm_common::tokenizer::Tokenizer::from_gguf(&file)?;
     let text = match (args.text, args.file) {
         (Some(text), _) => text,
-        (None, Some(path)) => std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
         (None, None) => anyhow::bail!("give --text or --file"),
     };
     let ids = tokenizer.encode(&text, !args.no_bos, !args.no_parse_special)?;

@@ -53,7 +53,9 @@ pub fn binary(name: &str) -> PathBuf {
     if !path.exists() {
         let release = dir.file_name().is_some_and(|p| p == "release");
         let mut cargo = std::process::Command::new(env!("CARGO"));
-        cargo.args(["build", "--bin", name]).current_dir(repo_root());
+        cargo
+            .args(["build", "--bin", name])
+            .current_dir(repo_root());
         if release {
             cargo.arg("--release");
         }

@@ -24,16 +24,33 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn run_streams_only_the_completion_on_the_default_model() {
     model_path(SMOLLM2);
-    let o = coordinator(&["run", "--prompt", "The capital of France is", "--max-tokens", "6"]);
+    let o = coordinator(&[
+        "run",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), " Paris.\n\nThe United\n");
-    assert!(stderr(&o).contains("decode"), "usage line on stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("decode"),
+        "usage line on stderr: {}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn run_chat_answers_paris() {
     model_path(SMOLLM2);
-    let o = coordinator(&["run", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "24"]);
+    let o = coordinator(&[
+        "run",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
 }
@@ -41,8 +58,17 @@ fn run_chat_answers_paris() {
 #[test]
 fn tokenize_prints_reference_ids() {
     let gemma = model_path(GEMMA3);
-    let text = fixture("tokenizer.json")["texts"]["t1"].as_str().unwrap().to_string();
-    let o = coordinator(&["tokenize", "--model", gemma.to_str().unwrap(), "--text", &text]);
+    let text = fixture("tokenizer.json")["texts"]["t1"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = coordinator(&[
+        "tokenize",
+        "--model",
+        gemma.to_str().unwrap(),
+        "--text",
+        &text,
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ids: Vec<u32> = serde_json::from_str(stdout(&o).trim()).expect("a JSON array");
     assert_eq!(ids, reference_ids("gemma3", "t1"));
@@ -51,11 +77,21 @@ fn tokenize_prints_reference_ids() {
 #[test]
 fn perplexity_prints_ppl_last() {
     model_path(SMOLLM2);
-    let o = coordinator(&["perplexity", "--file", "tests/fixtures/ppl.txt", "--ctx", "128"]);
+    let o = coordinator(&[
+        "perplexity",
+        "--file",
+        "tests/fixtures/ppl.txt",
+        "--ctx",
+        "128",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     let last = out.lines().last().unwrap_or_default();
-    let ppl: f64 = last.strip_prefix("PPL = ").expect("PPL line last").parse().unwrap();
+    let ppl: f64 = last
+        .strip_prefix("PPL = ")
+        .expect("PPL line last")
+        .parse()
+        .unwrap();
     assert!((ppl - 6.9082).abs() / 6.9082 < 0.01, "{ppl}");
 }
 
@@ -63,7 +99,13 @@ fn perplexity_prints_ppl_last() {
 fn bad_model_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.gguf");
-    let o = coordinator(&["run", "--model", missing.to_str().unwrap(), "--prompt", "hi"]);
+    let o = coordinator(&[
+        "run",
+        "--model",
+        missing.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("fetch-models.sh"), "{}", stderr(&o));
 
@@ -71,10 +113,19 @@ fn bad_model_files_are_clear_errors() {
     let bytes = std::fs::read(model_path(SMOLLM2)).unwrap();
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let o = coordinator(&["run", "--model", truncated.to_str().unwrap(), "--prompt", "hi"]);
+    let o = coordinator(&[
+        "run",
+        "--model",
+        truncated.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("malformed GGUF") && err.contains("past the end"), "{err}");
+    assert!(
+        err.contains("malformed GGUF") && err.contains("past the end"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -84,5 +135,9 @@ fn prompt_longer_than_context_is_refused() {
     let long = "hello ".repeat(9000);
     let o = coordinator(&["run", "--prompt", &long]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("context window of 8192"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("context window of 8192"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -3,7 +3,7 @@
 use std::sync::OnceLock;
 
 use candle_core::Device;
-use realm_common::chat::{ChatMessage, ChatTemplate};
+use realm_common::chat::{ChatMessage, ChatTemplate, DEFAULT_SYSTEM_PROMPT};
 use realm_common::generate::{generate, FinishReason, GenerationParams};
 use realm_common::gguf::GgufFile;
 use realm_common::model::Model;
@@ -23,7 +23,11 @@ fn load(name: &str) -> Loaded {
     let file = GgufFile::open(model_path(name)).expect("open model");
     let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
     let model = Model::load(&file, &Device::Cpu).expect("load model");
-    Loaded { file, model, tokenizer }
+    Loaded {
+        file,
+        model,
+        tokenizer,
+    }
 }
 
 fn smollm2() -> &'static Loaded {
@@ -47,12 +51,26 @@ fn greedy(m: &Loaded, prompt: Vec<u32>, max_tokens: usize) -> (Vec<u32>, String)
 }
 
 fn chat_prompt(m: &Loaded, question: &str) -> Vec<u32> {
-    let text = |id: Option<u32>| id.and_then(|i| m.tokenizer.token_text(i)).unwrap_or_default().to_string();
-    let template = ChatTemplate::from_gguf(&m.file, &text(m.tokenizer.bos_id()), &text(m.tokenizer.eos_id()))
-        .expect("chat template");
-    let rendered = template.render(&[ChatMessage::user(question)], true).expect("render");
+    let text = |id: Option<u32>| {
+        id.and_then(|i| m.tokenizer.token_text(i))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let template = ChatTemplate::from_gguf(
+        &m.file,
+        &text(m.tokenizer.bos_id()),
+        &text(m.tokenizer.eos_id()),
+    )
+    .expect("chat template");
+    let messages = [
+        ChatMessage::system(DEFAULT_SYSTEM_PROMPT),
+        ChatMessage::user(question),
+    ];
+    let rendered = template.render(&messages, true).expect("render");
     let add_special = !template.starts_with_bos(&rendered);
-    m.tokenizer.encode(&rendered, add_special, true).expect("encode")
+    m.tokenizer
+        .encode(&rendered, add_special, true)
+        .expect("encode")
 }
 
 #[test]
@@ -69,7 +87,10 @@ fn smollm2_greedy_equals_reference_for_every_prompt() {
 #[test]
 fn smollm2_answers_paris_raw_and_chat() {
     let m = smollm2();
-    let raw = m.tokenizer.encode("The capital of France is", true, true).unwrap();
+    let raw = m
+        .tokenizer
+        .encode("The capital of France is", true, true)
+        .unwrap();
     let (_, text) = greedy(m, raw, 8);
     assert!(text.contains("Paris"), "raw completion: {text:?}");
 
@@ -84,7 +105,10 @@ fn smollm2_answers_paris_raw_and_chat() {
 #[test]
 fn gemma3_answers_paris() {
     let m = gemma3();
-    let prompt = m.tokenizer.encode("Q: What is the capital of France?\nA:", true, true).unwrap();
+    let prompt = m
+        .tokenizer
+        .encode("Q: What is the capital of France?\nA:", true, true)
+        .unwrap();
     let (_, text) = greedy(m, prompt, 12);
     assert!(text.contains("Paris"), "completion: {text:?}");
 }
@@ -121,11 +145,19 @@ fn gemma3_top1_agrees_with_reference() {
 fn check_perplexity(m: &Loaded, reference: f64) {
     let text = std::fs::read_to_string(repo_root().join("tests/fixtures/ppl.txt")).unwrap();
     let tokens = m.tokenizer.encode(&text, true, false).unwrap();
-    let bos = if m.tokenizer.add_bos() { m.tokenizer.bos_id() } else { None };
+    let bos = if m.tokenizer.add_bos() {
+        m.tokenizer.bos_id()
+    } else {
+        None
+    };
     let report = perplexity(&m.model, &tokens, 128, bos, |_, _| {}).unwrap();
     let ppl = report.perplexity();
     let off = (ppl - reference).abs() / reference;
-    assert!(off < 0.01, "PPL {ppl:.4} is {:.2}% from the reference {reference}", off * 100.0);
+    assert!(
+        off < 0.01,
+        "PPL {ppl:.4} is {:.2}% from the reference {reference}",
+        off * 100.0
+    );
 }
 
 #[test]
@@ -143,15 +175,28 @@ fn prompt_longer_than_context_is_an_error() {
     let m = smollm2();
     let context = m.model.config.context_length;
     let prompt = vec![m.tokenizer.encode("hello", false, false).unwrap()[0]; context + 1];
-    let err = generate(&m.model, &m.tokenizer, prompt, &GenerationParams::default(), |_| {}).unwrap_err();
-    assert!(matches!(err, Error::ContextOverflow { tokens, .. } if tokens == context + 1), "{err}");
+    let err = generate(
+        &m.model,
+        &m.tokenizer,
+        prompt,
+        &GenerationParams::default(),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::ContextOverflow { tokens, .. } if tokens == context + 1),
+        "{err}"
+    );
     assert!(err.to_string().contains("context window"), "{err}");
 }
 
 #[test]
 fn generation_stops_at_max_tokens_and_stop_strings() {
     let m = smollm2();
-    let prompt = m.tokenizer.encode("The capital of France is", true, true).unwrap();
+    let prompt = m
+        .tokenizer
+        .encode("The capital of France is", true, true)
+        .unwrap();
     let params = GenerationParams {
         max_tokens: 3,
         ..GenerationParams::default()
@@ -166,7 +211,10 @@ fn generation_stops_at_max_tokens_and_stop_strings() {
         ..GenerationParams::default()
     };
     let mut streamed = String::new();
-    let c = generate(&m.model, &m.tokenizer, prompt, &params, |t| streamed.push_str(t)).unwrap();
+    let c = generate(&m.model, &m.tokenizer, prompt, &params, |t| {
+        streamed.push_str(t)
+    })
+    .unwrap();
     assert_eq!((c.text.as_str(), c.finish), (" Paris", FinishReason::Stop));
     assert_eq!(streamed, c.text);
 }

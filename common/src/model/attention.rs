@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -69,11 +70,13 @@ impl Rope {
 /// `position + i` and sees cached positions `j <= position + i`, and with a `window` only those
 /// with `position + i - j < window`. Returns `[n, n_heads * head_dim]`.
 ///
-/// One pass per query with an online softmax: the query is rounded to f16 like the keys, scores
-/// accumulate in f32, and the weighted sum of values accumulates in f16, rescaled whenever a
-/// new maximum score appears. This is the numerics of the fused attention kernels other GGUF
-/// engines run on CPU by default, which keeps greedy output identical to theirs where
-/// candidates nearly tie.
+/// One pass per query with an online softmax, rescaled whenever a new maximum score appears.
+/// Small batches (decode) round the query to f16 like the keys and accumulate the weighted
+/// values in f16; batches of [`WIDE_BATCH`] tokens or more (long prefills) keep both in f32.
+/// This is the numerics of the fused attention kernels other GGUF engines run on CPU by default,
+/// which keeps greedy output and perplexity identical to theirs where candidates nearly tie.
+pub(crate) const WIDE_BATCH: usize = 64;
+
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -90,61 +93,78 @@ pub(crate) fn attend(
     let position_major = |t: &Tensor| -> Result<Vec<f32>> {
         Ok(t.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?)
     };
-    kv.append(n_kv_heads * head_dim, &position_major(k)?, &position_major(v)?);
+    kv.append(
+        n_kv_heads * head_dim,
+        &position_major(k)?,
+        &position_major(v)?,
+    );
     let device = q.device().clone();
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let scale = scale as f32;
+    let narrow = n < WIDE_BATCH;
 
     let mut out = vec![0.0f32; n * n_heads * head_dim];
     // One task per (token, head): each writes its own `head_dim` slice of `out`.
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(task, out)| {
-        let (i, h) = (task / n_heads, task % n_heads);
-        let p = position + i;
-        let kv_head = h / group;
-        let query: Vec<f32> = q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim]
-            .iter()
-            .map(|&x| f16::from_f32(x).to_f32())
-            .collect();
-        let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-        let mut max = f32::NEG_INFINITY;
-        let mut sum = 0.0f32;
-        let mut acc = vec![f16::ZERO; head_dim];
-        for j in first..=p {
-            let key = kv.key(j, kv_head, head_dim);
-            let s = query.iter().zip(key).map(|(&a, &b)| a * b.to_f32()).sum::<f32>() * scale;
-            let (rescale, weight) = if s > max {
-                let old = max;
-                max = s;
-                ((old - max).exp(), 1.0)
-            } else {
-                (1.0, (s - max).exp())
-            };
-            if rescale != 1.0 {
-                for a in acc.iter_mut() {
-                    *a = f16::from_f32(a.to_f32() * rescale);
+    out.par_chunks_mut(head_dim)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let (i, h) = (task / n_heads, task % n_heads);
+            let p = position + i;
+            let kv_head = h / group;
+            let mut query = q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim].to_vec();
+            let mut acc16 = vec![f16::ZERO; head_dim];
+            if narrow {
+                acc16.convert_from_f32_slice(&query);
+                acc16.convert_to_f32_slice(&mut query);
+            }
+            let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let mut max = f32::NEG_INFINITY;
+            let mut sum = 0.0f32;
+            // Held widened; in a narrow batch every value in it is exactly an f16.
+            let mut acc = vec![0.0f32; head_dim];
+            let mut row = vec![0.0f32; head_dim];
+            for j in first..=p {
+                kv.key(j, kv_head, head_dim).convert_to_f32_slice(&mut row);
+                let s = query.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale;
+                let (rescale, weight) = if s > max {
+                    let old = max;
+                    max = s;
+                    ((old - max).exp(), 1.0)
+                } else {
+                    (1.0, (s - max).exp())
+                };
+                kv.value(j, kv_head, head_dim)
+                    .convert_to_f32_slice(&mut row);
+                for (a, &x) in acc.iter_mut().zip(&row) {
+                    *a = x * weight + *a * rescale;
                 }
+                if narrow {
+                    acc16.convert_from_f32_slice(&acc);
+                    acc16.convert_to_f32_slice(&mut acc);
+                }
+                sum = sum * rescale + weight;
             }
-            for (a, &x) in acc.iter_mut().zip(kv.value(j, kv_head, head_dim)) {
-                *a = f16::from_f32(x.to_f32() * weight + a.to_f32());
+            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = a * inv;
             }
-            sum = sum * rescale + weight;
-        }
-        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-        for (o, a) in out.iter_mut().zip(&acc) {
-            *o = a.to_f32() * inv;
-        }
-    });
+        });
     Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
 }
 
 /// RMS-normalizes each `head_dim` row of `x` (`[n, heads, head_dim]`).
 pub(crate) fn rms_norm_heads(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?)
+    Ok(candle_nn::ops::rms_norm(
+        &x.contiguous()?,
+        weight,
+        eps as f32,
+    )?)
 }
 
 /// `[n, heads * head_dim]` → `[heads, n, head_dim]`, contiguous.
 pub(crate) fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let n = x.dim(0)?;
-    Ok(x.reshape((n, heads, head_dim))?.transpose(0, 1)?.contiguous()?)
+    Ok(x.reshape((n, heads, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()?)
 }
-

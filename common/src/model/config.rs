@@ -70,7 +70,12 @@ impl ModelConfig {
             Some(_) => file.get_usize(&key("attention.head_count_kv"))?,
             None => n_heads,
         };
-        if n_layers == 0 || d_model == 0 || n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        if n_layers == 0
+            || d_model == 0
+            || n_heads == 0
+            || n_kv_heads == 0
+            || n_heads % n_kv_heads != 0
+        {
             return Err(Error::Unsupported(format!(
                 "inconsistent shape: {n_layers} layers, d_model {d_model}, {n_heads} heads, {n_kv_heads} KV heads"
             )));
@@ -80,7 +85,9 @@ impl ModelConfig {
             None => d_model / n_heads,
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(Error::Unsupported(format!("head dimension {head_dim} must be even")));
+            return Err(Error::Unsupported(format!(
+                "head dimension {head_dim} must be even"
+            )));
         }
         let context_length = file.get_usize(&key("context_length"))?;
         let optional_f32 = |k: &str, default: f32| -> Result<f32> {
@@ -91,7 +98,8 @@ impl ModelConfig {
         };
         let rms_eps = optional_f32("attention.layer_norm_rms_epsilon", DEFAULT_RMS_EPS)? as f64;
         let rope_base = optional_f32("rope.freq_base", DEFAULT_ROPE_BASE)?;
-        let rope_position_scale = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+        let rope_position_scale = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str())
+        {
             None | Some("none") => 1.0,
             Some("linear") => 1.0 / optional_f32("rope.scaling.factor", 1.0)?,
             Some(other) => return Err(Error::Unsupported(format!("RoPE scaling `{other}`"))),

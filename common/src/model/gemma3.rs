@@ -49,13 +49,23 @@ pub(super) struct Gemma3Block {
 }
 
 impl Gemma3Block {
-    pub fn load(file: &GgufFile, config: &ModelConfig, layer: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        file: &GgufFile,
+        config: &ModelConfig,
+        layer: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let name = |n: &str| format!("blk.{layer}.{n}");
         let matmul = |n: &str| Linear::load(file, &name(n), device);
         let vector = |n: &str, len: usize| load_vector(file, &name(n), len, device);
         let sliding = config.is_sliding(layer);
         let rope = if sliding {
-            Rope::new(RopeStyle::Neox, config.head_dim, config.rope_base_local, 1.0)
+            Rope::new(
+                RopeStyle::Neox,
+                config.head_dim,
+                config.rope_base_local,
+                1.0,
+            )
         } else {
             Rope::new(
                 RopeStyle::Neox,
@@ -95,10 +105,20 @@ impl Block for Gemma3Block {
         let eps = self.eps as f32;
         let n = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &self.attn_norm, eps)?;
-        let q = self.wq.forward(&h)?.reshape((n, self.n_heads, self.head_dim))?;
-        let k = self.wk.forward(&h)?.reshape((n, self.n_kv_heads, self.head_dim))?;
-        let q = rms_norm_heads(&q, &self.q_norm, self.eps)?.transpose(0, 1)?.contiguous()?;
-        let k = rms_norm_heads(&k, &self.k_norm, self.eps)?.transpose(0, 1)?.contiguous()?;
+        let q = self
+            .wq
+            .forward(&h)?
+            .reshape((n, self.n_heads, self.head_dim))?;
+        let k = self
+            .wk
+            .forward(&h)?
+            .reshape((n, self.n_kv_heads, self.head_dim))?;
+        let q = rms_norm_heads(&q, &self.q_norm, self.eps)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let k = rms_norm_heads(&k, &self.k_norm, self.eps)?
+            .transpose(0, 1)?
+            .contiguous()?;
         let v = split_heads(&self.wv.forward(&h)?, self.n_kv_heads, self.head_dim)?;
         let q = self.rope.apply(&q, position, &self.device)?;
         let k = self.rope.apply(&k, position, &self.device)?;

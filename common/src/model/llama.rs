@@ -44,7 +44,12 @@ pub(super) struct LlamaBlock {
 }
 
 impl LlamaBlock {
-    pub fn load(file: &GgufFile, config: &ModelConfig, layer: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        file: &GgufFile,
+        config: &ModelConfig,
+        layer: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let name = |n: &str| format!("blk.{layer}.{n}");
         let matmul = |n: &str| Linear::load(file, &name(n), device);
         Ok(Self {

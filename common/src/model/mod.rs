@@ -113,7 +113,12 @@ pub trait Block: Send + Sync + std::fmt::Debug {
     fn forward(&self, x: &Tensor, position: usize, kv: &mut LayerKv) -> Result<Tensor>;
 }
 
-fn load_block(file: &GgufFile, config: &ModelConfig, layer: usize, device: &Device) -> Result<Box<dyn Block>> {
+fn load_block(
+    file: &GgufFile,
+    config: &ModelConfig,
+    layer: usize,
+    device: &Device,
+) -> Result<Box<dyn Block>> {
     Ok(match config.architecture {
         Architecture::Llama => Box::new(llama::LlamaBlock::load(file, config, layer, device)?),
         Architecture::Gemma3 => Box::new(gemma3::Gemma3Block::load(file, config, layer, device)?),
@@ -139,7 +144,10 @@ impl Embedding {
         if info.dims.len() != 2 || info.dims[0] as usize != config.d_model {
             return Err(Error::Tensor {
                 name: TOKEN_EMBD.to_string(),
-                problem: format!("shape {:?} does not match d_model {}", info.dims, config.d_model),
+                problem: format!(
+                    "shape {:?} does not match d_model {}",
+                    info.dims, config.d_model
+                ),
             });
         }
         Ok(Self {
@@ -174,7 +182,11 @@ impl Embedding {
             rows.push(q.dequantize(&Device::Cpu)?);
         }
         let x = Tensor::stack(&rows, 0)?.to_device(&self.device)?;
-        Ok(if self.scale != 1.0 { (x * self.scale)? } else { x })
+        Ok(if self.scale != 1.0 {
+            (x * self.scale)?
+        } else {
+            x
+        })
     }
 }
 
@@ -189,7 +201,11 @@ pub struct Head {
 impl Head {
     pub fn load(file: &GgufFile, config: &ModelConfig, device: &Device) -> Result<Self> {
         // Tied embeddings: without an output matrix the embedding table doubles as the head.
-        let output_name = if file.tensors.contains_key(OUTPUT) { OUTPUT } else { TOKEN_EMBD };
+        let output_name = if file.tensors.contains_key(OUTPUT) {
+            OUTPUT
+        } else {
+            TOKEN_EMBD
+        };
         Ok(Self {
             norm: load_vector(file, OUTPUT_NORM, config.d_model, device)?,
             output: Linear::load(file, output_name, device)?,
@@ -213,7 +229,12 @@ pub struct Shard {
 
 impl Shard {
     /// Loads only the `blk.{i}.*` tensors of `range`.
-    pub fn load(file: &GgufFile, config: &ModelConfig, range: LayerRange, device: &Device) -> Result<Self> {
+    pub fn load(
+        file: &GgufFile,
+        config: &ModelConfig,
+        range: LayerRange,
+        device: &Device,
+    ) -> Result<Self> {
         if range.end > config.n_layers {
             return Err(Error::InvalidArgument(format!(
                 "layer range {range} exceeds the model's {} layers",
@@ -288,7 +309,11 @@ impl Model {
         self.config.check_fits(position, tokens.len())?;
         let x = self.embedding.forward(tokens)?;
         let x = self.shard.forward(&x, position, kv)?;
-        let x = if all_logits { x } else { x.narrow(0, tokens.len() - 1, 1)? };
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(0, tokens.len() - 1, 1)?
+        };
         self.head.forward(&x)
     }
 }
@@ -299,7 +324,10 @@ fn load_vector(file: &GgufFile, name: &str, len: usize, device: &Device) -> Resu
     if info.dims.len() != 1 || info.dims[0] as usize != len {
         return Err(Error::Tensor {
             name: name.to_string(),
-            problem: format!("expected a vector of {len}, found dimensions {:?}", info.dims),
+            problem: format!(
+                "expected a vector of {len}, found dimensions {:?}",
+                info.dims
+            ),
         });
     }
     let q = crate::quant::load_qtensor(file, info, device)?;
