@@ -17,11 +17,7 @@ pub struct LayerKv {
 impl LayerKv {
     /// Number of positions cached.
     pub fn len(&self) -> usize {
-        if self.width == 0 {
-            0
-        } else {
-            self.k.len() / self.width
-        }
+        self.k.len().checked_div(self.width).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
