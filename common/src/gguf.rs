@@ -8,7 +8,7 @@
 //! Layout (all little-endian): magic `GGUF`, `u32` version, `u64` tensor count, `u64` metadata
 //! count, the metadata key/value pairs, one info record per tensor (name, `u32` rank, `u64` dims,
 //! `u32` ggml type, `u64` offset into the data section), padding to `general.alignment`, then the
-//! data section. The checks follow llama.cpp's reader where the specification leaves room.
+//! data section. Where the specification leaves room, the checks follow the common practice of GGUF readers.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

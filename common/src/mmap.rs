@@ -20,7 +20,7 @@ impl MappedFile {
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and Realm never writes model files. Another process truncating
         // the file while it is mapped would fault on access; model files are treated as immutable
-        // inputs (the same contract llama.cpp and candle rely on).
+        // inputs (the contract every GGUF engine relies on).
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         Ok(Self { map })

@@ -1,9 +1,9 @@
 //! Token sampling: turns the logits of the last position into the next token id.
 //!
-//! The chain follows llama.cpp's common sampler: a repetition penalty over the recent history,
+//! The chain is the usual one of GGUF engines: a repetition penalty over the recent history,
 //! then either greedy argmax (temperature 0) or top-k → top-p → min-p → temperature → softmax →
 //! a draw from a seeded RNG. Top-p and min-p look at the probabilities *before* temperature, as
-//! llama.cpp does, so temperature only reshapes the distribution among the survivors.
+//! is usual, so temperature only reshapes the distribution among the survivors.
 //!
 //! A [`Sampler`] belongs to one generation: it owns the RNG (the same seed and the same logits give
 //! the same tokens) and scratch buffers reused from step to step, so sampling a vocabulary of a
@@ -24,7 +24,7 @@ pub const DEFAULT_TOP_P: f32 = 1.0;
 pub const DEFAULT_MIN_P: f32 = 0.0;
 /// 1.0 disables the repetition penalty.
 pub const DEFAULT_REPETITION_PENALTY: f32 = 1.0;
-/// llama.cpp's default window for the repetition penalty.
+/// The customary default window for the repetition penalty.
 pub const DEFAULT_REPEAT_LAST_N: usize = 64;
 
 /// Top-p without top-k first tries this many best candidates before sorting the whole

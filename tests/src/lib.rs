@@ -12,9 +12,13 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of a project model; panics with the fix when it has not been fetched.
+/// Path of a project model (under `$REALM_MODELS_DIR`, else `models/`); fails the test, never
+/// skips it, when the model has not been fetched.
 pub fn model_path(file: &str) -> PathBuf {
-    let path = repo_root().join("models").join(file);
+    let dir = std::env::var_os("REALM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models"));
+    let path = dir.join(file);
     assert!(
         path.exists(),
         "{} is missing: run deploy/fetch-models.sh first",

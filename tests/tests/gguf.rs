@@ -1,32 +1,15 @@
 //! Realm's GGUF reader against the two project models, and against damaged copies of them: both
-//! open with the metadata and tensor directory llama.cpp reports, every tensor loads, and every
+//! open with the expected metadata and tensor directory, every tensor loads, and every
 //! damage is a clear `Error::Gguf`, never a panic.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
 
 use candle_core::Device;
 use realm_common::gguf::{GgufFile, TensorInfo};
 use realm_common::quant::{load_matmul, load_qtensor, GgmlType};
 use realm_common::Error;
-
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
-
-/// Path of a project model; fails the test (never skips it) when the model is absent.
-fn model_path(name: &str) -> PathBuf {
-    let dir = std::env::var_os("REALM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "model {} is missing: run deploy/fetch-models.sh to fetch the project models",
-        path.display()
-    );
-    path
-}
+use realm_tests::{model_path, GEMMA3, SMOLLM2};
 
 fn open(name: &str) -> GgufFile {
     GgufFile::open(model_path(name)).unwrap()

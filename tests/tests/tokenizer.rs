@@ -2,21 +2,14 @@
 //! models (`fixtures/tokenizer.json`, plus `fixtures/tokenizer_extra.json` for harder texts),
 //! and decoding back to the original text.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use realm_common::gguf::GgufFile;
 use realm_common::tokenizer::Tokenizer;
+use realm_tests::{fixture, model_path, repo_root, GEMMA3, SMOLLM2};
 use serde_json::Value;
 
-const MODELS: [(&str, &str); 2] = [
-    ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    ("gemma3", "gemma-3-270m-q4_k_m.gguf"),
-];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+const MODELS: [(&str, &str); 2] = [("smollm2", SMOLLM2), ("gemma3", GEMMA3)];
 
 fn tokenizer(model: &str) -> Tokenizer {
     let file = MODELS
@@ -24,21 +17,9 @@ fn tokenizer(model: &str) -> Tokenizer {
         .find(|(name, _)| *name == model)
         .map(|(_, file)| *file)
         .unwrap_or_else(|| panic!("unknown model {model}"));
-    let path = root().join("..").join("models").join(file);
-    assert!(
-        path.exists(),
-        "model file {} is missing: run deploy/fetch-models.sh first",
-        path.display()
-    );
+    let path = model_path(file);
     let gguf = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     Tokenizer::from_gguf(&gguf).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn fixture(name: &str) -> Value {
-    let path = root().join("fixtures").join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
 fn ids(value: &Value) -> Vec<u32> {
@@ -188,7 +169,8 @@ fn decoding_matches_reference() {
 #[test]
 fn plain_text_round_trips() {
     let fx = fixture("tokenizer.json");
-    let text = std::fs::read_to_string(root().join("fixtures").join("ppl.txt")).expect("ppl.txt");
+    let text =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/ppl.txt")).expect("ppl.txt");
     for (model, _) in MODELS {
         let tok = tokenizer(model);
         for (key, text) in texts(&fx)
@@ -230,16 +212,10 @@ fn stream_holds_back_split_characters() {
 /// Prints load and encode times for the perplexity text; asserts only that it round-trips.
 #[test]
 fn encode_speed_report() {
-    let text = std::fs::read_to_string(root().join("fixtures").join("ppl.txt")).expect("ppl.txt");
-    for (model, _) in MODELS {
-        let path = root().join("..").join("models").join(
-            MODELS
-                .iter()
-                .find(|(m, _)| *m == model)
-                .map(|(_, f)| *f)
-                .expect("model"),
-        );
-        let _ = tokenizer(model);
+    let text =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/ppl.txt")).expect("ppl.txt");
+    for (model, file) in MODELS {
+        let path = model_path(file);
         let gguf = GgufFile::open(&path).expect("open");
         let start = Instant::now();
         let tok = Tokenizer::from_gguf(&gguf).expect("load");
