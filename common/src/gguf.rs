@@ -159,6 +159,7 @@ pub struct GgufFile {
     pub alignment: u64,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: BTreeMap<String, TensorInfo>,
+    header_len: usize,
 }
 
 impl GgufFile {
@@ -174,7 +175,17 @@ impl GgufFile {
             alignment: header.alignment,
             metadata: header.metadata,
             tensors: header.tensors,
+            header_len: header.len,
         })
+    }
+
+    /// SHA-256 (lower-case hex) of the header: magic, metadata and tensor directory. Two files
+    /// with the same header hash and length hold the same model layout; hashing the header
+    /// instead of the whole file keeps this instant for files of any size.
+    pub fn header_sha256(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(&self.map.bytes()[..self.header_len]);
+        digest.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     pub fn path(&self) -> &Path {
@@ -318,6 +329,8 @@ type What<'w> = &'w dyn Fn() -> String;
 struct Header {
     version: u32,
     alignment: u64,
+    /// Bytes of the header proper: magic through the last tensor info.
+    len: usize,
     metadata: BTreeMap<String, Value>,
     tensors: BTreeMap<String, TensorInfo>,
 }
@@ -436,6 +449,7 @@ impl Header {
         Ok(Self {
             version,
             alignment,
+            len: r.pos,
             metadata,
             tensors,
         })

@@ -16,5 +16,6 @@ pub mod quant;
 pub mod sampling;
 pub mod stop;
 pub mod tokenizer;
+pub mod wire;
 
 pub use error::{Error, Result};
