@@ -19,7 +19,7 @@ const LANES: usize = 8;
 
 /// Weight formats with a kernel here.
 pub fn supported(dtype: GgmlType) -> bool {
-    matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(dtype, GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0)
 }
 
 /// One activation block: 32 signed 8-bit values, their scale, and (`Q8_1`) scale × sum.
@@ -101,6 +101,28 @@ fn dot_q4_1(row: &[u8], act: &[ActBlock]) -> f32 {
         }
     }
     hsum(acc) + summs
+}
+
+#[inline(always)]
+fn dot_q5_0(row: &[u8], act: &[ActBlock]) -> f32 {
+    const SIZE: usize = 22;
+    let mut acc = [0.0f32; LANES];
+    for (block, a) in row.chunks_exact(SIZE).zip(act) {
+        let d = f16_at(block, 0);
+        let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+        let mut w = [0i32; QK];
+        for j in 0..QK / 2 {
+            let lo = (block[6 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
+            let hi = (block[6 + j] >> 4) as i32 | (((qh >> (j + QK / 2)) & 1) << 4) as i32;
+            w[j] = lo - 16;
+            w[j + QK / 2] = hi - 16;
+        }
+        let dd = d * a.d;
+        for (acc, lane) in acc.iter_mut().zip(lane_sums(&w, &a.qs)) {
+            *acc = dd.mul_add(lane as f32, *acc);
+        }
+    }
+    hsum(acc)
 }
 
 #[inline(always)]
@@ -203,6 +225,7 @@ fn dot_rows(
         for (y, act) in ys.iter_mut().zip(acts) {
             *y = match dtype {
                 GgmlType::Q4_1 => dot_q4_1(row, act),
+                GgmlType::Q5_0 => dot_q5_0(row, act),
                 _ => dot_q8_0(row, act),
             };
         }
@@ -257,6 +280,14 @@ mod simd {
         let mut summs = vec![0.0f32; n];
         let ones = _mm256_set1_epi16(1);
         let low_nibbles = _mm_set1_epi8(0x0F);
+        // Spread the 32 bits of a Q5_0 block's high-bit word over 32 bytes.
+        let byte_of_bit = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0x0000000000000000,
+        );
+        let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
         let block_bytes = dtype.type_size();
         for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
             acc.fill(_mm256_setzero_ps());
@@ -281,6 +312,35 @@ mod simd {
                             summs[t] += m * a.s;
                         }
                     }
+                    GgmlType::Q5_0 => {
+                        // SAFETY: a Q5_0 block is 22 bytes; bytes 6..22 are its 16 nibble bytes.
+                        let packed = unsafe { _mm_loadu_si128(block[6..22].as_ptr().cast()) };
+                        let lo = _mm_and_si128(packed, low_nibbles);
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), low_nibbles);
+                        let nibbles = _mm256_set_m128i(hi, lo);
+                        let qh = i32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                        // Byte j of `set` is 0xFF where bit j of qh is set.
+                        let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), byte_of_bit);
+                        let set = _mm256_cmpeq_epi8(
+                            _mm256_or_si256(spread, bit_mask),
+                            _mm256_set1_epi8(-1),
+                        );
+                        // Without the fifth bit a value is nibble - 16: set the top four bits.
+                        let qx = _mm256_or_si256(
+                            nibbles,
+                            _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)),
+                        );
+                        let ax = _mm256_sign_epi8(qx, qx);
+                        for t in 0..n {
+                            let a = &acts[t][b];
+                            // SAFETY: `a.qs` is 32 bytes.
+                            let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+                            let sy = _mm256_sign_epi8(qy, qx);
+                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                            let dd = _mm256_set1_ps(d * a.d);
+                            acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sums), acc[t]);
+                        }
+                    }
                     _ => {
                         // SAFETY: a Q8_0 block is 34 bytes; bytes 2..34 are its 32 quants.
                         let qx = unsafe { _mm256_loadu_si256(block[2..34].as_ptr().cast()) };
@@ -302,6 +362,80 @@ mod simd {
                 // SAFETY: `lanes` holds 8 f32.
                 unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
                 *y = hsum(lanes) + summs;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::qtensor_from_bytes;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// Random rows of `dtype` with sane f16 scales.
+    fn random_matrix(
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Vec<u8> {
+        let mut bytes: Vec<u8> = (0..rows * cols / dtype.block_size() * dtype.type_size())
+            .map(|_| rng.random())
+            .collect();
+        for block in bytes.chunks_exact_mut(dtype.type_size()) {
+            let d = f16::from_f32(rng.random_range(0.001..0.02));
+            block[..2].copy_from_slice(&d.to_le_bytes());
+            if dtype == GgmlType::Q4_1 {
+                let m = f16::from_f32(rng.random_range(-0.1..0.0));
+                block[2..4].copy_from_slice(&m.to_le_bytes());
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn every_kernel_matches_the_dequantized_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (rows, cols, n) = (8, 256, 3);
+        for dtype in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+            let bytes = random_matrix(dtype, rows, cols, &mut rng);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let m = QMatrix::new(dtype, rows, cols, &bytes).unwrap();
+            let mut got = vec![0.0; n * rows];
+            m.matmul(&x, n, &mut got);
+
+            let w = qtensor_from_bytes(dtype, &bytes, &[cols as u64, rows as u64], &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let mut acts = Vec::new();
+            for t in 0..n {
+                let mut q = Vec::new();
+                quantize_row(&x[t * cols..(t + 1) * cols], &mut q);
+                acts.push(q);
+            }
+            for t in 0..n {
+                for r in 0..rows {
+                    let exact: f32 = (0..cols).map(|c| w[r][c] * x[t * cols + c]).sum();
+                    let g = got[t * rows + r];
+                    let tolerance = 0.02 * exact.abs().max(0.5);
+                    assert!(
+                        (g - exact).abs() < tolerance,
+                        "{dtype:?} [{t}][{r}]: {g} vs {exact}"
+                    );
+                    // The portable code computes the very same numbers as the SIMD path.
+                    let row = &bytes[r * m.row_bytes..(r + 1) * m.row_bytes];
+                    let portable = match dtype {
+                        GgmlType::Q4_1 => dot_q4_1(row, &acts[t]),
+                        GgmlType::Q5_0 => dot_q5_0(row, &acts[t]),
+                        _ => dot_q8_0(row, &acts[t]),
+                    };
+                    assert_eq!(portable.to_bits(), g.to_bits(), "{dtype:?} [{t}][{r}]");
+                }
             }
         }
     }

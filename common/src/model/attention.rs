@@ -152,15 +152,6 @@ pub(crate) fn attend(
     Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
 }
 
-/// RMS-normalizes each `head_dim` row of `x` (`[n, heads, head_dim]`).
-pub(crate) fn rms_norm_heads(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm(
-        &x.contiguous()?,
-        weight,
-        eps as f32,
-    )?)
-}
-
 /// `[n, heads * head_dim]` → `[heads, n, head_dim]`, contiguous.
 pub(crate) fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let n = x.dim(0)?;

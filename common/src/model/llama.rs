@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend, split_heads, Rope, RopeStyle};
+use super::norm::rms_norm;
 use super::{load_vector, Block, Linear, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
@@ -80,7 +81,7 @@ impl LlamaBlock {
 
 impl Block for LlamaBlock {
     fn forward(&self, x: &Tensor, position: usize, kv: &mut LayerKv) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps as f32)?;
+        let h = rms_norm(x, &self.attn_norm, self.eps)?;
         let q = split_heads(&self.wq.forward(&h)?, self.n_heads, self.head_dim)?;
         let k = split_heads(&self.wk.forward(&h)?, self.n_kv_heads, self.head_dim)?;
         let v = split_heads(&self.wv.forward(&h)?, self.n_kv_heads, self.head_dim)?;
@@ -89,7 +90,7 @@ impl Block for LlamaBlock {
         let attn = attend(&q, &k, &v, kv, position, None, self.scale)?;
         let x = (x + self.wo.forward(&attn)?)?;
 
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, self.eps as f32)?;
+        let h = rms_norm(&x, &self.ffn_norm, self.eps)?;
         let mlp = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
         Ok((x + self.down.forward(&mlp)?)?)
     }

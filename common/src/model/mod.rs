@@ -9,6 +9,7 @@ mod attention;
 pub mod config;
 mod gemma3;
 mod llama;
+mod norm;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Tensor};
@@ -18,6 +19,7 @@ use crate::gguf::{GgufFile, TensorInfo};
 use crate::kernels::{self, QMatrix};
 use crate::kv::{LayerKv, SessionKv};
 use crate::quant::{load_matmul, qtensor_from_bytes};
+use norm::rms_norm;
 
 pub use config::{Architecture, ModelConfig};
 
@@ -215,7 +217,7 @@ impl Head {
 
     /// Logits `[n, vocab]` for every row of `x` (`[n, d_model]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.eps as f32)?;
+        let x = rms_norm(&x.contiguous()?, &self.norm, self.eps)?;
         self.output.forward(&x)
     }
 }
