@@ -140,7 +140,9 @@ impl WorkerService {
 }
 
 fn no_shard() -> Status {
-    Status::failed_precondition("this worker holds no shard yet: AssignShard first")
+    Status::failed_precondition(
+        "this worker holds no shard (none assigned yet, or one is loading): AssignShard first",
+    )
 }
 
 /// Logs a refused request (at debug: a peer's mistake is not the worker's trouble) and passes
