@@ -1,15 +1,43 @@
 //! Realm's worker: serves one contiguous range of a model's transformer blocks over gRPC and keeps
 //! the KV caches of every live session for those blocks.
+//!
+//! [`run`] opens the worker's local GGUF file (a bad file fails before anything is served), then
+//! serves the `realm.v1.Worker` service and the standard gRPC health service until its shutdown
+//! future resolves. The coordinator assigns the shard after its handshake; until then the worker
+//! holds no weights. A background sweep frees sessions left idle for longer than
+//! [`WorkerConfig::idle_timeout`].
 #![forbid(unsafe_code)]
+
+mod service;
+mod sessions;
+mod system;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+use realm_proto::pb::worker_server::WorkerServer;
 use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tracing::info;
+
+use crate::service::{WorkerService, WorkerState};
 
 /// Sessions untouched for this long are freed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Largest gRPC message the worker sends or accepts. A step's hidden state is
+/// `n_tokens * d_model * 4` bytes in f32: a full 8192-token prefill of a 576-wide model is 18 MiB,
+/// so 64 MiB leaves room for wider models while still bounding what a peer can make us buffer.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The idle sweep runs at most this far apart, so a session outlives its timeout by at most this
+/// much.
+const MAX_SWEEP_PERIOD: Duration = Duration::from_secs(1);
+/// ...and at least this far apart, so a tiny timeout does not turn the sweep into a busy loop.
+const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(10);
 
 /// How a worker is set up.
 #[derive(Debug, Clone)]
@@ -18,16 +46,91 @@ pub struct WorkerConfig {
     pub model: PathBuf,
     /// Compute threads (reported in the handshake).
     pub threads: usize,
-    /// Sessions idle for longer are freed.
+    /// Sessions idle for longer are freed. Zero keeps sessions until they are ended.
     pub idle_timeout: Duration,
 }
 
 /// Serves the worker service on `listener` until `shutdown` resolves.
+///
+/// Shutdown is graceful: the listener closes at once, steps in flight finish and their responses
+/// are sent, then this returns.
 pub async fn run(
     listener: TcpListener,
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let _ = (listener, config, shutdown);
-    anyhow::bail!("the worker service is not built yet")
+    let state = Arc::new(
+        WorkerState::open(&config.model, config.threads)
+            .with_context(|| format!("cannot serve {}", config.model.display()))?,
+    );
+    let addr = listener
+        .local_addr()
+        .context("the listener has no local address")?;
+    info!(
+        %addr,
+        model = %config.model.display(),
+        identity = %state.identity(),
+        threads = config.threads,
+        idle_timeout_s = config.idle_timeout.as_secs_f64(),
+        "worker serving"
+    );
+
+    let _sweep = AbortOnDrop(tokio::spawn(sweep_idle(
+        Arc::clone(&state),
+        config.idle_timeout,
+    )));
+
+    let worker = WorkerServer::new(WorkerService::new(state))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WorkerServer<WorkerService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let shutdown = async move {
+        shutdown.await;
+        info!("worker shutting down: finishing the steps in flight");
+        health
+            .set_not_serving::<WorkerServer<WorkerService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
+
+    // Every step is one small request and one small response: Nagle's delay would add up to a
+    // round trip per step.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(worker)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("the worker's gRPC server failed")?;
+    info!("worker stopped");
+    Ok(())
+}
+
+/// Frees sessions idle for longer than `timeout`, until the task is aborted.
+async fn sweep_idle(state: Arc<WorkerState>, timeout: Duration) {
+    if timeout.is_zero() {
+        return;
+    }
+    let period = (timeout / 4).clamp(MIN_SWEEP_PERIOD, MAX_SWEEP_PERIOD);
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        state.expire_idle(timeout);
+    }
+}
+
+/// Aborts a background task when the server it serves stops, however `run` ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -1,1 +1,106 @@
-fn main() {}
+//! `realm-worker`: command-line entry point. Parses flags, starts logging, binds the listener,
+//! announces its address on stdout and serves until SIGINT or SIGTERM.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use realm_worker::{WorkerConfig, DEFAULT_IDLE_TIMEOUT};
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(
+    name = "realm-worker",
+    version,
+    about = "Realm worker: serves a range of a model's transformer blocks to a coordinator"
+)]
+struct Cli {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed on stdout).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// The worker's local copy of the GGUF model file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Worker threads for the math (default: all cores).
+    #[arg(long, env = "REALM_THREADS")]
+    threads: Option<usize>,
+    /// Compute device (only `cpu` for now).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Free sessions idle for this many seconds (0: keep them until they are ended).
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
+    idle_timeout_secs: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REALM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if cli.device != "cpu" {
+        anyhow::bail!(
+            "device `{}` is not supported: this worker computes on `cpu` only (CUDA comes later)",
+            cli.device
+        );
+    }
+    let threads = match cli.threads {
+        Some(n) => {
+            // Read by the math library's thread pool when it first starts, which is after this
+            // (and before the async runtime starts any thread).
+            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+            n.max(1)
+        }
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let config = WorkerConfig {
+        model: cli.model,
+        threads,
+        idle_timeout: Duration::from_secs(cli.idle_timeout_secs),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(cli.listen, config))
+}
+
+async fn serve(listen: SocketAddr, config: WorkerConfig) -> anyhow::Result<()> {
+    // Signal handlers go in before the address is announced: whoever reads it may signal at once.
+    let shutdown = shutdown().context("cannot install signal handlers")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let bound = listener.local_addr().context("no bound address")?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "realm-worker listening on {bound}")
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")?;
+    drop(stdout);
+    realm_worker::run(listener, config, shutdown).await
+}
+
+/// Resolves at the first SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled.
+fn shutdown() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+    })
+}

@@ -1,0 +1,367 @@
+//! The `realm.v1.Worker` gRPC service: handshake, shard assignment, forward steps and session ends.
+//!
+//! Every check a request needs happens here or in `realm_common::wire`, and each failure maps to
+//! one precise status: INVALID_ARGUMENT for a malformed or inconsistent request,
+//! FAILED_PRECONDITION for a request this worker cannot serve in its present state (no shard, or
+//! another model), INTERNAL for a failure of the worker itself. No request can panic the worker or
+//! disturb sessions other than its own.
+
+use std::path::Path;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use realm_common::gguf::GgufFile;
+use realm_common::model::{LayerRange, ModelConfig, Shard};
+use realm_common::wire::{Activations, ModelIdentity};
+use realm_common::Error;
+use realm_proto::pb;
+use realm_proto::PROTOCOL_VERSION;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, trace, trace_span, warn};
+
+use crate::sessions::{Sessions, Step};
+use crate::system;
+
+/// The only device this worker computes on, for now.
+const DEVICE: &str = "cpu";
+
+/// Everything the worker holds: its model file and, once assigned, a shard and its sessions.
+#[derive(Debug)]
+pub(crate) struct WorkerState {
+    file: GgufFile,
+    config: ModelConfig,
+    identity: ModelIdentity,
+    threads: usize,
+    /// The shard and its sessions, replaced as one: a step in flight keeps the shard it started
+    /// on alive, and sessions never outlive the weights they were computed with.
+    loaded: RwLock<Option<Arc<Loaded>>>,
+    /// Serialises shard assignments, so two never load at once.
+    assigning: tokio::sync::Mutex<()>,
+}
+
+/// An assigned shard and the sessions running through it.
+#[derive(Debug)]
+struct Loaded {
+    shard: Shard,
+    sessions: Sessions,
+}
+
+impl WorkerState {
+    /// Opens and checks the model file; loads no weights.
+    pub fn open(model: &Path, threads: usize) -> realm_common::Result<Self> {
+        let file = GgufFile::open(model)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let identity = ModelIdentity::of(&file, &config);
+        Ok(Self {
+            file,
+            config,
+            identity,
+            threads,
+            loaded: RwLock::new(None),
+            assigning: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn identity(&self) -> &ModelIdentity {
+        &self.identity
+    }
+
+    fn loaded(&self) -> Option<Arc<Loaded>> {
+        // Nothing panics while holding this lock; a poisoned one still holds a valid value.
+        self.loaded
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace_loaded(&self, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
+        let mut loaded = self.loaded.write().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *loaded, new)
+    }
+
+    /// Frees the current shard's sessions idle for longer than `timeout`.
+    pub fn expire_idle(&self, timeout: Duration) {
+        if let Some(loaded) = self.loaded() {
+            let expired = loaded.sessions.expire_idle(timeout);
+            if expired > 0 {
+                debug!(expired, remaining = loaded.sessions.len(), "idle sweep");
+            }
+        }
+    }
+
+    fn shard_info(&self, range: LayerRange) -> pb::ShardInfo {
+        pb::ShardInfo {
+            model: Some(pb::ModelIdentity::from(&self.identity)),
+            layers: Some(pb::LayerRange::from(range)),
+        }
+    }
+
+    /// Bytes of the file's tensors for the blocks of `range` (`blk.{i}.*`).
+    fn weight_bytes(&self, range: LayerRange) -> u64 {
+        range
+            .iter()
+            .map(|layer| {
+                let prefix = format!("blk.{layer}.");
+                self.file
+                    .tensors
+                    .range(prefix.clone()..)
+                    .take_while(|(name, _)| name.starts_with(&prefix))
+                    .map(|(_, info)| info.size)
+                    .fold(0, u64::saturating_add)
+            })
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Checks that `n_tokens` new tokens after `position` fit the model's context window.
+    fn check_fits(&self, position: usize, n_tokens: usize) -> Result<(), Status> {
+        self.config
+            .check_fits(position, n_tokens)
+            .map_err(|e| match e {
+                Error::ContextOverflow { context, .. } => Status::invalid_argument(format!(
+                    "position past the context: {n_tokens} tokens at position {position} end past \
+                     the model's context window of {context} tokens"
+                )),
+                other => other.into(),
+            })
+    }
+}
+
+/// The gRPC face of a [`WorkerState`].
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerService {
+    state: Arc<WorkerState>,
+}
+
+impl WorkerService {
+    pub fn new(state: Arc<WorkerState>) -> Self {
+        Self { state }
+    }
+}
+
+fn no_shard() -> Status {
+    Status::failed_precondition(
+        "this worker holds no shard (none assigned yet, or one is loading): AssignShard first",
+    )
+}
+
+/// Logs a refused request (at debug: a peer's mistake is not the worker's trouble) and passes
+/// the status on.
+fn refused(rpc: &'static str, status: Status) -> Status {
+    debug!(rpc, code = ?status.code(), message = status.message(), "request refused");
+    status
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let loaded = self.state.loaded();
+        Ok(Response::new(pb::InfoResponse {
+            realm_version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            device: DEVICE.to_string(),
+            threads: u32::try_from(self.state.threads).unwrap_or(u32::MAX),
+            memory_available_bytes: system::memory_available_bytes(),
+            shard: loaded
+                .as_ref()
+                .map(|l| self.state.shard_info(l.shard.range())),
+            active_sessions: loaded
+                .as_ref()
+                .map_or(0, |l| u32::try_from(l.sessions.len()).unwrap_or(u32::MAX)),
+            kv_cache_bytes: loaded.as_ref().map_or(0, |l| l.sessions.kv_bytes()),
+        }))
+    }
+
+    async fn assign_shard(
+        &self,
+        request: Request<pb::AssignShardRequest>,
+    ) -> Result<Response<pb::AssignShardResponse>, Status> {
+        let request = request.into_inner();
+        let state = &self.state;
+        let theirs = ModelIdentity::try_from(request.model.as_ref())
+            .map_err(|e| refused("AssignShard", e.into()))?;
+        if !state.identity.same_model(&theirs) {
+            let status = Status::failed_precondition(format!(
+                "model mismatch: this worker's file {} is {}, the coordinator holds {}",
+                state.file.path().display(),
+                state.identity,
+                theirs
+            ));
+            warn!(ours = %state.identity, theirs = %theirs, "refused a shard of another model");
+            return Err(status);
+        }
+        let range = LayerRange::try_from(request.layers.as_ref())
+            .map_err(|e| refused("AssignShard", e.into()))?;
+        if range.end > state.config.n_layers {
+            return Err(refused(
+                "AssignShard",
+                Status::invalid_argument(format!(
+                    "layer range {range} lies outside the model's {} layers (0-{})",
+                    state.config.n_layers,
+                    state.config.n_layers.saturating_sub(1)
+                )),
+            ));
+        }
+
+        let _assigning = state.assigning.lock().await;
+        // Free the previous shard and its sessions before loading the next, so the worker never
+        // needs room for both (steps still in flight on it keep it alive until they end).
+        if let Some(previous) = state.replace_loaded(None) {
+            info!(
+                layers = %previous.shard.range(),
+                sessions = previous.sessions.len(),
+                "dropped shard"
+            );
+        }
+        let started = Instant::now();
+        let (file, config) = (state.file.clone(), state.config.clone());
+        let shard =
+            tokio::task::spawn_blocking(move || Shard::load(&file, &config, range, &Device::Cpu))
+                .await
+                .map_err(|e| Status::internal(format!("loading layers {range} failed: {e}")))?
+                .map_err(|e| {
+                    warn!(layers = %range, error = %e, "cannot load shard");
+                    Status::from(e)
+                })?;
+        let load_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let weight_bytes = state.weight_bytes(range);
+        state.replace_loaded(Some(Arc::new(Loaded {
+            sessions: Sessions::new(range.len()),
+            shard,
+        })));
+        info!(layers = %range, ms = load_ms, weight_bytes, "loaded shard");
+        Ok(Response::new(pb::AssignShardResponse {
+            shard: Some(state.shard_info(range)),
+            weight_bytes,
+            load_ms,
+        }))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        let request = request.into_inner();
+        let step = self
+            .prepare_step(&request)
+            .await
+            .map_err(|status| refused("Forward", status))?;
+        let PreparedStep {
+            loaded,
+            mut step,
+            activations,
+            position,
+            n_tokens,
+        } = step;
+
+        let session = request.session_id;
+        let span = trace_span!("forward", session = %session, position, n_tokens);
+        let joined = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
+            let started = Instant::now();
+            // A panic in the model code must not take the worker down: it fails this step alone.
+            let hidden = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                loaded
+                    .shard
+                    .forward(&activations.hidden, position, &mut step.kv)
+            }));
+            let compute = started.elapsed();
+            let wire = match hidden {
+                Ok(hidden) => hidden
+                    .and_then(|h| Activations::to_wire(&h, activations.dtype))
+                    .map_err(|e| e.to_string()),
+                Err(_) => Err("the forward pass panicked".to_string()),
+            };
+            match &wire {
+                Ok(_) => loaded.sessions.finish_step(&step),
+                // Some blocks may have cached this step and others not: the cache is unusable.
+                Err(error) => {
+                    warn!(session = %session, position, %error, "forward failed: session dropped");
+                    loaded.sessions.discard(&session, &step);
+                }
+            }
+            trace!(compute_us = compute.as_micros(), "step done");
+            wire.map(|hidden| (hidden, compute))
+        })
+        .await;
+        // The request was checked before the step ran, so a failure here is the worker's own.
+        match joined {
+            Ok(Ok((hidden, compute))) => Ok(Response::new(pb::ForwardResponse {
+                hidden: Some(hidden),
+                compute_us: u64::try_from(compute.as_micros()).unwrap_or(u64::MAX),
+            })),
+            Ok(Err(error)) => Err(Status::internal(format!(
+                "forward pass failed, session dropped: {error}"
+            ))),
+            Err(e) => Err(Status::internal(format!("forward pass did not run: {e}"))),
+        }
+    }
+
+    async fn end_session(
+        &self,
+        request: Request<pb::EndSessionRequest>,
+    ) -> Result<Response<pb::EndSessionResponse>, Status> {
+        let id = request.into_inner().session_id;
+        let ended = self
+            .state
+            .loaded()
+            .is_some_and(|loaded| loaded.sessions.end(&id));
+        debug!(session = %id, ended, "end session");
+        Ok(Response::new(pb::EndSessionResponse { ended }))
+    }
+}
+
+/// A validated forward request, its session locked.
+struct PreparedStep {
+    loaded: Arc<Loaded>,
+    step: Step,
+    activations: Activations,
+    position: usize,
+    n_tokens: usize,
+}
+
+impl WorkerService {
+    /// Checks a forward request against the shard and the session, and locks the session.
+    async fn prepare_step(&self, request: &pb::ForwardRequest) -> Result<PreparedStep, Status> {
+        let state = &self.state;
+        if request.session_id.is_empty() {
+            return Err(Status::invalid_argument("session id is empty"));
+        }
+        let loaded = state.loaded().ok_or_else(no_shard)?;
+        let layers = LayerRange::try_from(request.layers.as_ref())?;
+        if layers != loaded.shard.range() {
+            return Err(Status::invalid_argument(format!(
+                "layer range {layers} is not this worker's shard {}",
+                loaded.shard.range()
+            )));
+        }
+        let hidden = request
+            .hidden
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("hidden state is missing"))?;
+        let activations = Activations::from_wire(hidden, state.config.d_model, &Device::Cpu)?;
+        let (n_tokens, _) = activations.hidden.dims2().map_err(Error::from)?;
+        let position = usize::try_from(request.position).map_err(|_| {
+            Status::invalid_argument(format!(
+                "position past the context: position {} does not fit this machine",
+                request.position
+            ))
+        })?;
+        state.check_fits(position, n_tokens)?;
+        let step = loaded
+            .sessions
+            .begin_step(&request.session_id, position)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(PreparedStep {
+            loaded,
+            step,
+            activations,
+            position,
+            n_tokens,
+        })
+    }
+}
