@@ -267,6 +267,102 @@ mod simd {
         unsafe { dot_rows_avx2(dtype, rows, row_bytes, acts, out) }
     }
 
+    /// Constants the block unpacking needs, built once per call.
+    struct Consts {
+        ones: __m256i,
+        low_nibbles: __m128i,
+        /// Spreads the 32 bits of a Q5_0 block's high-bit word over 32 bytes.
+        byte_of_bit: __m256i,
+        bit_mask: __m256i,
+    }
+
+    /// One weight block ready for the integer dot: 32 values as bytes (unsigned 0..15 for Q4_1,
+    /// signed otherwise), its scale and (Q4_1) its minimum.
+    struct Unpacked {
+        x: __m256i,
+        signed: bool,
+        d: f32,
+        m: f32,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn unpack(dtype: GgmlType, block: &[u8], k: &Consts) -> Unpacked {
+        let d = f16_at(block, 0);
+        match dtype {
+            GgmlType::Q4_1 => {
+                // SAFETY: a Q4_1 block is 20 bytes; bytes 4..20 are its 16 nibble bytes.
+                let packed = unsafe { _mm_loadu_si128(block[4..20].as_ptr().cast()) };
+                let lo = _mm_and_si128(packed, k.low_nibbles);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), k.low_nibbles);
+                Unpacked {
+                    x: _mm256_set_m128i(hi, lo),
+                    signed: false,
+                    d,
+                    m: f16_at(block, 2),
+                }
+            }
+            GgmlType::Q5_0 => {
+                // SAFETY: a Q5_0 block is 22 bytes; bytes 6..22 are its 16 nibble bytes.
+                let packed = unsafe { _mm_loadu_si128(block[6..22].as_ptr().cast()) };
+                let lo = _mm_and_si128(packed, k.low_nibbles);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), k.low_nibbles);
+                let nibbles = _mm256_set_m128i(hi, lo);
+                let qh = i32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                // Byte j of `set` is 0xFF where bit j of qh is set.
+                let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), k.byte_of_bit);
+                let set =
+                    _mm256_cmpeq_epi8(_mm256_or_si256(spread, k.bit_mask), _mm256_set1_epi8(-1));
+                // Without the fifth bit a value is nibble - 16: set the top four bits.
+                let x = _mm256_or_si256(
+                    nibbles,
+                    _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)),
+                );
+                Unpacked {
+                    x,
+                    signed: true,
+                    d,
+                    m: 0.0,
+                }
+            }
+            _ => Unpacked {
+                // SAFETY: a Q8_0 block is 34 bytes; bytes 2..34 are its 32 quants.
+                x: unsafe { _mm256_loadu_si256(block[2..34].as_ptr().cast()) },
+                signed: true,
+                d,
+                m: 0.0,
+            },
+        }
+    }
+
+    /// Eight lane sums, each of four adjacent products of the block with `a`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_sums(w: &Unpacked, a: &ActBlock, k: &Consts) -> __m256 {
+        // SAFETY: `a.qs` is 32 bytes.
+        let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+        let pairs = if w.signed {
+            // maddubs multiplies unsigned by signed: move the weight's sign onto the activation.
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w.x, w.x), _mm256_sign_epi8(qy, w.x))
+        } else {
+            _mm256_maddubs_epi16(w.x, qy)
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, k.ones))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn finish(dtype: GgmlType, acc: __m256, summs: f32) -> f32 {
+        let mut lanes = [0.0f32; LANES];
+        // SAFETY: `lanes` holds 8 f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        if dtype == GgmlType::Q4_1 {
+            hsum(lanes) + summs
+        } else {
+            hsum(lanes)
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_rows_avx2(
         dtype: GgmlType,
@@ -275,93 +371,51 @@ mod simd {
         acts: &[Vec<ActBlock>],
         out: &mut [f32],
     ) {
+        let k = Consts {
+            ones: _mm256_set1_epi16(1),
+            low_nibbles: _mm_set1_epi8(0x0F),
+            byte_of_bit: _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0x0000000000000000,
+            ),
+            bit_mask: _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe),
+        };
+        let block_bytes = dtype.type_size();
         let n = acts.len();
+        if let [act] = acts {
+            // One token (decode): the accumulator stays in a register.
+            for (row, y) in rows.chunks_exact(row_bytes).zip(out.iter_mut()) {
+                let mut acc = _mm256_setzero_ps();
+                let mut summs = 0.0f32;
+                for (block, a) in row.chunks_exact(block_bytes).zip(act) {
+                    let w = unpack(dtype, block, &k);
+                    let sums = block_sums(&w, a, &k);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d * a.d), sums, acc);
+                    summs += w.m * a.s;
+                }
+                *y = finish(dtype, acc, summs);
+            }
+            return;
+        }
+        // Several tokens (prefill): each weight block is unpacked once for all of them.
         let mut acc = vec![_mm256_setzero_ps(); n];
         let mut summs = vec![0.0f32; n];
-        let ones = _mm256_set1_epi16(1);
-        let low_nibbles = _mm_set1_epi8(0x0F);
-        // Spread the 32 bits of a Q5_0 block's high-bit word over 32 bytes.
-        let byte_of_bit = _mm256_set_epi64x(
-            0x0303030303030303,
-            0x0202020202020202,
-            0x0101010101010101,
-            0x0000000000000000,
-        );
-        let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
-        let block_bytes = dtype.type_size();
         for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
             acc.fill(_mm256_setzero_ps());
             summs.fill(0.0);
             for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-                let d = f16_at(block, 0);
-                match dtype {
-                    GgmlType::Q4_1 => {
-                        let m = f16_at(block, 2);
-                        // SAFETY: a Q4_1 block is 20 bytes; bytes 4..20 are its 16 nibble bytes.
-                        let packed = unsafe { _mm_loadu_si128(block[4..20].as_ptr().cast()) };
-                        let lo = _mm_and_si128(packed, low_nibbles);
-                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), low_nibbles);
-                        let qx = _mm256_set_m128i(hi, lo);
-                        for t in 0..n {
-                            let a = &acts[t][b];
-                            // SAFETY: `a.qs` is 32 bytes.
-                            let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
-                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
-                            let dd = _mm256_set1_ps(d * a.d);
-                            acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sums), acc[t]);
-                            summs[t] += m * a.s;
-                        }
-                    }
-                    GgmlType::Q5_0 => {
-                        // SAFETY: a Q5_0 block is 22 bytes; bytes 6..22 are its 16 nibble bytes.
-                        let packed = unsafe { _mm_loadu_si128(block[6..22].as_ptr().cast()) };
-                        let lo = _mm_and_si128(packed, low_nibbles);
-                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), low_nibbles);
-                        let nibbles = _mm256_set_m128i(hi, lo);
-                        let qh = i32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-                        // Byte j of `set` is 0xFF where bit j of qh is set.
-                        let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), byte_of_bit);
-                        let set = _mm256_cmpeq_epi8(
-                            _mm256_or_si256(spread, bit_mask),
-                            _mm256_set1_epi8(-1),
-                        );
-                        // Without the fifth bit a value is nibble - 16: set the top four bits.
-                        let qx = _mm256_or_si256(
-                            nibbles,
-                            _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)),
-                        );
-                        let ax = _mm256_sign_epi8(qx, qx);
-                        for t in 0..n {
-                            let a = &acts[t][b];
-                            // SAFETY: `a.qs` is 32 bytes.
-                            let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
-                            let sy = _mm256_sign_epi8(qy, qx);
-                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                            let dd = _mm256_set1_ps(d * a.d);
-                            acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sums), acc[t]);
-                        }
-                    }
-                    _ => {
-                        // SAFETY: a Q8_0 block is 34 bytes; bytes 2..34 are its 32 quants.
-                        let qx = unsafe { _mm256_loadu_si256(block[2..34].as_ptr().cast()) };
-                        let ax = _mm256_sign_epi8(qx, qx);
-                        for t in 0..n {
-                            let a = &acts[t][b];
-                            // SAFETY: `a.qs` is 32 bytes.
-                            let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
-                            let sy = _mm256_sign_epi8(qy, qx);
-                            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                            let dd = _mm256_set1_ps(d * a.d);
-                            acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sums), acc[t]);
-                        }
-                    }
+                let w = unpack(dtype, block, &k);
+                for ((acc, summs), act) in acc.iter_mut().zip(summs.iter_mut()).zip(acts) {
+                    let a = &act[b];
+                    let sums = block_sums(&w, a, &k);
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d * a.d), sums, *acc);
+                    *summs += w.m * a.s;
                 }
             }
             for ((y, acc), summs) in ys.iter_mut().zip(&acc).zip(&summs) {
-                let mut lanes = [0.0f32; LANES];
-                // SAFETY: `lanes` holds 8 f32.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
-                *y = hsum(lanes) + summs;
+                *y = finish(dtype, *acc, *summs);
             }
         }
     }
