@@ -242,7 +242,7 @@ mod tests {
             threads: 4,
             prompt_tokens: 128,
             generated_tokens: 64,
-            prefill_tps: 900.25,
+            prefill_tps: 900.5,
             decode_tps: 41.5,
             ttft_ms: 142.5,
             hop_us: Some(180.0),

@@ -34,6 +34,9 @@ use crate::plan::{Plan, PlanSpec};
 /// Realm's release version, which workers must share.
 pub const REALM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How long a worker may take to answer the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long ending a session on a worker may take before the coordinator stops waiting (the
 /// worker's idle timeout frees what is left).
 const END_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -502,17 +505,25 @@ async fn handshake(raw_url: &str) -> Result<(WorkerClient<Channel>, WorkerSummar
     let mut client = WorkerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let info = client
-        .info(pb::InfoRequest {})
-        .await
-        .map_err(|status| Error::Unreachable {
-            url: url.clone(),
-            problem: format!(
-                "handshake failed ({}); is this a Realm worker?",
-                crate::error::describe(&status)
-            ),
-        })?
-        .into_inner();
+    let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, client.info(pb::InfoRequest {})).await
+    {
+        Ok(Ok(reply)) => reply.into_inner(),
+        Ok(Err(status)) => {
+            return Err(Error::Unreachable {
+                url,
+                problem: format!(
+                    "handshake failed ({}); is this a Realm worker?",
+                    crate::error::describe(&status)
+                ),
+            })
+        }
+        Err(_) => {
+            return Err(Error::Unreachable {
+                url,
+                problem: format!("no handshake reply within {HANDSHAKE_TIMEOUT:?}"),
+            })
+        }
+    };
     check_versions(&url, &info)?;
     let summary = WorkerSummary {
         url,

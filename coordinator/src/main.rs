@@ -195,6 +195,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Some(threads) = cli.threads {
         // Read by the math library's thread pool when it first starts, which is after this.

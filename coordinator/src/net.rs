@@ -22,22 +22,35 @@ const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 /// Turns `host:port` or `http://host:port[/]` into `http://host:port`. Realm speaks plaintext
 /// gRPC, so any other scheme is refused.
 pub fn normalize_url(raw: &str) -> std::result::Result<String, String> {
-    let s = raw.trim().trim_end_matches('/');
+    let s = raw.trim();
     if s.is_empty() {
         return Err("empty address".to_string());
     }
-    let url = match s.split_once("://") {
-        Some(("http", rest)) if !rest.is_empty() => s.to_string(),
-        Some(("http", _)) => return Err("no host".to_string()),
+    let rest = match s.split_once("://") {
+        None => s,
+        Some(("http", rest)) => rest,
         Some(("https", _)) => {
             return Err("TLS is not supported; use http:// (plaintext gRPC)".to_string())
         }
         Some((scheme, _)) => return Err(format!("unsupported scheme `{scheme}` (use http://)")),
-        None => format!("http://{s}"),
     };
-    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
-    if uri.host().is_none_or(str::is_empty) {
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
         return Err("no host".to_string());
+    }
+    let url = format!("http://{rest}");
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    if uri.host().is_none_or(str::is_empty) || authority.ends_with(':') {
+        return Err("expected host:port".to_string());
+    }
+    // The URI grammar admits any characters after the colon; a port is a 16-bit number.
+    let port = authority
+        .rsplit_once(':')
+        .filter(|(_, p)| !p.ends_with(']'))
+        .map(|(_, p)| p);
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(format!("bad port in `{authority}`"));
     }
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(format!("unexpected path `{}`", uri.path()));
@@ -105,13 +118,15 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_with_a_reason() {
-        let bad = |s: &str| normalize_url(s).unwrap_err();
+        let bad = |s: &str| normalize_url(s).expect_err(s);
         assert!(bad("").contains("empty"));
         assert!(bad("https://w:7001").contains("TLS"));
         assert!(bad("ftp://w:7001").contains("unsupported scheme `ftp`"));
         assert!(bad("http://").contains("no host"));
+        assert!(bad("http://w:").contains("host:port"));
         assert!(bad("w:7001/some/path").contains("unexpected path"));
-        assert!(!bad("w:notaport").is_empty());
+        assert!(bad("w:notaport").contains("bad port"));
+        assert!(bad("w:70000").contains("bad port"));
     }
 
     #[tokio::test]

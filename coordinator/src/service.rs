@@ -205,7 +205,9 @@ pub async fn serve(
     cluster: Arc<Cluster>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let addr = listener.local_addr().ok();
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RealmServer<RealmService>>()
@@ -219,7 +221,7 @@ pub async fn serve(
     let realm = RealmServer::new(RealmService::new(cluster))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    info!(addr = ?addr, "serving the Realm API");
+    info!(%addr, "serving the Realm API");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .add_service(health)
