@@ -1,13 +1,29 @@
-//! Realm's coordinator: loads a model's tokenizer, embeddings and head and drives generation.
-//! Today it runs every block in-process; the cluster subcommands build on the same pieces.
+//! Realm's coordinator: holds a model's tokenizer, embeddings and head, plans which worker runs
+//! which layers ([`plan`]), drives generation across the workers ([`cluster`]) and serves the
+//! client API ([`service`]). [`LocalModel`] runs every block in this process instead: the
+//! single-process mode, and the oracle the distributed output must equal.
 #![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod cluster;
+pub mod error;
+pub mod local;
+pub mod model;
+pub mod net;
+pub mod plan;
+pub mod service;
+
+pub use cluster::Cluster;
+pub use error::{Error, Result};
+pub use model::CoordinatorModel;
+pub use plan::{Plan, PlanSpec};
+pub use service::serve;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
-use realm_common::chat::{ChatMessage, ChatTemplate};
 use realm_common::generate::{generate, Completion, GenerationParams};
 use realm_common::gguf::GgufFile;
 use realm_common::model::Model;
@@ -50,27 +66,12 @@ impl LocalModel {
     /// Turns a prompt into token ids: as raw text, or (with `chat`) as a user message after an
     /// optional system message, rendered through the model's chat template.
     pub fn prompt_tokens(&self, prompt: &str, chat: Option<&str>) -> anyhow::Result<Vec<u32>> {
-        let Some(system) = chat else {
-            return Ok(self.tokenizer.encode(prompt, true, true)?);
-        };
-        let text_of = |id: Option<u32>| {
-            id.and_then(|id| self.tokenizer.token_text(id))
-                .unwrap_or_default()
-                .to_string()
-        };
-        let template = ChatTemplate::from_gguf(
+        Ok(model::prompt_tokens(
             &self.file,
-            &text_of(self.tokenizer.bos_id()),
-            &text_of(self.tokenizer.eos_id()),
-        )?;
-        let mut messages = Vec::new();
-        if !system.is_empty() {
-            messages.push(ChatMessage::system(system));
-        }
-        messages.push(ChatMessage::user(prompt));
-        let rendered = template.render(&messages, true)?;
-        let add_special = !template.starts_with_bos(&rendered);
-        Ok(self.tokenizer.encode(&rendered, add_special, true)?)
+            &self.tokenizer,
+            prompt,
+            chat,
+        )?)
     }
 
     /// Generates, writing text to `out` as it becomes final. `chat` is the system message of a
@@ -113,5 +114,34 @@ impl LocalModel {
             None
         };
         Ok(perplexity(&self.model, &tokens, ctx, bos, on_chunk)?)
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM: when a server should stop taking requests.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!(signal = "SIGINT", "shutting down"),
+        _ = terminate => tracing::info!(signal = "SIGTERM", "shutting down"),
     }
 }

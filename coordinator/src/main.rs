@@ -1,14 +1,22 @@
-//! `realm-coordinator`: command-line entry point.
+//! `realm-coordinator`: command-line entry point. Parses arguments, starts logging and the
+//! runtime, and calls the library.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::process::Command as Process;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
-use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
+use realm_common::generate::{Completion, Decoding, GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::sampling::SamplingParams;
-use realm_coordinator::{LocalModel, DEFAULT_MODEL};
+use realm_common::wire::WireDType;
+use realm_coordinator::bench::{bench_one, load_model, BenchConfig, BenchResult};
+use realm_coordinator::local::LocalWorkers;
+use realm_coordinator::{Cluster, LocalModel, PlanSpec, DEFAULT_MODEL};
+use tokio::net::TcpListener;
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +35,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate a completion and stream it to stdout (only the completion; timings go to stderr).
+    /// By default the layers run on in-process workers over loopback gRPC; --workers 0 runs
+    /// them all in this process.
     Run(RunArgs),
+    /// Serve the Realm gRPC API over workers started elsewhere.
+    Serve(ServeArgs),
+    /// Measure prefill and decode speed, per-hop overhead and memory for worker counts.
+    Bench(BenchArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(TokenizeArgs),
     /// Compute perplexity over a text file (non-overlapping chunks, second half of each scored).
@@ -41,10 +55,37 @@ struct ModelArg {
     model: PathBuf,
 }
 
+/// How the layers are spread and how activations travel.
+#[derive(Args)]
+struct ClusterArgs {
+    /// Layer placement: `auto` (by the memory workers report) or inclusive ranges in worker
+    /// order, e.g. 0-14,15-29.
+    #[arg(long, default_value = "auto", value_parser = parse_plan)]
+    plan: PlanSpec,
+    /// Element type of activations between coordinator and workers.
+    #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
+    wire_dtype: WireDType,
+}
+
+fn parse_plan(s: &str) -> Result<PlanSpec, String> {
+    s.parse()
+        .map_err(|e: realm_coordinator::Error| e.to_string())
+}
+
+fn parse_wire_dtype(s: &str) -> Result<WireDType, String> {
+    s.parse().map_err(|e: realm_common::Error| e.to_string())
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
     model: ModelArg,
+    /// In-process workers to spread the layers over (real gRPC over loopback); 0 runs the
+    /// whole model in this process.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -99,6 +140,42 @@ struct TokenizeArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A worker's address, `host:port` or `http://host:port`; repeat for each worker, in layer
+    /// order.
+    #[arg(long = "worker", value_name = "URL", required = true)]
+    workers: Vec<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Address to serve the Realm API on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Worker counts to measure, each in its own process; 0 is the single-process mode.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
+    workers: Vec<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to generate (greedy; fewer if the model ends the text).
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Element type of activations between coordinator and workers.
+    #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
+    wire_dtype: WireDType,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct PerplexityArgs {
     #[command(flatten)]
     model: ModelArg,
@@ -118,21 +195,36 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Some(threads) = cli.threads {
         // Read by the math library's thread pool when it first starts, which is after this.
         std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
     }
+    let threads = cli.threads.unwrap_or_else(default_threads).max(1);
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) if args.workers == 0 => run(args),
+        Command::Run(args) => runtime()?.block_on(run_cluster(args, threads)),
+        Command::Serve(args) => runtime()?.block_on(serve(args)),
+        Command::Bench(args) => bench(args, threads),
         Command::Tokenize(args) => tokenize(args),
         Command::Perplexity(args) => perplexity(args),
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    let model = LocalModel::load(&args.model.model)?;
-    let params = GenerationParams {
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn generation_params(args: &RunArgs) -> GenerationParams {
+    GenerationParams {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,
@@ -143,12 +235,78 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             seed: args.seed,
             ..SamplingParams::default()
         },
-        stop: args.stop,
-    };
+        stop: args.stop.clone(),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let model = LocalModel::load(&args.model.model)?;
+    let params = generation_params(&args);
     let mut stdout = std::io::stdout().lock();
     let chat = args.chat.then_some(args.system.as_str());
     let completion = model.complete(&args.prompt, chat, &params, &mut stdout)?;
     writeln!(stdout).context("cannot write the completion")?;
+    print_usage(&completion);
+    Ok(())
+}
+
+/// `run` over in-process workers: same output as the single-process path.
+async fn run_cluster(args: RunArgs, threads: usize) -> anyhow::Result<()> {
+    let model = load_model(&args.model.model).await?;
+    // The request is checked before any worker starts.
+    let chat = args.chat.then_some(args.system.as_str());
+    let tokens = model.prompt_tokens(&args.prompt, chat)?;
+    let decoding = Decoding::new(
+        &model.tokenizer,
+        tokens,
+        &generation_params(&args),
+        model.config.context_length,
+    )?;
+
+    let workers = LocalWorkers::start(&args.model.model, args.workers, threads).await?;
+    let cluster = match Cluster::connect(
+        model,
+        workers.urls(),
+        &args.cluster.plan,
+        args.cluster.wire_dtype,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => return Err(workers.fail(e.into()).await),
+    };
+    tracing::info!(plan = %cluster.plan(), "cluster ready");
+
+    // Not locked across the generation: the callback must be `Send`.
+    let mut stdout = std::io::stdout();
+    let mut write_error = None;
+    let generation = cluster
+        .run(decoding, |delta| {
+            match stdout
+                .write_all(delta.text.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    write_error = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })
+        .await;
+    drop(cluster);
+    let stopped = workers.stop().await;
+    if let Some(e) = write_error {
+        return Err(e).context("cannot write the completion");
+    }
+    let generation = generation?;
+    stopped?;
+    writeln!(stdout).context("cannot write the completion")?;
+    print_usage(&generation.completion);
+    Ok(())
+}
+
+fn print_usage(completion: &Completion) {
     let u = &completion.usage;
     eprintln!(
         "[{} prompt tokens, {} generated, finish {}; time to first token {:.0} ms, prefill {:.1} tok/s, decode {:.1} tok/s]",
@@ -159,6 +317,94 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         u.prefill_tokens_per_second(),
         u.decode_tokens_per_second(),
     );
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Bound first, so a taken port fails before any worker loads a shard.
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let model = load_model(&args.model.model).await?;
+    let cluster = Cluster::connect(
+        model,
+        &args.workers,
+        &args.cluster.plan,
+        args.cluster.wire_dtype,
+    )
+    .await?;
+    tracing::info!(plan = %cluster.plan(), %addr, "cluster ready");
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "realm-coordinator listening on {addr}")
+        .and_then(|_| stdout.flush())
+        .context("cannot write to stdout")?;
+    drop(stdout);
+    realm_coordinator::serve(
+        listener,
+        Arc::new(cluster),
+        realm_coordinator::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One worker count runs here; several run each in a fresh process of this binary, so peak
+/// memory and warm caches do not leak from one configuration into the next.
+fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
+    let print = |r: &BenchResult| {
+        if args.json {
+            println!("{}", r.to_json());
+        } else {
+            println!("{r}");
+        }
+    };
+    if let [workers] = args.workers[..] {
+        let config = BenchConfig {
+            model: args.model.model.clone(),
+            workers,
+            prompt_tokens: args.prompt_tokens,
+            gen_tokens: args.gen_tokens,
+            threads,
+            wire_dtype: args.wire_dtype,
+        };
+        let result = runtime()?.block_on(bench_one(&config))?;
+        print(&result);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    for &workers in &args.workers {
+        let output = Process::new(&exe)
+            .arg("--threads")
+            .arg(threads.to_string())
+            .arg("bench")
+            .arg("--model")
+            .arg(&args.model.model)
+            .arg("--workers")
+            .arg(workers.to_string())
+            .arg("--prompt-tokens")
+            .arg(args.prompt_tokens.to_string())
+            .arg("--gen-tokens")
+            .arg(args.gen_tokens.to_string())
+            .arg("--wire-dtype")
+            .arg(args.wire_dtype.name())
+            .arg("--json")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("cannot start a benchmark process")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "the benchmark with {workers} workers failed ({})",
+            output.status
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let result = stdout
+            .lines()
+            .last()
+            .and_then(|line| serde_json::from_str(line).ok())
+            .and_then(|v| BenchResult::from_json(&v))
+            .with_context(|| format!("unexpected benchmark output: {stdout}"))?;
+        print(&result);
+    }
     Ok(())
 }
 

@@ -1,0 +1,220 @@
+//! `realm`: the command-line client of a Realm coordinator. Streams completions to stdout (only
+//! the completion; the usage line goes to stderr), tokenizes text and lists the served models.
+//! A server error is printed as its gRPC status code and message, with exit status 1.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use realm_coordinator::net::{endpoint, error_chain, normalize_url, MAX_MESSAGE_BYTES};
+use realm_proto::pb;
+use realm_proto::pb::realm_client::RealmClient;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "realm", version, about = "Client of a Realm coordinator")]
+struct Cli {
+    /// The coordinator's address, `host:port` or `http://host:port`.
+    #[arg(
+        long,
+        global = true,
+        env = "REALM_COORDINATOR",
+        default_value = "http://127.0.0.1:7000"
+    )]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion, streaming it to stdout as it arrives.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(TokenizeArgs),
+    /// List the models the coordinator serves.
+    Models,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The prompt text (the user message with --chat).
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt as a user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat (default: the server's; empty for none).
+    #[arg(long)]
+    system: Option<String>,
+    /// Model id (default: the coordinator's only model).
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Maximum tokens to generate (default: the server's).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Repetition penalty (1: off).
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// Text to tokenize.
+    #[arg(long)]
+    text: String,
+    /// Model id (default: the coordinator's only model).
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Do not add BOS even where the model adds it.
+    #[arg(long)]
+    no_bos: bool,
+    /// Treat special-token text such as `<|im_start|>` as plain text.
+    #[arg(long)]
+    no_parse_special: bool,
+}
+
+/// What ends the client with an error: a message ready to print.
+struct Failure(String);
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Self(format!("server error {:?}: {}", s.code(), s.message()))
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Self(format!("cannot write the output: {e}"))
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REALM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match connect(&cli.coordinator).await {
+        Ok(client) => match cli.command {
+            Command::Generate(args) => generate(client, args).await,
+            Command::Tokenize(args) => tokenize(client, args).await,
+            Command::Models => models(client).await,
+        },
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("realm: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(raw: &str) -> Result<RealmClient<Channel>, Failure> {
+    let url = normalize_url(raw)
+        .map_err(|problem| Failure(format!("coordinator URL `{raw}`: {problem}")))?;
+    let endpoint =
+        endpoint(&url).map_err(|problem| Failure(format!("coordinator URL `{url}`: {problem}")))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        Failure(format!(
+            "cannot reach the coordinator at {url}: {}",
+            error_chain(&e)
+        ))
+    })?;
+    Ok(RealmClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+async fn generate(mut client: RealmClient<Channel>, args: GenerateArgs) -> Result<(), Failure> {
+    let request = pb::GenerateRequest {
+        model: args.model,
+        prompt: args.prompt,
+        chat: args.chat,
+        system: args.system,
+        max_tokens: args.max_tokens.unwrap_or(0),
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        stop: args.stop,
+    };
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut stdout = std::io::stdout().lock();
+    while let Some(message) = stream.message().await? {
+        stdout.write_all(message.text.as_bytes())?;
+        stdout.flush()?;
+        if let Some(finish) = message.finish {
+            writeln!(stdout)?;
+            let u = finish.usage.unwrap_or_default();
+            eprintln!(
+                "[{} prompt tokens, {} generated, finish {}; time to first token {:.0} ms, decode {:.1} tok/s]",
+                u.prompt_tokens,
+                u.generated_tokens,
+                finish.reason,
+                u.time_to_first_token_ms,
+                u.tokens_per_second,
+            );
+            return Ok(());
+        }
+    }
+    writeln!(stdout)?;
+    Err(Failure(
+        "the stream ended without a finish message".to_string(),
+    ))
+}
+
+async fn tokenize(mut client: RealmClient<Channel>, args: TokenizeArgs) -> Result<(), Failure> {
+    let reply = client
+        .tokenize(pb::TokenizeRequest {
+            model: args.model,
+            text: args.text,
+            add_special: !args.no_bos,
+            parse_special: !args.no_parse_special,
+        })
+        .await?
+        .into_inner();
+    let json = serde_json::to_string(&reply.token_ids)
+        .map_err(|e| Failure(format!("cannot print the ids: {e}")))?;
+    writeln!(std::io::stdout(), "{json}")?;
+    Ok(())
+}
+
+async fn models(mut client: RealmClient<Channel>) -> Result<(), Failure> {
+    let reply = client
+        .list_models(pb::ListModelsRequest {})
+        .await?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    for m in reply.models {
+        writeln!(
+            stdout,
+            "{}\t{}\t{} layers\tcontext {}\tplan {}",
+            m.id, m.architecture, m.n_layers, m.context_length, m.plan
+        )?;
+    }
+    Ok(())
+}

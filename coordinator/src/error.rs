@@ -1,0 +1,71 @@
+//! The coordinator's error type: everything planning, the worker handshake, a distributed step or
+//! a client request can fail with, each naming the worker or the argument at fault, and the one
+//! mapping into gRPC statuses for the client service.
+
+use tonic::Code;
+
+/// Everything that can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model core refused (bad prompt, sampling values, context overflow, model file...).
+    #[error(transparent)]
+    Model(#[from] realm_common::Error),
+    /// A layer plan that does not fit the model or the workers.
+    #[error("layer plan: {0}")]
+    Plan(String),
+    /// A worker address that cannot be used.
+    #[error("worker URL `{url}`: {problem}")]
+    WorkerUrl { url: String, problem: String },
+    /// A worker that cannot be connected to.
+    #[error("cannot reach worker {url}: {problem}")]
+    Unreachable { url: String, problem: String },
+    /// A worker that answers but cannot serve this coordinator (versions, model, shard).
+    #[error("worker {url} refused: {problem}")]
+    Refused { url: String, problem: String },
+    /// A worker call that failed during generation.
+    #[error("worker {url}: {}", describe(status))]
+    Worker { url: String, status: tonic::Status },
+    /// A worker that answered with a malformed message.
+    #[error("worker {url} sent a malformed reply: {problem}")]
+    Protocol { url: String, problem: String },
+    /// A request for a model this coordinator does not serve.
+    #[error("model `{requested}` is not served here (this coordinator serves `{served}`)")]
+    UnknownModel { requested: String, served: String },
+    /// The consumer of a generation asked it to stop (a client went away).
+    #[error("generation stopped: its consumer went away")]
+    Stopped,
+    /// Work moved to a blocking thread panicked or was cancelled.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `code: message` of a status, without tonic's metadata and details noise.
+pub fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match e {
+            Error::Model(e) => tonic::Status::from(e),
+            Error::UnknownModel { .. } => tonic::Status::not_found(message),
+            // A worker that is down, overloaded or slow is the cluster's availability problem;
+            // anything else a worker refuses in a step Realm built is a bug on one side.
+            Error::Worker { status, .. } => match status.code() {
+                Code::Unavailable | Code::Cancelled => tonic::Status::unavailable(message),
+                Code::ResourceExhausted => tonic::Status::resource_exhausted(message),
+                Code::DeadlineExceeded => tonic::Status::deadline_exceeded(message),
+                _ => tonic::Status::internal(message),
+            },
+            Error::Unreachable { .. } => tonic::Status::unavailable(message),
+            Error::Plan(_) | Error::WorkerUrl { .. } | Error::Refused { .. } => {
+                tonic::Status::failed_precondition(message)
+            }
+            Error::Stopped => tonic::Status::cancelled(message),
+            Error::Protocol { .. } | Error::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The client API: the `realm.v1.Realm` gRPC service over a [`Cluster`], with gRPC health and
+//! server reflection on the same port.
+//!
+//! `Generate` validates the request before it answers (a bad request is an error status, not a
+//! stream that fails), then runs the generation in its own task, which writes one message per
+//! generated token into the response stream and a last one with the finish reason and usage.
+//! When the client goes away the stream is dropped, the next write fails, and the task stops and
+//! ends the session on every worker.
+
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
+use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
+use realm_common::sampling::SamplingParams;
+use realm_common::stop::StopMatcher;
+use realm_proto::pb;
+use realm_proto::pb::realm_server::{Realm, RealmServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::net::MAX_MESSAGE_BYTES;
+
+/// Fully-qualified name of the client service, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "realm.v1.Realm";
+const REFLECTION_SERVICE_NAME: &str = "grpc.reflection.v1.ServerReflection";
+
+/// The `Realm` service over one cluster.
+#[derive(Debug, Clone)]
+pub struct RealmService {
+    cluster: Arc<Cluster>,
+}
+
+impl RealmService {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+
+    fn check_model(&self, requested: &str) -> Result<()> {
+        check_model(requested, &self.cluster.model().id)
+    }
+}
+
+/// An empty `requested` means the only model; anything else must be its id.
+fn check_model(requested: &str, served: &str) -> Result<()> {
+    if requested.is_empty() || requested == served {
+        Ok(())
+    } else {
+        Err(Error::UnknownModel {
+            requested: requested.to_string(),
+            served: served.to_string(),
+        })
+    }
+}
+
+/// The generation parameters of a request, checked: meaningless sampling values and empty stop
+/// strings are refused here, before any work starts.
+pub fn generation_params(req: &pb::GenerateRequest) -> Result<GenerationParams> {
+    let max_tokens = match req.max_tokens {
+        0 => DEFAULT_MAX_TOKENS,
+        n => n as usize,
+    };
+    let sampling = SamplingParams {
+        temperature: req.temperature,
+        top_k: req.top_k as usize,
+        top_p: req.top_p.unwrap_or(1.0),
+        repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
+        seed: req.seed,
+        ..SamplingParams::default()
+    };
+    sampling.validate()?;
+    StopMatcher::new(req.stop.clone())?;
+    Ok(GenerationParams {
+        max_tokens,
+        sampling,
+        stop: req.stop.clone(),
+    })
+}
+
+/// The system message of a chat request: unset is Realm's default, empty is none.
+fn chat_system(req: &pb::GenerateRequest) -> Option<&str> {
+    req.chat
+        .then(|| req.system.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT))
+}
+
+#[tonic::async_trait]
+impl Realm for RealmService {
+    type GenerateStream =
+        UnboundedReceiverStream<std::result::Result<pb::GenerateResponse, Status>>;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> std::result::Result<Response<Self::GenerateStream>, Status> {
+        let received = Instant::now();
+        let req = request.into_inner();
+        self.check_model(&req.model)?;
+        if req.prompt.is_empty() {
+            return Err(Status::invalid_argument("the prompt is empty"));
+        }
+        let params = generation_params(&req)?;
+        let model = self.cluster.model();
+        let tokens = model.prompt_tokens(&req.prompt, chat_system(&req))?;
+        let decoding = self.cluster.decoding(tokens, &params)?;
+
+        // Unbounded: a generation writes at most `max_tokens` small messages, and a slow reader
+        // must not hold the workers' KV caches longer than the generation itself needs.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            let sent = |m: pb::GenerateResponse| tx.send(Ok(m)).is_ok();
+            let before_run = received.elapsed();
+            let result = cluster
+                .run(decoding, |delta| {
+                    let message = pb::GenerateResponse {
+                        text: delta.text,
+                        token_ids: vec![delta.token],
+                        finish: None,
+                    };
+                    if sent(message) {
+                        ControlFlow::Continue(())
+                    } else {
+                        ControlFlow::Break(())
+                    }
+                })
+                .await;
+            match result {
+                Ok(generation) => {
+                    let c = &generation.completion;
+                    // The clock starts at the request, so a client's TTFT includes tokenizing.
+                    let ttft = before_run + c.usage.time_to_first_token;
+                    let usage = pb::Usage {
+                        prompt_tokens: c.usage.prompt_tokens as u32,
+                        generated_tokens: c.usage.generated_tokens as u32,
+                        time_to_first_token_ms: ttft.as_secs_f64() * 1e3,
+                        tokens_per_second: c.usage.decode_tokens_per_second(),
+                    };
+                    debug!(
+                        generated = usage.generated_tokens,
+                        finish = c.finish.as_str(),
+                        "generate done"
+                    );
+                    sent(pb::GenerateResponse {
+                        text: String::new(),
+                        token_ids: Vec::new(),
+                        finish: Some(pb::Finish {
+                            reason: c.finish.as_str().to_string(),
+                            usage: Some(usage),
+                        }),
+                    });
+                }
+                Err(Error::Stopped) => info!("client went away; generation stopped"),
+                Err(e) => {
+                    let _ = tx.send(Err(Status::from(e)));
+                }
+            }
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> std::result::Result<Response<pb::TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        self.check_model(&req.model)?;
+        let token_ids = self
+            .cluster
+            .model()
+            .tokenizer
+            .encode(&req.text, req.add_special, req.parse_special)
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::TokenizeResponse { token_ids }))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> std::result::Result<Response<pb::ListModelsResponse>, Status> {
+        let model = self.cluster.model();
+        Ok(Response::new(pb::ListModelsResponse {
+            models: vec![pb::ModelInfo {
+                id: model.id.clone(),
+                architecture: model.identity.architecture.clone(),
+                n_layers: model.config.n_layers as u32,
+                context_length: model.config.context_length as u32,
+                plan: self.cluster.plan().to_string(),
+            }],
+        }))
+    }
+}
+
+/// Serves the client API (with health and reflection) for `cluster` on `listener` until
+/// `shutdown` resolves; generations in flight are then allowed to finish.
+pub async fn serve(
+    listener: TcpListener,
+    cluster: Arc<Cluster>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RealmServer<RealmService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(realm_proto::FILE_DESCRIPTOR_SET)
+        .with_service_name(SERVICE_NAME)
+        .with_service_name(REFLECTION_SERVICE_NAME)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
+    let realm = RealmServer::new(RealmService::new(cluster))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    info!(%addr, "serving the Realm API");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(realm)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    if let Err(e) = &result {
+        warn!(error = %crate::net::error_chain(e), "server stopped with an error");
+    }
+    result.map_err(|e| Error::Internal(format!("gRPC server: {}", crate::net::error_chain(&e))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn request() -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            prompt: "hi".to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn code(r: Result<GenerationParams>) -> Code {
+        Status::from(r.expect_err("should be refused")).code()
+    }
+
+    #[test]
+    fn defaults_are_greedy_with_the_default_budget() {
+        let p = generation_params(&request()).unwrap();
+        assert_eq!(p.max_tokens, DEFAULT_MAX_TOKENS);
+        assert!(p.sampling.is_greedy());
+        assert_eq!(p.sampling.top_p, 1.0);
+        assert_eq!(p.sampling.repetition_penalty, 1.0);
+        let p = generation_params(&pb::GenerateRequest {
+            max_tokens: 7,
+            temperature: 0.8,
+            top_k: 40,
+            top_p: Some(0.9),
+            repetition_penalty: Some(1.1),
+            seed: Some(3),
+            stop: vec!["\n\n".to_string()],
+            ..request()
+        })
+        .unwrap();
+        assert_eq!(p.max_tokens, 7);
+        assert_eq!(
+            (p.sampling.temperature, p.sampling.top_k, p.sampling.top_p),
+            (0.8, 40, 0.9)
+        );
+        assert_eq!(p.sampling.seed, Some(3));
+        assert_eq!(p.stop, ["\n\n"]);
+    }
+
+    #[test]
+    fn meaningless_sampling_values_are_invalid_arguments() {
+        let bad = [
+            pb::GenerateRequest {
+                temperature: -1.0,
+                ..request()
+            },
+            pb::GenerateRequest {
+                temperature: f32::NAN,
+                ..request()
+            },
+            pb::GenerateRequest {
+                top_p: Some(0.0),
+                ..request()
+            },
+            pb::GenerateRequest {
+                top_p: Some(1.5),
+                ..request()
+            },
+            pb::GenerateRequest {
+                repetition_penalty: Some(0.0),
+                ..request()
+            },
+            pb::GenerateRequest {
+                stop: vec![String::new()],
+                ..request()
+            },
+        ];
+        for req in bad {
+            assert_eq!(
+                code(generation_params(&req)),
+                Code::InvalidArgument,
+                "{req:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_models_are_not_found() {
+        assert!(check_model("", "smol").is_ok());
+        assert!(check_model("smol", "smol").is_ok());
+        let status = Status::from(check_model("gpt", "smol").unwrap_err());
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().contains("`gpt`") && status.message().contains("`smol`"));
+    }
+
+    #[test]
+    fn chat_system_message_defaults_and_can_be_empty() {
+        assert_eq!(chat_system(&request()), None);
+        let chat = pb::GenerateRequest {
+            chat: true,
+            ..request()
+        };
+        assert_eq!(chat_system(&chat), Some(DEFAULT_SYSTEM_PROMPT));
+        let none = pb::GenerateRequest {
+            system: Some(String::new()),
+            ..chat.clone()
+        };
+        assert_eq!(chat_system(&none), Some(""));
+    }
+}
