@@ -1,0 +1,340 @@
+//! The distributed cluster as a user runs it: real `realm-worker` and `realm-coordinator`
+//! processes on loopback, driven over gRPC, checked against the single-process model core.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use realm_common::generate::{generate, GenerationParams};
+use realm_common::gguf::GgufFile;
+use realm_common::model::Model;
+use realm_common::tokenizer::Tokenizer;
+use realm_proto::pb;
+use realm_proto::pb::realm_client::RealmClient;
+use realm_proto::pb::worker_client::WorkerClient;
+use realm_tests::*;
+use tonic::transport::Channel;
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+struct Process {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `bin` with `args` and waits for its `<bin> listening on ADDR` line on stdout.
+fn start(bin: &str, args: &[&str]) -> Process {
+    let mut child = Command::new(binary(bin))
+        .args(args)
+        .current_dir(repo_root())
+        .env("REALM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let prefix = format!("{bin} listening on ");
+    let Some(addr) = line.trim().strip_prefix(&prefix) else {
+        let status = child.wait().ok();
+        panic!("{bin} did not start (status {status:?}), printed {line:?}");
+    };
+    Process {
+        addr: addr.to_string(),
+        child,
+    }
+}
+
+fn start_worker(model: &Path) -> Process {
+    start(
+        "realm-worker",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            model.to_str().unwrap(),
+            "--threads",
+            "1",
+        ],
+    )
+}
+
+fn start_coordinator(model: &Path, workers: &[Process]) -> Process {
+    let mut args = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--model".into(),
+        model.to_str().unwrap().into(),
+    ];
+    for w in workers {
+        args.push("--worker".into());
+        args.push(format!("http://{}", w.addr));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    start("realm-coordinator", &args)
+}
+
+async fn client(p: &Process) -> RealmClient<Channel> {
+    RealmClient::connect(format!("http://{}", p.addr))
+        .await
+        .expect("connect to coordinator")
+}
+
+async fn worker_client(p: &Process) -> WorkerClient<Channel> {
+    WorkerClient::connect(format!("http://{}", p.addr))
+        .await
+        .expect("connect to worker")
+}
+
+fn greedy_request(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.to_string(),
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Generated token ids and text of one streamed generation.
+async fn stream_generate(
+    c: &mut RealmClient<Channel>,
+    req: pb::GenerateRequest,
+) -> (Vec<u32>, String, pb::Finish) {
+    let mut stream = c.generate(req).await.expect("generate").into_inner();
+    let (mut ids, mut text, mut finish) = (Vec::new(), String::new(), None);
+    while let Some(msg) = stream.message().await.expect("stream message") {
+        assert!(finish.is_none(), "no message after the finish");
+        ids.extend(msg.token_ids);
+        text.push_str(&msg.text);
+        finish = msg.finish;
+    }
+    (
+        ids,
+        text,
+        finish.expect("the last message carries the finish"),
+    )
+}
+
+const PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "The largest planet in the solar system is",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+];
+const STEPS: usize = 12;
+
+/// Greedy ids of the single-process model core for each prompt.
+fn single_process(model: &Path) -> Vec<Vec<u32>> {
+    let file = GgufFile::open(model).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let m = Model::load(&file, &Device::Cpu).unwrap();
+    let params = GenerationParams {
+        max_tokens: STEPS,
+        ..GenerationParams::default()
+    };
+    PROMPTS
+        .iter()
+        .map(|p| {
+            let ids = tokenizer.encode(p, true, true).unwrap();
+            generate(&m, &tokenizer, ids, &params, |_| {})
+                .unwrap()
+                .tokens
+        })
+        .collect()
+}
+
+async fn cluster_equals_single_process(model_file: &str) {
+    let model = model_path(model_file);
+    let want = single_process(&model);
+    let workers: Vec<Process> = (0..3).map(|_| start_worker(&model)).collect();
+    for k in 1..=3 {
+        let coordinator = start_coordinator(&model, &workers[..k]);
+        let mut c = client(&coordinator).await;
+        for (prompt, want) in PROMPTS.iter().zip(&want) {
+            let (got, text, _) =
+                stream_generate(&mut c, greedy_request(prompt, STEPS as u32)).await;
+            assert_eq!(
+                &got, want,
+                "{model_file} through {k} workers, prompt {prompt:?} gave {text:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_through_1_2_3_workers_equals_single_process() {
+    cluster_equals_single_process(SMOLLM2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_through_1_2_3_workers_equals_single_process() {
+    cluster_equals_single_process(GEMMA3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paris_concurrency_and_disconnect_through_two_workers() {
+    let model = model_path(SMOLLM2);
+    let workers: Vec<Process> = (0..2).map(|_| start_worker(&model)).collect();
+    let coordinator = start_coordinator(&model, &workers);
+    let mut c = client(&coordinator).await;
+
+    // Paris, raw and as a chat.
+    let (_, text, finish) =
+        stream_generate(&mut c, greedy_request("The capital of France is", 8)).await;
+    assert!(text.contains("Paris"), "{text:?}");
+    let usage = finish.usage.expect("usage");
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.generated_tokens,
+            finish.reason.as_str()
+        ),
+        (5, 8, "length")
+    );
+    let chat = pb::GenerateRequest {
+        chat: true,
+        ..greedy_request("What is the capital of France?", 32)
+    };
+    let (_, text, finish) = stream_generate(&mut c, chat).await;
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(finish.reason, "stop");
+
+    // Eight concurrent streams, each equal to the same prompt run alone.
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("{} {}", PROMPTS[i % 4], i))
+        .collect();
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(stream_generate(&mut c, greedy_request(p, 10)).await.0);
+    }
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = c.clone();
+            let req = greedy_request(p, 10);
+            tokio::spawn(async move { stream_generate(&mut c, req).await.0 })
+        })
+        .collect();
+    for (task, want) in tasks.into_iter().zip(&alone) {
+        assert_eq!(&task.await.unwrap(), want);
+    }
+
+    // A client that disconnects mid-stream frees its session on every worker.
+    let mut stream = c
+        .generate(greedy_request("Tell me a long story about", 200))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("a first message");
+    let mut busy = 0;
+    for w in &workers {
+        busy += worker_client(w)
+            .await
+            .info(pb::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .active_sessions;
+    }
+    assert_eq!(busy, 2, "the session lives on both workers while streaming");
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut active = 0;
+        for w in &workers {
+            active += worker_client(w)
+                .await
+                .info(pb::InfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .active_sessions;
+        }
+        if active == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{active} sessions still live after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_api_reports_and_refuses_clearly() {
+    let model = model_path(SMOLLM2);
+    let workers: Vec<Process> = (0..2).map(|_| start_worker(&model)).collect();
+    let coordinator = start_coordinator(&model, &workers);
+    let mut c = client(&coordinator).await;
+
+    let models = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+    assert_eq!(
+        (models[0].n_layers, models[0].plan.as_str()),
+        (30, "0-14,15-29")
+    );
+
+    let ids = c
+        .tokenize(pb::TokenizeRequest {
+            text: "The capital of France is".into(),
+            add_special: true,
+            parse_special: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token_ids;
+    assert_eq!(ids, reference_ids("smollm2", "t2"));
+
+    let err = c.generate(greedy_request("", 8)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let unknown = pb::GenerateRequest {
+        model: "no-such-model".into(),
+        ..greedy_request("hi", 4)
+    };
+    let err = c.generate(unknown).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+}
+
+#[test]
+fn worker_with_another_model_is_refused_at_handshake() {
+    let smollm2 = model_path(SMOLLM2);
+    let gemma3 = model_path(GEMMA3);
+    let worker = start_worker(&gemma3);
+    let out = Command::new(binary("realm-coordinator"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            smollm2.to_str().unwrap(),
+        ])
+        .args(["--worker", &format!("http://{}", worker.addr)])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mismatch") && err.contains(&worker.addr),
+        "{err}"
+    );
+}
