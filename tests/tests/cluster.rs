@@ -16,6 +16,9 @@ use realm_proto::pb::realm_client::RealmClient;
 use realm_proto::pb::worker_client::WorkerClient;
 use realm_tests::*;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// A child process killed when dropped, so a failing test leaves nothing running.
 struct Process {
