@@ -286,6 +286,52 @@ async fn client_api_reports_and_refuses_clearly() {
     let coordinator = start_coordinator(&model, &workers);
     let mut c = client(&coordinator).await;
 
+    // The standard health service answers for the server and for the Realm service.
+    let channel = Channel::from_shared(format!("http://{}", coordinator.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "realm.v1.Realm"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            ServingStatus::Serving as i32,
+            "health of {service:?}"
+        );
+    }
+
+    // Server reflection lists the client service, so grpcurl works without the .proto files.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies
+        .message()
+        .await
+        .unwrap()
+        .expect("a reflection reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    assert!(
+        list.service.iter().any(|s| s.name == "realm.v1.Realm"),
+        "{list:?}"
+    );
+
     let models = c
         .list_models(pb::ListModelsRequest {})
         .await
