@@ -151,6 +151,27 @@ impl Decoding {
         })
     }
 
+    /// The finished generation: its tokens, `text`, why it ended and how long it took.
+    pub fn completion(
+        &self,
+        text: String,
+        finish: FinishReason,
+        time_to_first_token: Duration,
+        total: Duration,
+    ) -> Completion {
+        Completion {
+            usage: Usage {
+                prompt_tokens: self.prompt().len(),
+                generated_tokens: self.generated().len(),
+                time_to_first_token,
+                total,
+            },
+            tokens: self.generated().to_vec(),
+            text,
+            finish,
+        }
+    }
+
     /// Releases text held back for a possible stop string or an unfinished character.
     fn flush(&mut self) -> String {
         let tail = self.decoder.finish();
@@ -226,17 +247,8 @@ pub fn generate(
             text.push_str(&step.text);
         }
         if let Some(finish) = step.finish {
-            return Ok(Completion {
-                usage: Usage {
-                    prompt_tokens: decoding.prompt().len(),
-                    generated_tokens: decoding.generated().len(),
-                    time_to_first_token: first_token_at.unwrap_or_default(),
-                    total: start.elapsed(),
-                },
-                tokens: decoding.generated().to_vec(),
-                text,
-                finish,
-            });
+            let first = first_token_at.unwrap_or_default();
+            return Ok(decoding.completion(text, finish, first, start.elapsed()));
         }
         input = vec![step.token];
     }

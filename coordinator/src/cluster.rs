@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use realm_common::generate::{Completion, Decoding, GenerationParams, Usage};
+use realm_common::generate::{Completion, Decoding, GenerationParams};
 use realm_common::model::LayerRange;
 use realm_common::wire::{Activations, ModelIdentity, WireDType};
 use realm_proto::pb;
@@ -400,17 +400,12 @@ impl Cluster {
             }
             if let Some(finish) = step.finish {
                 return Ok(Generation {
-                    completion: Completion {
-                        usage: Usage {
-                            prompt_tokens: decoding.prompt().len(),
-                            generated_tokens: decoding.generated().len(),
-                            time_to_first_token: first_token_at.unwrap_or_default(),
-                            total: start.elapsed(),
-                        },
-                        tokens: decoding.generated().to_vec(),
+                    completion: decoding.completion(
                         text,
                         finish,
-                    },
+                        first_token_at.unwrap_or_default(),
+                        start.elapsed(),
+                    ),
                     prefill,
                     decode,
                 });

@@ -105,6 +105,20 @@ async fn worker_client(p: &Process) -> WorkerClient<Channel> {
         .expect("connect to worker")
 }
 
+/// Sessions live on all `workers` together.
+async fn active_sessions(workers: &[Process]) -> u32 {
+    let mut active = 0;
+    for w in workers {
+        let info = worker_client(w)
+            .await
+            .info(pb::InfoRequest {})
+            .await
+            .unwrap();
+        active += info.into_inner().active_sessions;
+    }
+    active
+}
+
 fn greedy_request(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: prompt.to_string(),
@@ -244,30 +258,15 @@ async fn paris_concurrency_and_disconnect_through_two_workers() {
         .unwrap()
         .into_inner();
     stream.message().await.unwrap().expect("a first message");
-    let mut busy = 0;
-    for w in &workers {
-        busy += worker_client(w)
-            .await
-            .info(pb::InfoRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .active_sessions;
-    }
-    assert_eq!(busy, 2, "the session lives on both workers while streaming");
+    assert_eq!(
+        active_sessions(&workers).await,
+        2,
+        "the session lives on both workers while streaming"
+    );
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut active = 0;
-        for w in &workers {
-            active += worker_client(w)
-                .await
-                .info(pb::InfoRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .active_sessions;
-        }
+        let active = active_sessions(&workers).await;
         if active == 0 {
             break;
         }
