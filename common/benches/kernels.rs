@@ -1,0 +1,69 @@
+//! Throughput of Realm's quantized matrix-vector kernels on decode-sized products: prints GB/s of
+//! weights streamed and µs per product for each format, single-threaded and with all threads.
+//! Run with `cargo bench -p realm-common --bench kernels`.
+
+use std::time::Instant;
+
+use half::f16;
+use realm_common::kernels::QMatrix;
+use realm_common::quant::GgmlType;
+
+fn matrix(dtype: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut bytes: Vec<u8> = (0..rows * cols / dtype.block_size() * dtype.type_size())
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    for block in bytes.chunks_exact_mut(dtype.type_size()) {
+        block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        if dtype == GgmlType::Q4_1 {
+            block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+        }
+    }
+    bytes
+}
+
+fn run(label: &str, pool: &rayon::ThreadPool) {
+    // SmolLM2's FFN shape (1536 × 576) and a tall head-like one.
+    for (dtype, rows, cols) in [
+        (GgmlType::Q4_1, 1536, 576),
+        (GgmlType::Q5_0, 2048, 640),
+        (GgmlType::Q8_0, 1536, 576),
+        (GgmlType::Q8_0, 16384, 576),
+    ] {
+        let bytes = matrix(dtype, rows, cols);
+        let m = QMatrix::new(dtype, rows, cols, &bytes).expect("supported format");
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let mut out = vec![0.0f32; rows];
+        let best = pool.install(|| {
+            (0..200)
+                .map(|_| {
+                    let t = Instant::now();
+                    m.matmul(&x, 1, &mut out);
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        });
+        println!(
+            "{label:>10} {dtype:?} {rows}x{cols}: {:8.1} us  {:6.2} GB/s",
+            best * 1e6,
+            bytes.len() as f64 / best / 1e9
+        );
+    }
+}
+
+fn main() {
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    run("1 thread", &one);
+    let all = rayon::ThreadPoolBuilder::new().build().expect("pool");
+    run(&format!("{} threads", all.current_num_threads()), &all);
+}
