@@ -363,6 +363,15 @@ mod simd {
         }
     }
 
+    const CACHE_LINE: usize = 64;
+
+    /// The bytes right after `pair` within `rows`, as long as `pair` (empty at the end).
+    #[inline]
+    fn rows_after<'a>(rows: &'a [u8], pair: &[u8]) -> Option<&'a [u8]> {
+        let start = pair.as_ptr() as usize - rows.as_ptr() as usize + pair.len();
+        rows.get(start..start + pair.len())
+    }
+
     /// Decode: two rows at a time, so two independent accumulation chains hide each other's
     /// latency and every activation block is loaded once for both. Each row keeps its own
     /// accumulator, so results are the same as one row at a time.
@@ -382,6 +391,12 @@ mod simd {
             let (r0, r1) = pair.split_at(row_bytes);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut summs0, mut summs1) = (0.0f32, 0.0f32);
+            // The next pair of rows follows these in memory: ask for it ahead of use.
+            if let Some(next) = rows_after(rows, pair) {
+                for line in next.chunks(CACHE_LINE) {
+                    _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+                }
+            }
             for ((b0, b1), a) in r0.chunks_exact(BLOCK).zip(r1.chunks_exact(BLOCK)).zip(act) {
                 let w0 = unpack(dtype, b0, k);
                 let w1 = unpack(dtype, b1, k);
