@@ -75,12 +75,42 @@ fn run(label: &str, pool: &rayon::ThreadPool) {
     }
 }
 
+/// A 128-token prefill through one FFN-sized matrix.
+fn prefill(label: &str, pool: &rayon::ThreadPool) {
+    let (rows, cols, n) = (1536, 576, 128);
+    for dtype in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+        let bytes = matrix(dtype, rows, cols);
+        let m = QMatrix::new(dtype, rows, cols, &bytes).expect("supported format");
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let mut out = vec![0.0f32; n * rows];
+        let best = pool.install(|| {
+            (0..20)
+                .map(|_| {
+                    let t = Instant::now();
+                    m.matmul(&x, n, &mut out);
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        });
+        let gops = 2.0 * (rows * cols * n) as f64 / best / 1e9;
+        println!(
+            "{label:>10} {dtype:?} {rows}x{cols} x {n} tokens: {:8.1} us  {gops:6.1} GOP/s",
+            best * 1e6
+        );
+    }
+}
+
 fn main() {
     let one = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .expect("pool");
     run("1 thread", &one);
+    prefill("1 thread", &one);
     let all = rayon::ThreadPoolBuilder::new().build().expect("pool");
-    run(&format!("{} threads", all.current_num_threads()), &all);
+    let label = format!("{} threads", all.current_num_threads());
+    run(&label, &all);
+    prefill(&label, &all);
 }

@@ -341,6 +341,13 @@ mod simd {
     fn block_sums(w: &Unpacked, a: &ActBlock, k: &Consts) -> __m256 {
         // SAFETY: `a.qs` is 32 bytes.
         let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+        block_sums_with(w, qy, k)
+    }
+
+    /// [`block_sums`] with the activation block already loaded.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_sums_with(w: &Unpacked, qy: __m256i, k: &Consts) -> __m256 {
         let pairs = if w.signed {
             // maddubs multiplies unsigned by signed: move the weight's sign onto the activation.
             _mm256_maddubs_epi16(_mm256_sign_epi8(w.x, w.x), _mm256_sign_epi8(qy, w.x))
@@ -364,6 +371,8 @@ mod simd {
     }
 
     const CACHE_LINE: usize = 64;
+    /// Rows a prefill tile computes together: one activation load serves them all.
+    const ROW_TILE: usize = 4;
 
     /// The bytes right after `pair` within `rows`, as long as `pair` (empty at the end).
     #[inline]
@@ -456,23 +465,55 @@ mod simd {
             }
             return;
         }
-        // Several tokens (prefill): each weight block is unpacked once for all of them.
-        let mut acc = vec![_mm256_setzero_ps(); n];
-        let mut summs = vec![0.0f32; n];
-        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
-            acc.fill(_mm256_setzero_ps());
-            summs.fill(0.0);
-            for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-                let w = unpack(dtype, block, &k);
-                for ((acc, summs), act) in acc.iter_mut().zip(summs.iter_mut()).zip(acts) {
-                    let a = &act[b];
-                    let sums = block_sums(&w, a, &k);
-                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d * a.d), sums, *acc);
-                    *summs += w.m * a.s;
+        // Several tokens (prefill): tiles of rows, each unpacked once for all the tokens, with
+        // the tile's accumulators in registers.
+        let blocks = row_bytes / block_bytes;
+        let mut unpacked: Vec<Unpacked> = Vec::with_capacity(ROW_TILE * blocks);
+        let mut tiles = rows.chunks_exact(ROW_TILE * row_bytes);
+        let mut tile_outs = out.chunks_exact_mut(ROW_TILE * n);
+        for (tile, ys) in (&mut tiles).zip(&mut tile_outs) {
+            unpacked.clear();
+            unpacked.extend(
+                tile.chunks_exact(block_bytes)
+                    .map(|block| unpack(dtype, block, &k)),
+            );
+            for (t, act) in acts.iter().enumerate() {
+                let mut acc = [_mm256_setzero_ps(); ROW_TILE];
+                let mut summs = [0.0f32; ROW_TILE];
+                for (b, a) in act.iter().enumerate() {
+                    // SAFETY: `a.qs` is 32 bytes.
+                    let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+                    for r in 0..ROW_TILE {
+                        let w = &unpacked[r * blocks + b];
+                        let sums = block_sums_with(w, qy, &k);
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * a.d), sums, acc[r]);
+                        summs[r] += w.m * a.s;
+                    }
+                }
+                for r in 0..ROW_TILE {
+                    ys[r * n + t] = finish(dtype, acc[r], summs[r]);
                 }
             }
-            for ((y, acc), summs) in ys.iter_mut().zip(&acc).zip(&summs) {
-                *y = finish(dtype, *acc, *summs);
+        }
+        // Rows left over after the last whole tile, one at a time.
+        for (row, ys) in tiles
+            .remainder()
+            .chunks_exact(row_bytes)
+            .zip(tile_outs.into_remainder().chunks_exact_mut(n))
+        {
+            unpacked.clear();
+            unpacked.extend(
+                row.chunks_exact(block_bytes)
+                    .map(|block| unpack(dtype, block, &k)),
+            );
+            for (y, act) in ys.iter_mut().zip(acts) {
+                let mut acc = _mm256_setzero_ps();
+                let mut summs = 0.0f32;
+                for (w, a) in unpacked.iter().zip(act) {
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d * a.d), block_sums(w, a, &k), acc);
+                    summs += w.m * a.s;
+                }
+                *y = finish(dtype, acc, summs);
             }
         }
     }
