@@ -234,8 +234,10 @@ impl GgufFile {
             path: self.path.clone(),
             source,
         };
-        let start = usize::try_from(info.offset).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
-        let len = usize::try_from(info.size).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
+        let start = usize::try_from(info.offset)
+            .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
+        let len =
+            usize::try_from(info.size).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
         self.map.release(start, len).map_err(io)
     }
 

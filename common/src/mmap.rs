@@ -35,7 +35,10 @@ impl MappedFile {
     /// down to a page boundary, so a page shared with a neighbouring range is dropped too; the
     /// next read of it faults it back in from the page cache, unchanged.
     pub fn release(&self, offset: usize, len: usize) -> std::io::Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.map.len()) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.map.len())
+        {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
         // SAFETY: the map is private and read-only, never written: MADV_DONTNEED only drops the

@@ -106,7 +106,11 @@ impl SyntheticSpec {
         let kv = (self.d_model / self.n_heads * self.n_kv_heads) as u64;
         let f = self.ffn_dim as u64;
         let mut t = vec![
-            ("token_embd.weight".to_string(), vec![d, self.vocab as u64], true),
+            (
+                "token_embd.weight".to_string(),
+                vec![d, self.vocab as u64],
+                true,
+            ),
             ("output_norm.weight".to_string(), vec![d], false),
         ];
         for i in 0..self.n_layers {

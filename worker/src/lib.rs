@@ -79,7 +79,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "gib" => 1 << 30,
         "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit `{other}` (use B, MB, MiB, GB, GiB...)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, MB, MiB, GB, GiB...)"
+            ))
+        }
     };
     let value: f64 = number
         .parse()

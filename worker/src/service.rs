@@ -228,7 +228,11 @@ impl pb::worker_server::Worker for WorkerService {
         // needs room for both (steps still in flight on it keep it alive until they end).
         if let Some(previous) = state.replace_loaded(None) {
             if let Some(stats) = previous.shard.layer_stats() {
-                log_stats(previous.shard.range(), &stats, "layer manager of the dropped shard");
+                log_stats(
+                    previous.shard.range(),
+                    &stats,
+                    "layer manager of the dropped shard",
+                );
             }
             info!(
                 layers = %previous.shard.range(),
@@ -242,11 +246,11 @@ impl pb::worker_server::Worker for WorkerService {
             Shard::load_managed(&file, &config, range, &Device::Cpu, budget)
         })
         .await
-                .map_err(|e| Status::internal(format!("loading layers {range} failed: {e}")))?
-                .map_err(|e| {
-                    warn!(layers = %range, error = %e, "cannot load shard");
-                    Status::from(e)
-                })?;
+        .map_err(|e| Status::internal(format!("loading layers {range} failed: {e}")))?
+        .map_err(|e| {
+            warn!(layers = %range, error = %e, "cannot load shard");
+            Status::from(e)
+        })?;
         let load_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let weight_bytes = state.weight_bytes(range);
         let stats = shard.layer_stats().unwrap_or_default();

@@ -206,7 +206,9 @@ impl LayerManager {
         let (pinned, stream_capacity) = if total <= budget_bytes {
             (sizes.len(), 0)
         } else {
-            let slots = u64::try_from(budget.prefetch).unwrap_or(u64::MAX).saturating_add(1);
+            let slots = u64::try_from(budget.prefetch)
+                .unwrap_or(u64::MAX)
+                .saturating_add(1);
             let stream = largest.saturating_mul(slots).min(budget_bytes);
             let mut room = budget_bytes - stream;
             let pinned = sizes
@@ -462,9 +464,7 @@ impl Inner {
                         block,
                         last_use,
                         prefetched,
-                    } if Arc::strong_count(block) == 1
-                        && (need == Need::Demand || !prefetched) =>
-                    {
+                    } if Arc::strong_count(block) == 1 && (need == Need::Demand || !prefetched) => {
                         // Unused prefetched layers go last.
                         Some(((*prefetched, *last_use), i))
                     }
@@ -490,7 +490,12 @@ impl Inner {
     /// the block computes from its own copy.
     fn load(&self, layer: usize) -> Result<Arc<dyn Block>> {
         let started = Instant::now();
-        let block = load_block(&self.file, &self.config, self.range.start + layer, &self.device)?;
+        let block = load_block(
+            &self.file,
+            &self.config,
+            self.range.start + layer,
+            &self.device,
+        )?;
         self.release_pages(layer);
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.counters.loads.fetch_add(1, Ordering::Relaxed);

@@ -23,8 +23,8 @@ use crate::quant::{load_matmul, qtensor_from_bytes};
 use norm::rms_norm;
 
 pub use config::{Architecture, ModelConfig};
-pub use layers::{layer_bytes, LayerBudget, LayerStats};
 use layers::LayerManager;
+pub use layers::{layer_bytes, LayerBudget, LayerStats};
 
 const TOKEN_EMBD: &str = "token_embd.weight";
 const OUTPUT_NORM: &str = "output_norm.weight";
