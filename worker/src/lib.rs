@@ -185,6 +185,15 @@ async fn log_layer_stats(state: Arc<WorkerState>) {
     }
 }
 
+/// Aborts a background task when the server it serves stops, however `run` ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_size;
@@ -199,14 +208,5 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("MiB").is_err());
-    }
-}
-
-/// Aborts a background task when the server it serves stops, however `run` ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
