@@ -226,6 +226,21 @@ impl GgufFile {
             })
     }
 
+    /// Gives the mapped pages of `info`'s bytes back to the OS (see [`MappedFile::release`]): a
+    /// caller that has copied a tensor out of the mapping calls this so the file's pages do not
+    /// stay resident beside the copy. Reading the tensor again later still works.
+    pub fn release_tensor(&self, info: &TensorInfo) -> Result<()> {
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let start = usize::try_from(info.offset)
+            .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
+        let len =
+            usize::try_from(info.size).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
+        self.map.release(start, len).map_err(io)
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }

@@ -15,6 +15,7 @@ pub mod perplexity;
 pub mod quant;
 pub mod sampling;
 pub mod stop;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod wire;
 

@@ -29,4 +29,25 @@ impl MappedFile {
     pub fn bytes(&self) -> &[u8] {
         &self.map
     }
+
+    /// Gives the pages of `offset..offset + len` back to the OS (`madvise(MADV_DONTNEED)`), so
+    /// they stop counting in the process's resident memory until read again. The start is rounded
+    /// down to a page boundary, so a page shared with a neighbouring range is dropped too; the
+    /// next read of it faults it back in from the page cache, unchanged.
+    pub fn release(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.map.len())
+        {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: the map is private and read-only, never written: MADV_DONTNEED only drops the
+        // page table entries, and the next read refills them with the same file bytes. Slices
+        // borrowed from the map elsewhere stay valid and keep reading the same contents.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        }
+    }
 }

@@ -39,6 +39,8 @@ impl LocalWorkers {
                 model: model.to_path_buf(),
                 threads,
                 idle_timeout: realm_worker::DEFAULT_IDLE_TIMEOUT,
+                memory_budget: None,
+                prefetch: realm_worker::DEFAULT_PREFETCH,
             };
             let (stop, stopped) = oneshot::channel::<()>();
             let shutdown = async move {

@@ -121,6 +121,8 @@ async fn start(idle_timeout: Duration) -> Running {
         model: model_path(SMOLLM2),
         threads: 2,
         idle_timeout,
+        memory_budget: None,
+        prefetch: realm_worker::DEFAULT_PREFETCH,
     };
     let task = tokio::spawn(realm_worker::run(listener, config, async move {
         let _ = stopped.await;

@@ -39,6 +39,9 @@ const MAX_SWEEP_PERIOD: Duration = Duration::from_secs(1);
 /// ...and at least this far apart, so a tiny timeout does not turn the sweep into a busy loop.
 const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(10);
 
+/// How often the layer manager's counters are logged (only when steps ran since).
+const STATS_LOG_PERIOD: Duration = Duration::from_secs(30);
+
 /// How a worker is set up.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -48,6 +51,48 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Sessions idle for longer are freed. Zero keeps sessions until they are ended.
     pub idle_timeout: Duration,
+    /// Bytes of layer weights the Memory64 layer manager keeps materialized; `None` keeps the
+    /// whole shard resident. Must hold the shard's largest layer.
+    pub memory_budget: Option<u64>,
+    /// Layers the layer manager loads ahead of the one computing (0 disables prefetching).
+    pub prefetch: usize,
+}
+
+/// Layers prefetched ahead when not configured.
+pub const DEFAULT_PREFETCH: usize = 1;
+
+/// Parses a byte size: a number with an optional unit, `B`, `KB`/`MB`/`GB`/`TB` (powers of
+/// 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), case-insensitive; `48MiB`, `2GiB`, `1000`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1_000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        "tb" | "t" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, MB, MiB, GB, GiB...)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 48MiB or 2GiB"))?;
+    let bytes = value * multiplier as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("size `{text}` is out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Serves the worker service on `listener` until `shutdown` resolves.
@@ -60,7 +105,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = Arc::new(
-        WorkerState::open(&config.model, config.threads)
+        WorkerState::open(&config)
             .with_context(|| format!("cannot serve {}", config.model.display()))?,
     );
     let addr = listener
@@ -72,6 +117,8 @@ pub async fn run(
         identity = %state.identity(),
         threads = config.threads,
         idle_timeout_s = config.idle_timeout.as_secs_f64(),
+        memory_budget = ?config.memory_budget,
+        prefetch = config.prefetch,
         "worker serving"
     );
 
@@ -79,6 +126,8 @@ pub async fn run(
         Arc::clone(&state),
         config.idle_timeout,
     )));
+
+    let _stats = AbortOnDrop(tokio::spawn(log_layer_stats(Arc::clone(&state))));
 
     let worker = WorkerServer::new(WorkerService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -126,11 +175,38 @@ async fn sweep_idle(state: Arc<WorkerState>, timeout: Duration) {
     }
 }
 
+/// Logs the layer manager's counters every [`STATS_LOG_PERIOD`] while steps run.
+async fn log_layer_stats(state: Arc<WorkerState>) {
+    let mut ticks = tokio::time::interval(STATS_LOG_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        state.log_layer_stats();
+    }
+}
+
 /// Aborts a background task when the server it serves stops, however `run` ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_size("48MiB"), Ok(48 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("500mb"), Ok(500_000_000));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
     }
 }

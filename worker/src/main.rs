@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use realm_worker::{WorkerConfig, DEFAULT_IDLE_TIMEOUT};
+use realm_worker::{parse_size, WorkerConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_PREFETCH};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -37,6 +37,14 @@ struct Cli {
     /// Free sessions idle for this many seconds (0: keep them until they are ended).
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
     idle_timeout_secs: u64,
+    /// Memory budget for materialized layer weights, e.g. `48MiB`, `2GiB`, `500MB` or bytes
+    /// (default: the whole shard resident). Layers beyond it stay mapped from the file and are
+    /// loaded as steps need them; it must hold the shard's largest layer.
+    #[arg(long, value_parser = parse_size)]
+    memory_budget: Option<u64>,
+    /// Layers loaded in the background ahead of the one computing (0: load on demand only).
+    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
+    prefetch: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +75,8 @@ fn main() -> anyhow::Result<()> {
         model: cli.model,
         threads,
         idle_timeout: Duration::from_secs(cli.idle_timeout_secs),
+        memory_budget: cli.memory_budget,
+        prefetch: cli.prefetch,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

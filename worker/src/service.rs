@@ -6,13 +6,13 @@
 //! another model), INTERNAL for a failure of the worker itself. No request can panic the worker or
 //! disturb sessions other than its own.
 
-use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use realm_common::gguf::GgufFile;
-use realm_common::model::{LayerRange, ModelConfig, Shard};
+use realm_common::model::{layer_bytes, LayerBudget, LayerRange, LayerStats, ModelConfig, Shard};
 use realm_common::wire::{Activations, ModelIdentity};
 use realm_common::Error;
 use realm_proto::pb;
@@ -22,6 +22,7 @@ use tracing::{debug, info, trace, trace_span, warn};
 
 use crate::sessions::{Sessions, Step};
 use crate::system;
+use crate::WorkerConfig;
 
 /// The only device this worker computes on, for now.
 const DEVICE: &str = "cpu";
@@ -33,6 +34,10 @@ pub(crate) struct WorkerState {
     config: ModelConfig,
     identity: ModelIdentity,
     threads: usize,
+    /// How the layer manager of every assigned shard may use memory.
+    budget: LayerBudget,
+    /// The layer manager's access count when its stats were last logged.
+    logged_accesses: AtomicU64,
     /// The shard and its sessions, replaced as one: a step in flight keeps the shard it started
     /// on alive, and sessions never outlive the weights they were computed with.
     loaded: RwLock<Option<Arc<Loaded>>>,
@@ -49,15 +54,20 @@ struct Loaded {
 
 impl WorkerState {
     /// Opens and checks the model file; loads no weights.
-    pub fn open(model: &Path, threads: usize) -> realm_common::Result<Self> {
-        let file = GgufFile::open(model)?;
+    pub fn open(worker: &WorkerConfig) -> realm_common::Result<Self> {
+        let file = GgufFile::open(&worker.model)?;
         let config = ModelConfig::from_gguf(&file)?;
         let identity = ModelIdentity::of(&file, &config);
         Ok(Self {
             file,
             config,
             identity,
-            threads,
+            threads: worker.threads,
+            budget: LayerBudget {
+                bytes: worker.memory_budget,
+                prefetch: worker.prefetch,
+            },
+            logged_accesses: AtomicU64::new(0),
             loaded: RwLock::new(None),
             assigning: tokio::sync::Mutex::new(()),
         })
@@ -90,6 +100,18 @@ impl WorkerState {
         }
     }
 
+    /// Logs the layer manager's counters if steps ran since they were last logged.
+    pub fn log_layer_stats(&self) {
+        let Some(loaded) = self.loaded() else { return };
+        let Some(stats) = loaded.shard.layer_stats() else {
+            return;
+        };
+        let accesses = stats.accesses();
+        if self.logged_accesses.swap(accesses, Ordering::Relaxed) != accesses {
+            log_stats(loaded.shard.range(), &stats, "layer manager");
+        }
+    }
+
     fn shard_info(&self, range: LayerRange) -> pb::ShardInfo {
         pb::ShardInfo {
             model: Some(pb::ModelIdentity::from(&self.identity)),
@@ -99,17 +121,8 @@ impl WorkerState {
 
     /// Bytes of the file's tensors for the blocks of `range` (`blk.{i}.*`).
     fn weight_bytes(&self, range: LayerRange) -> u64 {
-        range
-            .iter()
-            .map(|layer| {
-                let prefix = format!("blk.{layer}.");
-                self.file
-                    .tensors
-                    .range(prefix.clone()..)
-                    .take_while(|(name, _)| name.starts_with(&prefix))
-                    .map(|(_, info)| info.size)
-                    .fold(0, u64::saturating_add)
-            })
+        layer_bytes(&self.file, range)
+            .into_iter()
             .fold(0, u64::saturating_add)
     }
 
@@ -172,6 +185,10 @@ impl pb::worker_server::Worker for WorkerService {
                 .as_ref()
                 .map_or(0, |l| u32::try_from(l.sessions.len()).unwrap_or(u32::MAX)),
             kv_cache_bytes: loaded.as_ref().map_or(0, |l| l.sessions.kv_bytes()),
+            layer_manager: loaded
+                .as_ref()
+                .and_then(|l| l.shard.layer_stats())
+                .map(|stats| stats_to_wire(&stats, self.state.budget.prefetch)),
         }))
     }
 
@@ -210,6 +227,13 @@ impl pb::worker_server::Worker for WorkerService {
         // Free the previous shard and its sessions before loading the next, so the worker never
         // needs room for both (steps still in flight on it keep it alive until they end).
         if let Some(previous) = state.replace_loaded(None) {
+            if let Some(stats) = previous.shard.layer_stats() {
+                log_stats(
+                    previous.shard.range(),
+                    &stats,
+                    "layer manager of the dropped shard",
+                );
+            }
             info!(
                 layers = %previous.shard.range(),
                 sessions = previous.sessions.len(),
@@ -217,22 +241,34 @@ impl pb::worker_server::Worker for WorkerService {
             );
         }
         let started = Instant::now();
-        let (file, config) = (state.file.clone(), state.config.clone());
-        let shard =
-            tokio::task::spawn_blocking(move || Shard::load(&file, &config, range, &Device::Cpu))
-                .await
-                .map_err(|e| Status::internal(format!("loading layers {range} failed: {e}")))?
-                .map_err(|e| {
-                    warn!(layers = %range, error = %e, "cannot load shard");
-                    Status::from(e)
-                })?;
+        let (file, config, budget) = (state.file.clone(), state.config.clone(), state.budget);
+        let shard = tokio::task::spawn_blocking(move || {
+            Shard::load_managed(&file, &config, range, &Device::Cpu, budget)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("loading layers {range} failed: {e}")))?
+        .map_err(|e| {
+            warn!(layers = %range, error = %e, "cannot load shard");
+            Status::from(e)
+        })?;
         let load_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let weight_bytes = state.weight_bytes(range);
+        let stats = shard.layer_stats().unwrap_or_default();
+        state.logged_accesses.store(0, Ordering::Relaxed);
         state.replace_loaded(Some(Arc::new(Loaded {
             sessions: Sessions::new(range.len()),
             shard,
         })));
-        info!(layers = %range, ms = load_ms, weight_bytes, "loaded shard");
+        info!(
+            layers = %range,
+            ms = load_ms,
+            weight_bytes,
+            budget_bytes = stats.budget_bytes,
+            pinned_layers = stats.pinned_layers,
+            resident_bytes = stats.resident_bytes,
+            prefetch = state.budget.prefetch,
+            "loaded shard"
+        );
         Ok(Response::new(pb::AssignShardResponse {
             shard: Some(state.shard_info(range)),
             weight_bytes,
@@ -311,6 +347,43 @@ impl pb::worker_server::Worker for WorkerService {
             .is_some_and(|loaded| loaded.sessions.end(&id));
         debug!(session = %id, ended, "end session");
         Ok(Response::new(pb::EndSessionResponse { ended }))
+    }
+}
+
+fn log_stats(range: LayerRange, s: &LayerStats, message: &'static str) {
+    info!(
+        layers = %range,
+        hits = s.hits,
+        misses = s.misses,
+        prefetch_hits = s.prefetch_hits,
+        waits = s.waits,
+        evictions = s.evictions,
+        prefetches = s.prefetches,
+        loads = s.loads,
+        load_ms = s.load_us / 1000,
+        resident_bytes = s.resident_bytes,
+        resident_layers = s.resident_layers,
+        budget_bytes = s.budget_bytes,
+        "{message}"
+    );
+}
+
+fn stats_to_wire(s: &LayerStats, prefetch: usize) -> pb::LayerManagerStats {
+    let small = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    pb::LayerManagerStats {
+        hits: s.hits,
+        misses: s.misses,
+        prefetch_hits: s.prefetch_hits,
+        waits: s.waits,
+        evictions: s.evictions,
+        prefetches: s.prefetches,
+        loads: s.loads,
+        load_us: s.load_us,
+        resident_bytes: s.resident_bytes,
+        resident_layers: small(s.resident_layers),
+        pinned_layers: small(s.pinned_layers),
+        budget_bytes: s.budget_bytes,
+        prefetch_depth: u32::try_from(prefetch).unwrap_or(u32::MAX),
     }
 }
 

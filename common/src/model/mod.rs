@@ -8,6 +8,7 @@
 mod attention;
 pub mod config;
 mod gemma3;
+mod layers;
 mod llama;
 mod norm;
 
@@ -22,6 +23,8 @@ use crate::quant::{load_matmul, qtensor_from_bytes};
 use norm::rms_norm;
 
 pub use config::{Architecture, ModelConfig};
+use layers::LayerManager;
+pub use layers::{layer_bytes, LayerBudget, LayerStats};
 
 const TOKEN_EMBD: &str = "token_embd.weight";
 const OUTPUT_NORM: &str = "output_norm.weight";
@@ -226,42 +229,74 @@ impl Head {
 #[derive(Debug)]
 pub struct Shard {
     range: LayerRange,
-    blocks: Vec<Box<dyn Block>>,
+    layers: Layers,
+}
+
+/// Where a shard's blocks come from.
+#[derive(Debug)]
+enum Layers {
+    /// Every block loaded up front and kept (the single-process model).
+    Resident(Vec<Box<dyn Block>>),
+    /// Blocks materialized within a memory budget (a worker; see `layers`).
+    Managed(LayerManager),
 }
 
 impl Shard {
-    /// Loads only the `blk.{i}.*` tensors of `range`.
+    /// Loads only the `blk.{i}.*` tensors of `range`, every block resident.
     pub fn load(
         file: &GgufFile,
         config: &ModelConfig,
         range: LayerRange,
         device: &Device,
     ) -> Result<Self> {
-        if range.end > config.n_layers {
-            return Err(Error::InvalidArgument(format!(
-                "layer range {range} exceeds the model's {} layers",
-                config.n_layers
-            )));
-        }
+        check_range(config, range)?;
         let blocks = range
             .iter()
             .map(|layer| load_block(file, config, layer, device))
             .collect::<Result<_>>()?;
-        Ok(Self { range, blocks })
+        Ok(Self {
+            range,
+            layers: Layers::Resident(blocks),
+        })
+    }
+
+    /// A shard whose blocks are materialized within `budget` by the Memory64 layer manager:
+    /// the pinned prefix is loaded now, the rest on use and by prefetch. Fails with
+    /// [`Error::InvalidArgument`] when the budget cannot hold the largest layer.
+    pub fn load_managed(
+        file: &GgufFile,
+        config: &ModelConfig,
+        range: LayerRange,
+        device: &Device,
+        budget: LayerBudget,
+    ) -> Result<Self> {
+        check_range(config, range)?;
+        Ok(Self {
+            range,
+            layers: Layers::Managed(LayerManager::new(file, config, range, device, budget)?),
+        })
     }
 
     pub fn range(&self) -> LayerRange {
         self.range
     }
 
+    /// The layer manager's counters; `None` for a fully resident shard.
+    pub fn layer_stats(&self) -> Option<LayerStats> {
+        match &self.layers {
+            Layers::Resident(_) => None,
+            Layers::Managed(manager) => Some(manager.stats()),
+        }
+    }
+
     /// Runs every block of the shard. `kv` must be the session's cache for exactly this range.
     pub fn forward(&self, x: &Tensor, position: usize, kv: &mut SessionKv) -> Result<Tensor> {
-        if kv.n_layers() != self.blocks.len() {
+        if kv.n_layers() != self.range.len() {
             return Err(Error::InvalidArgument(format!(
                 "KV cache holds {} layers, shard {} has {}",
                 kv.n_layers(),
                 self.range,
-                self.blocks.len()
+                self.range.len()
             )));
         }
         if kv.len() != position {
@@ -271,11 +306,32 @@ impl Shard {
             )));
         }
         let mut x = x.clone();
-        for (block, layer_kv) in self.blocks.iter().zip(kv.layers_mut()) {
-            x = block.forward(&x, position, layer_kv)?;
+        match &self.layers {
+            Layers::Resident(blocks) => {
+                for (block, layer_kv) in blocks.iter().zip(kv.layers_mut()) {
+                    x = block.forward(&x, position, layer_kv)?;
+                }
+            }
+            Layers::Managed(manager) => {
+                for (layer, layer_kv) in kv.layers_mut().iter_mut().enumerate() {
+                    // One layer in use at a time: the guard drops before the next is acquired.
+                    let block = manager.acquire(layer)?;
+                    x = block.forward(&x, position, layer_kv)?;
+                }
+            }
         }
         Ok(x)
     }
+}
+
+fn check_range(config: &ModelConfig, range: LayerRange) -> Result<()> {
+    if range.end > config.n_layers {
+        return Err(Error::InvalidArgument(format!(
+            "layer range {range} exceeds the model's {} layers",
+            config.n_layers
+        )));
+    }
+    Ok(())
 }
 
 /// A whole model in one process: embedding, every block, head.

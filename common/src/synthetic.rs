@@ -1,0 +1,278 @@
+//! Synthetic models: llama-architecture GGUF files with random weights, of any depth and width,
+//! quantized to Q4_0 or Q8_0. They carry no tokenizer and compute nothing meaningful; they exist
+//! to make shards larger than a worker's memory budget (tests use tiny ones, benchmarks large).
+//!
+//! The file is written as it is generated, tensor by tensor, so a multi-gigabyte model needs
+//! only one tensor's worth of memory. The same spec and seed always give the same bytes.
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use half::f16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+
+const ALIGNMENT: u64 = 32;
+const QK: usize = 32;
+const TYPE_U32: u32 = 4;
+const TYPE_F32: u32 = 6;
+const TYPE_STRING: u32 = 8;
+const GGML_F32: u32 = 0;
+
+/// Weight format of a synthetic model's matrices (norms are always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyntheticDType {
+    Q4_0,
+    Q8_0,
+}
+
+impl SyntheticDType {
+    fn ggml_id(self) -> u32 {
+        match self {
+            Self::Q4_0 => 2,
+            Self::Q8_0 => 8,
+        }
+    }
+
+    /// Bytes of one block of 32 values.
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 2 + QK / 2,
+            Self::Q8_0 => 2 + QK,
+        }
+    }
+}
+
+/// The shape of a synthetic llama model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyntheticSpec {
+    pub n_layers: usize,
+    /// Hidden width; a multiple of 32 and of `n_heads`.
+    pub d_model: usize,
+    /// MLP width; a multiple of 32.
+    pub ffn_dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// Vocabulary size (rows of the tied embedding table).
+    pub vocab: usize,
+    pub context_length: usize,
+    pub dtype: SyntheticDType,
+    pub seed: u64,
+}
+
+impl SyntheticSpec {
+    /// A small model: `n_layers` blocks of width `d_model` (MLP 4× wider), 4 heads, 2 KV heads.
+    pub fn small(n_layers: usize, d_model: usize, dtype: SyntheticDType) -> Self {
+        Self {
+            n_layers,
+            d_model,
+            ffn_dim: 4 * d_model,
+            n_heads: 4,
+            n_kv_heads: 2,
+            vocab: 256,
+            context_length: 2048,
+            dtype,
+            seed: 0x5eed,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let ok = self.n_layers > 0
+            && self.d_model % QK == 0
+            && self.ffn_dim % QK == 0
+            && self.d_model > 0
+            && self.ffn_dim > 0
+            && self.n_heads > 0
+            && self.n_kv_heads > 0
+            && self.n_heads % self.n_kv_heads == 0
+            && self.d_model % self.n_heads == 0
+            && (self.d_model / self.n_heads) % 2 == 0
+            && self.vocab > 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "synthetic model shape {self:?}: widths must be multiples of 32, heads divide \
+                 d_model into even head dimensions, KV heads divide heads"
+            )))
+        }
+    }
+
+    /// Every tensor: name, ggml dims (innermost first), quantized or f32.
+    fn tensors(&self) -> Vec<(String, Vec<u64>, bool)> {
+        let d = self.d_model as u64;
+        let kv = (self.d_model / self.n_heads * self.n_kv_heads) as u64;
+        let f = self.ffn_dim as u64;
+        let mut t = vec![
+            (
+                "token_embd.weight".to_string(),
+                vec![d, self.vocab as u64],
+                true,
+            ),
+            ("output_norm.weight".to_string(), vec![d], false),
+        ];
+        for i in 0..self.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            t.push((n("attn_norm.weight"), vec![d], false));
+            t.push((n("attn_q.weight"), vec![d, d], true));
+            t.push((n("attn_k.weight"), vec![d, kv], true));
+            t.push((n("attn_v.weight"), vec![d, kv], true));
+            t.push((n("attn_output.weight"), vec![d, d], true));
+            t.push((n("ffn_norm.weight"), vec![d], false));
+            t.push((n("ffn_gate.weight"), vec![d, f], true));
+            t.push((n("ffn_up.weight"), vec![d, f], true));
+            t.push((n("ffn_down.weight"), vec![f, d], true));
+        }
+        t
+    }
+
+    fn tensor_bytes(&self, dims: &[u64], quantized: bool) -> u64 {
+        let elements: u64 = dims.iter().product();
+        if quantized {
+            elements / QK as u64 * self.dtype.block_bytes() as u64
+        } else {
+            elements * 4
+        }
+    }
+}
+
+/// Writes the model described by `spec` to `path`.
+pub fn write_llama(path: &Path, spec: &SyntheticSpec) -> Result<()> {
+    spec.check()?;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut out = BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    let tensors = spec.tensors();
+    let u32_kv = |k: &str, v: usize| (format!("llama.{k}"), v as u32);
+    let ints = [
+        u32_kv("block_count", spec.n_layers),
+        u32_kv("embedding_length", spec.d_model),
+        u32_kv("feed_forward_length", spec.ffn_dim),
+        u32_kv("attention.head_count", spec.n_heads),
+        u32_kv("attention.head_count_kv", spec.n_kv_heads),
+        u32_kv("context_length", spec.context_length),
+        ("general.alignment".to_string(), ALIGNMENT as u32),
+    ];
+
+    let mut header = Vec::new();
+    header.extend_from_slice(b"GGUF");
+    header.extend_from_slice(&3u32.to_le_bytes());
+    header.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(ints.len() as u64 + 3).to_le_bytes());
+    let string = |h: &mut Vec<u8>, s: &str| {
+        h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        h.extend_from_slice(s.as_bytes());
+    };
+    string(&mut header, "general.architecture");
+    header.extend_from_slice(&TYPE_STRING.to_le_bytes());
+    string(&mut header, "llama");
+    string(&mut header, "general.name");
+    header.extend_from_slice(&TYPE_STRING.to_le_bytes());
+    string(&mut header, "realm-synthetic");
+    string(&mut header, "llama.attention.layer_norm_rms_epsilon");
+    header.extend_from_slice(&TYPE_F32.to_le_bytes());
+    header.extend_from_slice(&1e-5f32.to_le_bytes());
+    for (key, value) in &ints {
+        string(&mut header, key);
+        header.extend_from_slice(&TYPE_U32.to_le_bytes());
+        header.extend_from_slice(&value.to_le_bytes());
+    }
+    let mut offset = 0u64;
+    for (name, dims, quantized) in &tensors {
+        string(&mut header, name);
+        header.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            header.extend_from_slice(&d.to_le_bytes());
+        }
+        let ty = if *quantized {
+            spec.dtype.ggml_id()
+        } else {
+            GGML_F32
+        };
+        header.extend_from_slice(&ty.to_le_bytes());
+        header.extend_from_slice(&offset.to_le_bytes());
+        offset = (offset + spec.tensor_bytes(dims, *quantized)).next_multiple_of(ALIGNMENT);
+    }
+    pad(&mut header, 0);
+    out.write_all(&header).map_err(io)?;
+
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    for (_, dims, quantized) in &tensors {
+        let mut data = Vec::new();
+        if *quantized {
+            // Uniform in ±1/√fan_in keeps activations in range through many random layers.
+            let bound = 1.0 / (dims[0] as f32).sqrt();
+            let values: Vec<f32> = (0..dims.iter().product::<u64>())
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            for block in values.chunks_exact(QK) {
+                quantize_block(spec.dtype, block, &mut data);
+            }
+        } else {
+            for _ in 0..dims[0] {
+                data.extend_from_slice(&rng.random_range(0.8f32..1.2).to_le_bytes());
+            }
+        }
+        pad(&mut data, 0);
+        out.write_all(&data).map_err(io)?;
+    }
+    out.flush().map_err(io)
+}
+
+fn pad(bytes: &mut Vec<u8>, with: u8) {
+    let len = (bytes.len() as u64).next_multiple_of(ALIGNMENT) as usize;
+    bytes.resize(len, with);
+}
+
+/// Appends one ggml block of 32 values.
+fn quantize_block(dtype: SyntheticDType, x: &[f32], out: &mut Vec<u8>) {
+    match dtype {
+        SyntheticDType::Q8_0 => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
+        }
+        SyntheticDType::Q4_0 => {
+            // As ggml: the value of largest magnitude maps to -8.
+            let max = x
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+            out.extend((0..QK / 2).map(|j| q(x[j]) | (q(x[j + QK / 2]) << 4)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufFile;
+    use crate::model::ModelConfig;
+
+    #[test]
+    fn writes_a_model_realm_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for dtype in [SyntheticDType::Q4_0, SyntheticDType::Q8_0] {
+            let path = dir.path().join("synthetic.gguf");
+            let spec = SyntheticSpec::small(3, 64, dtype);
+            write_llama(&path, &spec).expect("write");
+            let file = GgufFile::open(&path).expect("open");
+            let config = ModelConfig::from_gguf(&file).expect("config");
+            assert_eq!(config.n_layers, 3);
+            assert_eq!(config.d_model, 64);
+            assert_eq!(file.tensors.len(), 2 + 3 * 9);
+            let q = file.tensor_info("blk.2.ffn_down.weight").expect("tensor");
+            assert_eq!(q.size, 256 * 64 / 32 * dtype.block_bytes() as u64);
+        }
+    }
+}
