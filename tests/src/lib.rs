@@ -43,9 +43,10 @@ pub fn reference_ids(model: &str, key: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Path of one of Realm's binaries, built by this workspace (built on demand when missing, so
-/// `cargo test -p realm-tests` works alone).
+/// Path of one of Realm's binaries, brought up to date with the sources once per test process
+/// (a no-op when `cargo test --workspace` has just built it), so a test never runs a stale binary.
 pub fn binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
@@ -53,20 +54,21 @@ pub fn binary(name: &str) -> PathBuf {
         .and_then(|deps| deps.parent())
         .expect("target directory")
         .to_path_buf();
-    let path = dir.join(name);
-    if !path.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
         let release = dir.file_name().is_some_and(|p| p == "release");
         let mut cargo = std::process::Command::new(env!("CARGO"));
         cargo
-            .args(["build", "--bin", name])
+            .args(["build", "--quiet", "--bin", name])
             .current_dir(repo_root());
         if release {
             cargo.arg("--release");
         }
         let status = cargo.status().expect("run cargo build");
         assert!(status.success(), "cargo build --bin {name} failed");
+        built.push(name.to_string());
     }
-    path
+    dir.join(name)
 }
 
 /// Reference greedy continuation ids of prompt `index` for `model`.
