@@ -513,4 +513,45 @@ mod tests {
             assert!(peak_rss_mb().is_some_and(|mb| mb > 0.0));
         }
     }
+
+    /// A tiny synthetic model through in-process workers with budgets: the counters come back
+    /// from `Info`, with the hit rates the layer manager's policy fixes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn budgets_report_the_layer_managers_hit_rate() {
+        use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
+
+        let path = std::env::temp_dir().join(format!("realm-bench-{}.gguf", std::process::id()));
+        write_llama(&path, &SyntheticSpec::small(4, 64, SyntheticDType::Q8_0)).expect("write");
+        let run = |budget: BudgetSpec| {
+            let config = BenchConfig {
+                model: path.clone(),
+                workers: 1,
+                prompt_tokens: 6,
+                gen_tokens: 3,
+                threads: 1,
+                wire_dtype: WireDType::F32,
+                memory: Some(MemoryConfig {
+                    budget,
+                    prefetch: 0,
+                }),
+            };
+            async move { bench_one(&config).await.expect("bench") }
+        };
+        let full = run(BudgetSpec::Full).await;
+        let streamed = run(BudgetSpec::OneLayer).await;
+        let _ = std::fs::remove_file(&path);
+
+        let full_memory = full.memory.expect("memory figures");
+        assert_eq!(
+            full_memory.hit_rate,
+            Some(1.0),
+            "the whole shard stays resident"
+        );
+        assert_eq!(full_memory.budget, "full");
+        let m = streamed.memory.expect("memory figures");
+        // One layer of room and no prefetch: nothing is pinned, every access loads its layer.
+        assert_eq!(m.hit_rate, Some(0.0));
+        assert!(m.budget_mb > 0.0 && m.budget_mb < full_memory.budget_mb / 3.0);
+        assert!(streamed.generated_tokens > 0);
+    }
 }
