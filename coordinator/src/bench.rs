@@ -130,13 +130,18 @@ pub struct MemoryConfig {
 pub struct MemoryResult {
     /// As requested (`full`, `50%`, ...).
     pub budget: String,
-    /// Bytes of layer weights each worker may keep materialized, in MB; with `full`, the
+    /// Bytes of layer weights each worker may keep materialized, in MB of 2^20 bytes like
+    /// `peak_rss_mb` (so the two compare directly); with `full`, the
     /// model's layer bytes over the worker count.
     pub budget_mb: f64,
     pub prefetch: usize,
     /// Hits and prefetch hits over all accesses, over all workers (1 with `full`: every layer
     /// stays resident); `None` where no worker reported any access.
     pub hit_rate: Option<f64>,
+    /// Layers materialized, over all workers (at assignment, on misses and by prefetch).
+    pub loads: u64,
+    /// Time spent materializing them, in ms, on any thread.
+    pub load_ms: f64,
 }
 
 /// What one configuration measured.
@@ -178,6 +183,8 @@ impl BenchResult {
             map.insert("budget_mb".into(), round(m.budget_mb, 1).into());
             map.insert("prefetch".into(), m.prefetch.into());
             map.insert("hit_rate".into(), m.hit_rate.map(|r| round(r, 4)).into());
+            map.insert("loads".into(), m.loads.into());
+            map.insert("load_ms".into(), round(m.load_ms, 1).into());
         }
         v
     }
@@ -207,6 +214,8 @@ impl BenchResult {
                     budget_mb: f("budget_mb")?,
                     prefetch: n("prefetch")?,
                     hit_rate: f("hit_rate"),
+                    loads: v.get("loads")?.as_u64()?,
+                    load_ms: f("load_ms")?,
                 }),
             },
         })
@@ -237,8 +246,8 @@ impl std::fmt::Display for BenchResult {
                 .map_or("n/a".to_string(), |r| format!("{:.1}%", r * 100.0));
             write!(
                 f,
-                " [budget {} = {:.1} MB, prefetch {}, hit rate {hit}]",
-                m.budget, m.budget_mb, m.prefetch
+                " [budget {} = {:.1} MB, prefetch {}, hit rate {hit}, {} layer loads in {:.0} ms]",
+                m.budget, m.budget_mb, m.prefetch, m.loads, m.load_ms
             )?;
         }
         Ok(())
@@ -404,9 +413,13 @@ fn memory_result(
             a + s.hits + s.prefetch_hits + s.misses + s.waits,
         )
     });
+    let loads = stats.iter().flatten().map(|s| s.loads).sum();
+    let load_us: u64 = stats.iter().flatten().map(|s| s.load_us).sum();
     MemoryResult {
+        loads,
+        load_ms: load_us as f64 / 1e3,
         budget: config.budget.to_string(),
-        budget_mb: bytes / 1e6,
+        budget_mb: bytes / (1u64 << 20) as f64,
         prefetch: config.prefetch,
         hit_rate: (accesses > 0).then(|| hits as f64 / accesses as f64),
     }
@@ -420,7 +433,7 @@ pub async fn load_model(path: &Path) -> anyhow::Result<CoordinatorModel> {
         .context("loading the model did not finish")?
 }
 
-/// The process's peak resident set (`VmHWM`), in MB.
+/// The process's peak resident set (`VmHWM`), in MB of 2^20 bytes (the kernel's kB are KiB).
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -478,11 +491,20 @@ mod tests {
                 budget_mb: 40.5,
                 prefetch: 2,
                 hit_rate: Some(0.875),
+                loads: 40,
+                load_ms: 812.5,
             }),
             ..single
         };
         let json = managed.to_json();
-        for key in ["budget", "budget_mb", "prefetch", "hit_rate"] {
+        for key in [
+            "budget",
+            "budget_mb",
+            "prefetch",
+            "hit_rate",
+            "loads",
+            "load_ms",
+        ] {
             assert!(json.get(key).is_some(), "{key}");
         }
         assert_eq!(BenchResult::from_json(&json), Some(managed));
@@ -551,6 +573,10 @@ mod tests {
         let m = streamed.memory.expect("memory figures");
         // One layer of room and no prefetch: nothing is pinned, every access loads its layer.
         assert_eq!(m.hit_rate, Some(0.0));
+        assert!(
+            m.loads > full_memory.loads,
+            "streamed layers load again each step"
+        );
         assert!(m.budget_mb > 0.0 && m.budget_mb < full_memory.budget_mb / 3.0);
         assert!(streamed.generated_tokens > 0);
     }
