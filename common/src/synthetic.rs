@@ -3,7 +3,9 @@
 //! than a worker's memory budget (tests use tiny ones, benchmarks large). Each carries a minimal
 //! byte-level BPE tokenizer (`gpt2`, pre-tokenizer `gpt-2`): one token per byte, no merges, an
 //! `<|endoftext|>` control token as BOS and EOS, and unused padding tokens up to the vocabulary
-//! size, so the coordinator and the single-process path run them like any model.
+//! size, so the coordinator and the single-process path run them like any model. The embedding
+//! rows of the tokens past the bytes are zero, so greedy generation emits bytes and never stops
+//! before its token budget.
 //!
 //! The file is written as it is generated, tensor by tensor, so a multi-gigabyte model needs
 //! only one tensor's worth of memory. The same spec and seed always give the same bytes.
@@ -30,6 +32,7 @@ const GGML_F32: u32 = 0;
 /// Tokens of the synthetic tokenizer: one per byte, then this control token (BOS and EOS).
 const BYTE_TOKENS: usize = 256;
 const END_OF_TEXT: &str = "<|endoftext|>";
+const EMBEDDING: &str = "token_embd.weight";
 /// GGUF token types.
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;
@@ -135,7 +138,7 @@ impl SyntheticSpec {
         let f = self.ffn_dim as u64;
         let mut t = vec![
             (
-                "token_embd.weight".to_string(),
+                EMBEDDING.to_string(),
                 vec![d, self.vocab_size() as u64],
                 true,
             ),
@@ -228,14 +231,21 @@ pub fn write_llama(path: &Path, spec: &SyntheticSpec) -> Result<()> {
     out.write_all(&header).map_err(io)?;
 
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    for (_, dims, quantized) in &tensors {
+    for (name, dims, quantized) in &tensors {
         let mut data = Vec::new();
         if *quantized {
             // Uniform in ±1/√fan_in keeps activations in range through many random layers.
             let bound = 1.0 / (dims[0] as f32).sqrt();
-            let values: Vec<f32> = (0..dims.iter().product::<u64>())
+            let mut values: Vec<f32> = (0..dims.iter().product::<u64>())
                 .map(|_| rng.random_range(-bound..bound))
                 .collect();
+            if name == EMBEDDING {
+                // The head is tied to the embeddings: zero rows give `<|endoftext|>` and the
+                // padding a logit of 0, below the largest of 256 random byte logits, so greedy
+                // generation never ends early (benchmarks get the tokens they ask for) and
+                // prints bytes.
+                values[BYTE_TOKENS * dims[0] as usize..].fill(0.0);
+            }
             for block in values.chunks_exact(QK) {
                 quantize_block(spec.dtype, block, &mut data);
             }
@@ -393,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn carries_a_byte_level_tokenizer_and_generates() {
+    fn carries_a_byte_level_tokenizer_and_generates_bytes() {
         use crate::generate::{generate, GenerationParams};
         use crate::model::Model;
         use crate::sampling::SamplingParams;
@@ -426,13 +436,17 @@ mod tests {
         let model = Model::load(&file, &candle_core::Device::Cpu).expect("model");
         assert_eq!(model.embedding.vocab_size(), 300);
         let params = GenerationParams {
-            max_tokens: 1,
+            max_tokens: 8,
             sampling: SamplingParams::greedy(),
             stop: Vec::new(),
         };
         let c = generate(&model, &tokenizer, ids.clone(), &params, |_| {}).expect("generate");
         assert_eq!(c.usage.prompt_tokens, ids.len());
-        assert_eq!(c.usage.generated_tokens, 1);
+        assert_eq!(
+            c.usage.generated_tokens, 8,
+            "greedy never picks <|endoftext|>"
+        );
+        assert!(c.tokens.iter().all(|&t| t < 256), "{:?}", c.tokens);
         // Greedy is deterministic: the same prompt picks the same token again.
         let again = generate(&model, &tokenizer, ids, &params, |_| {}).expect("generate");
         assert_eq!(again.tokens, c.tokens);

@@ -434,6 +434,12 @@ fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
         .workers
         .iter()
         .flat_map(|&workers| {
+            // Without workers there is no layer manager: the single-process mode runs once.
+            let memories = if workers == 0 {
+                &[None][..]
+            } else {
+                &memories[..]
+            };
             memories.iter().map(move |&memory| BenchConfig {
                 model: model.clone(),
                 workers,
