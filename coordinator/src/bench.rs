@@ -7,7 +7,10 @@
 //! - per-hop overhead: over the decode steps, a worker call's round trip minus the compute time
 //!   the worker reports (encoding, loopback transport, decoding, scheduling);
 //! - peak RSS: the process's high-water mark (`VmHWM`), coordinator and in-process workers
-//!   together. Run one configuration per process to compare them (the CLI does).
+//!   together. Run one configuration per process to compare them (the CLI does);
+//! - with a memory budget (the Memory64 layer manager on the workers): the budget, the prefetch
+//!   depth and the hit rate, hits and prefetch hits over all layer accesses, from each worker's
+//!   `Info` after the run (warm-up included).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +20,10 @@ use realm_common::generate::{generate, GenerationParams};
 use realm_common::sampling::SamplingParams;
 use realm_common::tokenizer::Tokenizer;
 use realm_common::wire::WireDType;
+
+use realm_common::model::{layer_bytes, LayerRange};
+use realm_proto::pb;
+use realm_proto::pb::worker_client::WorkerClient;
 
 use crate::cluster::Cluster;
 use crate::local::LocalWorkers;
@@ -39,6 +46,102 @@ pub struct BenchConfig {
     /// Compute threads (reported; the thread pool is sized by the caller).
     pub threads: usize,
     pub wire_dtype: WireDType,
+    /// The workers' layer budget; `None` runs them as without `--memory-budget`.
+    pub memory: Option<MemoryConfig>,
+}
+
+/// How much of its shard each in-process worker keeps materialized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BudgetSpec {
+    /// No budget: the whole shard resident (the layer manager off).
+    Full,
+    /// This percentage of the model's layer bytes over the worker count, at least one layer.
+    Percent(f64),
+    /// The largest layer's bytes: every layer streams.
+    OneLayer,
+    Bytes(u64),
+}
+
+impl std::str::FromStr for BudgetSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("full") {
+            return Ok(Self::Full);
+        }
+        if s.eq_ignore_ascii_case("1layer") {
+            return Ok(Self::OneLayer);
+        }
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("budget `{s}`: not a percentage"))?;
+            return if p > 0.0 && p <= 100.0 {
+                Ok(Self::Percent(p))
+            } else {
+                Err(format!("budget `{s}`: the percentage must be in (0, 100]"))
+            };
+        }
+        realm_worker::parse_size(s)
+            .map(Self::Bytes)
+            .map_err(|e| format!("budget `{s}` (full, N%, 1layer or a size): {e}"))
+    }
+}
+
+impl std::fmt::Display for BudgetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Full => f.write_str("full"),
+            Self::Percent(p) => write!(f, "{p}%"),
+            Self::OneLayer => f.write_str("1layer"),
+            Self::Bytes(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl BudgetSpec {
+    /// Bytes per worker for a model whose layers weigh `layers` bytes each, over `workers`
+    /// workers; `None` for [`BudgetSpec::Full`]. Never less than the largest layer, which the
+    /// layer manager needs.
+    pub fn bytes(&self, layers: &[u64], workers: usize) -> Option<u64> {
+        let largest = layers.iter().copied().max().unwrap_or(0);
+        let per_worker = layers.iter().sum::<u64>() as f64 / workers.max(1) as f64;
+        let bytes = match *self {
+            Self::Full => return None,
+            Self::Percent(p) => (per_worker * p / 100.0) as u64,
+            Self::OneLayer => largest,
+            Self::Bytes(b) => b,
+        };
+        Some(bytes.max(largest))
+    }
+}
+
+/// A budget and a prefetch depth for the workers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryConfig {
+    pub budget: BudgetSpec,
+    pub prefetch: usize,
+}
+
+/// What the layer managers of one configuration did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryResult {
+    /// As requested (`full`, `50%`, ...).
+    pub budget: String,
+    /// Bytes of layer weights each worker may keep materialized, in MB of 2^20 bytes like
+    /// `peak_rss_mb` (so the two compare directly); with `full`, the
+    /// model's layer bytes over the worker count.
+    pub budget_mb: f64,
+    pub prefetch: usize,
+    /// Hits and prefetch hits over all accesses, over all workers (1 with `full`: every layer
+    /// stays resident); `None` where no worker reported any access.
+    pub hit_rate: Option<f64>,
+    /// Layers materialized, over all workers (at assignment, on misses and by prefetch).
+    pub loads: u64,
+    /// Time spent materializing them, in ms, on any thread.
+    pub load_ms: f64,
 }
 
 /// What one configuration measured.
@@ -57,11 +160,13 @@ pub struct BenchResult {
     pub hop_us: Option<f64>,
     /// `None` where `/proc/self/status` is unavailable.
     pub peak_rss_mb: Option<f64>,
+    /// Only when the configuration set a memory budget.
+    pub memory: Option<MemoryResult>,
 }
 
 impl BenchResult {
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "model": self.model,
             "workers": self.workers,
             "threads": self.threads,
@@ -72,7 +177,16 @@ impl BenchResult {
             "ttft_ms": round(self.ttft_ms, 1),
             "hop_us": self.hop_us.map(|v| round(v, 1)),
             "peak_rss_mb": self.peak_rss_mb.map(|v| round(v, 1)),
-        })
+        });
+        if let (Some(m), Some(map)) = (&self.memory, v.as_object_mut()) {
+            map.insert("budget".into(), m.budget.clone().into());
+            map.insert("budget_mb".into(), round(m.budget_mb, 1).into());
+            map.insert("prefetch".into(), m.prefetch.into());
+            map.insert("hit_rate".into(), m.hit_rate.map(|r| round(r, 4)).into());
+            map.insert("loads".into(), m.loads.into());
+            map.insert("load_ms".into(), round(m.load_ms, 1).into());
+        }
+        v
     }
 
     pub fn from_json(v: &serde_json::Value) -> Option<Self> {
@@ -93,6 +207,17 @@ impl BenchResult {
             ttft_ms: f("ttft_ms")?,
             hop_us: f("hop_us"),
             peak_rss_mb: f("peak_rss_mb"),
+            memory: match v.get("budget") {
+                None => None,
+                Some(budget) => Some(MemoryResult {
+                    budget: budget.as_str()?.to_string(),
+                    budget_mb: f("budget_mb")?,
+                    prefetch: n("prefetch")?,
+                    hit_rate: f("hit_rate"),
+                    loads: v.get("loads")?.as_u64()?,
+                    load_ms: f("load_ms")?,
+                }),
+            },
         })
     }
 }
@@ -114,7 +239,18 @@ impl std::fmt::Display for BenchResult {
             self.prompt_tokens,
             self.generated_tokens,
             self.threads,
-        )
+        )?;
+        if let Some(m) = &self.memory {
+            let hit = m
+                .hit_rate
+                .map_or("n/a".to_string(), |r| format!("{:.1}%", r * 100.0));
+            write!(
+                f,
+                " [budget {} = {:.1} MB, prefetch {}, hit rate {hit}, {} layer loads in {:.0} ms]",
+                m.budget, m.budget_mb, m.prefetch, m.loads, m.load_ms
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -148,7 +284,11 @@ fn greedy(max_tokens: usize) -> GenerationParams {
 /// Measures one configuration.
 pub async fn bench_one(config: &BenchConfig) -> anyhow::Result<BenchResult> {
     anyhow::ensure!(config.gen_tokens > 0, "--gen-tokens must be at least 1");
-    let (usage, hop_us) = if config.workers == 0 {
+    anyhow::ensure!(
+        config.memory.is_none() || config.workers > 0,
+        "a memory budget needs workers (--workers 1 or more)"
+    );
+    let (usage, hop_us, memory) = if config.workers == 0 {
         let path = config.model.clone();
         let (prompt_tokens, gen_tokens) = (config.prompt_tokens, config.gen_tokens);
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -163,7 +303,7 @@ pub async fn bench_one(config: &BenchConfig) -> anyhow::Result<BenchResult> {
                 &greedy(gen_tokens),
                 |_| {},
             )?;
-            Ok((c.usage, None))
+            Ok((c.usage, None, None))
         })
         .await
         .context("the benchmark thread failed")??
@@ -181,15 +321,34 @@ pub async fn bench_one(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         ttft_ms: usage.time_to_first_token.as_secs_f64() * 1e3,
         hop_us,
         peak_rss_mb: peak_rss_mb(),
+        memory,
     })
 }
 
-async fn bench_cluster(
-    config: &BenchConfig,
-) -> anyhow::Result<(realm_common::generate::Usage, Option<f64>)> {
+type ClusterRun = (
+    realm_common::generate::Usage,
+    Option<f64>,
+    Option<MemoryResult>,
+);
+
+async fn bench_cluster(config: &BenchConfig) -> anyhow::Result<ClusterRun> {
     let model = load_model(&config.model).await?;
     let prompt = bench_prompt(&model.tokenizer, config.prompt_tokens)?;
-    let workers = LocalWorkers::start(&config.model, config.workers, config.threads).await?;
+    let layers = layer_bytes(&model.file, LayerRange::new(0, model.config.n_layers)?);
+    let budget = config
+        .memory
+        .and_then(|m| m.budget.bytes(&layers, config.workers));
+    let prefetch = config
+        .memory
+        .map_or(realm_worker::DEFAULT_PREFETCH, |m| m.prefetch);
+    let workers = LocalWorkers::start_with_budget(
+        &config.model,
+        config.workers,
+        config.threads,
+        budget,
+        prefetch,
+    )
+    .await?;
     let cluster =
         match Cluster::connect(model, workers.urls(), &PlanSpec::Auto, config.wire_dtype).await {
             Ok(c) => Arc::new(c),
@@ -208,10 +367,62 @@ async fn bench_cluster(
     };
     let result = run.await;
     drop(cluster);
+    let memory = match (&result, config.memory) {
+        (Ok(_), Some(m)) => match layer_manager_stats(workers.urls()).await {
+            Ok(stats) => Some(memory_result(m, budget, &layers, config.workers, &stats)),
+            Err(e) => return Err(workers.fail(e).await),
+        },
+        _ => None,
+    };
     workers.stop().await?;
     let g = result?;
     let hop_us = g.decode.mean_overhead().map(|d| d.as_secs_f64() * 1e6);
-    Ok((g.completion.usage, hop_us))
+    Ok((g.completion.usage, hop_us, memory))
+}
+
+/// Each worker's layer manager counters (`None` where it runs none), through its `Info`.
+async fn layer_manager_stats(
+    urls: &[String],
+) -> anyhow::Result<Vec<Option<pb::LayerManagerStats>>> {
+    let mut stats = Vec::with_capacity(urls.len());
+    for url in urls {
+        let mut client = WorkerClient::connect(url.clone())
+            .await
+            .with_context(|| format!("cannot reach the worker at {url}"))?;
+        let info = client
+            .info(pb::InfoRequest {})
+            .await
+            .with_context(|| format!("Info on {url} failed"))?
+            .into_inner();
+        stats.push(info.layer_manager);
+    }
+    Ok(stats)
+}
+
+fn memory_result(
+    config: MemoryConfig,
+    budget: Option<u64>,
+    layers: &[u64],
+    workers: usize,
+    stats: &[Option<pb::LayerManagerStats>],
+) -> MemoryResult {
+    let bytes = budget.unwrap_or_else(|| layers.iter().sum::<u64>() / workers.max(1) as u64) as f64;
+    let (hits, accesses) = stats.iter().flatten().fold((0, 0), |(h, a), s| {
+        (
+            h + s.hits + s.prefetch_hits,
+            a + s.hits + s.prefetch_hits + s.misses + s.waits,
+        )
+    });
+    let loads = stats.iter().flatten().map(|s| s.loads).sum();
+    let load_us: u64 = stats.iter().flatten().map(|s| s.load_us).sum();
+    MemoryResult {
+        loads,
+        load_ms: load_us as f64 / 1e3,
+        budget: config.budget.to_string(),
+        budget_mb: bytes / (1u64 << 20) as f64,
+        prefetch: config.prefetch,
+        hit_rate: (accesses > 0).then(|| hits as f64 / accesses as f64),
+    }
 }
 
 /// Loads the coordinator's share of a model off the async threads.
@@ -222,7 +433,7 @@ pub async fn load_model(path: &Path) -> anyhow::Result<CoordinatorModel> {
         .context("loading the model did not finish")?
 }
 
-/// The process's peak resident set (`VmHWM`), in MB.
+/// The process's peak resident set (`VmHWM`), in MB of 2^20 bytes (the kernel's kB are KiB).
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -247,6 +458,7 @@ mod tests {
             ttft_ms: 142.5,
             hop_us: Some(180.0),
             peak_rss_mb: Some(210.5),
+            memory: None,
         };
         let json = r.to_json();
         for key in [
@@ -264,7 +476,57 @@ mod tests {
         assert_eq!(BenchResult::from_json(&json), Some(r.clone()));
         let single = BenchResult { hop_us: None, ..r };
         assert!(single.to_json()["hop_us"].is_null());
-        assert_eq!(BenchResult::from_json(&single.to_json()), Some(single));
+        assert_eq!(
+            BenchResult::from_json(&single.to_json()),
+            Some(single.clone())
+        );
+        assert!(
+            json.get("budget").is_none(),
+            "no budget keys without a budget"
+        );
+
+        let managed = BenchResult {
+            memory: Some(MemoryResult {
+                budget: "50%".to_string(),
+                budget_mb: 40.5,
+                prefetch: 2,
+                hit_rate: Some(0.875),
+                loads: 40,
+                load_ms: 812.5,
+            }),
+            ..single
+        };
+        let json = managed.to_json();
+        for key in [
+            "budget",
+            "budget_mb",
+            "prefetch",
+            "hit_rate",
+            "loads",
+            "load_ms",
+        ] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
+        assert_eq!(BenchResult::from_json(&json), Some(managed));
+    }
+
+    #[test]
+    fn budgets_parse_and_resolve() {
+        let layers = [100, 300, 200, 400];
+        let spec = |s: &str| s.parse::<BudgetSpec>().expect(s);
+        assert_eq!(spec("full").bytes(&layers, 1), None);
+        assert_eq!(spec("50%").bytes(&layers, 1), Some(500));
+        assert_eq!(
+            spec("25%").bytes(&layers, 2),
+            Some(400),
+            "never below a layer"
+        );
+        assert_eq!(spec("1layer").bytes(&layers, 1), Some(400));
+        assert_eq!(spec("1KiB").bytes(&layers, 1), Some(1024));
+        for bad in ["0%", "150%", "half"] {
+            assert!(bad.parse::<BudgetSpec>().is_err(), "{bad}");
+        }
+        assert_eq!(spec("50%").to_string(), "50%");
     }
 
     #[test]
@@ -272,5 +534,50 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(peak_rss_mb().is_some_and(|mb| mb > 0.0));
         }
+    }
+
+    /// A tiny synthetic model through in-process workers with budgets: the counters come back
+    /// from `Info`, with the hit rates the layer manager's policy fixes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn budgets_report_the_layer_managers_hit_rate() {
+        use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
+
+        let path = std::env::temp_dir().join(format!("realm-bench-{}.gguf", std::process::id()));
+        write_llama(&path, &SyntheticSpec::small(4, 64, SyntheticDType::Q8_0)).expect("write");
+        let run = |budget: BudgetSpec| {
+            let config = BenchConfig {
+                model: path.clone(),
+                workers: 1,
+                prompt_tokens: 6,
+                gen_tokens: 3,
+                threads: 1,
+                wire_dtype: WireDType::F32,
+                memory: Some(MemoryConfig {
+                    budget,
+                    prefetch: 0,
+                }),
+            };
+            async move { bench_one(&config).await.expect("bench") }
+        };
+        let full = run(BudgetSpec::Full).await;
+        let streamed = run(BudgetSpec::OneLayer).await;
+        let _ = std::fs::remove_file(&path);
+
+        let full_memory = full.memory.expect("memory figures");
+        assert_eq!(
+            full_memory.hit_rate,
+            Some(1.0),
+            "the whole shard stays resident"
+        );
+        assert_eq!(full_memory.budget, "full");
+        let m = streamed.memory.expect("memory figures");
+        // One layer of room and no prefetch: nothing is pinned, every access loads its layer.
+        assert_eq!(m.hit_rate, Some(0.0));
+        assert!(
+            m.loads > full_memory.loads,
+            "streamed layers load again each step"
+        );
+        assert!(m.budget_mb > 0.0 && m.budget_mb < full_memory.budget_mb / 3.0);
+        assert!(streamed.generated_tokens > 0);
     }
 }

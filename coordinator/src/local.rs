@@ -23,8 +23,22 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `count` workers serving `model` on `127.0.0.1:0`, each reporting `threads`.
+    /// Starts `count` workers serving `model` on `127.0.0.1:0`, each reporting `threads`, with
+    /// the whole shard resident.
     pub async fn start(model: &Path, count: usize, threads: usize) -> anyhow::Result<Self> {
+        Self::start_with_budget(model, count, threads, None, realm_worker::DEFAULT_PREFETCH).await
+    }
+
+    /// As [`LocalWorkers::start`], each worker's layer manager keeping at most `memory_budget`
+    /// bytes of layer weights materialized (`None`: the whole shard) and prefetching `prefetch`
+    /// layers ahead.
+    pub async fn start_with_budget(
+        model: &Path,
+        count: usize,
+        threads: usize,
+        memory_budget: Option<u64>,
+        prefetch: usize,
+    ) -> anyhow::Result<Self> {
         let mut workers = Self {
             urls: Vec::with_capacity(count),
             stops: Vec::with_capacity(count),
@@ -39,8 +53,8 @@ impl LocalWorkers {
                 model: model.to_path_buf(),
                 threads,
                 idle_timeout: realm_worker::DEFAULT_IDLE_TIMEOUT,
-                memory_budget: None,
-                prefetch: realm_worker::DEFAULT_PREFETCH,
+                memory_budget,
+                prefetch,
             };
             let (stop, stopped) = oneshot::channel::<()>();
             let shutdown = async move {

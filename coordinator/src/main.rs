@@ -12,8 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{Completion, Decoding, GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::sampling::SamplingParams;
+use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
 use realm_common::wire::WireDType;
-use realm_coordinator::bench::{bench_one, load_model, BenchConfig, BenchResult};
+use realm_coordinator::bench::{
+    bench_one, load_model, BenchConfig, BenchResult, BudgetSpec, MemoryConfig,
+};
 use realm_coordinator::local::LocalWorkers;
 use realm_coordinator::{Cluster, LocalModel, PlanSpec, DEFAULT_MODEL};
 use tokio::net::TcpListener;
@@ -46,6 +49,9 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Compute perplexity over a text file (non-overlapping chunks, second half of each scored).
     Perplexity(PerplexityArgs),
+    /// Write a synthetic llama model (random weights, byte-level tokenizer) of any size, for
+    /// benchmarks of the Memory64 layer manager.
+    Synth(SynthArgs),
 }
 
 #[derive(Args)]
@@ -170,9 +176,59 @@ struct BenchArgs {
     /// Element type of activations between coordinator and workers.
     #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
     wire_dtype: WireDType,
+    /// Memory budgets of the in-process workers' layer managers, each measured with every
+    /// --prefetch: `full` (no budget), `N%` of the layer bytes per worker, `1layer` (the largest
+    /// layer) or a size such as `48MiB`. Without it, the workers keep their shards resident.
+    #[arg(long, value_delimiter = ',')]
+    memory_budgets: Vec<BudgetSpec>,
+    /// Layers prefetched ahead, for each of --memory-budgets.
+    #[arg(long, value_delimiter = ',', default_values_t = [realm_worker::DEFAULT_PREFETCH])]
+    prefetch: Vec<usize>,
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Where to write the GGUF file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Hidden width (a multiple of 32 and of --heads, into even head dimensions).
+    #[arg(long, default_value_t = 256)]
+    d_model: usize,
+    /// MLP width (a multiple of 32); default 4 × --d-model.
+    #[arg(long)]
+    ffn: Option<usize>,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Key/value heads (divide --heads).
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    /// Vocabulary size (at least 257: 256 bytes and <|endoftext|>).
+    #[arg(long, default_value_t = 512)]
+    vocab: usize,
+    /// Context length the model declares.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Weight format of the matrices: q4_0 or q8_0.
+    #[arg(long, default_value = "q8_0", value_parser = parse_synthetic_dtype)]
+    dtype: SyntheticDType,
+    /// Seed of the random weights (the same spec and seed give the same file).
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+}
+
+fn parse_synthetic_dtype(s: &str) -> Result<SyntheticDType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "q4_0" => Ok(SyntheticDType::Q4_0),
+        "q8_0" => Ok(SyntheticDType::Q8_0),
+        other => Err(format!("dtype `{other}` (supported: q4_0, q8_0)")),
+    }
 }
 
 #[derive(Args)]
@@ -209,6 +265,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench(args, threads),
         Command::Tokenize(args) => tokenize(args),
         Command::Perplexity(args) => perplexity(args),
+        Command::Synth(args) => synth(args),
     }
 }
 
@@ -348,8 +405,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One worker count runs here; several run each in a fresh process of this binary, so peak
-/// memory and warm caches do not leak from one configuration into the next.
+/// One configuration (worker count, budget, prefetch) runs here; several run each in a fresh
+/// process of this binary, so peak memory and warm caches do not leak from one configuration
+/// into the next.
 fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
     let print = |r: &BenchResult| {
         if args.json {
@@ -358,42 +416,85 @@ fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
             println!("{r}");
         }
     };
-    if let [workers] = args.workers[..] {
-        let config = BenchConfig {
-            model: args.model.model.clone(),
-            workers,
-            prompt_tokens: args.prompt_tokens,
-            gen_tokens: args.gen_tokens,
-            threads,
-            wire_dtype: args.wire_dtype,
-        };
-        let result = runtime()?.block_on(bench_one(&config))?;
+    let memories: Vec<Option<MemoryConfig>> = if args.memory_budgets.is_empty() {
+        vec![None]
+    } else {
+        anyhow::ensure!(!args.prefetch.is_empty(), "--prefetch needs a value");
+        args.memory_budgets
+            .iter()
+            .flat_map(|&budget| {
+                args.prefetch
+                    .iter()
+                    .map(move |&prefetch| Some(MemoryConfig { budget, prefetch }))
+            })
+            .collect()
+    };
+    let model = &args.model.model;
+    let configs: Vec<BenchConfig> = args
+        .workers
+        .iter()
+        .flat_map(|&workers| {
+            // Without workers there is no layer manager: the single-process mode runs once.
+            let memories = if workers == 0 {
+                &[None][..]
+            } else {
+                &memories[..]
+            };
+            memories.iter().map(move |&memory| BenchConfig {
+                model: model.clone(),
+                workers,
+                prompt_tokens: args.prompt_tokens,
+                gen_tokens: args.gen_tokens,
+                threads,
+                wire_dtype: args.wire_dtype,
+                memory,
+            })
+        })
+        .collect();
+    if let [config] = &configs[..] {
+        let result = runtime()?.block_on(bench_one(config))?;
         print(&result);
         return Ok(());
     }
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    for &workers in &args.workers {
-        let output = Process::new(&exe)
+    for config in &configs {
+        let mut child = Process::new(&exe);
+        child
             .arg("--threads")
             .arg(threads.to_string())
             .arg("bench")
             .arg("--model")
-            .arg(&args.model.model)
+            .arg(&config.model)
             .arg("--workers")
-            .arg(workers.to_string())
+            .arg(config.workers.to_string())
             .arg("--prompt-tokens")
-            .arg(args.prompt_tokens.to_string())
+            .arg(config.prompt_tokens.to_string())
             .arg("--gen-tokens")
-            .arg(args.gen_tokens.to_string())
+            .arg(config.gen_tokens.to_string())
             .arg("--wire-dtype")
-            .arg(args.wire_dtype.name())
-            .arg("--json")
+            .arg(config.wire_dtype.name())
+            .arg("--json");
+        if let Some(m) = config.memory {
+            child
+                .arg("--memory-budgets")
+                .arg(m.budget.to_string())
+                .arg("--prefetch")
+                .arg(m.prefetch.to_string());
+        }
+        let what = match config.memory {
+            None => format!("{} workers", config.workers),
+            Some(m) => format!(
+                "{} workers, budget {}, prefetch {}",
+                config.workers, m.budget, m.prefetch
+            ),
+        };
+        let output = child
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("cannot start a benchmark process")?;
         anyhow::ensure!(
             output.status.success(),
-            "the benchmark with {workers} workers failed ({})",
+            "the benchmark with {what} failed ({})",
             output.status
         );
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -405,6 +506,31 @@ fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
             .with_context(|| format!("unexpected benchmark output: {stdout}"))?;
         print(&result);
     }
+    Ok(())
+}
+
+fn synth(args: SynthArgs) -> anyhow::Result<()> {
+    let spec = SyntheticSpec {
+        n_layers: args.layers,
+        d_model: args.d_model,
+        ffn_dim: args.ffn.unwrap_or(4 * args.d_model),
+        n_heads: args.heads,
+        n_kv_heads: args.kv_heads,
+        vocab: args.vocab,
+        context_length: args.context,
+        dtype: args.dtype,
+        seed: args.seed,
+    };
+    write_llama(&args.out, &spec)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let bytes = std::fs::metadata(&args.out)
+        .with_context(|| format!("cannot read {}", args.out.display()))?
+        .len();
+    println!(
+        "{}: {bytes} bytes ({:.1} MiB)",
+        args.out.display(),
+        bytes as f64 / (1 << 20) as f64,
+    );
     Ok(())
 }
 
