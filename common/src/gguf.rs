@@ -226,6 +226,29 @@ impl GgufFile {
             })
     }
 
+    /// A tensor's bytes as a handle that keeps the mapping alive: weights computed straight
+    /// from the file's pages, with no copy.
+    pub fn tensor_data(&self, info: &TensorInfo) -> Result<TensorData> {
+        let bytes = self.tensor_bytes(info)?;
+        let start = bytes.as_ptr() as usize - self.map.bytes().as_ptr() as usize;
+        Ok(TensorData {
+            map: Arc::clone(&self.map),
+            start,
+            len: bytes.len(),
+        })
+    }
+
+    /// Maps `info`'s pages into the process now (see [`MappedFile::populate`]).
+    pub fn populate_tensor(&self, info: &TensorInfo) -> Result<()> {
+        let data = self.tensor_data(info)?;
+        self.map
+            .populate(data.start, data.len)
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Gives the mapped pages of `info`'s bytes back to the OS (see [`MappedFile::release`]): a
     /// caller that has copied a tensor out of the mapping calls this so the file's pages do not
     /// stay resident beside the copy. Reading the tensor again later still works.
@@ -339,6 +362,21 @@ type Parse<T> = std::result::Result<T, String>;
 /// Describes the field being read; only called to build an error message, so the hot path over
 /// large vocabularies formats nothing.
 type What<'w> = &'w dyn Fn() -> String;
+
+/// The bytes of one tensor inside a mapped GGUF file, kept alive by this handle.
+#[derive(Debug, Clone)]
+pub struct TensorData {
+    map: Arc<MappedFile>,
+    start: usize,
+    len: usize,
+}
+
+impl TensorData {
+    pub fn bytes(&self) -> &[u8] {
+        // In range by construction: `GgufFile::tensor_data` took it from a checked slice.
+        &self.map.bytes()[self.start..self.start + self.len]
+    }
+}
 
 /// The parsed header, before it is tied to a file.
 struct Header {

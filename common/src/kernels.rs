@@ -11,6 +11,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::gguf::TensorData;
 use crate::quant::GgmlType;
 
 const QK: usize = 32;
@@ -159,21 +160,47 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    data: Vec<u8>,
+    data: Storage,
+}
+
+/// Where a matrix's bytes live: a copy of its own, or the mapped model file itself.
+#[derive(Debug, Clone)]
+enum Storage {
+    Owned(Vec<u8>),
+    Mapped(TensorData),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Mapped(t) => t.bytes(),
+        }
+    }
 }
 
 impl QMatrix {
     /// `bytes` hold `rows` rows of `cols` values of `dtype`; callers check `supported(dtype)`
     /// and the sizes (the GGUF reader already has).
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        Self::with_storage(dtype, rows, cols, Storage::Owned(bytes.to_vec()))
+    }
+
+    /// A matrix computed straight from the mapped model file: no copy is made, and the
+    /// process's resident memory holds the weights only while their pages are mapped in.
+    pub fn mapped(dtype: GgmlType, rows: usize, cols: usize, data: TensorData) -> Option<Self> {
+        Self::with_storage(dtype, rows, cols, Storage::Mapped(data))
+    }
+
+    fn with_storage(dtype: GgmlType, rows: usize, cols: usize, data: Storage) -> Option<Self> {
         let row_bytes = cols / dtype.block_size() * dtype.type_size();
-        let ok = supported(dtype) && cols % QK == 0 && bytes.len() == rows * row_bytes;
-        ok.then(|| Self {
+        let ok = supported(dtype) && cols % QK == 0 && data.bytes().len() == rows * row_bytes;
+        ok.then_some(Self {
             dtype,
             rows,
             cols,
             row_bytes,
-            data: bytes.to_vec(),
+            data,
         })
     }
 
@@ -205,8 +232,8 @@ impl QMatrix {
             .enumerate()
             .for_each(|(task, chunk)| {
                 let first = task * ROWS_PER_TASK;
-                let rows =
-                    &self.data[first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
+                let rows = &self.data.bytes()
+                    [first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
                 dot_rows(self.dtype, rows, self.row_bytes, &acts, chunk);
             });
         for r in 0..self.rows {

@@ -49,7 +49,7 @@ use std::time::Instant;
 use candle_core::Device;
 use tracing::{debug, warn};
 
-use super::{load_block, Block, LayerRange, ModelConfig};
+use super::{borrows_mapping, load_block, Block, LayerRange, ModelConfig};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 
@@ -486,8 +486,9 @@ impl Inner {
         true
     }
 
-    /// Materializes `layer` (shard-relative) from the mapping, then gives its mapped pages back:
-    /// the block computes from its own copy.
+    /// Materializes `layer` (shard-relative): matrices in Realm's kernel formats compute from
+    /// the mapped pages, which loading maps in and which stay until eviction; the pages of
+    /// tensors the block copied are given back at once.
     fn load(&self, layer: usize) -> Result<Arc<dyn Block>> {
         let started = Instant::now();
         let block = load_block(
@@ -496,7 +497,14 @@ impl Inner {
             self.range.start + layer,
             &self.device,
         )?;
-        self.release_pages(layer);
+        for info in &self.tensors[layer] {
+            if borrows_mapping(info, &self.device) {
+                continue;
+            }
+            if let Err(e) = self.file.release_tensor(info) {
+                debug!(tensor = %info.name, error = %e, "cannot release mapped pages");
+            }
+        }
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.counters.loads.fetch_add(1, Ordering::Relaxed);
         self.counters.load_us.fetch_add(us, Ordering::Relaxed);

@@ -71,19 +71,27 @@ impl std::fmt::Display for LayerRange {
 }
 
 /// A weight matrix applied as `x @ W^T`: Realm's own kernels where the format has one (on CPU),
-/// candle's otherwise.
+/// computing straight from the mapped file; candle's otherwise, from a copy.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Realm(QMatrix),
     Candle(QMatMul),
 }
 
+/// Whether a tensor is computed from the mapped file's pages rather than from a copy: the layer
+/// manager keeps such pages mapped while the layer is resident, and releases copied ones.
+pub(crate) fn borrows_mapping(info: &TensorInfo, device: &Device) -> bool {
+    device.is_cpu() && kernels::supported(info.dtype) && info.dims.len() == 2
+}
+
 impl Linear {
     pub fn load(file: &GgufFile, name: &str, device: &Device) -> Result<Self> {
         let info = file.tensor_info(name)?;
-        if device.is_cpu() && kernels::supported(info.dtype) && info.dims.len() == 2 {
+        if borrows_mapping(info, device) {
             let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
-            if let Some(m) = QMatrix::new(info.dtype, rows, cols, file.tensor_bytes(info)?) {
+            if let Some(m) = QMatrix::mapped(info.dtype, rows, cols, file.tensor_data(info)?) {
+                // Fault the pages in now, at load time, rather than during the first step.
+                file.populate_tensor(info)?;
                 return Ok(Self::Realm(m));
             }
         }
