@@ -222,6 +222,32 @@ impl Cluster {
             .zip(self.workers.iter().map(|w| w.range))
     }
 
+    /// Asks every worker for its state now; in plan order, with its URL and range.
+    pub async fn worker_status(&self) -> Vec<(String, LayerRange, Result<pb::InfoResponse>)> {
+        let mut out = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            let mut client = w.client.clone();
+            let info = match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                client.info(pb::InfoRequest {}),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => Ok(reply.into_inner()),
+                Ok(Err(status)) => Err(Error::Worker {
+                    url: w.url.clone(),
+                    status,
+                }),
+                Err(_) => Err(Error::Worker {
+                    url: w.url.clone(),
+                    status: tonic::Status::deadline_exceeded("no answer to Info"),
+                }),
+            };
+            out.push((w.url.clone(), w.range, info));
+        }
+        out
+    }
+
     /// A fresh session id: unique within this coordinator (a counter) and across coordinators
     /// sharing workers (a random part).
     pub fn new_session_id(&self) -> String {

@@ -196,6 +196,38 @@ impl Realm for RealmService {
             }],
         }))
     }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> std::result::Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self
+            .cluster
+            .worker_status()
+            .await
+            .into_iter()
+            .map(|(url, range, info)| match info {
+                Ok(info) => pb::WorkerStatus {
+                    url,
+                    layers: range.to_string(),
+                    reachable: true,
+                    error: String::new(),
+                    active_sessions: info.active_sessions,
+                    kv_cache_bytes: info.kv_cache_bytes,
+                    memory_available_bytes: info.memory_available_bytes,
+                    layer_manager: info.layer_manager,
+                },
+                Err(e) => pb::WorkerStatus {
+                    url,
+                    layers: range.to_string(),
+                    reachable: false,
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
 }
 
 /// Serves the client API (with health and reflection) for `cluster` on `listener` until

@@ -357,6 +357,24 @@ async fn client_api_reports_and_refuses_clearly() {
         .token_ids;
     assert_eq!(ids, reference_ids("smollm2", "t2"));
 
+    // The coordinator shows each worker's state: layers, and the layer manager's counters
+    // after a generation (every layer resident: every access a hit).
+    stream_generate(&mut c, greedy_request("The capital of France is", 4)).await;
+    let status = c
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let layers: Vec<&str> = status.iter().map(|w| w.layers.as_str()).collect();
+    assert_eq!(layers, ["0-14", "15-29"]);
+    for w in &status {
+        assert!(w.reachable, "{w:?}");
+        let m = w.layer_manager.as_ref().expect("layer manager counters");
+        assert_eq!((m.misses, m.pinned_layers), (0, 15), "{m:?}");
+        assert!(m.hits >= 15 * 4, "{m:?}");
+    }
+
     let err = c.generate(greedy_request("", 8)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     let unknown = pb::GenerateRequest {

@@ -34,6 +34,8 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// List the models the coordinator serves.
     Models,
+    /// Show each worker: its layers, sessions, KV memory and layer-manager counters.
+    Workers,
 }
 
 #[derive(Args)]
@@ -120,6 +122,7 @@ async fn main() -> ExitCode {
             Command::Generate(args) => generate(client, args).await,
             Command::Tokenize(args) => tokenize(client, args).await,
             Command::Models => models(client).await,
+            Command::Workers => workers(client).await,
         },
         Err(e) => Err(e),
     };
@@ -215,6 +218,56 @@ async fn models(mut client: RealmClient<Channel>) -> Result<(), Failure> {
             "{}\t{}\t{} layers\tcontext {}\tplan {}",
             m.id, m.architecture, m.n_layers, m.context_length, m.plan
         )?;
+    }
+    Ok(())
+}
+
+async fn workers(mut client: RealmClient<Channel>) -> Result<(), Failure> {
+    let reply = client
+        .list_workers(pb::ListWorkersRequest {})
+        .await?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    for w in reply.workers {
+        if !w.reachable {
+            writeln!(
+                stdout,
+                "{}\tlayers {}\tunreachable: {}",
+                w.url, w.layers, w.error
+            )?;
+            continue;
+        }
+        write!(
+            stdout,
+            "{}\tlayers {}\tsessions {}\tkv {:.1} MiB",
+            w.url,
+            w.layers,
+            w.active_sessions,
+            w.kv_cache_bytes as f64 / (1 << 20) as f64
+        )?;
+        if let Some(m) = w.layer_manager {
+            let accesses = m.hits + m.misses + m.prefetch_hits + m.waits;
+            let hit_rate = if accesses == 0 {
+                0.0
+            } else {
+                (m.hits + m.prefetch_hits) as f64 / accesses as f64
+            };
+            write!(
+                stdout,
+                "\tresident {:.1}/{:.1} MiB ({} layers, {} pinned)\thits {} prefetch hits {} misses {} waits {} evictions {} (hit rate {:.2})",
+                m.resident_bytes as f64 / (1 << 20) as f64,
+                m.budget_bytes as f64 / (1 << 20) as f64,
+                m.resident_layers,
+                m.pinned_layers,
+                m.hits,
+                m.prefetch_hits,
+                m.misses,
+                m.waits,
+                m.evictions,
+                hit_rate
+            )?;
+        }
+        writeln!(stdout)?;
     }
     Ok(())
 }
