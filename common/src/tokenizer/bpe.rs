@@ -9,7 +9,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
 use super::pretokenize::PreTokenizer;
-use super::Vocab;
+use super::{Symbol, Vocab};
 
 /// The character that spells `byte` in the byte-level alphabet.
 pub(crate) fn byte_to_char(byte: u8) -> char {
@@ -103,16 +103,6 @@ impl Bpe {
         key.push_str(right);
         self.ranks.get(key.as_str()).copied()
     }
-}
-
-/// One symbol of a word being merged: a byte range of the spelled word, linked to its live
-/// neighbours. A symbol merged into its left neighbour has `len == 0`.
-#[derive(Debug, Clone, Copy)]
-struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -665,3 +665,14 @@ mod tests {
         assert_eq!(decode_byte_level("日"), b"[UNK_BYTE_0xe697a5\xe6\x97\xa5]");
     }
 }
+
+/// One symbol of a word being merged (by BPE ranks or SentencePiece scores): a byte range of
+/// the spelled word, linked to its live neighbours. A symbol merged into its left neighbour has
+/// `len == 0`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Symbol {
+    pub start: usize,
+    pub len: usize,
+    pub prev: Option<usize>,
+    pub next: Option<usize>,
+}

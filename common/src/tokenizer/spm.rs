@@ -8,7 +8,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use super::Vocab;
+use super::{Symbol, Vocab};
 use crate::error::{Error, Result};
 
 /// The character SentencePiece writes for a space.
@@ -74,14 +74,6 @@ pub(crate) fn encode(vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<()
         at = s.next;
     }
     Ok(())
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
 }
 
 #[derive(Debug)]
