@@ -9,6 +9,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod kv;
+pub mod logging;
 mod mmap;
 pub mod model;
 pub mod perplexity;

@@ -24,12 +24,14 @@ use realm_proto::pb;
 use realm_proto::pb::worker_client::WorkerClient;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, trace, warn, Instrument};
 
 use crate::error::{Error, Result};
+use crate::generation::names;
 use crate::model::CoordinatorModel;
 use crate::net::{connect_worker, MAX_MESSAGE_BYTES};
 use crate::plan::{Plan, PlanSpec};
+use crate::request_id;
 
 /// Realm's release version, which workers must share.
 pub const REALM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -277,13 +279,17 @@ impl Cluster {
         .await?;
 
         let mut hops = Vec::with_capacity(self.workers.len());
+        let request_id = request_id::current();
         for worker in &self.workers {
-            let request = pb::ForwardRequest {
-                session_id: session.to_string(),
-                position: position as u64,
-                hidden: Some(hidden),
-                layers: Some(worker.range.into()),
-            };
+            let request = request_id::tagged(
+                pb::ForwardRequest {
+                    session_id: session.to_string(),
+                    position: position as u64,
+                    hidden: Some(hidden),
+                    layers: Some(worker.range.into()),
+                },
+                request_id.as_ref(),
+            );
             let sent = Instant::now();
             let reply = worker
                 .client
@@ -299,6 +305,8 @@ impl Cluster {
                 round_trip: sent.elapsed(),
                 compute: Duration::from_micros(reply.compute_us),
             };
+            metrics::histogram!(names::WORKER_FORWARD, "worker" => worker.url.clone())
+                .record(hop.round_trip.as_secs_f64());
             trace!(
                 session,
                 worker = %worker.url,
@@ -483,7 +491,11 @@ impl Drop for Session {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 debug!(session = %id, "generation dropped; ending its session");
-                runtime.spawn(end_everywhere(workers, id));
+                let ending = end_everywhere(workers, id).in_current_span();
+                match request_id::current() {
+                    Some(request) => runtime.spawn(request.scope(ending)),
+                    None => runtime.spawn(ending),
+                };
             }
             Err(_) => warn!(
                 session = %id,
@@ -495,16 +507,23 @@ impl Drop for Session {
 
 async fn end_everywhere(workers: Vec<WorkerLink>, session: String) {
     let mut calls = JoinSet::new();
+    let request_id = request_id::current();
     for w in workers {
-        let request = pb::EndSessionRequest {
-            session_id: session.clone(),
-        };
-        calls.spawn(async move {
-            let mut client = w.client;
-            let result =
-                tokio::time::timeout(END_SESSION_TIMEOUT, client.end_session(request)).await;
-            (w.url, result)
-        });
+        let request = request_id::tagged(
+            pb::EndSessionRequest {
+                session_id: session.clone(),
+            },
+            request_id.as_ref(),
+        );
+        calls.spawn(
+            async move {
+                let mut client = w.client;
+                let result =
+                    tokio::time::timeout(END_SESSION_TIMEOUT, client.end_session(request)).await;
+                (w.url, result)
+            }
+            .in_current_span(),
+        );
     }
     while let Some(joined) = calls.join_next().await {
         match joined {

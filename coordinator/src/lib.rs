@@ -1,16 +1,20 @@
 //! Realm's coordinator: holds a model's tokenizer, embeddings and head, plans which worker runs
 //! which layers ([`plan`]), drives generation across the workers ([`cluster`]) and serves the
-//! client API ([`service`]). [`LocalModel`] runs every block in this process instead: the
+//! client API ([`service`], and the OpenAI-compatible HTTP API in [`http`]). [`LocalModel`] runs every block in this process instead: the
 //! single-process mode, and the oracle the distributed output must equal.
 #![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod cluster;
 pub mod error;
+pub mod generation;
+pub mod http;
 pub mod local;
 pub mod model;
 pub mod net;
 pub mod plan;
+pub mod progress;
+pub mod request_id;
 pub mod service;
 
 pub use cluster::Cluster;

@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{Completion, Decoding, GenerationParams, DEFAULT_MAX_TOKENS};
+use realm_common::logging::LogFormat;
 use realm_common::sampling::SamplingParams;
 use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
 use realm_common::wire::WireDType;
@@ -18,6 +19,7 @@ use realm_coordinator::bench::{
     bench_one, load_model, BenchConfig, BenchResult, BudgetSpec, MemoryConfig,
 };
 use realm_coordinator::local::LocalWorkers;
+use realm_coordinator::progress;
 use realm_coordinator::{Cluster, LocalModel, PlanSpec, DEFAULT_MODEL};
 use tokio::net::TcpListener;
 
@@ -31,6 +33,10 @@ struct Cli {
     /// Worker threads for the math (default: all cores).
     #[arg(long, global = true, env = "REALM_THREADS")]
     threads: Option<usize>,
+    /// Log line format on stderr: `text` or `json` (one object per line, with the request id of
+    /// every line about a request). The filter is `REALM_LOG` (default `warn`).
+    #[arg(long, global = true, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -158,6 +164,11 @@ struct ServeArgs {
     /// Address to serve the Realm API on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: String,
+    /// Also serve the OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions`,
+    /// `/v1/models`), `/health` and Prometheus `/metrics` on this address (port 0 picks a free
+    /// one). Default: no HTTP API.
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -245,14 +256,7 @@ struct PerplexityArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REALM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    realm_common::logging::init(cli.log_format, "warn");
     if let Some(threads) = cli.threads {
         // Read by the math library's thread pool when it first starts, which is after this.
         std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
@@ -378,30 +382,86 @@ fn print_usage(completion: &Completion) {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Bound first, so a taken port fails before any worker loads a shard.
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = TcpListener::bind(&args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (is another coordinator running? choose another --listen)",
+            args.listen
+        )
+    })?;
     let addr = listener.local_addr()?;
-    let model = load_model(&args.model.model).await?;
-    let cluster = Cluster::connect(
-        model,
-        &args.workers,
-        &args.cluster.plan,
-        args.cluster.wire_dtype,
+    let http =
+        match &args.http_listen {
+            Some(http) => Some(TcpListener::bind(http).await.with_context(|| {
+                format!("cannot listen on {http} (choose another --http-listen)")
+            })?),
+            None => None,
+        };
+    let metrics = match http {
+        Some(_) => Some(realm_coordinator::http::install_metrics()?),
+        None => None,
+    };
+    let model = progress::step(
+        &format!("loading {}", args.model.model.display()),
+        load_model(&args.model.model),
     )
     .await?;
+    let cluster = progress::step(
+        &format!(
+            "planning the layers over {} workers and assigning their shards",
+            args.workers.len()
+        ),
+        Cluster::connect(
+            model,
+            &args.workers,
+            &args.cluster.plan,
+            args.cluster.wire_dtype,
+        ),
+    )
+    .await
+    .context("cannot set up the cluster (are the workers running, with the same model file?)")?;
+    for (worker, range) in cluster.workers() {
+        eprintln!("  {} serves layers {range}", worker.url);
+    }
     tracing::info!(plan = %cluster.plan(), %addr, "cluster ready");
+    let cluster = Arc::new(cluster);
+
+    // One signal stops both servers; each lets its requests in flight finish.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        realm_coordinator::shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|&s| s).await;
+        }
+    };
     let mut stdout = std::io::stdout().lock();
+    if let Some(http) = &http {
+        writeln!(
+            stdout,
+            "realm-coordinator serving HTTP on {}",
+            http.local_addr()?
+        )
+        .context("cannot write to stdout")?;
+    }
     writeln!(stdout, "realm-coordinator listening on {addr}")
         .and_then(|_| stdout.flush())
         .context("cannot write to stdout")?;
     drop(stdout);
-    realm_coordinator::serve(
-        listener,
-        Arc::new(cluster),
-        realm_coordinator::shutdown_signal(),
-    )
-    .await?;
+    let http = http.map(|listener| {
+        tokio::spawn(realm_coordinator::http::serve(
+            listener,
+            Arc::clone(&cluster),
+            metrics,
+            until_stopped(),
+        ))
+    });
+    realm_coordinator::serve(listener, cluster, until_stopped()).await?;
+    if let Some(http) = http {
+        http.await.context("the HTTP server did not finish")??;
+    }
     Ok(())
 }
 

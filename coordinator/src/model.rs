@@ -26,6 +26,21 @@ pub fn prompt_tokens(
     let Some(system) = chat else {
         return tokenizer.encode(prompt, true, true);
     };
+    let mut messages = Vec::new();
+    if !system.is_empty() {
+        messages.push(ChatMessage::system(system));
+    }
+    messages.push(ChatMessage::user(prompt));
+    chat_tokens(file, tokenizer, &messages)
+}
+
+/// Token ids of a conversation rendered through the model's chat template, ready for the
+/// assistant's reply.
+pub fn chat_tokens(
+    file: &GgufFile,
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+) -> realm_common::Result<Vec<u32>> {
     let text_of = |id: Option<u32>| {
         id.and_then(|id| tokenizer.token_text(id))
             .unwrap_or_default()
@@ -36,12 +51,7 @@ pub fn prompt_tokens(
         &text_of(tokenizer.bos_id()),
         &text_of(tokenizer.eos_id()),
     )?;
-    let mut messages = Vec::new();
-    if !system.is_empty() {
-        messages.push(ChatMessage::system(system));
-    }
-    messages.push(ChatMessage::user(prompt));
-    let rendered = template.render(&messages, true)?;
+    let rendered = template.render(messages, true)?;
     let add_special = !template.starts_with_bos(&rendered);
     tokenizer.encode(&rendered, add_special, true)
 }
@@ -90,6 +100,11 @@ impl CoordinatorModel {
         chat: Option<&str>,
     ) -> realm_common::Result<Vec<u32>> {
         prompt_tokens(&self.file, &self.tokenizer, prompt, chat)
+    }
+
+    /// Token ids of a conversation; see [`chat_tokens`].
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> realm_common::Result<Vec<u32>> {
+        chat_tokens(&self.file, &self.tokenizer, messages)
     }
 }
 

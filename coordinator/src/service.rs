@@ -2,13 +2,12 @@
 //! server reflection on the same port.
 //!
 //! `Generate` validates the request before it answers (a bad request is an error status, not a
-//! stream that fails), then runs the generation in its own task, which writes one message per
-//! generated token into the response stream and a last one with the finish reason and usage.
-//! When the client goes away the stream is dropped, the next write fails, and the task stops and
-//! ends the session on every worker.
+//! stream that fails), then runs it through [`generation`] (shared with the HTTP API): one
+//! message per generated token, and a last one with the finish reason and usage. When the client
+//! goes away the stream is dropped and the generation stops and ends the session on every worker.
 
 use std::future::Future;
-use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,15 +18,17 @@ use realm_common::stop::StopMatcher;
 use realm_proto::pb;
 use realm_proto::pb::realm_server::{Realm, RealmServer};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
+use crate::generation::{self, Event, Job};
 use crate::net::MAX_MESSAGE_BYTES;
+use crate::request_id::RequestId;
 
 /// Fully-qualified name of the client service, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "realm.v1.Realm";
@@ -47,7 +48,30 @@ impl RealmService {
     fn check_model(&self, requested: &str) -> Result<()> {
         check_model(requested, &self.cluster.model().id)
     }
+
+    /// The generation a `Generate` request asks for, checked.
+    fn job(&self, req: &pb::GenerateRequest, received: Instant, id: RequestId) -> Result<Job> {
+        self.check_model(&req.model)?;
+        if req.prompt.is_empty() {
+            return Err(realm_common::Error::InvalidArgument("the prompt is empty".into()).into());
+        }
+        let params = generation_params(req)?;
+        let tokens = self
+            .cluster
+            .model()
+            .prompt_tokens(&req.prompt, chat_system(req))?;
+        Ok(Job {
+            tokens,
+            params,
+            received,
+            id,
+            api: API,
+        })
+    }
 }
+
+/// The `api` label of this service's requests in the metrics.
+const API: &str = "grpc";
 
 /// An empty `requested` means the only model; anything else must be its id.
 fn check_model(requested: &str, served: &str) -> Result<()> {
@@ -94,76 +118,47 @@ fn chat_system(req: &pb::GenerateRequest) -> Option<&str> {
 #[tonic::async_trait]
 impl Realm for RealmService {
     type GenerateStream =
-        UnboundedReceiverStream<std::result::Result<pb::GenerateResponse, Status>>;
+        Pin<Box<dyn Stream<Item = std::result::Result<pb::GenerateResponse, Status>> + Send>>;
 
     async fn generate(
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> std::result::Result<Response<Self::GenerateStream>, Status> {
         let received = Instant::now();
+        let id = RequestId::from_metadata(request.metadata());
         let req = request.into_inner();
-        self.check_model(&req.model)?;
-        if req.prompt.is_empty() {
-            return Err(Status::invalid_argument("the prompt is empty"));
-        }
-        let params = generation_params(&req)?;
-        let model = self.cluster.model();
-        let tokens = model.prompt_tokens(&req.prompt, chat_system(&req))?;
-        let decoding = self.cluster.decoding(tokens, &params)?;
-
-        // Unbounded: a generation writes at most `max_tokens` small messages, and a slow reader
-        // must not hold the workers' KV caches longer than the generation itself needs.
-        let (tx, rx) = mpsc::unbounded_channel();
-        let cluster = self.cluster.clone();
-        tokio::spawn(async move {
-            let sent = |m: pb::GenerateResponse| tx.send(Ok(m)).is_ok();
-            let before_run = received.elapsed();
-            let result = cluster
-                .run(decoding, |delta| {
-                    let message = pb::GenerateResponse {
-                        text: delta.text,
-                        token_ids: vec![delta.token],
-                        finish: None,
-                    };
-                    if sent(message) {
-                        ControlFlow::Continue(())
-                    } else {
-                        ControlFlow::Break(())
-                    }
-                })
-                .await;
-            match result {
-                Ok(generation) => {
-                    let c = &generation.completion;
-                    // The clock starts at the request, so a client's TTFT includes tokenizing.
-                    let ttft = before_run + c.usage.time_to_first_token;
-                    let usage = pb::Usage {
-                        prompt_tokens: c.usage.prompt_tokens as u32,
-                        generated_tokens: c.usage.generated_tokens as u32,
-                        time_to_first_token_ms: ttft.as_secs_f64() * 1e3,
-                        tokens_per_second: c.usage.decode_tokens_per_second(),
-                    };
-                    debug!(
-                        generated = usage.generated_tokens,
-                        finish = c.finish.as_str(),
-                        "generate done"
-                    );
-                    sent(pb::GenerateResponse {
-                        text: String::new(),
-                        token_ids: Vec::new(),
-                        finish: Some(pb::Finish {
-                            reason: c.finish.as_str().to_string(),
-                            usage: Some(usage),
+        let events = id.span().in_scope(|| {
+            let job = self.job(&req, received, id.clone()).inspect_err(|e| {
+                debug!(error = %e, "generate refused");
+                generation::count_refused(API);
+            })?;
+            generation::start(&self.cluster, job)
+        })?;
+        let stream = UnboundedReceiverStream::new(events).map(|event| match event {
+            Event::Delta(delta) => Ok(pb::GenerateResponse {
+                text: delta.text,
+                token_ids: vec![delta.token],
+                finish: None,
+            }),
+            Event::Done(done) => {
+                let c = &done.completion;
+                Ok(pb::GenerateResponse {
+                    text: String::new(),
+                    token_ids: Vec::new(),
+                    finish: Some(pb::Finish {
+                        reason: c.finish.as_str().to_string(),
+                        usage: Some(pb::Usage {
+                            prompt_tokens: c.usage.prompt_tokens as u32,
+                            generated_tokens: c.usage.generated_tokens as u32,
+                            time_to_first_token_ms: done.time_to_first_token.as_secs_f64() * 1e3,
+                            tokens_per_second: c.usage.decode_tokens_per_second(),
                         }),
-                    });
-                }
-                Err(Error::Stopped) => info!("client went away; generation stopped"),
-                Err(e) => {
-                    let _ = tx.send(Err(Status::from(e)));
-                }
+                    }),
+                })
             }
+            Event::Failed(e) => Err(Status::from(e)),
         });
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn tokenize(

@@ -8,6 +8,7 @@
 //! [`WorkerConfig::idle_timeout`].
 #![forbid(unsafe_code)]
 
+mod metrics;
 mod service;
 mod sessions;
 mod system;
@@ -104,10 +105,41 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = Arc::new(
-        WorkerState::open(&config)
-            .with_context(|| format!("cannot serve {}", config.model.display()))?,
-    );
+    run_with_metrics(listener, None, config, shutdown).await
+}
+
+/// As [`run`], also serving Prometheus `GET /metrics` on `metrics` when given.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut state = WorkerState::open(&config)
+        .with_context(|| format!("cannot serve {}", config.model.display()))?;
+    if metrics.is_some() {
+        state = state.with_metrics(metrics::WorkerMetrics::new()?);
+    }
+    let state = Arc::new(state);
+    // One shutdown stops both servers.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|&s| s).await;
+        }
+    };
+    let metrics = metrics.map(|listener| {
+        tokio::spawn(metrics::serve(
+            listener,
+            Arc::clone(&state),
+            until_stopped(),
+        ))
+    });
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
     let addr = listener
         .local_addr()
         .context("the listener has no local address")?;
@@ -152,13 +184,34 @@ pub async fn run(
     // round trip per step.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        .trace_fn(request_span)
         .add_service(health_service)
         .add_service(worker)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("the worker's gRPC server failed")?;
+    if let Some(metrics) = metrics {
+        metrics
+            .await
+            .context("the metrics server did not finish")?
+            .context("the metrics server failed")?;
+    }
     info!("worker stopped");
     Ok(())
+}
+
+/// The span of one gRPC call: the coordinator's request id (`x-request-id` metadata) when it
+/// sent one, so every line logged about a request carries it. At ERROR level so it is enabled
+/// whenever any line is: a span filtered out would drop the id from the lines inside it.
+fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok());
+    match id {
+        Some(id) => tracing::error_span!("request", request_id = %id),
+        None => tracing::Span::none(),
+    }
 }
 
 /// Frees sessions idle for longer than `timeout`, until the task is aborted.

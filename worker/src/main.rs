@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use realm_common::logging::LogFormat;
 use realm_worker::{parse_size, WorkerConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_PREFETCH};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
@@ -45,17 +46,20 @@ struct Cli {
     /// Layers loaded in the background ahead of the one computing (0: load on demand only).
     #[arg(long, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
+    /// Serve Prometheus metrics (`GET /metrics`: steps, compute time, sessions, KV cache bytes,
+    /// Memory64 counters) on this address (port 0 picks a free one; the bound address is
+    /// printed on stdout). Default: no metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log line format on stderr: `text` or `json` (one object per line, with the request id of
+    /// every line about a request). The filter is `REALM_LOG` (default `info`).
+    #[arg(long, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REALM_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    realm_common::logging::init(cli.log_format, "info");
     if cli.device != "cpu" {
         anyhow::bail!(
             "device `{}` is not supported: this worker computes on `cpu` only (CUDA comes later)",
@@ -82,22 +86,37 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(cli.listen, config))
+        .block_on(serve(cli.listen, cli.metrics_listen, config))
 }
 
-async fn serve(listen: SocketAddr, config: WorkerConfig) -> anyhow::Result<()> {
+async fn serve(
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+    config: WorkerConfig,
+) -> anyhow::Result<()> {
     // Signal handlers go in before the address is announced: whoever reads it may signal at once.
     let shutdown = shutdown().context("cannot install signal handlers")?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
+        format!("cannot listen on {listen} (is another worker running there? choose another --listen)")
+    })?;
     let bound = listener.local_addr().context("no bound address")?;
+    let metrics = match metrics_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (choose another --metrics-listen)")
+        })?),
+        None => None,
+    };
     let mut stdout = std::io::stdout().lock();
+    if let Some(metrics) = &metrics {
+        let addr = metrics.local_addr().context("no bound metrics address")?;
+        writeln!(stdout, "realm-worker serving metrics on {addr}")
+            .context("cannot write to stdout")?;
+    }
     writeln!(stdout, "realm-worker listening on {bound}")
         .and_then(|()| stdout.flush())
         .context("cannot write to stdout")?;
     drop(stdout);
-    realm_worker::run(listener, config, shutdown).await
+    realm_worker::run_with_metrics(listener, metrics, config, shutdown).await
 }
 
 /// Resolves at the first SIGINT or SIGTERM. The handlers are installed when this is called, not

@@ -20,6 +20,7 @@ use realm_proto::PROTOCOL_VERSION;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, trace, trace_span, warn};
 
+use crate::metrics::WorkerMetrics;
 use crate::sessions::{Sessions, Step};
 use crate::system;
 use crate::WorkerConfig;
@@ -43,6 +44,18 @@ pub(crate) struct WorkerState {
     loaded: RwLock<Option<Arc<Loaded>>>,
     /// Serialises shard assignments, so two never load at once.
     assigning: tokio::sync::Mutex<()>,
+    /// Set when the worker serves `/metrics`.
+    metrics: Option<WorkerMetrics>,
+}
+
+/// The worker's state at one moment, for the metrics.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Snapshot {
+    pub active_sessions: usize,
+    pub kv_cache_bytes: u64,
+    pub shard_layers: usize,
+    /// `None` when the shard is fully resident (or none is assigned).
+    pub layer_stats: Option<LayerStats>,
 }
 
 /// An assigned shard and the sessions running through it.
@@ -70,7 +83,30 @@ impl WorkerState {
             logged_accesses: AtomicU64::new(0),
             loaded: RwLock::new(None),
             assigning: tokio::sync::Mutex::new(()),
+            metrics: None,
         })
+    }
+
+    /// Records the worker's metrics into `metrics` from now on.
+    pub fn with_metrics(mut self, metrics: WorkerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&WorkerMetrics> {
+        self.metrics.as_ref()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let Some(loaded) = self.loaded() else {
+            return Snapshot::default();
+        };
+        Snapshot {
+            active_sessions: loaded.sessions.len(),
+            kv_cache_bytes: loaded.sessions.kv_bytes(),
+            shard_layers: loaded.shard.range().len(),
+            layer_stats: loaded.shard.layer_stats(),
+        }
     }
 
     pub fn identity(&self) -> &ModelIdentity {
@@ -324,6 +360,11 @@ impl pb::worker_server::Worker for WorkerService {
         })
         .await;
         // The request was checked before the step ran, so a failure here is the worker's own.
+        if let (Some(m), Ok(Ok((_, compute)))) = (self.state.metrics(), &joined) {
+            m.forwards.increment(1);
+            m.forward_tokens.increment(n_tokens as u64);
+            m.forward_compute.record(compute.as_secs_f64());
+        }
         match joined {
             Ok(Ok((hidden, compute))) => Ok(Response::new(pb::ForwardResponse {
                 hidden: Some(hidden),

@@ -1,0 +1,201 @@
+//! One generation as every client API runs it (the gRPC `Generate` service and the
+//! OpenAI-compatible HTTP API): validated up front, then run over the cluster in its own task
+//! that reports each token, the finish or the failure as an [`Event`], under the request's id and
+//! span, recording the coordinator's metrics on the way.
+//!
+//! When the receiver of the events goes away (a client disconnected), the next token cannot be
+//! reported, so the task stops the generation, which ends the session on every worker.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+use realm_common::generate::{Completion, GenerationParams};
+use tokio::sync::mpsc;
+use tracing::{debug, info, Instrument};
+
+use crate::cluster::{Cluster, Delta};
+use crate::error::{Error, Result};
+use crate::request_id::RequestId;
+
+/// Names of the coordinator's metrics, as `/metrics` shows them.
+pub mod names {
+    /// Generation requests received, by `api` (`grpc`, `completions`, `chat`).
+    pub const REQUESTS: &str = "realm_requests_total";
+    /// Generation requests refused or failed, by `api`.
+    pub const REQUEST_ERRORS: &str = "realm_request_errors_total";
+    /// Generations running now.
+    pub const ACTIVE_SESSIONS: &str = "realm_active_sessions";
+    /// Prompt tokens of the generations started.
+    pub const PROMPT_TOKENS: &str = "realm_prompt_tokens_total";
+    /// Tokens generated (the end-of-generation token included, as in `usage`).
+    pub const GENERATED_TOKENS: &str = "realm_generated_tokens_total";
+    /// From receiving a request to its first token.
+    pub const TIME_TO_FIRST_TOKEN: &str = "realm_time_to_first_token_seconds";
+    /// Between consecutive tokens of a generation.
+    pub const INTER_TOKEN: &str = "realm_inter_token_seconds";
+    /// One worker's part of one step as the coordinator sees it (round trip), by `worker`.
+    pub const WORKER_FORWARD: &str = "realm_worker_forward_seconds";
+}
+
+/// What a running generation reports.
+#[derive(Debug)]
+pub enum Event {
+    /// A token was generated.
+    Delta(Delta),
+    /// The generation finished; the last event.
+    Done(Box<Done>),
+    /// The generation failed; the last event.
+    Failed(Error),
+}
+
+/// A finished generation.
+#[derive(Debug)]
+pub struct Done {
+    pub completion: Completion,
+    /// From receiving the request (not from starting the generation) to the first token.
+    pub time_to_first_token: Duration,
+}
+
+/// A generation request, already turned into tokens.
+#[derive(Debug)]
+pub struct Job {
+    pub tokens: Vec<u32>,
+    pub params: GenerationParams,
+    /// When the request arrived, so the time to first token includes tokenizing.
+    pub received: Instant,
+    pub id: RequestId,
+    /// Which API the request came through, for the metrics' `api` label.
+    pub api: &'static str,
+}
+
+/// Counts a request of `api` refused before its generation could start.
+pub fn count_refused(api: &'static str) {
+    counter!(names::REQUESTS, "api" => api).increment(1);
+    counter!(names::REQUEST_ERRORS, "api" => api).increment(1);
+}
+
+/// Checks `job` and starts its generation; a bad request is an error here, before any event.
+pub fn start(cluster: &Arc<Cluster>, job: Job) -> Result<mpsc::UnboundedReceiver<Event>> {
+    let Job {
+        tokens,
+        params,
+        received,
+        id,
+        api,
+    } = job;
+    let decoding = match cluster.decoding(tokens, &params) {
+        Ok(d) => d,
+        Err(e) => {
+            count_refused(api);
+            return Err(e);
+        }
+    };
+    counter!(names::REQUESTS, "api" => api).increment(1);
+    counter!(names::PROMPT_TOKENS).increment(decoding.prompt().len() as u64);
+
+    // Unbounded: a generation reports at most `max_tokens` small events, and a slow reader must
+    // not hold the workers' KV caches longer than the generation itself needs.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cluster = Arc::clone(cluster);
+    // The caller's request span when it opened one (it logs its checks there), else a new one.
+    let span = match tracing::Span::current() {
+        current if current.is_none() => id.span(),
+        current => current,
+    };
+    let task = async move {
+        let _active = ActiveSession::begin();
+        let mut last_token = None::<Instant>;
+        let result = cluster
+            .run(decoding, |delta| {
+                let now = Instant::now();
+                match last_token.replace(now) {
+                    None => histogram!(names::TIME_TO_FIRST_TOKEN)
+                        .record(now.duration_since(received).as_secs_f64()),
+                    Some(before) => histogram!(names::INTER_TOKEN)
+                        .record(now.duration_since(before).as_secs_f64()),
+                }
+                counter!(names::GENERATED_TOKENS).increment(1);
+                if tx.send(Event::Delta(delta)).is_ok() {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            })
+            .await;
+        match result {
+            Ok(generation) => {
+                let completion = generation.completion;
+                debug!(
+                    generated = completion.usage.generated_tokens,
+                    finish = completion.finish.as_str(),
+                    "request done"
+                );
+                let first = last_token.map_or(Duration::ZERO, |_| {
+                    // The cluster's clock starts after tokenizing; the client's at the request.
+                    received.elapsed().saturating_sub(completion.usage.total)
+                        + completion.usage.time_to_first_token
+                });
+                let _ = tx.send(Event::Done(Box::new(Done {
+                    completion,
+                    time_to_first_token: first,
+                })));
+            }
+            Err(Error::Stopped) => info!("client went away; generation stopped"),
+            Err(e) => {
+                counter!(names::REQUEST_ERRORS, "api" => api).increment(1);
+                let _ = tx.send(Event::Failed(e));
+            }
+        }
+    };
+    tokio::spawn(id.scope(task).instrument(span));
+    Ok(rx)
+}
+
+/// Holds the active-sessions gauge up for as long as a generation runs, however it ends.
+struct ActiveSession;
+
+impl ActiveSession {
+    fn begin() -> Self {
+        gauge!(names::ACTIVE_SESSIONS).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        gauge!(names::ACTIVE_SESSIONS).decrement(1.0);
+    }
+}
+
+/// Gives the metrics their help text (shown by `/metrics`).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(names::REQUESTS, "Generation requests received, by API");
+    describe_counter!(
+        names::REQUEST_ERRORS,
+        "Generation requests refused or failed, by API"
+    );
+    describe_gauge!(names::ACTIVE_SESSIONS, "Generations running now");
+    describe_counter!(
+        names::PROMPT_TOKENS,
+        "Prompt tokens of the generations started"
+    );
+    describe_counter!(names::GENERATED_TOKENS, "Tokens generated");
+    describe_histogram!(
+        names::TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "From receiving a request to its first token"
+    );
+    describe_histogram!(
+        names::INTER_TOKEN,
+        Unit::Seconds,
+        "Between consecutive tokens of a generation"
+    );
+    describe_histogram!(
+        names::WORKER_FORWARD,
+        Unit::Seconds,
+        "Round trip of one worker's part of one step, by worker"
+    );
+}

@@ -1,0 +1,743 @@
+//! The OpenAI-compatible HTTP API, served beside the gRPC API by `realm-coordinator serve
+//! --http-listen ADDR`: `POST /v1/completions`, `POST /v1/chat/completions` (server-sent events
+//! with `"stream": true`, ending in `data: [DONE]`), `GET /v1/models`, `GET /health` and, when a
+//! metrics recorder is installed, `GET /metrics` in the Prometheus text format.
+//!
+//! Requests become the same [`Job`]s the gRPC `Generate` service runs, through the same
+//! [`generation`] path; this module only translates. Errors have the OpenAI shape
+//! `{"error": {"message", "type", "param", "code"}}`, with the HTTP status the gRPC status of the
+//! same error maps to (400 for a bad request, 404 for an unknown model or path, 429 when
+//! overloaded, 503 when a worker is unavailable).
+//!
+//! Sampling follows the OpenAI defaults (`temperature` 1, `top_p` 1); `max_tokens` defaults to
+//! Realm's [`DEFAULT_MAX_TOKENS`]. Realm's own `top_k` and `repetition_penalty` are accepted too.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use metrics_exporter_prometheus::PrometheusHandle;
+use realm_common::chat::ChatMessage;
+use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
+use realm_proto::pb;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tonic::Code;
+use tracing::{debug, info, Instrument};
+
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::generation::{self, Done, Event, Job};
+use crate::request_id::{self, RequestId};
+use crate::service::generation_params;
+
+/// Temperature when a request gives none, as in the OpenAI API.
+const DEFAULT_TEMPERATURE: f32 = 1.0;
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    cluster: Arc<Cluster>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The HTTP API's routes over `cluster`; `/metrics` renders `metrics` when given.
+pub fn router(cluster: Arc<Cluster>, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/health", get(health))
+        .route("/metrics", get(render_metrics))
+        .fallback(not_found)
+        .with_state(AppState { cluster, metrics })
+}
+
+/// Serves the HTTP API on `listener` until `shutdown` resolves; responses in flight (streams
+/// included) are then allowed to finish.
+pub async fn serve(
+    listener: TcpListener,
+    cluster: Arc<Cluster>,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
+    info!(%addr, "serving the OpenAI-compatible HTTP API");
+    axum::serve(listener, router(cluster, metrics))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("HTTP server: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// An error in the OpenAI shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param,
+            code: None,
+        }
+    }
+
+    /// The OpenAI error `type` for this status.
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (param, code) = match &e {
+            Error::UnknownModel { .. } => (Some("model"), Some("model_not_found")),
+            Error::Model(realm_common::Error::ContextOverflow { .. }) => {
+                (None, Some("context_length_exceeded"))
+            }
+            _ => (None, None),
+        };
+        let message = e.to_string();
+        // The gRPC mapping decides what kind of failure this is; HTTP follows it.
+        let status = http_status(tonic::Status::from(e).code());
+        Self {
+            status,
+            message,
+            param,
+            code,
+        }
+    }
+}
+
+/// The HTTP status of a gRPC status code.
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable | Code::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint: Realm serves POST /v1/completions, POST /v1/chat/completions, \
+                  GET /v1/models, GET /health and GET /metrics"
+            .to_string(),
+        param: None,
+        code: Some("unknown_url"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// `stop`: one string or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A completion prompt: text, a batch of one text, or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Debug, Deserialize)]
+struct Sampling {
+    #[serde(default)]
+    model: String,
+    max_tokens: Option<u32>,
+    /// The chat endpoint's newer name for `max_tokens`.
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    stop: Option<Stop>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    top_k: Option<u32>,
+    repetition_penalty: Option<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<RequestMessage>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestMessage {
+    role: String,
+    #[serde(default)]
+    content: Value,
+}
+
+/// Parses a JSON body, refusing it in the OpenAI shape (axum's own rejection is plain text).
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the request body is not valid: {e}"), None))
+}
+
+impl Sampling {
+    /// The request as a gRPC `GenerateRequest` (without prompt), so both APIs check parameters
+    /// the same way.
+    fn params(&self) -> Result<GenerationParams, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid(
+                "n must be 1: Realm generates one choice per request",
+                Some("n"),
+            ));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if max_tokens == Some(0) {
+            return Err(ApiError::invalid(
+                "max_tokens must be at least 1",
+                Some("max_tokens"),
+            ));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        let request = pb::GenerateRequest {
+            model: self.model.clone(),
+            max_tokens: max_tokens.unwrap_or(DEFAULT_MAX_TOKENS as u32),
+            temperature: self.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+            top_k: self.top_k.unwrap_or(0),
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop,
+            ..Default::default()
+        };
+        generation_params(&request).map_err(ApiError::from)
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+/// A chat message's text: a string, or the concatenated text parts of a list of parts.
+fn message_text(content: &Value, index: usize) -> Result<String, ApiError> {
+    match content {
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(
+                |part| match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("text"), Some(text)) => Ok(text),
+                    _ => Err(ApiError::invalid(
+                        format!("messages[{index}].content: only text parts are supported"),
+                        Some("messages"),
+                    )),
+                },
+            )
+            .collect(),
+        _ => Err(ApiError::invalid(
+            format!("messages[{index}].content must be a string or a list of text parts"),
+            Some("messages"),
+        )),
+    }
+}
+
+fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages is empty: give at least one message",
+            Some("messages"),
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "messages[{i}].role `{other}` is not supported (use system, \
+                             developer, user or assistant)"
+                        ),
+                        Some("messages"),
+                    ))
+                }
+            };
+            Ok(ChatMessage::new(role, message_text(&m.content, i)?))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+/// Which endpoint a generation came through: its metrics label and its response shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+impl Endpoint {
+    fn api(self) -> &'static str {
+        match self {
+            Self::Completions => "completions",
+            Self::Chat => "chat",
+        }
+    }
+}
+
+async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let received = Instant::now();
+    let id = request_id_of(&headers);
+    let span = id.span();
+    let parsed = span.in_scope(|| {
+        let req = parse::<CompletionRequest>(&body)?;
+        let params = req.sampling.params()?;
+        check_model(&state.cluster, &req.sampling.model)?;
+        let model = state.cluster.model();
+        let tokens = match &req.prompt {
+            Prompt::Text(text) => model.prompt_tokens(text, None).map_err(Error::from)?,
+            Prompt::Texts(texts) => match &texts[..] {
+                [text] => model.prompt_tokens(text, None).map_err(Error::from)?,
+                _ => {
+                    return Err(ApiError::invalid(
+                        "prompt must be one text: Realm completes one prompt per request",
+                        Some("prompt"),
+                    ))
+                }
+            },
+            Prompt::Tokens(ids) => {
+                let vocab = model.tokenizer.vocab_size();
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(ApiError::invalid(
+                        format!("prompt token {bad} is outside the vocabulary of {vocab} tokens"),
+                        Some("prompt"),
+                    ));
+                }
+                ids.clone()
+            }
+        };
+        Ok(Parsed {
+            sampling: req.sampling,
+            params,
+            tokens,
+        })
+    });
+    respond(state, Endpoint::Completions, received, id, parsed)
+        .instrument(span)
+        .await
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let received = Instant::now();
+    let id = request_id_of(&headers);
+    let span = id.span();
+    let parsed = span.in_scope(|| {
+        let req = parse::<ChatRequest>(&body)?;
+        let params = req.sampling.params()?;
+        check_model(&state.cluster, &req.sampling.model)?;
+        let messages = chat_messages(&req.messages)?;
+        let tokens = state
+            .cluster
+            .model()
+            .chat_tokens(&messages)
+            .map_err(Error::from)?;
+        Ok(Parsed {
+            sampling: req.sampling,
+            params,
+            tokens,
+        })
+    });
+    respond(state, Endpoint::Chat, received, id, parsed)
+        .instrument(span)
+        .await
+}
+
+/// A generation request, checked and tokenized.
+struct Parsed {
+    sampling: Sampling,
+    params: GenerationParams,
+    tokens: Vec<u32>,
+}
+
+fn check_model(cluster: &Cluster, requested: &str) -> Result<(), ApiError> {
+    let served = &cluster.model().id;
+    if requested.is_empty() || requested == served {
+        Ok(())
+    } else {
+        Err(Error::UnknownModel {
+            requested: requested.to_string(),
+            served: served.clone(),
+        }
+        .into())
+    }
+}
+
+fn request_id_of(headers: &HeaderMap) -> RequestId {
+    RequestId::from_client(
+        headers
+            .get(request_id::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// Starts the generation of a parsed request and answers with a stream or one JSON body, the
+/// request id in the `x-request-id` header.
+async fn respond(
+    state: AppState,
+    endpoint: Endpoint,
+    received: Instant,
+    id: RequestId,
+    parsed: Result<Parsed, ApiError>,
+) -> Response {
+    let api = endpoint.api();
+    let refuse = |e: ApiError| {
+        debug!(status = %e.status, error = %e.message, "request refused");
+        with_request_id(e.into_response(), &id)
+    };
+    let Parsed {
+        sampling,
+        params,
+        tokens,
+    } = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            generation::count_refused(api);
+            return refuse(e);
+        }
+    };
+    let job = Job {
+        tokens,
+        params,
+        received,
+        id: id.clone(),
+        api,
+    };
+    // `start` counts its own refusals.
+    let events = match generation::start(&state.cluster, job) {
+        Ok(events) => events,
+        Err(e) => return refuse(e.into()),
+    };
+    let reply = Reply {
+        endpoint,
+        id: format!("{}-{id}", endpoint.id_prefix()),
+        created: unix_seconds(),
+        model: state.cluster.model().id.clone(),
+    };
+    let response = if sampling.stream {
+        stream_response(reply, events, sampling.include_usage()).into_response()
+    } else {
+        whole_response(reply, events).await
+    };
+    with_request_id(response, &id)
+}
+
+fn with_request_id(mut response: Response, id: &RequestId) -> Response {
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        response.headers_mut().insert(request_id::HEADER, value);
+    }
+    response
+}
+
+/// A non-streamed answer: the whole generation, then one JSON body.
+async fn whole_response(reply: Reply, mut events: mpsc::UnboundedReceiver<Event>) -> Response {
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Delta(delta) => text.push_str(&delta.text),
+            Event::Done(done) => return reply.whole(&text, &done).into_response(),
+            Event::Failed(e) => return ApiError::from(e).into_response(),
+        }
+    }
+    ApiError::from(Error::Internal(
+        "the generation ended without a result".into(),
+    ))
+    .into_response()
+}
+
+/// The parts of every response of one request.
+struct Reply {
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Endpoint {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Completions => "cmpl",
+            Self::Chat => "chatcmpl",
+        }
+    }
+}
+
+fn usage_json(done: &Done) -> Value {
+    let u = &done.completion.usage;
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.generated_tokens,
+        "total_tokens": u.prompt_tokens + u.generated_tokens,
+    })
+}
+
+impl Reply {
+    /// The non-streamed body.
+    fn whole(&self, text: &str, done: &Done) -> Json<Value> {
+        let finish = done.completion.finish.as_str();
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+            }),
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+        };
+        Json(json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Completions => "text_completion",
+                Endpoint::Chat => "chat.completion",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage_json(done),
+        }))
+    }
+
+    /// One streamed chunk: `text` with `finish` (if the last), or the usage chunk.
+    fn chunk(&self, text: Option<&str>, finish: Option<&str>, usage: Option<Value>) -> Value {
+        let choices = match (self.endpoint, text) {
+            (_, None) => json!([]),
+            (Endpoint::Completions, Some(text)) => json!([{
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+            }]),
+            (Endpoint::Chat, Some(text)) => {
+                let delta = if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
+            }
+        };
+        let mut chunk = json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Completions => "text_completion",
+                Endpoint::Chat => "chat.completion.chunk",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        chunk
+    }
+
+    /// The chat stream's first chunk, which names the role.
+    fn role_chunk(&self) -> Value {
+        let mut chunk = self.chunk(Some(""), None, None);
+        chunk["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+        chunk
+    }
+}
+
+fn sse(value: &Value) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(value.to_string()))
+}
+
+/// The streamed answer: a chunk per token with text, a last chunk with the finish reason, the
+/// usage chunk if asked for, then `[DONE]`. A failure part-way is an error object, then `[DONE]`.
+fn stream_response(
+    reply: Reply,
+    events: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let reply = Arc::new(reply);
+    let first = match reply.endpoint {
+        Endpoint::Chat => vec![sse(&reply.role_chunk())],
+        Endpoint::Completions => Vec::new(),
+    };
+    let chunks = {
+        let reply = Arc::clone(&reply);
+        tokio_stream::wrappers::UnboundedReceiverStream::new(events).flat_map(move |event| {
+            let out: Vec<Result<SseEvent, Infallible>> = match event {
+                Event::Delta(delta) if delta.text.is_empty() => Vec::new(),
+                Event::Delta(delta) => vec![sse(&reply.chunk(Some(&delta.text), None, None))],
+                Event::Done(done) => {
+                    let finish = done.completion.finish.as_str();
+                    let mut out = vec![sse(&reply.chunk(Some(""), Some(finish), None))];
+                    if include_usage {
+                        out.push(sse(&reply.chunk(None, None, Some(usage_json(&done)))));
+                    }
+                    out
+                }
+                Event::Failed(e) => vec![sse(&ApiError::from(e).body())],
+            };
+            stream::iter(out)
+        })
+    };
+    let done = stream::once(async { Ok(SseEvent::default().data("[DONE]")) });
+    Sse::new(stream::iter(first).chain(chunks).chain(done))
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_json(&state.cluster)]}))
+}
+
+async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match check_model(&state.cluster, &id) {
+        Ok(()) => Json(model_json(&state.cluster)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn model_json(cluster: &Cluster) -> Value {
+    let model = cluster.model();
+    json!({
+        "id": model.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "realm",
+        "architecture": model.identity.architecture,
+        "context_length": model.config.context_length,
+        "plan": cluster.plan().to_string(),
+    })
+}
+
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({"status": "ok", "model": state.cluster.model().id}))
+}
+
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: "metrics are not collected by this server".to_string(),
+            param: None,
+            code: None,
+        }
+        .into_response(),
+    }
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Histogram buckets of the latency metrics, in seconds: 1 ms to 60 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Installs this process's metrics recorder (once per process) and returns the handle that
+/// renders `/metrics`.
+pub fn install_metrics() -> Result<PrometheusHandle> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(LATENCY_BUCKETS)
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
+    generation::describe_metrics();
+    Ok(handle)
+}

@@ -1,0 +1,35 @@
+//! Progress on the console for the slow steps of starting a coordinator (loading the model,
+//! assigning the shards): a spinner when stderr is a terminal, plain lines otherwise, so logs
+//! and CI output stay readable.
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Runs `work`, showing `what` while it runs and how long it took when it is done.
+pub async fn step<T, E>(what: &str, work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    let started = Instant::now();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new_spinner().with_message(what.to_string());
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    });
+    if bar.is_none() {
+        eprintln!("{what}...");
+    }
+    let result = work.await;
+    let outcome = match &result {
+        Ok(_) => format!("{what}: done in {:.1} s", started.elapsed().as_secs_f64()),
+        Err(_) => format!("{what}: failed"),
+    };
+    match bar {
+        Some(bar) => bar.finish_with_message(outcome),
+        None => eprintln!("{outcome}"),
+    }
+    result
+}
