@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepares a fresh machine for Realm: checks the toolchain and fetches the project models.
+# Prepares a fresh machine for Realm: checks the toolchain, fetches the project models and
+# prepares what the HTTP API tests need (a Python environment with `openai`, curl).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -17,3 +18,5 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 
 "$root/deploy/fetch-models.sh"
+# The HTTP API tests drive Realm with the official `openai` Python package and curl.
+"$root/tests/python/setup.sh"

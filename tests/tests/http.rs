@@ -1,0 +1,528 @@
+//! The OpenAI-compatible HTTP API, Prometheus metrics and request ids as a user meets them: real
+//! `realm-worker` and `realm-coordinator serve --http-listen` processes on loopback, driven by
+//! the official `openai` Python package (from `tests/python/setup.sh`) and by curl.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use candle_core::Device;
+use realm_common::generate::{generate, GenerationParams};
+use realm_common::gguf::GgufFile;
+use realm_common::model::Model;
+use realm_common::sampling::SamplingParams;
+use realm_common::tokenizer::Tokenizer;
+use realm_tests::*;
+use serde_json::Value;
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+struct Process {
+    child: Child,
+    /// Addresses it announced on stdout, by what they serve (`listening`, `metrics`, `HTTP`).
+    addrs: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl Process {
+    fn addr(&self, what: &str) -> &str {
+        self.addrs
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, a)| a.as_str())
+            .unwrap_or_else(|| panic!("no {what} address in {:?}", self.addrs))
+    }
+
+    /// Its log so far, one JSON object per line.
+    fn log_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .expect("read log")
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `bin` with JSON logs (filter `log_filter`) into `log`, and reads the addresses it
+/// announces until its `<bin> listening on ADDR` line.
+fn start(bin: &str, args: &[String], log: PathBuf, log_filter: &str) -> Process {
+    let mut child = Command::new(binary(bin))
+        .args(args)
+        .args(["--log-format", "json"])
+        .current_dir(repo_root())
+        .env("REALM_THREADS", "1")
+        .env("REALM_LOG", log_filter)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("log file")))
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut addrs = Vec::new();
+    loop {
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read stdout");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            [b, "listening", "on", addr] if b == bin => {
+                addrs.push(("listening".to_string(), addr.to_string()));
+                break;
+            }
+            [b, "serving", what, "on", addr] if b == bin => {
+                addrs.push((what.to_string(), addr.to_string()))
+            }
+            _ => {
+                let status = child.wait().ok();
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("{bin} did not start (status {status:?}), printed {line:?}; log:\n{log}");
+            }
+        }
+    }
+    Process { child, addrs, log }
+}
+
+/// Two workers (the second under a Memory64 budget, so its layer manager counts) and a
+/// coordinator serving HTTP, all with metrics and JSON debug logs.
+struct TestCluster {
+    workers: Vec<Process>,
+    coordinator: Process,
+    _logs: tempfile::TempDir,
+}
+
+impl TestCluster {
+    fn start() -> Self {
+        let logs = tempfile::tempdir().expect("temp dir");
+        let model = model_path(SMOLLM2);
+        let model = model.to_str().unwrap();
+        let workers: Vec<Process> = [None, Some("12MiB")]
+            .iter()
+            .enumerate()
+            .map(|(i, budget)| {
+                let mut args: Vec<String> = [
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--metrics-listen",
+                    "127.0.0.1:0",
+                    "--model",
+                    model,
+                    "--threads",
+                    "1",
+                ]
+                .map(String::from)
+                .to_vec();
+                if let Some(b) = budget {
+                    args.extend(["--memory-budget".to_string(), b.to_string()]);
+                }
+                let log = logs.path().join(format!("worker{i}.log"));
+                start("realm-worker", &args, log, "realm_worker=debug")
+            })
+            .collect();
+        let mut args: Vec<String> = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--model",
+            model,
+        ]
+        .map(String::from)
+        .to_vec();
+        for w in &workers {
+            args.extend(["--worker".to_string(), w.addr("listening").to_string()]);
+        }
+        let log = logs.path().join("coordinator.log");
+        let coordinator = start("realm-coordinator", &args, log, "realm_coordinator=debug");
+        Self {
+            workers,
+            coordinator,
+            _logs: logs,
+        }
+    }
+
+    fn http(&self) -> String {
+        format!("http://{}", self.coordinator.addr("HTTP"))
+    }
+}
+
+/// What curl got: status, headers (lower-case names) and body.
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Runs curl: `body` is POSTed as JSON when given.
+fn curl(url: &str, body: Option<&str>, headers: &[&str]) -> Reply {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-D", "-", "--max-time", "300", url]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if let Some(body) = body {
+        cmd.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let out = cmd
+        .output()
+        .expect("run curl (tests/python/setup.sh installs it)");
+    assert!(out.status.success(), "curl {url} failed: {out:?}");
+    let text = String::from_utf8(out.stdout).expect("UTF-8 reply");
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers and body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    Reply {
+        status,
+        headers: head.to_ascii_lowercase(),
+        body: body.to_string(),
+    }
+}
+
+/// The value of one sample (`name` or `name{labels}`) in Prometheus text; 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == series).then(|| value.parse::<f64>().expect("sample value"))
+        })
+        .unwrap_or(0.0)
+}
+
+/// The single-process oracle's greedy completion of `prompt` in `max_tokens` tokens.
+fn oracle(prompt: &str, max_tokens: usize) -> (String, usize, usize) {
+    let file = GgufFile::open(model_path(SMOLLM2)).expect("open model");
+    let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
+    let model = Model::load(&file, &Device::Cpu).expect("load model");
+    let tokens = tokenizer.encode(prompt, true, true).expect("encode");
+    let params = GenerationParams {
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop: Vec::new(),
+    };
+    let c = generate(&model, &tokenizer, tokens, &params, |_| {}).expect("generate");
+    (c.text, c.usage.prompt_tokens, c.usage.generated_tokens)
+}
+
+fn python() -> PathBuf {
+    let venv = std::env::var_os("REALM_PYTHON_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/python"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run tests/python/setup.sh (or deploy/setup.sh) first",
+        python.display()
+    );
+    python
+}
+
+#[test]
+fn openai_client_drives_a_two_worker_cluster() {
+    let cluster = TestCluster::start();
+    let script = repo_root().join("tests/python/openai_check.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(format!("{}/v1", cluster.http()))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the openai script");
+    assert!(out.status.success(), "{}", Path::new(&script).display());
+    let r: Value = serde_json::from_slice(&out.stdout).expect("script output is JSON");
+    eprintln!("openai {}", r["openai_version"]);
+
+    assert_eq!(
+        r["models"],
+        serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"])
+    );
+
+    // Streamed chat: really streamed (many pieces), about Paris, with usage.
+    let chat = &r["chat_stream"];
+    let pieces = chat["pieces"].as_array().expect("pieces");
+    let text: String = pieces.iter().filter_map(Value::as_str).collect();
+    assert!(pieces.len() > 3, "{chat}");
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(chat["role"], "assistant");
+    assert_eq!(chat["finish_reason"], "stop", "{chat}");
+    let usage = &chat["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+
+    // Non-streamed completion: the single-process output, with its token counts.
+    let (want_text, want_prompt, want_generated) = oracle("The capital of France is", 8);
+    let c = &r["completion"];
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(c["text"], want_text.as_str());
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(
+        c["usage"]["prompt_tokens"].as_u64(),
+        Some(want_prompt as u64)
+    );
+    assert_eq!(
+        c["usage"]["completion_tokens"].as_u64(),
+        Some(want_generated as u64)
+    );
+    assert_eq!(want_generated, 8);
+    assert_eq!(
+        c["usage"]["total_tokens"].as_u64(),
+        Some((want_prompt + want_generated) as u64)
+    );
+
+    // Same seed, same sampled text; a stop string ends the text before it.
+    assert_eq!(r["seeded"][0], r["seeded"][1]);
+    let stopped = &r["stopped"];
+    assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
+    let stopped_text = stopped["text"].as_str().unwrap();
+    assert!(!stopped_text.contains('.'), "{stopped_text:?}");
+    assert!(stopped_text.contains("Paris"), "{stopped_text:?}");
+
+    assert_eq!(r["unknown_model"]["status"], 404, "{}", r["unknown_model"]);
+}
+
+#[test]
+fn errors_have_the_openai_shape_and_status() {
+    let cluster = TestCluster::start();
+    let base = cluster.http();
+    let chat = format!("{base}/v1/chat/completions");
+    let user = r#"[{"role":"user","content":"hi"}]"#;
+    let cases = [
+        (
+            format!(r#"{{"model":"no-such-model","messages":{user}}}"#),
+            404,
+            Some("model_not_found"),
+            Some("model"),
+        ),
+        (r#"{"messages": "#.to_string(), 400, None, None),
+        (
+            format!(r#"{{"messages":{user},"temperature":-1}}"#),
+            400,
+            None,
+            None,
+        ),
+        (
+            format!(r#"{{"messages":{user},"n":2}}"#),
+            400,
+            None,
+            Some("n"),
+        ),
+        (
+            r#"{"messages":[]}"#.to_string(),
+            400,
+            None,
+            Some("messages"),
+        ),
+        (
+            r#"{"messages":[{"role":"tool","content":"x"}]}"#.to_string(),
+            400,
+            None,
+            Some("messages"),
+        ),
+        (
+            format!(r#"{{"messages":{user},"max_tokens":0}}"#),
+            400,
+            None,
+            Some("max_tokens"),
+        ),
+    ];
+    for (body, status, code, param) in cases {
+        let reply = curl(&chat, Some(&body), &[]);
+        assert_eq!(reply.status, status, "{body}: {}", reply.body);
+        let error = &reply.json()["error"];
+        let kind = error["type"].as_str().expect("error type");
+        assert_eq!(kind, "invalid_request_error", "{body}: {error}");
+        assert!(!error["message"].as_str().unwrap().is_empty());
+        assert_eq!(error["code"].as_str(), code, "{body}: {error}");
+        assert_eq!(error["param"].as_str(), param, "{body}: {error}");
+    }
+    let missing = curl(&format!("{base}/v2/nothing"), None, &[]);
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"]["code"], "unknown_url");
+
+    let health = curl(&format!("{base}/health"), None, &[]);
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "ok");
+}
+
+#[test]
+fn metrics_count_a_generation_exactly() {
+    let cluster = TestCluster::start();
+    let base = cluster.http();
+    let scrape = |url: String| {
+        let reply = curl(&url, None, &[]);
+        assert_eq!(reply.status, 200, "{url}");
+        assert!(
+            reply.headers.contains("content-type: text/plain"),
+            "{}",
+            reply.headers
+        );
+        reply.body
+    };
+    let coordinator_metrics = || scrape(format!("{base}/metrics"));
+    let worker_metrics = |w: &Process| scrape(format!("http://{}/metrics", w.addr("metrics")));
+
+    let before = coordinator_metrics();
+    let workers_before: Vec<String> = cluster.workers.iter().map(worker_metrics).collect();
+    let reply = curl(
+        &format!("{base}/v1/completions"),
+        Some(r#"{"prompt":"The capital of France is","max_tokens":6,"temperature":0}"#),
+        &[],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let usage = &reply.json()["usage"];
+    let prompt = usage["prompt_tokens"].as_f64().unwrap();
+    let generated = usage["completion_tokens"].as_f64().unwrap();
+    assert_eq!(generated, 6.0);
+    let after = coordinator_metrics();
+
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(moved(r#"realm_requests_total{api="completions"}"#), 1.0);
+    assert_eq!(
+        moved(r#"realm_request_errors_total{api="completions"}"#),
+        0.0
+    );
+    assert_eq!(moved("realm_prompt_tokens_total"), prompt);
+    assert_eq!(moved("realm_generated_tokens_total"), generated);
+    assert_eq!(moved("realm_time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(moved("realm_inter_token_seconds_count"), generated - 1.0);
+    assert!(moved("realm_time_to_first_token_seconds_sum") > 0.0);
+    assert_eq!(sample(&after, "realm_active_sessions"), 0.0);
+    // One step per generated token (the prefill yields the first), through each worker.
+    for w in &cluster.workers {
+        let series = format!(
+            r#"realm_worker_forward_seconds_count{{worker="http://{}"}}"#,
+            w.addr("listening")
+        );
+        assert_eq!(moved(&series), generated, "{series}\n{after}");
+    }
+
+    for (i, (w, before)) in cluster.workers.iter().zip(&workers_before).enumerate() {
+        let after = worker_metrics(w);
+        let moved = |series: &str| sample(&after, series) - sample(before, series);
+        assert_eq!(moved("realm_worker_forwards_total"), generated, "{after}");
+        assert_eq!(
+            moved("realm_worker_forward_compute_seconds_count"),
+            generated
+        );
+        // The prompt in one step, then one token per step.
+        assert_eq!(
+            moved("realm_worker_forward_tokens_total"),
+            prompt + generated - 1.0
+        );
+        assert_eq!(sample(&after, "realm_worker_active_sessions"), 0.0);
+        assert_eq!(sample(&after, "realm_worker_kv_cache_bytes"), 0.0);
+        let layers = sample(&after, "realm_worker_shard_layers");
+        assert!(layers >= 1.0, "{after}");
+        // Every step touches every layer of the shard once, and each access is counted once.
+        let accesses = [
+            "realm_worker_layer_hits_total",
+            "realm_worker_layer_misses_total",
+            "realm_worker_layer_prefetch_hits_total",
+            "realm_worker_layer_waits_total",
+        ]
+        .iter()
+        .map(|s| moved(s))
+        .sum::<f64>();
+        assert_eq!(accesses, generated * layers, "{after}");
+        let budget = sample(&after, "realm_worker_layer_budget_bytes");
+        let resident = sample(&after, "realm_worker_layer_resident_bytes");
+        if i == 0 {
+            // No budget: the whole shard stays resident and every access is a hit.
+            assert_eq!(moved("realm_worker_layer_hits_total"), accesses, "{after}");
+            assert_eq!(moved("realm_worker_layer_evictions_total"), 0.0, "{after}");
+            assert_eq!(resident, budget, "{after}");
+        } else {
+            // 12 MiB holds a few of the 15 layers: the rest stream through, evicting.
+            assert_eq!(budget, (12 << 20) as f64, "{after}");
+            assert!(moved("realm_worker_layer_evictions_total") > 0.0, "{after}");
+            assert!(resident > 0.0 && resident <= budget, "{after}");
+        }
+    }
+}
+
+#[test]
+fn a_request_id_is_in_every_process_log() {
+    let cluster = TestCluster::start();
+    let id = "trace-me-0123";
+    let reply = curl(
+        &format!("{}/v1/chat/completions", cluster.http()),
+        Some(r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":3,"stream":true}"#),
+        &[&format!("X-Request-Id: {id}")],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply.headers.contains(&format!("x-request-id: {id}")),
+        "{}",
+        reply.headers
+    );
+    assert!(
+        reply.body.trim_end().ends_with("data: [DONE]"),
+        "{}",
+        reply.body
+    );
+
+    let about = |p: &Process, message: &str| {
+        p.log_lines().into_iter().any(|l| {
+            l["fields"]["message"] == message
+                && l["spans"]
+                    .as_array()
+                    .is_some_and(|spans| spans.iter().any(|s| s["request_id"] == id))
+        })
+    };
+    assert!(
+        about(&cluster.coordinator, "generation started"),
+        "{}",
+        std::fs::read_to_string(&cluster.coordinator.log).unwrap()
+    );
+    for w in &cluster.workers {
+        // The session ends after the reply: wait for the worker to log it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !about(w, "end session") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(
+            about(w, "session started"),
+            "{}",
+            std::fs::read_to_string(&w.log).unwrap()
+        );
+        assert!(
+            about(w, "end session"),
+            "{}",
+            std::fs::read_to_string(&w.log).unwrap()
+        );
+    }
+    // Every worker log line about the session carries the id.
+    for w in &cluster.workers {
+        let session_lines: Vec<Value> = w
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["fields"]["session"].is_string())
+            .collect();
+        assert!(!session_lines.is_empty());
+        for l in session_lines {
+            assert_eq!(l["span"]["request_id"], id, "{l}");
+        }
+    }
+}
