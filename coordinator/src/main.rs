@@ -47,7 +47,8 @@ enum Command {
     /// By default the layers run on in-process workers over loopback gRPC; --workers 0 runs
     /// them all in this process.
     Run(RunArgs),
-    /// Serve the Realm gRPC API over workers started elsewhere.
+    /// Serve the Realm gRPC API over workers started elsewhere (and, with --http-listen, the
+    /// OpenAI-compatible HTTP API and Prometheus metrics).
     Serve(ServeArgs),
     /// Measure prefill and decode speed, per-hop overhead and memory for worker counts.
     Bench(BenchArgs),
@@ -313,7 +314,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// `run` over in-process workers: same output as the single-process path.
 async fn run_cluster(args: RunArgs, threads: usize) -> anyhow::Result<()> {
-    let model = load_model(&args.model.model).await?;
+    let model = progress::step_on_terminal(
+        &format!("loading {}", args.model.model.display()),
+        load_model(&args.model.model),
+    )
+    .await?;
     // The request is checked before any worker starts.
     let chat = args.chat.then_some(args.system.as_str());
     let tokens = model.prompt_tokens(&args.prompt, chat)?;
@@ -325,11 +330,14 @@ async fn run_cluster(args: RunArgs, threads: usize) -> anyhow::Result<()> {
     )?;
 
     let workers = LocalWorkers::start(&args.model.model, args.workers, threads).await?;
-    let cluster = match Cluster::connect(
-        model,
-        workers.urls(),
-        &args.cluster.plan,
-        args.cluster.wire_dtype,
+    let cluster = match progress::step_on_terminal(
+        &format!("assigning shards to {} workers", args.workers),
+        Cluster::connect(
+            model,
+            workers.urls(),
+            &args.cluster.plan,
+            args.cluster.wire_dtype,
+        ),
     )
     .await
     {

@@ -10,6 +10,23 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// Runs `work`, showing `what` while it runs and how long it took when it is done.
 pub async fn step<T, E>(what: &str, work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    show(what, work, true).await
+}
+
+/// As [`step`], but silent when stderr is not a terminal: for commands whose output is read by
+/// programs (`run`).
+pub async fn step_on_terminal<T, E>(
+    what: &str,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    show(what, work, false).await
+}
+
+async fn show<T, E>(
+    what: &str,
+    work: impl Future<Output = Result<T, E>>,
+    plain_lines: bool,
+) -> Result<T, E> {
     let started = Instant::now();
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new_spinner().with_message(what.to_string());
@@ -19,7 +36,8 @@ pub async fn step<T, E>(what: &str, work: impl Future<Output = Result<T, E>>) ->
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
-    if bar.is_none() {
+    let plain = bar.is_none() && plain_lines;
+    if plain {
         eprintln!("{what}...");
     }
     let result = work.await;
@@ -27,9 +45,11 @@ pub async fn step<T, E>(what: &str, work: impl Future<Output = Result<T, E>>) ->
         Ok(_) => format!("{what}: done in {:.1} s", started.elapsed().as_secs_f64()),
         Err(_) => format!("{what}: failed"),
     };
-    match bar {
-        Some(bar) => bar.finish_with_message(outcome),
-        None => eprintln!("{outcome}"),
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if bar.is_some() || plain {
+        eprintln!("{outcome}");
     }
     result
 }

@@ -75,6 +75,13 @@ fn main() -> anyhow::Result<()> {
         }
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
+    if !cli.model.exists() {
+        anyhow::bail!(
+            "model file {} not found (run deploy/fetch-models.sh to fetch the project models, or \
+             pass --model PATH)",
+            cli.model.display()
+        );
+    }
     let config = WorkerConfig {
         model: cli.model,
         threads,

@@ -142,7 +142,8 @@ async fn connect(raw: &str) -> Result<RealmClient<Channel>, Failure> {
         endpoint(&url).map_err(|problem| Failure(format!("coordinator URL `{url}`: {problem}")))?;
     let channel = endpoint.connect().await.map_err(|e| {
         Failure(format!(
-            "cannot reach the coordinator at {url}: {}",
+            "cannot reach the coordinator at {url}: {} (is `realm-coordinator serve` running \
+             there? point --coordinator or REALM_COORDINATOR at it)",
             error_chain(&e)
         ))
     })?;
