@@ -106,6 +106,7 @@ pub fn start(cluster: &Arc<Cluster>, job: Job) -> Result<mpsc::UnboundedReceiver
     };
     let task = async move {
         let _active = ActiveSession::begin();
+        let before_run = received.elapsed();
         let mut last_token = None::<Instant>;
         let result = cluster
             .run(decoding, |delta| {
@@ -132,11 +133,8 @@ pub fn start(cluster: &Arc<Cluster>, job: Job) -> Result<mpsc::UnboundedReceiver
                     finish = completion.finish.as_str(),
                     "request done"
                 );
-                let first = last_token.map_or(Duration::ZERO, |_| {
-                    // The cluster's clock starts after tokenizing; the client's at the request.
-                    received.elapsed().saturating_sub(completion.usage.total)
-                        + completion.usage.time_to_first_token
-                });
+                // The cluster's clock starts after tokenizing; the client's at the request.
+                let first = before_run + completion.usage.time_to_first_token;
                 let _ = tx.send(Event::Done(Box::new(Done {
                     completion,
                     time_to_first_token: first,

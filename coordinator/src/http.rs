@@ -741,3 +741,90 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     generation::describe_metrics();
     Ok(handle)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(json: &str) -> Sampling {
+        serde_json::from_str(json).expect("sampling fields")
+    }
+
+    #[test]
+    fn parameters_follow_the_openai_defaults_and_are_checked() {
+        let p = sampling("{}").params().unwrap();
+        assert_eq!(p.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(p.sampling.temperature, DEFAULT_TEMPERATURE);
+        assert!(p.stop.is_empty());
+
+        let p = sampling(r#"{"max_completion_tokens":7,"max_tokens":3,"stop":".","seed":5}"#)
+            .params()
+            .unwrap();
+        assert_eq!(p.max_tokens, 7);
+        assert_eq!(p.stop, ["."]);
+        assert_eq!(p.sampling.seed, Some(5));
+        assert_eq!(
+            sampling(r#"{"stop":["a","b"]}"#).params().unwrap().stop,
+            ["a", "b"]
+        );
+
+        for (json, param) in [
+            (r#"{"n":2}"#, Some("n")),
+            (r#"{"max_tokens":0}"#, Some("max_tokens")),
+            (r#"{"temperature":-1}"#, None),
+            (r#"{"top_p":0}"#, None),
+        ] {
+            let e = sampling(json).params().unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{json}");
+            assert_eq!(e.param, param, "{json}");
+        }
+    }
+
+    #[test]
+    fn chat_messages_accept_text_in_both_shapes() {
+        let messages: Vec<RequestMessage> = serde_json::from_str(
+            r#"[{"role":"developer","content":"Be brief."},
+                {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]},
+                {"role":"assistant","content":null}]"#,
+        )
+        .unwrap();
+        let chat = chat_messages(&messages).unwrap();
+        assert_eq!(chat[0], ChatMessage::system("Be brief."));
+        assert_eq!(chat[1], ChatMessage::user("Hi there"));
+        assert_eq!(chat[2], ChatMessage::assistant(""));
+
+        let image: Vec<RequestMessage> =
+            serde_json::from_str(r#"[{"role":"user","content":[{"type":"image_url"}]}]"#).unwrap();
+        assert!(chat_messages(&image)
+            .unwrap_err()
+            .message
+            .contains("text parts"));
+        assert!(chat_messages(&[]).unwrap_err().message.contains("empty"));
+    }
+
+    #[test]
+    fn errors_take_the_status_of_their_grpc_mapping() {
+        let unknown = ApiError::from(Error::UnknownModel {
+            requested: "a".into(),
+            served: "b".into(),
+        });
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+        assert_eq!(unknown.body()["error"]["code"], "model_not_found");
+        assert_eq!(unknown.body()["error"]["type"], "invalid_request_error");
+        let overflow = ApiError::from(Error::Model(realm_common::Error::ContextOverflow {
+            tokens: 9,
+            context: 8,
+        }));
+        assert_eq!(overflow.status, StatusCode::BAD_REQUEST);
+        let down = ApiError::from(Error::Unreachable {
+            url: "w".into(),
+            problem: "refused".into(),
+        });
+        assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(down.body()["error"]["type"], "server_error");
+        assert_eq!(
+            http_status(Code::ResourceExhausted),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+}
