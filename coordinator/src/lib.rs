@@ -12,6 +12,7 @@ pub mod model;
 pub mod net;
 pub mod plan;
 pub mod service;
+pub mod startup;
 
 pub use cluster::Cluster;
 pub use error::{Error, Result};
