@@ -110,6 +110,7 @@ realm="$root/target/release/realm"
 
 # --- the cluster -------------------------------------------------------------------------------
 "${compose[@]}" config --quiet
+log "$compose_file is valid (compose config)"
 # A cluster left behind by an interrupted run goes first.
 "${compose[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1 || true
 
