@@ -106,6 +106,10 @@ REALM_MODELS_DIR="$(realpath models)"
 export REALM_MODELS_DIR
 REALM_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 export REALM_PORT
+# Budgets per worker: the first two hold their shards whole, the third streams its layers through
+# 16 MiB (a shard of SmolLM2 is 21 MiB).
+export REALM_WORKER_1_MEMORY_BUDGET=256MiB REALM_WORKER_2_MEMORY_BUDGET=64MiB \
+    REALM_WORKER_3_MEMORY_BUDGET=16MiB
 realm="$root/target/release/realm"
 
 # --- the cluster -------------------------------------------------------------------------------
@@ -156,7 +160,10 @@ for service in worker-1 worker-2 worker-3 coordinator; do
     health="$(docker inspect -f '{{.State.Health.Status}}' "$container")"
     [[ "$health" == healthy ]] || { log "$service is $health, not healthy"; exit 1; }
 done
-"$realm" --coordinator "127.0.0.1:$REALM_PORT" workers >&2
+"$realm" --coordinator "127.0.0.1:$REALM_PORT" workers | tee "$work/workers" >&2
+for budget in 256.0 64.0 16.0; do
+    grep -q "/$budget MiB" "$work/workers" || { log "no worker runs with its $budget MiB budget"; exit 1; }
+done
 
 "${compose[@]}" ps >&2
 size() { docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.1f MB", $1 / 1e6}'; }
