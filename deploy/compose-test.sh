@@ -3,8 +3,10 @@
 # docker.io and docker-compose if missing, starts dockerd if none runs, builds the base image
 # locally (no registry needed) and Realm's runtime image from the host's binaries, brings up
 # deploy/docker-compose.yml (one coordinator, three workers), sends the Paris prompt through the
-# `realm` client to the coordinator's port on 127.0.0.1 and checks the answer. The cluster, its
-# networks and a dockerd this script started are torn down however it ends.
+# `realm` client to the coordinator's port on 127.0.0.1 and checks the answer. Then it runs the
+# pods of deploy/k8s/ the same way (deploy/k8s-pods.py: the manifests' names, environment,
+# users and limits under docker, no cluster needed). The containers, their networks and a dockerd
+# this script started are torn down however it ends.
 #
 #   deploy/compose-test.sh
 #
@@ -32,6 +34,9 @@ cleanup() {
             "${compose[@]}" logs --no-color --tail 40 >&2 || true
         fi
         "${compose[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1 || true
+    fi
+    if [[ -n "$(docker ps -aq --filter label=realm.test=k8s-pods 2>/dev/null)" ]]; then
+        docker rm -f $(docker ps -aq --filter label=realm.test=k8s-pods) >/dev/null 2>&1 || true
     fi
     if [[ -n "$started_dockerd" ]]; then
         kill "$started_dockerd" 2>/dev/null || true
@@ -166,7 +171,13 @@ for budget in 256.0 64.0 16.0; do
 done
 
 "${compose[@]}" ps >&2
+"${compose[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null
 size() { docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.1f MB", $1 / 1e6}'; }
 echo "compose-test: ok: answer mentions Paris"
 echo "compose-test: image $image $(size "$image"), base $base $(size "$base")"
 echo "compose-test: time from up to the first streamed token: $(( (first_ns - start_ns) / 1000000 )) ms"
+
+# --- the Kubernetes manifests' pods ------------------------------------------------------------
+"$root/deploy/k8s-validate.sh" >/dev/null   # installs the YAML reader with the validator
+"${REALM_TOOLS_DIR:-$root/target/tools}/kubernetes-validate/bin/python" "$root/deploy/k8s-pods.py" \
+    --image "$image" --models "$REALM_MODELS_DIR" --realm "$realm" --port "$REALM_PORT"
