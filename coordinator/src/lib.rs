@@ -16,6 +16,7 @@ pub mod plan;
 pub mod progress;
 pub mod request_id;
 pub mod service;
+pub mod startup;
 
 pub use cluster::Cluster;
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::Command as Process;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -64,7 +65,7 @@ enum Command {
 #[derive(Args)]
 struct ModelArg {
     /// GGUF model file.
-    #[arg(long, default_value = DEFAULT_MODEL)]
+    #[arg(long, env = "REALM_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
 }
 
@@ -73,10 +74,10 @@ struct ModelArg {
 struct ClusterArgs {
     /// Layer placement: `auto` (by the memory workers report) or inclusive ranges in worker
     /// order, e.g. 0-14,15-29.
-    #[arg(long, default_value = "auto", value_parser = parse_plan)]
+    #[arg(long, env = "REALM_PLAN", default_value = "auto", value_parser = parse_plan)]
     plan: PlanSpec,
     /// Element type of activations between coordinator and workers.
-    #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
+    #[arg(long, env = "REALM_WIRE_DTYPE", default_value = "f32", value_parser = parse_wire_dtype)]
     wire_dtype: WireDType,
 }
 
@@ -157,19 +158,28 @@ struct ServeArgs {
     #[command(flatten)]
     model: ModelArg,
     /// A worker's address, `host:port` or `http://host:port`; repeat for each worker, in layer
-    /// order.
-    #[arg(long = "worker", value_name = "URL", required = true)]
+    /// order (the environment variable takes them comma-separated).
+    #[arg(
+        long = "worker",
+        value_name = "URL",
+        env = "REALM_WORKERS",
+        value_delimiter = ',',
+        required = true
+    )]
     workers: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
     /// Address to serve the Realm API on (port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:7000")]
+    #[arg(long, env = "REALM_LISTEN", default_value = "127.0.0.1:7000")]
     listen: String,
     /// Also serve the OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions`,
     /// `/v1/models`), `/health` and Prometheus `/metrics` on this address (port 0 picks a free
     /// one). Default: no HTTP API.
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<String>,
+    /// How long to keep retrying workers that are not reachable yet (0: fail at once).
+    #[arg(long, env = "REALM_WORKER_WAIT_SECS", default_value_t = 60)]
+    worker_wait_secs: u64,
 }
 
 #[derive(Args)]
@@ -186,7 +196,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
     /// Element type of activations between coordinator and workers.
-    #[arg(long, default_value = "f32", value_parser = parse_wire_dtype)]
+    #[arg(long, env = "REALM_WIRE_DTYPE", default_value = "f32", value_parser = parse_wire_dtype)]
     wire_dtype: WireDType,
     /// Memory budgets of the in-process workers' layer managers, each measured with every
     /// --prefetch: `full` (no budget), `N%` of the layer bytes per worker, `1layer` (the largest
@@ -418,11 +428,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "planning the layers over {} workers and assigning their shards",
             args.workers.len()
         ),
-        Cluster::connect(
+        realm_coordinator::startup::connect_when_ready(
             model,
             &args.workers,
             &args.cluster.plan,
             args.cluster.wire_dtype,
+            Duration::from_secs(args.worker_wait_secs),
         ),
     )
     .await

@@ -24,10 +24,10 @@ const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 )]
 struct Cli {
     /// Address to listen on (port 0 picks a free port; the bound address is printed on stdout).
-    #[arg(long, default_value = DEFAULT_LISTEN)]
+    #[arg(long, env = "REALM_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// The worker's local copy of the GGUF model file.
-    #[arg(long, default_value = DEFAULT_MODEL)]
+    #[arg(long, env = "REALM_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Worker threads for the math (default: all cores).
     #[arg(long, env = "REALM_THREADS")]
@@ -36,15 +36,15 @@ struct Cli {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Free sessions idle for this many seconds (0: keep them until they are ended).
-    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
+    #[arg(long, env = "REALM_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
     idle_timeout_secs: u64,
     /// Memory budget for materialized layer weights, e.g. `48MiB`, `2GiB`, `500MB` or bytes
     /// (default: the whole shard resident). Layers beyond it stay mapped from the file and are
     /// loaded as steps need them; it must hold the shard's largest layer.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, env = "REALM_MEMORY_BUDGET", value_parser = parse_size)]
     memory_budget: Option<u64>,
     /// Layers loaded in the background ahead of the one computing (0: load on demand only).
-    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
+    #[arg(long, env = "REALM_PREFETCH", default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     /// Serve Prometheus metrics (`GET /metrics`: steps, compute time, sessions, KV cache bytes,
     /// Memory64 counters) on this address (port 0 picks a free one; the bound address is

@@ -1,15 +1,20 @@
 //! `realm`: the command-line client of a Realm coordinator. Streams completions to stdout (only
 //! the completion; the usage line goes to stderr), tokenizes text and lists the served models.
+//! `realm health` checks any Realm server's gRPC health, for container health checks.
 //! A server error is printed as its gRPC status code and message, with exit status 1.
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use realm_coordinator::net::{endpoint, error_chain, normalize_url, MAX_MESSAGE_BYTES};
 use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 #[derive(Parser)]
 #[command(name = "realm", version, about = "Client of a Realm coordinator")]
@@ -36,6 +41,21 @@ enum Command {
     Models,
     /// Show each worker: its layers, sessions, KV memory and layer-manager counters.
     Workers,
+    /// Ask a coordinator or worker for its gRPC health (grpc.health.v1); exit 0 when serving,
+    /// 1 otherwise. For container health checks.
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// The server to check, `host:port` or `http://host:port` (default: --coordinator).
+    addr: Option<String>,
+    /// The service to ask about (default: the server as a whole).
+    #[arg(long, default_value = "")]
+    service: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 5)]
+    timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -117,16 +137,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let result = match connect(&cli.coordinator).await {
-        Ok(client) => match cli.command {
-            Command::Generate(args) => generate(client, args).await,
-            Command::Tokenize(args) => tokenize(client, args).await,
-            Command::Models => models(client).await,
-            Command::Workers => workers(client).await,
-        },
-        Err(e) => Err(e),
-    };
-    match result {
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message)) => {
             eprintln!("realm: {message}");
@@ -135,21 +146,70 @@ async fn main() -> ExitCode {
     }
 }
 
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let coordinator = &cli.coordinator;
+    match cli.command {
+        Command::Generate(args) => generate(connect(coordinator).await?, args).await,
+        Command::Tokenize(args) => tokenize(connect(coordinator).await?, args).await,
+        Command::Models => models(connect(coordinator).await?).await,
+        Command::Workers => workers(connect(coordinator).await?).await,
+        Command::Health(args) => health(coordinator, args).await,
+    }
+}
+
 async fn connect(raw: &str) -> Result<RealmClient<Channel>, Failure> {
-    let url = normalize_url(raw)
-        .map_err(|problem| Failure(format!("coordinator URL `{raw}`: {problem}")))?;
-    let endpoint =
-        endpoint(&url).map_err(|problem| Failure(format!("coordinator URL `{url}`: {problem}")))?;
-    let channel = endpoint.connect().await.map_err(|e| {
+    let channel = open_channel(raw, "coordinator").await.map_err(|Failure(message)| {
         Failure(format!(
-            "cannot reach the coordinator at {url}: {} (is `realm-coordinator serve` running \
-             there? point --coordinator or REALM_COORDINATOR at it)",
-            error_chain(&e)
+            "{message} (is `realm-coordinator serve` running there? point --coordinator or \
+             REALM_COORDINATOR at it)"
         ))
     })?;
     Ok(RealmClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A channel to the server at `raw`, naming it as `what` in any error.
+async fn open_channel(raw: &str, what: &str) -> Result<Channel, Failure> {
+    let url =
+        normalize_url(raw).map_err(|problem| Failure(format!("{what} URL `{raw}`: {problem}")))?;
+    let endpoint =
+        endpoint(&url).map_err(|problem| Failure(format!("{what} URL `{url}`: {problem}")))?;
+    endpoint.connect().await.map_err(|e| {
+        Failure(format!(
+            "cannot reach the {what} at {url}: {}",
+            error_chain(&e)
+        ))
+    })
+}
+
+async fn health(coordinator: &str, args: HealthArgs) -> Result<(), Failure> {
+    let raw = args.addr.as_deref().unwrap_or(coordinator);
+    let check = async {
+        let channel = open_channel(raw, "server").await?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: args.service.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok::<_, Failure>(reply.status())
+    };
+    let status = tokio::time::timeout(Duration::from_secs(args.timeout_secs), check)
+        .await
+        .map_err(|_| {
+            Failure(format!(
+                "{raw}: no health reply within {} s",
+                args.timeout_secs
+            ))
+        })??;
+    let name = status.as_str_name();
+    if status == ServingStatus::Serving {
+        writeln!(std::io::stdout(), "{name}")?;
+        Ok(())
+    } else {
+        Err(Failure(format!("{raw} is {name}")))
+    }
 }
 
 async fn generate(mut client: RealmClient<Channel>, args: GenerateArgs) -> Result<(), Failure> {

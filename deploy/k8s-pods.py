@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Runs the pods of deploy/k8s/ under docker, as a kubelet would run them, to test the manifests
+without a cluster: each StatefulSet replica under its stable DNS name (pod.service) and each
+Deployment's pod behind its Service's name, with the ConfigMap's environment, the container's
+command, user, read-only root, dropped capabilities and resource limits, the models' hostPath
+mounted read-only. The coordinator starts first, as it may on a cluster, and must wait for the
+workers. Each pod is ready when its gRPC health answers SERVING (what the probes ask), within its
+startup probe's budget. The coordinator's port is published on 127.0.0.1 only (a port-forward);
+the pods' network is internal. Then the Paris prompt goes through the `realm` client.
+
+    k8s-pods.py --image realm:ci --models /path/to/models --realm target/release/realm --port N
+
+Everything it starts is removed however it ends. Prints the time from the first pod to the
+first streamed token."""
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+LABEL = "realm.test=k8s-pods"
+NETWORK = "realm-k8s-pods"
+EDGE = "realm-k8s-pods-edge"
+
+
+def docker(*args, check=True, capture=True):
+    result = subprocess.run(["docker", *args], text=True, capture_output=capture)
+    if check and result.returncode != 0:
+        sys.exit(f"k8s-pods: docker {' '.join(args[:2])} failed: {result.stderr.strip()}")
+    return result
+
+
+def cleanup():
+    ids = docker("ps", "-aq", "--filter", f"label={LABEL}", check=False).stdout.split()
+    if ids:
+        docker("rm", "-f", *ids, check=False)
+    for net in (NETWORK, EDGE):
+        docker("network", "rm", net, check=False)
+
+
+def pods(manifests):
+    """(pod name, aliases, pod template, service port to publish or None) in start order."""
+    by_kind = {}
+    for d in manifests:
+        by_kind.setdefault(d["kind"], []).append(d)
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+
+    def selected_by(template):
+        labels = template["metadata"]["labels"]
+        return [s for s in services.values()
+                if all(labels.get(k) == v for k, v in s["spec"]["selector"].items())]
+
+    out = []
+    for d in by_kind.get("Deployment", []):
+        template = d["spec"]["template"]
+        aliases = [s["metadata"]["name"] for s in selected_by(template)]
+        out.append((f"{d['metadata']['name']}-0", aliases, template, True))
+    for s in by_kind.get("StatefulSet", []):
+        template, service = s["spec"]["template"], s["spec"]["serviceName"]
+        for i in range(s["spec"]["replicas"]):
+            pod = f"{s['metadata']['name']}-{i}"
+            out.append((pod, [f"{pod}.{service}", pod], template, False))
+    return out
+
+
+def run_pod(name, aliases, template, config_maps, args, publish):
+    spec = template["spec"]
+    (container,) = spec["containers"]
+    pod_sc = spec.get("securityContext", {})
+    sc = container.get("securityContext", {})
+    cmd = ["run", "--detach", "--name", f"realm-k8s-{name}", "--label", LABEL, "--hostname", name,
+           "--network", NETWORK]
+    for alias in aliases:
+        cmd += ["--network-alias", alias]
+    if "runAsUser" in pod_sc:
+        cmd += ["--user", f"{pod_sc['runAsUser']}:{pod_sc.get('runAsGroup', pod_sc['runAsUser'])}"]
+    if sc.get("readOnlyRootFilesystem"):
+        cmd.append("--read-only")
+    if "ALL" in sc.get("capabilities", {}).get("drop", []):
+        cmd += ["--cap-drop", "ALL"]
+    if sc.get("allowPrivilegeEscalation") is False:
+        cmd += ["--security-opt", "no-new-privileges:true"]
+    limits = container.get("resources", {}).get("limits", {})
+    if "memory" in limits:
+        cmd += ["--memory", limits["memory"].replace("Mi", "m").replace("Gi", "g")]
+    if "cpu" in limits:
+        cmd += ["--cpus", str(limits["cpu"])]
+    for source in container.get("envFrom", []):
+        for key, value in config_maps[source["configMapRef"]["name"]].items():
+            cmd += ["--env", f"{key}={value}"]
+    for env in container.get("env", []):
+        cmd += ["--env", f"{env['name']}={env['value']}"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        if "hostPath" not in volumes[mount["name"]]:
+            sys.exit(f"k8s-pods: {name}: only hostPath volumes are run here")
+        mode = "ro" if mount.get("readOnly") else "rw"
+        cmd += ["--volume", f"{args.models}:{mount['mountPath']}:{mode}"]
+    if publish:
+        port = container["ports"][0]["containerPort"]
+        cmd += ["--publish", f"127.0.0.1:{args.port}:{port}"]
+    cmd += ["--entrypoint", container["command"][0], args.image, *container["command"][1:],
+            *container.get("args", [])]
+    docker(*cmd)
+    if publish:
+        # Published ports need a network that is not internal; it gets no masquerading either.
+        docker("network", "connect", EDGE, f"realm-k8s-{name}")
+
+
+def wait_ready(name, template):
+    (container,) = template["spec"]["containers"]
+    probe = container["startupProbe"]
+    budget = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+    port = probe["grpc"]["port"]
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline:
+        r = docker("exec", f"realm-k8s-{name}", "realm", "health", f"127.0.0.1:{port}",
+                   "--timeout-secs", "2", check=False)
+        if r.returncode == 0:
+            return
+        running = docker("inspect", "-f", "{{.State.Running}}", f"realm-k8s-{name}").stdout.strip()
+        if running != "true":
+            break
+        time.sleep(0.5)
+    logs = docker("logs", "--tail", "30", f"realm-k8s-{name}", check=False)
+    sys.exit(f"k8s-pods: {name} not ready (it exited, or its startup probe's {budget} s ran out)\n"
+             f"{logs.stdout}{logs.stderr}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--manifests", default=os.path.join(os.path.dirname(__file__), "k8s"))
+    p.add_argument("--image", required=True)
+    p.add_argument("--models", required=True)
+    p.add_argument("--realm", required=True)
+    p.add_argument("--port", required=True, type=int)
+    args = p.parse_args()
+
+    manifests = [d for path in sorted(glob.glob(f"{args.manifests}/*.yaml"))
+                 for d in yaml.safe_load_all(open(path)) if d]
+    config_maps = {d["metadata"]["name"]: d["data"] for d in manifests if d["kind"] == "ConfigMap"}
+    cleanup()
+    try:
+        docker("network", "create", "--internal", "--label", LABEL, NETWORK)
+        docker("network", "create", "--label", LABEL, "--opt",
+               "com.docker.network.bridge.enable_ip_masquerade=false", EDGE)
+        start = time.monotonic()
+        order = pods(manifests)
+        for name, aliases, template, publish in order:
+            run_pod(name, aliases, template, config_maps, args, publish)
+            print(f"k8s-pods: started {name} as {', '.join(aliases)}", file=sys.stderr)
+        for name, _, template, _ in reversed(order):
+            wait_ready(name, template)
+            print(f"k8s-pods: {name} ready", file=sys.stderr)
+        gen = subprocess.Popen([args.realm, "--coordinator", f"127.0.0.1:{args.port}", "generate",
+                                "--prompt", "The capital of France is", "--max-tokens", "16"],
+                               stdout=subprocess.PIPE)
+        first = gen.stdout.read(1)
+        first_token = time.monotonic() - start
+        answer = (first + gen.stdout.read()).decode(errors="replace")
+        if gen.wait() != 0 or "Paris" not in answer:
+            sys.exit(f"k8s-pods: expected Paris, got {answer!r} (status {gen.returncode})")
+        print(f"k8s-pods: ok: answer {answer.strip()!r}; {first_token:.1f} s from the first pod "
+              "to the first streamed token")
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Validates deploy/k8s/*.yaml against the Kubernetes API schemas (strict: unknown fields fail)
+# with the PyPI package kubernetes-validate, which bundles the schemas (nothing is fetched at run
+# time), for the oldest Kubernetes with native gRPC probes and a recent one; then checks that the
+# manifests agree with each other (the worker list, the memory budget, the probe ports).
+#
+#   deploy/k8s-validate.sh
+#
+# The validator is installed once into a virtual environment under target/tools/.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${REALM_TOOLS_DIR:-$root/target/tools}/kubernetes-validate"
+version="1.37.0"
+k8s_versions=(1.27.0 1.37.0)
+
+if [[ ! -x "$venv/bin/kubernetes-validate" ]] || [[ "$("$venv/bin/kubernetes-validate" --version)" != *"$version"* ]]; then
+    echo "k8s-validate: installing kubernetes-validate $version into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$version"
+fi
+
+cd "$root/deploy/k8s"
+for k in "${k8s_versions[@]}"; do
+    "$venv/bin/kubernetes-validate" --strict --quiet -k "$k" ./*.yaml
+    echo "k8s-validate: deploy/k8s/*.yaml valid for Kubernetes $k"
+done
+
+"$venv/bin/python" - ./*.yaml <<'PY'
+import re, sys, yaml
+
+docs = [d for path in sys.argv[1:] for d in yaml.safe_load_all(open(path)) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+problems = []
+
+config = by[("ConfigMap", "realm-config")]["data"]
+workers = by[("StatefulSet", "realm-worker")]
+service = by[("Service", "realm-worker")]
+
+# The coordinator lists exactly the StatefulSet's pods, in order, by their stable names.
+want = [f"realm-worker-{i}.{workers['spec']['serviceName']}:7001" for i in range(workers["spec"]["replicas"])]
+if config["REALM_WORKERS"].split(",") != want:
+    problems.append(f"REALM_WORKERS is {config['REALM_WORKERS']}, want {','.join(want)}")
+if workers["spec"]["serviceName"] != service["metadata"]["name"] or service["spec"].get("clusterIP") != "None":
+    problems.append("the StatefulSet's serviceName must be its headless Service")
+
+UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
+         "k": 10**3, "M": 10**6, "G": 10**9, "MB": 10**6, "GB": 10**9}
+def size(text):
+    m = re.fullmatch(r"([0-9.]+)\s*([A-Za-z]*)", text)
+    if not m or m.group(2) not in UNITS:
+        raise SystemExit(f"k8s-validate: cannot read size {text!r}")
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+# A worker's memory holds its weight budget plus KV caches and the runtime.
+budget = size(config["REALM_MEMORY_BUDGET"])
+for d in docs:
+    if d["kind"] not in ("StatefulSet", "Deployment"):
+        continue
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        res = c["resources"]
+        if d is workers and size(res["limits"]["memory"]) < budget + (128 << 20):
+            problems.append(f"{d['metadata']['name']}: memory limit {res['limits']['memory']} "
+                            f"leaves under 128 MiB above REALM_MEMORY_BUDGET {config['REALM_MEMORY_BUDGET']}")
+        ports = {p["containerPort"] for p in c["ports"]}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            grpc = c.get(probe, {}).get("grpc")
+            if not grpc or grpc["port"] not in ports:
+                problems.append(f"{d['metadata']['name']}: {probe} must be a gRPC probe on a container port")
+if problems:
+    sys.exit("k8s-validate: " + "\nk8s-validate: ".join(problems))
+print("k8s-validate: manifests agree (workers listed, memory follows the budget, gRPC probes)")
+PY
