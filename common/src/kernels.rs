@@ -830,8 +830,8 @@ mod simd {
         unsafe { dot_rows_k_avx2(dtype, rows, row_bytes, acts, out) }
     }
 
-    /// Row by row, each row against every token while it sits in cache; the next row is
-    /// requested ahead of use.
+    /// Row by row, the next row requested ahead of use. One token (decode) unpacks each block
+    /// as it goes; several (prefill) unpack a row once and dot it with every token.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_rows_k_avx2(
         dtype: GgmlType,
@@ -841,6 +841,21 @@ mod simd {
         out: &mut [f32],
     ) {
         let n = acts.len();
+        if n > 1 {
+            let block_bytes = dtype.type_size();
+            let mut unpacked: Vec<KUnpacked> = Vec::with_capacity(row_bytes / block_bytes);
+            for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+                unpacked.clear();
+                unpacked.extend(
+                    row.chunks_exact(block_bytes)
+                        .map(|block| unpack_k(dtype, block)),
+                );
+                for (y, act) in ys.iter_mut().zip(acts) {
+                    *y = dot_unpacked_k(dtype, &unpacked, act);
+                }
+            }
+            return;
+        }
         for (r, (row, ys)) in rows
             .chunks_exact(row_bytes)
             .zip(out.chunks_exact_mut(n))
@@ -858,6 +873,116 @@ mod simd {
                 };
             }
         }
+    }
+
+    /// A K super-block unpacked once for many tokens.
+    #[derive(Clone, Copy)]
+    struct KUnpacked {
+        /// The quants of each 32-value group as unsigned bytes (0..15 or 0..63).
+        q: [__m256i; 8],
+        /// Each group's sub-block scales in 16-bit lanes, one per pair of products.
+        sc: [__m256i; 8],
+        /// Multipliers of the activations' 16 sums: `Q4_K`'s minimums (taken off with `dmin`),
+        /// `Q6_K`'s offset, -32 × each sub-block scale.
+        corr: __m256i,
+        d: f32,
+        dmin: f32,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn unpack_k(dtype: GgmlType, block: &[u8]) -> KUnpacked {
+        let low = _mm256_set1_epi8(0x0F);
+        let zero = _mm256_setzero_si256();
+        let mut u = KUnpacked {
+            q: [zero; 8],
+            sc: [zero; 8],
+            corr: zero,
+            d: 0.0,
+            dmin: 0.0,
+        };
+        if dtype == GgmlType::Q4K {
+            u.d = f16_at(block, 0);
+            u.dmin = f16_at(block, 2);
+            let (sc, m) = q4_k_scales(&block[4..16]);
+            for j in 0..4 {
+                let packed = bytes32(block, 16 + 32 * j);
+                u.q[2 * j] = _mm256_and_si256(packed, low);
+                u.q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+            }
+            for (v, &s) in u.sc.iter_mut().zip(&sc) {
+                *v = _mm256_set1_epi16(s as i16);
+            }
+            let mut mins = [0i16; 16];
+            for (pair, &m) in mins.chunks_exact_mut(2).zip(&m) {
+                pair.fill(m as i16);
+            }
+            // SAFETY: `mins` is 16 i16, 32 bytes.
+            u.corr = unsafe { _mm256_loadu_si256(mins.as_ptr().cast()) };
+            return u;
+        }
+        let high = _mm256_set1_epi8(0x30);
+        u.d = f16_at(block, 208);
+        let scales = &block[192..208];
+        for half in 0..2 {
+            let ql0 = bytes32(block, 64 * half);
+            let ql1 = bytes32(block, 64 * half + 32);
+            let qh = bytes32(block, 128 + 32 * half);
+            u.q[4 * half] = _mm256_or_si256(
+                _mm256_and_si256(ql0, low),
+                _mm256_and_si256(_mm256_slli_epi16::<4>(qh), high),
+            );
+            u.q[4 * half + 1] = _mm256_or_si256(
+                _mm256_and_si256(ql1, low),
+                _mm256_and_si256(_mm256_slli_epi16::<2>(qh), high),
+            );
+            u.q[4 * half + 2] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low),
+                _mm256_and_si256(qh, high),
+            );
+            u.q[4 * half + 3] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), high),
+            );
+        }
+        for (g, v) in u.sc.iter_mut().enumerate() {
+            *v = _mm256_set_m128i(
+                _mm_set1_epi16(scales[2 * g + 1] as i8 as i16),
+                _mm_set1_epi16(scales[2 * g] as i8 as i16),
+            );
+        }
+        let mut offsets = [0i16; 16];
+        for (o, &s) in offsets.iter_mut().zip(scales) {
+            *o = -32 * s as i8 as i16;
+        }
+        // SAFETY: `offsets` is 16 i16, 32 bytes.
+        u.corr = unsafe { _mm256_loadu_si256(offsets.as_ptr().cast()) };
+        u
+    }
+
+    /// The same integer totals, and so the same result, as [`dot_q4_k`] and [`dot_q6_k`]:
+    /// `Q6_K`'s offset comes off through the activations' sums instead of pair by pair.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_unpacked_k(dtype: GgmlType, row: &[KUnpacked], act: &[KBlock]) -> f32 {
+        let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
+        for (u, a) in row.iter().zip(act) {
+            let mut sumi = _mm256_setzero_si256();
+            for ((q, sc), y) in u.q.iter().zip(&u.sc).zip(&a.qs) {
+                let pairs = _mm256_maddubs_epi16(*q, group(y));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, *sc));
+            }
+            // SAFETY: `a.bsums` is 16 i16, 32 bytes.
+            let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
+            let corr = hsum_i32(_mm256_madd_epi16(bsums, u.corr));
+            if dtype == GgmlType::Q4K {
+                acc = (hsum_i32(sumi) as f32).mul_add(u.d * a.d, acc);
+                acc_min = (corr as f32).mul_add(u.dmin * a.d, acc_min);
+            } else {
+                acc = ((hsum_i32(sumi) + corr) as f32).mul_add(u.d * a.d, acc);
+            }
+        }
+        acc - acc_min
     }
 
     /// One 32-value group of an activation block.
