@@ -18,21 +18,31 @@ fn matrix(dtype: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
             state as u8
         })
         .collect();
+    // Where each format keeps its f16 scale (and minimum).
+    let (scale_at, min_at) = match dtype {
+        GgmlType::Q6K => (208, None),
+        GgmlType::Q4_1 | GgmlType::Q4K => (0, Some(2)),
+        _ => (0, None),
+    };
     for block in bytes.chunks_exact_mut(dtype.type_size()) {
-        block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
-        if dtype == GgmlType::Q4_1 {
-            block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+        block[scale_at..scale_at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        if let Some(at) = min_at {
+            block[at..at + 2].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
         }
     }
     bytes
 }
 
 fn run(label: &str, pool: &rayon::ThreadPool) {
-    // SmolLM2's FFN shape (1536 × 576) and a tall head-like one.
+    // SmolLM2's FFN shape (1536 × 576), gemma3's FFN-down shape (640 × 2048) and a tall
+    // head-like one.
     for (dtype, rows, cols) in [
+        (GgmlType::Q4_0, 1536, 576),
         (GgmlType::Q4_1, 1536, 576),
         (GgmlType::Q5_0, 2048, 640),
         (GgmlType::Q8_0, 1536, 576),
+        (GgmlType::Q4K, 640, 2048),
+        (GgmlType::Q6K, 640, 2048),
         (GgmlType::Q8_0, 16384, 576),
     ] {
         let bytes = matrix(dtype, rows, cols);
@@ -77,8 +87,15 @@ fn run(label: &str, pool: &rayon::ThreadPool) {
 
 /// A 128-token prefill through one FFN-sized matrix.
 fn prefill(label: &str, pool: &rayon::ThreadPool) {
-    let (rows, cols, n) = (1536, 576, 128);
-    for dtype in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+    let n = 128;
+    for (dtype, rows, cols) in [
+        (GgmlType::Q4_0, 1536, 576),
+        (GgmlType::Q4_1, 1536, 576),
+        (GgmlType::Q5_0, 1536, 576),
+        (GgmlType::Q8_0, 1536, 576),
+        (GgmlType::Q4K, 640, 2048),
+        (GgmlType::Q6K, 640, 2048),
+    ] {
         let bytes = matrix(dtype, rows, cols);
         let m = QMatrix::new(dtype, rows, cols, &bytes).expect("supported format");
         let x: Vec<f32> = (0..n * cols)

@@ -81,7 +81,9 @@ pub(crate) enum Linear {
 /// Whether a tensor is computed from the mapped file's pages rather than from a copy: the layer
 /// manager keeps such pages mapped while the layer is resident, and releases copied ones.
 pub(crate) fn borrows_mapping(info: &TensorInfo, device: &Device) -> bool {
-    device.is_cpu() && kernels::supported(info.dtype) && info.dims.len() == 2
+    device.is_cpu()
+        && info.dims.len() == 2
+        && kernels::supported_shape(info.dtype, info.dims[0] as usize)
 }
 
 impl Linear {
