@@ -3,6 +3,7 @@
 //! (`model`), per-session state (`kv`) and token choice (`sampling`, `generate`).
 #![deny(unsafe_code)]
 
+pub mod auth;
 pub mod chat;
 pub mod error;
 pub mod generate;

@@ -4,6 +4,7 @@
 //! single-process mode, and the oracle the distributed output must equal.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod bench;
 pub mod cluster;
 pub mod error;
@@ -17,7 +18,7 @@ pub use cluster::Cluster;
 pub use error::{Error, Result};
 pub use model::CoordinatorModel;
 pub use plan::{Plan, PlanSpec};
-pub use service::serve;
+pub use service::{serve, serve_with, ServiceOptions};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

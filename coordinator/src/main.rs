@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use realm_common::auth::{check_exposure, Secret, API_KEY_ENV, CLUSTER_TOKEN_ENV};
 use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{Completion, Decoding, GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::sampling::SamplingParams;
@@ -17,8 +18,9 @@ use realm_common::wire::WireDType;
 use realm_coordinator::bench::{
     bench_one, load_model, BenchConfig, BenchResult, BudgetSpec, MemoryConfig,
 };
+use realm_coordinator::cluster::ClusterOptions;
 use realm_coordinator::local::LocalWorkers;
-use realm_coordinator::{Cluster, LocalModel, PlanSpec, DEFAULT_MODEL};
+use realm_coordinator::{Cluster, LocalModel, PlanSpec, ServiceOptions, DEFAULT_MODEL};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -158,6 +160,32 @@ struct ServeArgs {
     /// Address to serve the Realm API on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: String,
+    #[command(flatten)]
+    guard: GuardArgs,
+}
+
+/// Authentication, failover and admission limits of `serve`.
+#[derive(Args)]
+struct GuardArgs {
+    /// The cluster token the workers require, sent with every worker RPC.
+    #[arg(long, env = CLUSTER_TOKEN_ENV, hide_env_values = true)]
+    cluster_token: Option<Secret>,
+    /// API key clients must send (repeat, or comma-separate in the variable, for several).
+    /// Required to listen on a non-loopback address (unless --insecure).
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true, value_delimiter = ',')]
+    api_key: Vec<Secret>,
+    /// Listen on a non-loopback address without API keys.
+    #[arg(long)]
+    insecure: bool,
+    /// A standby worker that takes over the layers of a worker that dies (repeatable).
+    #[arg(long, value_name = "URL")]
+    standby: Vec<String>,
+    /// Generations running at once.
+    #[arg(long, default_value_t = realm_coordinator::admission::DEFAULT_MAX_ACTIVE)]
+    max_active: usize,
+    /// Generations waiting for a slot; beyond, requests are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = realm_coordinator::admission::DEFAULT_MAX_QUEUED)]
+    max_queued: usize,
 }
 
 #[derive(Args)]
@@ -377,17 +405,36 @@ fn print_usage(completion: &Completion) {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let guard = args.guard;
+    // Checked before binding: an open API is never reachable, not even for a moment.
+    for addr in tokio::net::lookup_host(&args.listen)
+        .await
+        .with_context(|| format!("cannot resolve {}", args.listen))?
+    {
+        check_exposure(
+            addr,
+            !guard.api_key.is_empty(),
+            guard.insecure,
+            "Give clients an API key (REALM_API_KEY or --api-key)",
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
     // Bound first, so a taken port fails before any worker loads a shard.
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let model = load_model(&args.model.model).await?;
-    let cluster = Cluster::connect(
+    let options = ClusterOptions {
+        token: guard.cluster_token,
+        standby: guard.standby,
+    };
+    let cluster = Cluster::connect_with(
         model,
         &args.workers,
         &args.cluster.plan,
         args.cluster.wire_dtype,
+        options,
     )
     .await?;
     tracing::info!(plan = %cluster.plan(), %addr, "cluster ready");
@@ -396,9 +443,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .and_then(|_| stdout.flush())
         .context("cannot write to stdout")?;
     drop(stdout);
-    realm_coordinator::serve(
+    let service = ServiceOptions {
+        api_keys: guard.api_key,
+        max_active: guard.max_active,
+        max_queued: guard.max_queued,
+    };
+    realm_coordinator::serve_with(
         listener,
         Arc::new(cluster),
+        service,
         realm_coordinator::shutdown_signal(),
     )
     .await?;

@@ -12,6 +12,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
+use realm_common::auth::{RequireBearer, Secret};
 use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::sampling::SamplingParams;
@@ -21,10 +22,12 @@ use realm_proto::pb::realm_server::{Realm, RealmServer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::net::MAX_MESSAGE_BYTES;
@@ -33,15 +36,47 @@ use crate::net::MAX_MESSAGE_BYTES;
 pub const SERVICE_NAME: &str = "realm.v1.Realm";
 const REFLECTION_SERVICE_NAME: &str = "grpc.reflection.v1.ServerReflection";
 
+/// Who may use the client API and how many generations it runs.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// API keys accepted; empty admits any client.
+    pub api_keys: Vec<Secret>,
+    /// Generations running at once.
+    pub max_active: usize,
+    /// Generations waiting for a slot; beyond, requests get RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            max_active: DEFAULT_MAX_ACTIVE,
+            max_queued: DEFAULT_MAX_QUEUED,
+        }
+    }
+}
+
 /// The `Realm` service over one cluster.
 #[derive(Debug, Clone)]
 pub struct RealmService {
     cluster: Arc<Cluster>,
+    admission: Arc<Admission>,
 }
 
 impl RealmService {
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        Self { cluster }
+        Self::with_admission(
+            cluster,
+            Admission::new(DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED),
+        )
+    }
+
+    pub fn with_admission(cluster: Arc<Cluster>, admission: Admission) -> Self {
+        Self {
+            cluster,
+            admission: Arc::new(admission),
+        }
     }
 
     fn check_model(&self, requested: &str) -> Result<()> {
@@ -108,14 +143,23 @@ impl Realm for RealmService {
         }
         let params = generation_params(&req)?;
         let model = self.cluster.model();
+        let context = model.config.context_length;
+        if req.max_tokens as usize > context {
+            return Err(Status::invalid_argument(format!(
+                "max_tokens {} exceeds the model's context window of {context} tokens",
+                req.max_tokens
+            )));
+        }
         let tokens = model.prompt_tokens(&req.prompt, chat_system(&req))?;
         let decoding = self.cluster.decoding(tokens, &params)?;
+        let slot = self.admission.admit().await?;
 
         // Unbounded: a generation writes at most `max_tokens` small messages, and a slow reader
         // must not hold the workers' KV caches longer than the generation itself needs.
         let (tx, rx) = mpsc::unbounded_channel();
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let sent = |m: pb::GenerateResponse| tx.send(Ok(m)).is_ok();
             let before_run = received.elapsed();
             let result = cluster
@@ -237,6 +281,16 @@ pub async fn serve(
     cluster: Arc<Cluster>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_with(listener, cluster, ServiceOptions::default(), shutdown).await
+}
+
+/// As [`serve`], with API keys and admission limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    cluster: Arc<Cluster>,
+    options: ServiceOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
@@ -250,9 +304,17 @@ pub async fn serve(
         .with_service_name(REFLECTION_SERVICE_NAME)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
-    let realm = RealmServer::new(RealmService::new(cluster))
+    let admission = Admission::new(options.max_active, options.max_queued);
+    let realm = RealmServer::new(RealmService::with_admission(cluster, admission))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Health and reflection stay open for probes and tools; the Realm service needs a key.
+    let gate = RequireBearer::new(
+        &options.api_keys,
+        "API key",
+        "realm --api-key, or REALM_API_KEY",
+    );
+    let realm = InterceptedService::new(realm, gate);
     info!(%addr, "serving the Realm API");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()

@@ -18,8 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use realm_common::auth::{RequireBearer, Secret};
 use realm_proto::pb::worker_server::WorkerServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
@@ -95,7 +97,17 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Serves the worker service on `listener` until `shutdown` resolves.
+/// How a worker guards itself: who may call it and how much KV memory its sessions may hold.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The cluster token every worker RPC must carry; `None` admits any caller.
+    pub token: Option<Secret>,
+    /// Bytes the KV caches of all sessions may hold together; a step that would pass it is
+    /// refused with RESOURCE_EXHAUSTED. `None`: no bound.
+    pub max_kv_bytes: Option<u64>,
+}
+
+/// Serves the worker service on `listener` until `shutdown` resolves, open to any caller.
 ///
 /// Shutdown is graceful: the listener closes at once, steps in flight finish and their responses
 /// are sent, then this returns.
@@ -104,8 +116,18 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with(listener, config, ServeOptions::default(), shutdown).await
+}
+
+/// As [`run`], guarded by `options`.
+pub async fn run_with(
+    listener: TcpListener,
+    config: WorkerConfig,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let state = Arc::new(
-        WorkerState::open(&config)
+        WorkerState::open(&config, options.max_kv_bytes)
             .with_context(|| format!("cannot serve {}", config.model.display()))?,
     );
     let addr = listener
@@ -119,6 +141,8 @@ pub async fn run(
         idle_timeout_s = config.idle_timeout.as_secs_f64(),
         memory_budget = ?config.memory_budget,
         prefetch = config.prefetch,
+        authenticated = options.token.is_some(),
+        max_kv_bytes = ?options.max_kv_bytes,
         "worker serving"
     );
 
@@ -132,6 +156,13 @@ pub async fn run(
     let worker = WorkerServer::new(WorkerService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Health stays open (it tells nothing and probes carry no token); every worker RPC needs it.
+    let gate = RequireBearer::new(
+        options.token.as_slice(),
+        "cluster token",
+        "give the coordinator the workers' REALM_CLUSTER_TOKEN",
+    );
+    let worker = InterceptedService::new(worker, gate);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     health

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use realm_worker::{parse_size, WorkerConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_PREFETCH};
+use realm_common::auth::{check_exposure, Secret, CLUSTER_TOKEN_ENV};
+use realm_worker::{
+    parse_size, ServeOptions, WorkerConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_PREFETCH,
+};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -45,6 +48,17 @@ struct Cli {
     /// Layers loaded in the background ahead of the one computing (0: load on demand only).
     #[arg(long, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
+    /// The cluster's shared secret: every worker RPC must carry it. Required to listen on a
+    /// non-loopback address (unless --insecure).
+    #[arg(long, env = CLUSTER_TOKEN_ENV, hide_env_values = true)]
+    token: Option<Secret>,
+    /// Listen on a non-loopback address without a cluster token.
+    #[arg(long)]
+    insecure: bool,
+    /// Bound on the memory all sessions' KV caches may hold, e.g. `512MiB` (default: none);
+    /// steps beyond it are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, value_parser = parse_size)]
+    max_kv_memory: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +85,17 @@ fn main() -> anyhow::Result<()> {
         }
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
+    check_exposure(
+        cli.listen,
+        cli.token.is_some(),
+        cli.insecure,
+        "Set REALM_CLUSTER_TOKEN (or --token) here and on the coordinator",
+    )
+    .map_err(anyhow::Error::msg)?;
+    let options = ServeOptions {
+        token: cli.token,
+        max_kv_bytes: cli.max_kv_memory,
+    };
     let config = WorkerConfig {
         model: cli.model,
         threads,
@@ -82,10 +107,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(cli.listen, config))
+        .block_on(serve(cli.listen, config, options))
 }
 
-async fn serve(listen: SocketAddr, config: WorkerConfig) -> anyhow::Result<()> {
+async fn serve(
+    listen: SocketAddr,
+    config: WorkerConfig,
+    options: ServeOptions,
+) -> anyhow::Result<()> {
     // Signal handlers go in before the address is announced: whoever reads it may signal at once.
     let shutdown = shutdown().context("cannot install signal handlers")?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -97,7 +126,7 @@ async fn serve(listen: SocketAddr, config: WorkerConfig) -> anyhow::Result<()> {
         .and_then(|()| stdout.flush())
         .context("cannot write to stdout")?;
     drop(stdout);
-    realm_worker::run(listener, config, shutdown).await
+    realm_worker::run_with(listener, config, options, shutdown).await
 }
 
 /// Resolves at the first SIGINT or SIGTERM. The handlers are installed when this is called, not

@@ -6,9 +6,11 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use realm_common::auth::{Bearer, Secret, API_KEY_ENV};
 use realm_coordinator::net::{endpoint, error_chain, normalize_url, MAX_MESSAGE_BYTES};
 use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -22,6 +24,9 @@ struct Cli {
         default_value = "http://127.0.0.1:7000"
     )]
     coordinator: String,
+    /// API key, when the coordinator requires one.
+    #[arg(long, global = true, env = API_KEY_ENV, hide_env_values = true)]
+    api_key: Option<Secret>,
     #[command(subcommand)]
     command: Command,
 }
@@ -117,7 +122,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let result = match connect(&cli.coordinator).await {
+    let result = match connect(&cli.coordinator, cli.api_key.as_ref()).await {
         Ok(client) => match cli.command {
             Command::Generate(args) => generate(client, args).await,
             Command::Tokenize(args) => tokenize(client, args).await,
@@ -135,7 +140,10 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(raw: &str) -> Result<RealmClient<Channel>, Failure> {
+/// The coordinator's client, sending the API key (if any) with every call.
+type Client = RealmClient<InterceptedService<Channel, Bearer>>;
+
+async fn connect(raw: &str, api_key: Option<&Secret>) -> Result<Client, Failure> {
     let url = normalize_url(raw)
         .map_err(|problem| Failure(format!("coordinator URL `{raw}`: {problem}")))?;
     let endpoint =
@@ -146,12 +154,12 @@ async fn connect(raw: &str) -> Result<RealmClient<Channel>, Failure> {
             error_chain(&e)
         ))
     })?;
-    Ok(RealmClient::new(channel)
+    Ok(RealmClient::with_interceptor(channel, Bearer::new(api_key))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-async fn generate(mut client: RealmClient<Channel>, args: GenerateArgs) -> Result<(), Failure> {
+async fn generate(mut client: Client, args: GenerateArgs) -> Result<(), Failure> {
     let request = pb::GenerateRequest {
         model: args.model,
         prompt: args.prompt,
@@ -190,7 +198,7 @@ async fn generate(mut client: RealmClient<Channel>, args: GenerateArgs) -> Resul
     ))
 }
 
-async fn tokenize(mut client: RealmClient<Channel>, args: TokenizeArgs) -> Result<(), Failure> {
+async fn tokenize(mut client: Client, args: TokenizeArgs) -> Result<(), Failure> {
     let reply = client
         .tokenize(pb::TokenizeRequest {
             model: args.model,
@@ -206,7 +214,7 @@ async fn tokenize(mut client: RealmClient<Channel>, args: TokenizeArgs) -> Resul
     Ok(())
 }
 
-async fn models(mut client: RealmClient<Channel>) -> Result<(), Failure> {
+async fn models(mut client: Client) -> Result<(), Failure> {
     let reply = client
         .list_models(pb::ListModelsRequest {})
         .await?
@@ -222,7 +230,7 @@ async fn models(mut client: RealmClient<Channel>) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn workers(mut client: RealmClient<Channel>) -> Result<(), Failure> {
+async fn workers(mut client: Client) -> Result<(), Failure> {
     let reply = client
         .list_workers(pb::ListWorkersRequest {})
         .await?
