@@ -17,6 +17,7 @@ pub mod quant;
 pub mod sampling;
 pub mod stop;
 pub mod synthetic;
+pub mod tls;
 pub mod tokenizer;
 pub mod wire;
 

@@ -21,6 +21,7 @@ use candle_core::Device;
 use realm_common::auth::{Bearer, Secret};
 use realm_common::generate::{Completion, Decoding, GenerationParams};
 use realm_common::model::LayerRange;
+use realm_common::tls::ClientTls;
 use realm_common::wire::{Activations, ModelIdentity, WireDType};
 use realm_proto::pb;
 use realm_proto::pb::worker_client::WorkerClient;
@@ -60,6 +61,9 @@ pub struct ClusterOptions {
     pub token: Option<Secret>,
     /// Workers held in reserve: they take over the layers of a worker that dies.
     pub standby: Vec<String>,
+    /// TLS for `https://` workers: the CA to trust and, for mutual TLS, this coordinator's
+    /// certificate.
+    pub tls: Option<ClientTls>,
 }
 
 /// One worker as the coordinator drives it.
@@ -170,6 +174,7 @@ pub struct Cluster {
     /// Serialises re-plans.
     recovering: tokio::sync::Mutex<()>,
     bearer: Bearer,
+    tls: Option<ClientTls>,
     wire_dtype: WireDType,
     sessions_started: AtomicU64,
 }
@@ -211,7 +216,8 @@ impl Cluster {
         for (i, raw) in worker_urls.iter().enumerate() {
             let raw = raw.clone();
             let bearer = bearer.clone();
-            handshakes.spawn(async move { (i, handshake(&raw, bearer).await) });
+            let tls = options.tls.clone();
+            handshakes.spawn(async move { (i, handshake(&raw, bearer, tls.as_ref()).await) });
         }
         let mut found = vec![None; worker_urls.len()];
         while let Some(joined) = handshakes.join_next().await {
@@ -275,6 +281,7 @@ impl Cluster {
             known,
             recovering: tokio::sync::Mutex::new(()),
             bearer,
+            tls: options.tls,
             wire_dtype,
             sessions_started: AtomicU64::new(0),
         })
@@ -644,9 +651,11 @@ impl Cluster {
             if serving.contains(&url.as_str()) {
                 continue;
             }
-            let (url, bearer) = (url.clone(), self.bearer.clone());
+            let (url, bearer, tls) = (url.clone(), self.bearer.clone(), self.tls.clone());
             handshakes.spawn(async move {
-                let found = tokio::time::timeout(PROBE_TIMEOUT, handshake(&url, bearer)).await;
+                let found =
+                    tokio::time::timeout(PROBE_TIMEOUT, handshake(&url, bearer, tls.as_ref()))
+                        .await;
                 (i, found)
             });
         }
@@ -861,8 +870,12 @@ async fn end_everywhere(workers: Vec<WorkerLink>, session: String) {
 }
 
 /// Connects to a worker and checks its versions.
-async fn handshake(raw_url: &str, bearer: Bearer) -> Result<(WorkerRpc, WorkerSummary)> {
-    let (url, channel) = connect_worker(raw_url).await?;
+async fn handshake(
+    raw_url: &str,
+    bearer: Bearer,
+    tls: Option<&ClientTls>,
+) -> Result<(WorkerRpc, WorkerSummary)> {
+    let (url, channel) = connect_worker(raw_url, tls).await?;
     let mut client = WorkerClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -14,6 +14,7 @@ use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{Completion, Decoding, GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::sampling::SamplingParams;
 use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
+use realm_common::tls::ClientTls;
 use realm_common::wire::WireDType;
 use realm_coordinator::bench::{
     bench_one, load_model, BenchConfig, BenchResult, BudgetSpec, MemoryConfig,
@@ -186,6 +187,21 @@ struct GuardArgs {
     /// Generations waiting for a slot; beyond, requests are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = realm_coordinator::admission::DEFAULT_MAX_QUEUED)]
     max_queued: usize,
+    /// TLS certificate chain (PEM) for the client API; needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the client API.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signed the certificates of `https://` workers.
+    #[arg(long, value_name = "PEM")]
+    worker_ca: Option<PathBuf>,
+    /// This coordinator's certificate (PEM) for workers that require mutual TLS.
+    #[arg(long, value_name = "PEM", requires_all = ["worker_key", "worker_ca"])]
+    worker_cert: Option<PathBuf>,
+    /// The private key (PEM) of --worker-cert.
+    #[arg(long, value_name = "PEM", requires = "worker_cert")]
+    worker_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -425,9 +441,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let model = load_model(&args.model.model).await?;
+    let worker_tls = match &guard.worker_ca {
+        Some(ca) => Some(
+            ClientTls::new(
+                ca,
+                guard
+                    .worker_cert
+                    .as_deref()
+                    .zip(guard.worker_key.as_deref()),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let api_tls = match (&guard.tls_cert, &guard.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(realm_common::tls::server_config(cert, key, None).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
     let options = ClusterOptions {
         token: guard.cluster_token,
         standby: guard.standby,
+        tls: worker_tls,
     };
     let cluster = Cluster::connect_with(
         model,
@@ -447,6 +483,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_keys: guard.api_key,
         max_active: guard.max_active,
         max_queued: guard.max_queued,
+        tls: api_tls,
     };
     realm_coordinator::serve_with(
         listener,

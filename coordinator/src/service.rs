@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -45,6 +46,8 @@ pub struct ServiceOptions {
     pub max_active: usize,
     /// Generations waiting for a slot; beyond, requests get RESOURCE_EXHAUSTED.
     pub max_queued: usize,
+    /// TLS for the listener; `None` serves plaintext.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 impl Default for ServiceOptions {
@@ -53,6 +56,7 @@ impl Default for ServiceOptions {
             api_keys: Vec::new(),
             max_active: DEFAULT_MAX_ACTIVE,
             max_queued: DEFAULT_MAX_QUEUED,
+            tls: None,
         }
     }
 }
@@ -317,7 +321,16 @@ pub async fn serve_with(
     let realm = InterceptedService::new(realm, gate);
     info!(%addr, "serving the Realm API");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        server = server.tls_config(tls).map_err(|e| {
+            Error::Internal(format!(
+                "the TLS certificate or key cannot be used: {}",
+                crate::net::error_chain(&e)
+            ))
+        })?;
+    }
+    let result = server
         .add_service(health)
         .add_service(reflection)
         .add_service(realm)

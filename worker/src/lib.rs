@@ -23,6 +23,7 @@ use realm_proto::pb::worker_server::WorkerServer;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::ServerTlsConfig;
 use tracing::info;
 
 use crate::service::{WorkerService, WorkerState};
@@ -105,6 +106,8 @@ pub struct ServeOptions {
     /// Bytes the KV caches of all sessions may hold together; a step that would pass it is
     /// refused with RESOURCE_EXHAUSTED. `None`: no bound.
     pub max_kv_bytes: Option<u64>,
+    /// TLS for the listener (with a client CA: mutual TLS); `None` serves plaintext.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// Serves the worker service on `listener` until `shutdown` resolves, open to any caller.
@@ -142,6 +145,7 @@ pub async fn run_with(
         memory_budget = ?config.memory_budget,
         prefetch = config.prefetch,
         authenticated = options.token.is_some(),
+        tls = options.tls.is_some(),
         max_kv_bytes = ?options.max_kv_bytes,
         "worker serving"
     );
@@ -182,7 +186,13 @@ pub async fn run_with(
     // Every step is one small request and one small response: Nagle's delay would add up to a
     // round trip per step.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        server = server
+            .tls_config(tls)
+            .context("the TLS certificate or key cannot be used")?;
+    }
+    server
         .add_service(health_service)
         .add_service(worker)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -59,6 +59,15 @@ struct Cli {
     /// steps beyond it are refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = parse_size)]
     max_kv_memory: Option<u64>,
+    /// TLS certificate chain (PEM) to serve with; needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) whose certificates clients must present: mutual TLS.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,9 +101,17 @@ fn main() -> anyhow::Result<()> {
         "Set REALM_CLUSTER_TOKEN (or --token) here and on the coordinator",
     )
     .map_err(anyhow::Error::msg)?;
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            realm_common::tls::server_config(cert, key, cli.tls_client_ca.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
     let options = ServeOptions {
         token: cli.token,
         max_kv_bytes: cli.max_kv_memory,
+        tls,
     };
     let config = WorkerConfig {
         model: cli.model,

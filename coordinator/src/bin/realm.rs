@@ -3,11 +3,13 @@
 //! A server error is printed as its gRPC status code and message, with exit status 1.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use realm_common::auth::{Bearer, Secret, API_KEY_ENV};
-use realm_coordinator::net::{endpoint, error_chain, normalize_url, MAX_MESSAGE_BYTES};
+use realm_common::tls::ClientTls;
+use realm_coordinator::net::{error_chain, normalize_url, secure_endpoint, MAX_MESSAGE_BYTES};
 use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
 use tonic::service::interceptor::InterceptedService;
@@ -27,6 +29,9 @@ struct Cli {
     /// API key, when the coordinator requires one.
     #[arg(long, global = true, env = API_KEY_ENV, hide_env_values = true)]
     api_key: Option<Secret>,
+    /// CA certificate (PEM) that signed an `https://` coordinator's certificate.
+    #[arg(long, global = true, value_name = "PEM")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -122,7 +127,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let result = match connect(&cli.coordinator, cli.api_key.as_ref()).await {
+    let result = match connect(&cli.coordinator, cli.api_key.as_ref(), cli.ca.as_deref()).await {
         Ok(client) => match cli.command {
             Command::Generate(args) => generate(client, args).await,
             Command::Tokenize(args) => tokenize(client, args).await,
@@ -143,11 +148,19 @@ async fn main() -> ExitCode {
 /// The coordinator's client, sending the API key (if any) with every call.
 type Client = RealmClient<InterceptedService<Channel, Bearer>>;
 
-async fn connect(raw: &str, api_key: Option<&Secret>) -> Result<Client, Failure> {
+async fn connect(
+    raw: &str,
+    api_key: Option<&Secret>,
+    ca: Option<&Path>,
+) -> Result<Client, Failure> {
     let url = normalize_url(raw)
         .map_err(|problem| Failure(format!("coordinator URL `{raw}`: {problem}")))?;
-    let endpoint =
-        endpoint(&url).map_err(|problem| Failure(format!("coordinator URL `{url}`: {problem}")))?;
+    let tls = ca
+        .map(|ca| ClientTls::new(ca, None))
+        .transpose()
+        .map_err(Failure)?;
+    let endpoint = secure_endpoint(&url, tls.as_ref())
+        .map_err(|problem| Failure(format!("coordinator URL `{url}`: {problem}")))?;
     let channel = endpoint.connect().await.map_err(|e| {
         Failure(format!(
             "cannot reach the coordinator at {url}: {}",
