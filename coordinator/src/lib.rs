@@ -8,6 +8,7 @@ pub mod admission;
 pub mod bench;
 pub mod cluster;
 pub mod error;
+pub mod load;
 pub mod local;
 pub mod model;
 pub mod net;

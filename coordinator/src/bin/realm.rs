@@ -12,8 +12,6 @@ use realm_common::tls::ClientTls;
 use realm_coordinator::net::{error_chain, normalize_url, secure_endpoint, MAX_MESSAGE_BYTES};
 use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(name = "realm", version, about = "Client of a Realm coordinator")]
@@ -46,6 +44,27 @@ enum Command {
     Models,
     /// Show each worker: its layers, sessions, KV memory and layer-manager counters.
     Workers,
+    /// Load test: concurrent streaming clients for a bounded time and request count.
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// Concurrent streaming clients.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Stop sending new requests after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    duration_secs: u64,
+    /// Stop after this many requests in all.
+    #[arg(long, default_value_t = 10_000)]
+    max_requests: usize,
+    /// Tokens generated per request (greedy).
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -133,6 +152,7 @@ async fn main() -> ExitCode {
             Command::Tokenize(args) => tokenize(client, args).await,
             Command::Models => models(client).await,
             Command::Workers => workers(client).await,
+            Command::Load(args) => load(client, args).await,
         },
         Err(e) => Err(e),
     };
@@ -145,8 +165,7 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The coordinator's client, sending the API key (if any) with every call.
-type Client = RealmClient<InterceptedService<Channel, Bearer>>;
+use realm_coordinator::load::Client;
 
 async fn connect(
     raw: &str,
@@ -209,6 +228,31 @@ async fn generate(mut client: Client, args: GenerateArgs) -> Result<(), Failure>
     Err(Failure(
         "the stream ended without a finish message".to_string(),
     ))
+}
+
+async fn load(client: Client, args: LoadArgs) -> Result<(), Failure> {
+    let config = realm_coordinator::load::LoadConfig {
+        clients: args.clients,
+        duration: std::time::Duration::from_secs(args.duration_secs),
+        max_requests: args.max_requests,
+        max_tokens: args.max_tokens,
+    };
+    let report = realm_coordinator::load::run(client, &config).await;
+    if args.json {
+        writeln!(std::io::stdout(), "{}", report.to_json())?;
+    } else {
+        writeln!(std::io::stdout(), "{report}")?;
+        for e in &report.errors {
+            eprintln!("error: {e}");
+        }
+    }
+    if report.failed > 0 || report.inconsistent > 0 {
+        return Err(Failure(format!(
+            "{} requests failed and {} completions were inconsistent",
+            report.failed, report.inconsistent
+        )));
+    }
+    Ok(())
 }
 
 async fn tokenize(mut client: Client, args: TokenizeArgs) -> Result<(), Failure> {
