@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod chat;
 pub mod error;
+pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

@@ -542,3 +542,33 @@ async fn without_capacity_streams_end_unavailable_and_a_restarted_worker_rejoins
         undisturbed
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_streams_in_flight() {
+    let model = smollm2();
+    let worker = start_worker(&model, &[], &[]);
+    let mut coordinator = start_coordinator(&model, &[&worker], &[], &[]);
+    let mut c = client(&coordinator, None).await;
+    let undisturbed = generate(&mut c, greedy(PROMPT, TOKENS)).await.unwrap();
+    let pid = coordinator.child.id();
+    let got = generate_then(&mut c, greedy(PROMPT, TOKENS), 2, || {
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    })
+    .await
+    .expect("the stream in flight completes");
+    assert_eq!(got, undisturbed);
+    // Then the coordinator exits by itself, successfully.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = coordinator.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the coordinator did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
