@@ -3,8 +3,10 @@
 //! (`model`), per-session state (`kv`) and token choice (`sampling`, `generate`).
 #![deny(unsafe_code)]
 
+pub mod auth;
 pub mod chat;
 pub mod error;
+pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
@@ -17,6 +19,7 @@ pub mod quant;
 pub mod sampling;
 pub mod stop;
 pub mod synthetic;
+pub mod tls;
 pub mod tokenizer;
 pub mod wire;
 

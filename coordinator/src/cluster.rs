@@ -14,22 +14,26 @@
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use realm_common::auth::{Bearer, Secret};
 use realm_common::generate::{Completion, Decoding, GenerationParams};
 use realm_common::model::LayerRange;
+use realm_common::tls::ClientTls;
 use realm_common::wire::{Activations, ModelIdentity, WireDType};
 use realm_proto::pb;
 use realm_proto::pb::worker_client::WorkerClient;
 use tokio::task::JoinSet;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::{debug, info, trace, warn, Instrument};
 
 use crate::error::{Error, Result};
 use crate::generation::names;
 use crate::model::CoordinatorModel;
-use crate::net::{connect_worker, MAX_MESSAGE_BYTES};
+use crate::net::{connect_worker, normalize_url, MAX_MESSAGE_BYTES};
 use crate::plan::{Plan, PlanSpec};
 use crate::request_id;
 
@@ -43,13 +47,45 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// worker's idle timeout frees what is left).
 const END_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a liveness probe of a worker may take while re-planning.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Re-plans one step may go through before its error stands.
+const MAX_RECOVERIES_PER_STEP: usize = 3;
+
+/// A worker's gRPC client, sending the cluster token with every call.
+pub type WorkerRpc = WorkerClient<InterceptedService<Channel, Bearer>>;
+
+/// How a cluster reaches and replaces its workers.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// The cluster token, sent with every worker RPC.
+    pub token: Option<Secret>,
+    /// Workers held in reserve: they take over the layers of a worker that dies.
+    pub standby: Vec<String>,
+    /// TLS for `https://` workers: the CA to trust and, for mutual TLS, this coordinator's
+    /// certificate.
+    pub tls: Option<ClientTls>,
+}
+
 /// One worker as the coordinator drives it.
 #[derive(Debug, Clone)]
 struct WorkerLink {
     /// Normalized `http://host:port`.
     url: String,
-    client: WorkerClient<Channel>,
+    client: WorkerRpc,
     range: LayerRange,
+    summary: WorkerSummary,
+}
+
+/// The workers running the layers now. Replaced whole when a worker dies.
+#[derive(Debug)]
+struct Topology {
+    /// Bumped on every re-plan: a session whose step ran on an older topology rebuilds its caches.
+    generation: u64,
+    plan: Plan,
+    /// In plan order: `workers[i].range == plan.ranges()[i]`.
+    workers: Vec<WorkerLink>,
 }
 
 /// What a worker reported in its handshake.
@@ -127,13 +163,20 @@ pub struct Generation {
 }
 
 /// The coordinator's model, the workers and the plan that places the layers on them.
+///
+/// When a step fails on a worker, [`Cluster::recover`] probes the workers, gives a dead worker's
+/// layers to a standby (or a worker that came back), or else re-plans every layer over the
+/// workers still alive, and the generation replays its tokens so far on the new topology.
 #[derive(Debug)]
 pub struct Cluster {
     model: CoordinatorModel,
-    plan: Plan,
-    /// In plan order: `workers[i].range == plan.ranges()[i]`.
-    workers: Vec<WorkerLink>,
-    summaries: Vec<WorkerSummary>,
+    topology: RwLock<Arc<Topology>>,
+    /// Every worker URL known, given and standby: the candidates when re-planning.
+    known: Vec<String>,
+    /// Serialises re-plans.
+    recovering: tokio::sync::Mutex<()>,
+    bearer: Bearer,
+    tls: Option<ClientTls>,
     wire_dtype: WireDType,
     sessions_started: AtomicU64,
 }
@@ -148,22 +191,42 @@ impl Cluster {
         plan: &PlanSpec,
         wire_dtype: WireDType,
     ) -> Result<Self> {
+        Self::connect_with(
+            model,
+            worker_urls,
+            plan,
+            wire_dtype,
+            ClusterOptions::default(),
+        )
+        .await
+    }
+
+    /// As [`Cluster::connect`], with a cluster token and standby workers.
+    pub async fn connect_with(
+        model: CoordinatorModel,
+        worker_urls: &[String],
+        plan: &PlanSpec,
+        wire_dtype: WireDType,
+        options: ClusterOptions,
+    ) -> Result<Self> {
         if worker_urls.is_empty() {
             return Err(Error::Plan("no workers given".to_string()));
         }
+        let bearer = Bearer::new(options.token.as_ref());
         // Handshakes run concurrently; results come back in the order given.
         let mut handshakes = JoinSet::new();
         for (i, raw) in worker_urls.iter().enumerate() {
             let raw = raw.clone();
-            handshakes.spawn(async move { (i, handshake(&raw).await) });
+            let bearer = bearer.clone();
+            let tls = options.tls.clone();
+            handshakes.spawn(async move { (i, handshake(&raw, bearer, tls.as_ref()).await) });
         }
         let mut found = vec![None; worker_urls.len()];
         while let Some(joined) = handshakes.join_next().await {
             let (i, result) = joined.map_err(|e| Error::Internal(e.to_string()))?;
             found[i] = Some(result?);
         }
-        let found: Vec<(WorkerClient<Channel>, WorkerSummary)> =
-            found.into_iter().flatten().collect();
+        let found: Vec<(WorkerRpc, WorkerSummary)> = found.into_iter().flatten().collect();
         for (i, (_, a)) in found.iter().enumerate() {
             if found[..i].iter().any(|(_, b)| b.url == a.url) {
                 return Err(Error::WorkerUrl {
@@ -186,6 +249,7 @@ impl Cluster {
                 url: summary.url.clone(),
                 client: client.clone(),
                 range: *range,
+                summary: summary.clone(),
             };
             let identity = model.identity.clone();
             assignments.spawn(async move { (i, assign(link, &identity).await) });
@@ -195,11 +259,31 @@ impl Cluster {
             let (i, result) = joined.map_err(|e| Error::Internal(e.to_string()))?;
             workers[i] = Some(result?);
         }
+        let mut known: Vec<String> = found.iter().map(|(_, s)| s.url.clone()).collect();
+        for raw in &options.standby {
+            let url = normalize_url(raw).map_err(|problem| Error::WorkerUrl {
+                url: raw.clone(),
+                problem,
+            })?;
+            if known.contains(&url) {
+                return Err(Error::WorkerUrl {
+                    url,
+                    problem: "listed as a worker and as a standby".to_string(),
+                });
+            }
+            known.push(url);
+        }
         Ok(Self {
             model,
-            plan,
-            workers: workers.into_iter().flatten().collect(),
-            summaries: found.into_iter().map(|(_, s)| s).collect(),
+            topology: RwLock::new(Arc::new(Topology {
+                generation: 0,
+                plan,
+                workers: workers.into_iter().flatten().collect(),
+            })),
+            known,
+            recovering: tokio::sync::Mutex::new(()),
+            bearer,
+            tls: options.tls,
             wire_dtype,
             sessions_started: AtomicU64::new(0),
         })
@@ -209,8 +293,17 @@ impl Cluster {
         &self.model
     }
 
-    pub fn plan(&self) -> &Plan {
-        &self.plan
+    fn topology(&self) -> Arc<Topology> {
+        // Nothing panics while holding this lock; a poisoned one still holds a valid value.
+        self.topology
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The plan in force now.
+    pub fn plan(&self) -> Plan {
+        self.topology().plan.clone()
     }
 
     pub fn wire_dtype(&self) -> WireDType {
@@ -218,16 +311,19 @@ impl Cluster {
     }
 
     /// The workers in plan order, as they reported themselves, with their ranges.
-    pub fn workers(&self) -> impl Iterator<Item = (&WorkerSummary, LayerRange)> {
-        self.summaries
+    pub fn workers(&self) -> Vec<(WorkerSummary, LayerRange)> {
+        self.topology()
+            .workers
             .iter()
-            .zip(self.workers.iter().map(|w| w.range))
+            .map(|w| (w.summary.clone(), w.range))
+            .collect()
     }
 
     /// Asks every worker for its state now; in plan order, with its URL and range.
     pub async fn worker_status(&self) -> Vec<(String, LayerRange, Result<pb::InfoResponse>)> {
-        let mut out = Vec::with_capacity(self.workers.len());
-        for w in &self.workers {
+        let topology = self.topology();
+        let mut out = Vec::with_capacity(topology.workers.len());
+        for w in &topology.workers {
             let mut client = w.client.clone();
             let info = match tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
@@ -265,6 +361,17 @@ impl Cluster {
         tokens: &[u32],
         position: usize,
     ) -> Result<StepOutput> {
+        self.forward_on(&self.topology(), session, tokens, position)
+            .await
+    }
+
+    async fn forward_on(
+        &self,
+        topology: &Topology,
+        session: &str,
+        tokens: &[u32],
+        position: usize,
+    ) -> Result<StepOutput> {
         self.model.config.check_fits(position, tokens.len())?;
         let n = tokens.len();
         let d_model = self.model.config.d_model;
@@ -278,9 +385,9 @@ impl Cluster {
         })
         .await?;
 
-        let mut hops = Vec::with_capacity(self.workers.len());
+        let mut hops = Vec::with_capacity(topology.workers.len());
         let request_id = request_id::current();
-        for worker in &self.workers {
+        for worker in &topology.workers {
             let request = request_id::tagged(
                 pb::ForwardRequest {
                     session_id: session.to_string(),
@@ -326,7 +433,7 @@ impl Cluster {
             })?;
         }
 
-        let last_url = self
+        let last_url = topology
             .workers
             .last()
             .map(|w| w.url.clone())
@@ -384,9 +491,9 @@ impl Cluster {
         decoding: Decoding,
         on_delta: impl FnMut(Delta) -> ControlFlow<()> + Send,
     ) -> Result<Generation> {
-        let session = Session::open(self, self.new_session_id());
+        let mut session = Session::open(&self.topology(), self.new_session_id());
         debug!(session = %session.id, prompt_tokens = decoding.prompt().len(), "generation started");
-        let result = self.drive(&session.id, decoding, on_delta).await;
+        let result = self.drive(&mut session, decoding, on_delta).await;
         match &result {
             Ok(g) => debug!(
                 session = %session.id,
@@ -402,19 +509,34 @@ impl Cluster {
 
     async fn drive(
         &self,
-        session: &str,
+        session: &mut Session,
         mut decoding: Decoding,
         mut on_delta: impl FnMut(Delta) -> ControlFlow<()> + Send,
     ) -> Result<Generation> {
         let start = Instant::now();
         let tokenizer = &self.model.tokenizer;
         let mut input = decoding.prompt().to_vec();
+        // The tokens the workers have cached for this session: what a new topology replays.
+        let mut fed: Vec<u32> = Vec::new();
         let mut position = 0;
         let mut text = String::new();
         let mut first_token_at = None;
         let (mut prefill, mut decode) = (HopStats::default(), HopStats::default());
+        let mut topology = self.topology();
         loop {
-            let out = self.forward(session, &input, position).await?;
+            let out = match self
+                .forward_on(&topology, &session.id, &input, position)
+                .await
+            {
+                Ok(out) => out,
+                Err(error) if error.is_worker_failure() => {
+                    let (out, now) = self.replay(session, topology, error, &fed, &input).await?;
+                    topology = now;
+                    out
+                }
+                Err(error) => return Err(error),
+            };
+            fed.extend_from_slice(&input);
             let stats = if position == 0 {
                 &mut prefill
             } else {
@@ -451,7 +573,225 @@ impl Cluster {
     /// Ends `session` on every worker, concurrently; failures are logged, not returned (the
     /// workers' idle timeout frees anything left).
     pub async fn end_session(&self, session: &str) {
-        end_everywhere(self.workers.clone(), session.to_string()).await;
+        end_everywhere(self.topology().workers.clone(), session.to_string()).await;
+    }
+
+    /// After a step of `session` failed on `seen` with `error`: re-plans if a worker is lost and
+    /// runs the session's tokens so far (`fed`, then the step's `input`) from position 0 on the
+    /// topology in force, which rebuilds its KV caches and gives the step's logits.
+    async fn replay(
+        &self,
+        session: &mut Session,
+        mut seen: Arc<Topology>,
+        mut error: Error,
+        fed: &[u32],
+        input: &[u32],
+    ) -> Result<(StepOutput, Arc<Topology>)> {
+        let mut tokens = fed.to_vec();
+        tokens.extend_from_slice(input);
+        for _ in 0..MAX_RECOVERIES_PER_STEP {
+            warn!(session = %session.id, error = %error, "step failed; checking the workers");
+            let topology = self.recover(&seen).await?;
+            session.adopt(&topology);
+            info!(
+                session = %session.id,
+                tokens = tokens.len(),
+                plan = %topology.plan,
+                "replaying the session to rebuild its caches"
+            );
+            match self.forward_on(&topology, &session.id, &tokens, 0).await {
+                Ok(out) => return Ok((out, topology)),
+                Err(e) if e.is_worker_failure() => {
+                    error = e;
+                    seen = topology;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(error)
+    }
+
+    /// Makes sure every layer has a live worker after a step failed on topology `seen`; returns
+    /// the topology to continue on. Re-plans at most once per failure: a caller that saw an older
+    /// topology than the one in force gets the newer one at once.
+    async fn recover(&self, seen: &Arc<Topology>) -> Result<Arc<Topology>> {
+        let _recovering = self.recovering.lock().await;
+        let current = self.topology();
+        if current.generation != seen.generation {
+            return Ok(current);
+        }
+        // Which workers still hold the layers they were given?
+        let mut probes = JoinSet::new();
+        for (i, w) in current.workers.iter().enumerate() {
+            let w = w.clone();
+            probes.spawn(async move { (i, holds_shard(&w).await) });
+        }
+        let mut healthy = vec![false; current.workers.len()];
+        while let Some(joined) = probes.join_next().await {
+            if let Ok((i, ok)) = joined {
+                healthy[i] = ok;
+            }
+        }
+        if healthy.iter().all(|&h| h) {
+            debug!("every worker holds its layers; the step is retried");
+            return Ok(current);
+        }
+        let lost: Vec<&WorkerLink> = current
+            .workers
+            .iter()
+            .zip(&healthy)
+            .filter(|(_, &h)| !h)
+            .map(|(w, _)| w)
+            .collect();
+        for w in &lost {
+            warn!(worker = %w.url, layers = %w.range, "worker lost");
+        }
+        // Spares: every known worker not serving now (standbys, and lost workers that are back).
+        let serving: Vec<&str> = current
+            .workers
+            .iter()
+            .zip(&healthy)
+            .filter(|(_, &h)| h)
+            .map(|(w, _)| w.url.as_str())
+            .collect();
+        let mut handshakes = JoinSet::new();
+        for (i, url) in self.known.iter().enumerate() {
+            if serving.contains(&url.as_str()) {
+                continue;
+            }
+            let (url, bearer, tls) = (url.clone(), self.bearer.clone(), self.tls.clone());
+            handshakes.spawn(async move {
+                let found =
+                    tokio::time::timeout(PROBE_TIMEOUT, handshake(&url, bearer, tls.as_ref()))
+                        .await;
+                (i, found)
+            });
+        }
+        let mut spares = Vec::new();
+        while let Some(joined) = handshakes.join_next().await {
+            if let Ok((i, Ok(Ok(found)))) = joined {
+                spares.push((i, found));
+            }
+        }
+        // In the order given, so a lost worker that came back is preferred for its own layers.
+        spares.sort_by_key(|(i, _)| *i);
+        let mut spares: Vec<(WorkerRpc, WorkerSummary)> =
+            spares.into_iter().map(|(_, f)| f).collect();
+
+        let identity = &self.model.identity;
+        let links: Vec<WorkerLink> = if spares.len() >= lost.len() {
+            // Each lost range goes to a spare; the others keep theirs, and their caches.
+            let mut assignments = JoinSet::new();
+            let mut links: Vec<Option<WorkerLink>> = Vec::new();
+            for (i, (w, &h)) in current.workers.iter().zip(&healthy).enumerate() {
+                if h {
+                    links.push(Some(w.clone()));
+                    continue;
+                }
+                links.push(None);
+                let pick = spares.iter().position(|(_, s)| s.url == w.url).unwrap_or(0);
+                let (client, summary) = spares.remove(pick);
+                let link = WorkerLink {
+                    url: summary.url.clone(),
+                    client,
+                    range: w.range,
+                    summary,
+                };
+                let identity = identity.clone();
+                assignments.spawn(async move { (i, assign(link, &identity).await) });
+            }
+            while let Some(joined) = assignments.join_next().await {
+                let (i, result) = joined.map_err(|e| Error::Internal(e.to_string()))?;
+                links[i] = Some(result.map_err(|e| self.no_capacity(&e.to_string()))?);
+            }
+            links.into_iter().flatten().collect()
+        } else {
+            // Too few spares: spread every layer over the workers left, where their memory allows.
+            let mut left: Vec<(WorkerRpc, WorkerSummary)> = current
+                .workers
+                .iter()
+                .zip(&healthy)
+                .filter(|(_, &h)| h)
+                .map(|(w, _)| (w.client.clone(), w.summary.clone()))
+                .collect();
+            left.append(&mut spares);
+            if left.is_empty() {
+                return Err(self.no_capacity("no worker is reachable"));
+            }
+            let memory: Vec<u64> = left.iter().map(|(_, s)| s.memory_available_bytes).collect();
+            let plan = Plan::auto(self.model.config.n_layers, &memory)
+                .map_err(|e| self.no_capacity(&e.to_string()))?;
+            let layer_bytes = identity.file_bytes / self.model.config.n_layers.max(1) as u64;
+            let mut assignments = JoinSet::new();
+            for (i, ((client, summary), range)) in left.into_iter().zip(plan.ranges()).enumerate() {
+                let needed = layer_bytes * range.len() as u64;
+                if needed > summary.memory_available_bytes {
+                    return Err(self.no_capacity(&format!(
+                        "worker {} has {} MiB available, layers {range} need about {} MiB",
+                        summary.url,
+                        summary.memory_available_bytes >> 20,
+                        needed >> 20
+                    )));
+                }
+                let link = WorkerLink {
+                    url: summary.url.clone(),
+                    client,
+                    range: *range,
+                    summary,
+                };
+                let identity = identity.clone();
+                assignments.spawn(async move { (i, assign(link, &identity).await) });
+            }
+            let mut links = vec![None; plan.n_workers()];
+            while let Some(joined) = assignments.join_next().await {
+                let (i, result) = joined.map_err(|e| Error::Internal(e.to_string()))?;
+                links[i] = Some(result.map_err(|e| self.no_capacity(&e.to_string()))?);
+            }
+            links.into_iter().flatten().collect()
+        };
+        let plan = Plan::new(
+            links.iter().map(|w| w.range).collect(),
+            self.model.config.n_layers,
+        )?;
+        let next = Arc::new(Topology {
+            generation: current.generation + 1,
+            plan,
+            workers: links,
+        });
+        warn!(
+            plan = %next.plan,
+            workers = ?next.workers.iter().map(|w| w.url.as_str()).collect::<Vec<_>>(),
+            "layers re-planned after losing a worker"
+        );
+        *self
+            .topology
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&next);
+        Ok(next)
+    }
+
+    fn no_capacity(&self, why: &str) -> Error {
+        Error::NoCapacity(format!(
+            "a worker was lost and its layers cannot be placed ({why}); start a worker at one of \
+             {} (or give the coordinator a --standby), and the next request uses it",
+            self.known.join(", ")
+        ))
+    }
+}
+
+/// Whether `w` answers and still holds the layers it was given.
+async fn holds_shard(w: &WorkerLink) -> bool {
+    let mut client = w.client.clone();
+    match tokio::time::timeout(PROBE_TIMEOUT, client.info(pb::InfoRequest {})).await {
+        Ok(Ok(reply)) => {
+            let held = reply
+                .into_inner()
+                .shard
+                .and_then(|s| s.layers)
+                .map(|r| (r.start as usize, r.end as usize));
+            held == Some((w.range.start, w.range.end))
+        }
+        _ => false,
     }
 }
 
@@ -463,11 +803,20 @@ struct Session {
 }
 
 impl Session {
-    fn open(cluster: &Cluster, id: String) -> Self {
+    fn open(topology: &Topology, id: String) -> Self {
         Self {
             id,
-            workers: cluster.workers.clone(),
+            workers: topology.workers.clone(),
             open: true,
+        }
+    }
+
+    /// Also ends the session on the workers of `topology` when it ends.
+    fn adopt(&mut self, topology: &Topology) {
+        for w in &topology.workers {
+            if !self.workers.iter().any(|known| known.url == w.url) {
+                self.workers.push(w.clone());
+            }
         }
     }
 
@@ -540,14 +889,28 @@ async fn end_everywhere(workers: Vec<WorkerLink>, session: String) {
 }
 
 /// Connects to a worker and checks its versions.
-async fn handshake(raw_url: &str) -> Result<(WorkerClient<Channel>, WorkerSummary)> {
-    let (url, channel) = connect_worker(raw_url).await?;
-    let mut client = WorkerClient::new(channel)
+async fn handshake(
+    raw_url: &str,
+    bearer: Bearer,
+    tls: Option<&ClientTls>,
+) -> Result<(WorkerRpc, WorkerSummary)> {
+    let (url, channel) = connect_worker(raw_url, tls).await?;
+    let mut client = WorkerClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, client.info(pb::InfoRequest {})).await
     {
         Ok(Ok(reply)) => reply.into_inner(),
+        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
+            return Err(Error::Refused {
+                url,
+                problem: format!(
+                    "{}; give the coordinator the workers' cluster token (REALM_CLUSTER_TOKEN \
+                     or --cluster-token)",
+                    status.message()
+                ),
+            })
+        }
         Ok(Err(status)) => {
             return Err(Error::Unreachable {
                 url,
@@ -566,7 +929,7 @@ async fn handshake(raw_url: &str) -> Result<(WorkerClient<Channel>, WorkerSummar
     };
     check_versions(&url, &info)?;
     let summary = WorkerSummary {
-        url,
+        url: url.clone(),
         device: info.device,
         threads: info.threads,
         memory_available_bytes: info.memory_available_bytes,

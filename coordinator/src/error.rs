@@ -31,6 +31,15 @@ pub enum Error {
     /// A request for a model this coordinator does not serve.
     #[error("model `{requested}` is not served here (this coordinator serves `{served}`)")]
     UnknownModel { requested: String, served: String },
+    /// A worker was lost and no worker is left to take its layers.
+    #[error("no capacity: {0}")]
+    NoCapacity(String),
+    /// Every generation slot and every queue place is taken.
+    #[error("server busy: {0}")]
+    Busy(String),
+    /// The server is shutting down and takes no new generations.
+    #[error("the server is shutting down")]
+    ShuttingDown,
     /// The consumer of a generation asked it to stop (a client went away).
     #[error("generation stopped: its consumer went away")]
     Stopped,
@@ -40,6 +49,21 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether a step failed because of a worker (gone, restarted, re-planned under it), so the
+    /// step is worth retrying on live workers. Refusals that retrying cannot cure are not.
+    pub fn is_worker_failure(&self) -> bool {
+        match self {
+            Error::Worker { status, .. } => !matches!(
+                status.code(),
+                Code::ResourceExhausted | Code::Unauthenticated | Code::PermissionDenied
+            ),
+            Error::Unreachable { .. } | Error::Protocol { .. } => true,
+            _ => false,
+        }
+    }
+}
 
 /// `code: message` of a status, without tonic's metadata and details noise.
 pub fn describe(status: &tonic::Status) -> String {
@@ -60,7 +84,10 @@ impl From<Error> for tonic::Status {
                 Code::DeadlineExceeded => tonic::Status::deadline_exceeded(message),
                 _ => tonic::Status::internal(message),
             },
-            Error::Unreachable { .. } => tonic::Status::unavailable(message),
+            Error::Unreachable { .. } | Error::NoCapacity(_) | Error::ShuttingDown => {
+                tonic::Status::unavailable(message)
+            }
+            Error::Busy(_) => tonic::Status::resource_exhausted(message),
             Error::Plan(_) | Error::WorkerUrl { .. } | Error::Refused { .. } => {
                 tonic::Status::failed_precondition(message)
             }

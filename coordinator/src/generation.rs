@@ -15,6 +15,7 @@ use realm_common::generate::{Completion, GenerationParams};
 use tokio::sync::mpsc;
 use tracing::{debug, info, Instrument};
 
+use crate::admission::Slot;
 use crate::cluster::{Cluster, Delta};
 use crate::error::{Error, Result};
 use crate::request_id::RequestId;
@@ -77,7 +78,13 @@ pub fn count_refused(api: &'static str) {
 }
 
 /// Checks `job` and starts its generation; a bad request is an error here, before any event.
-pub fn start(cluster: &Arc<Cluster>, job: Job) -> Result<mpsc::UnboundedReceiver<Event>> {
+///
+/// `slot` is the generation's admission; it is given back when the generation ends.
+pub fn start(
+    cluster: &Arc<Cluster>,
+    job: Job,
+    slot: Slot,
+) -> Result<mpsc::UnboundedReceiver<Event>> {
     let Job {
         tokens,
         params,
@@ -85,6 +92,15 @@ pub fn start(cluster: &Arc<Cluster>, job: Job) -> Result<mpsc::UnboundedReceiver
         id,
         api,
     } = job;
+    let context = cluster.model().config.context_length;
+    if params.max_tokens > context {
+        count_refused(api);
+        return Err(realm_common::Error::InvalidArgument(format!(
+            "max_tokens {} exceeds the model's context window of {context} tokens",
+            params.max_tokens
+        ))
+        .into());
+    }
     let decoding = match cluster.decoding(tokens, &params) {
         Ok(d) => d,
         Err(e) => {
@@ -105,6 +121,7 @@ pub fn start(cluster: &Arc<Cluster>, job: Job) -> Result<mpsc::UnboundedReceiver
         current => current,
     };
     let task = async move {
+        let _slot = slot;
         let _active = ActiveSession::begin();
         let before_run = received.elapsed();
         let mut last_token = None::<Instant>;

@@ -18,14 +18,16 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
+use realm_common::auth::{RequireBearer, Secret};
 use realm_common::chat::ChatMessage;
 use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_proto::pb;
@@ -36,6 +38,7 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tracing::{debug, info, Instrument};
 
+use crate::admission::Admission;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::generation::{self, Done, Event, Job};
@@ -45,24 +48,61 @@ use crate::service::generation_params;
 /// Temperature when a request gives none, as in the OpenAI API.
 const DEFAULT_TEMPERATURE: f32 = 1.0;
 
+/// Who may use the HTTP API, how many generations it runs, and what `/metrics` renders.
+#[derive(Clone)]
+pub struct HttpOptions {
+    /// API keys accepted as `Authorization: Bearer <key>` on `/v1/*`; empty admits any client.
+    pub api_keys: Vec<Secret>,
+    /// Bounds on running and waiting generations, shared with the gRPC API.
+    pub admission: Arc<Admission>,
+    /// The Prometheus recorder `/metrics` renders; `None` answers 404 there.
+    pub metrics: Option<PrometheusHandle>,
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 struct AppState {
     cluster: Arc<Cluster>,
+    admission: Arc<Admission>,
     metrics: Option<PrometheusHandle>,
 }
 
-/// The HTTP API's routes over `cluster`; `/metrics` renders `metrics` when given.
-pub fn router(cluster: Arc<Cluster>, metrics: Option<PrometheusHandle>) -> Router {
-    Router::new()
+/// The HTTP API's routes over `cluster`. `/health` and `/metrics` stay open for probes and
+/// scrapers; the `/v1` API needs one of the API keys when any is set.
+pub fn router(cluster: Arc<Cluster>, options: HttpOptions) -> Router {
+    let gate = RequireBearer::new(&options.api_keys, "API key", "set REALM_API_KEY");
+    let api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route_layer(middleware::from_fn(move |request: Request, next: Next| {
+            let gate = gate.clone();
+            async move {
+                let metadata =
+                    tonic::metadata::MetadataMap::from_headers(request.headers().clone());
+                match gate.check(&metadata) {
+                    Ok(()) => next.run(request).await,
+                    Err(status) => ApiError {
+                        status: http_status(status.code()),
+                        message: status.message().to_string(),
+                        param: None,
+                        code: Some("invalid_api_key"),
+                    }
+                    .into_response(),
+                }
+            }
+        }));
+    Router::new()
+        .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
-        .with_state(AppState { cluster, metrics })
+        .with_state(AppState {
+            cluster,
+            admission: options.admission,
+            metrics: options.metrics,
+        })
 }
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves; responses in flight (streams
@@ -70,14 +110,14 @@ pub fn router(cluster: Arc<Cluster>, metrics: Option<PrometheusHandle>) -> Route
 pub async fn serve(
     listener: TcpListener,
     cluster: Arc<Cluster>,
-    metrics: Option<PrometheusHandle>,
+    options: HttpOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
     info!(%addr, "serving the OpenAI-compatible HTTP API");
-    axum::serve(listener, router(cluster, metrics))
+    axum::serve(listener, router(cluster, options))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Error::Internal(format!("HTTP server: {e}")))
@@ -500,8 +540,15 @@ async fn respond(
         id: id.clone(),
         api,
     };
+    let slot = match state.admission.admit().await {
+        Ok(slot) => slot,
+        Err(e) => {
+            generation::count_refused(api);
+            return refuse(e.into());
+        }
+    };
     // `start` counts its own refusals.
-    let events = match generation::start(&state.cluster, job) {
+    let events = match generation::start(&state.cluster, job, slot) {
         Ok(events) => events,
         Err(e) => return refuse(e.into()),
     };

@@ -4,11 +4,13 @@
 //! single-process mode, and the oracle the distributed output must equal.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod bench;
 pub mod cluster;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod load;
 pub mod local;
 pub mod model;
 pub mod net;
@@ -22,7 +24,7 @@ pub use cluster::Cluster;
 pub use error::{Error, Result};
 pub use model::CoordinatorModel;
 pub use plan::{Plan, PlanSpec};
-pub use service::serve;
+pub use service::{serve, serve_with, ServiceOptions};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -10,18 +10,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use realm_common::auth::{check_exposure, Secret, API_KEY_ENV, CLUSTER_TOKEN_ENV};
 use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{Completion, Decoding, GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::logging::LogFormat;
 use realm_common::sampling::SamplingParams;
 use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
+use realm_common::tls::ClientTls;
 use realm_common::wire::WireDType;
+use realm_coordinator::admission::Admission;
 use realm_coordinator::bench::{
     bench_one, load_model, BenchConfig, BenchResult, BudgetSpec, MemoryConfig,
 };
+use realm_coordinator::cluster::ClusterOptions;
+use realm_coordinator::http::HttpOptions;
 use realm_coordinator::local::LocalWorkers;
 use realm_coordinator::progress;
-use realm_coordinator::{Cluster, LocalModel, PlanSpec, DEFAULT_MODEL};
+use realm_coordinator::{Cluster, LocalModel, PlanSpec, ServiceOptions, DEFAULT_MODEL};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -180,6 +185,47 @@ struct ServeArgs {
     /// How long to keep retrying workers that are not reachable yet (0: fail at once).
     #[arg(long, env = "REALM_WORKER_WAIT_SECS", default_value_t = 60)]
     worker_wait_secs: u64,
+    #[command(flatten)]
+    guard: GuardArgs,
+}
+
+/// Authentication, failover and admission limits of `serve`.
+#[derive(Args)]
+struct GuardArgs {
+    /// The cluster token the workers require, sent with every worker RPC.
+    #[arg(long, env = CLUSTER_TOKEN_ENV, hide_env_values = true)]
+    cluster_token: Option<Secret>,
+    /// API key clients must send (repeat, or comma-separate in the variable, for several).
+    /// Required to listen on a non-loopback address (unless --insecure).
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true, value_delimiter = ',')]
+    api_key: Vec<Secret>,
+    /// Listen on a non-loopback address without API keys.
+    #[arg(long)]
+    insecure: bool,
+    /// A standby worker that takes over the layers of a worker that dies (repeatable).
+    #[arg(long, value_name = "URL")]
+    standby: Vec<String>,
+    /// Generations running at once.
+    #[arg(long, default_value_t = realm_coordinator::admission::DEFAULT_MAX_ACTIVE)]
+    max_active: usize,
+    /// Generations waiting for a slot; beyond, requests are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = realm_coordinator::admission::DEFAULT_MAX_QUEUED)]
+    max_queued: usize,
+    /// TLS certificate chain (PEM) for the client API; needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the client API.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signed the certificates of `https://` workers.
+    #[arg(long, value_name = "PEM")]
+    worker_ca: Option<PathBuf>,
+    /// This coordinator's certificate (PEM) for workers that require mutual TLS.
+    #[arg(long, value_name = "PEM", requires_all = ["worker_key", "worker_ca"])]
+    worker_cert: Option<PathBuf>,
+    /// The private key (PEM) of --worker-cert.
+    #[arg(long, value_name = "PEM", requires = "worker_cert")]
+    worker_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -399,6 +445,22 @@ fn print_usage(completion: &Completion) {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let guard = args.guard;
+    // Checked before binding: an open API is never reachable, not even for a moment.
+    for listen in std::iter::once(&args.listen).chain(&args.http_listen) {
+        for addr in tokio::net::lookup_host(listen)
+            .await
+            .with_context(|| format!("cannot resolve {listen}"))?
+        {
+            check_exposure(
+                addr,
+                !guard.api_key.is_empty(),
+                guard.insecure,
+                "Give clients an API key (REALM_API_KEY or --api-key)",
+            )
+            .map_err(anyhow::Error::msg)?;
+        }
+    }
     // Bound first, so a taken port fails before any worker loads a shard.
     let listener = TcpListener::bind(&args.listen).await.with_context(|| {
         format!(
@@ -423,6 +485,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         load_model(&args.model.model),
     )
     .await?;
+    let worker_tls = match &guard.worker_ca {
+        Some(ca) => Some(
+            ClientTls::new(
+                ca,
+                guard
+                    .worker_cert
+                    .as_deref()
+                    .zip(guard.worker_key.as_deref()),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let api_tls = match (&guard.tls_cert, &guard.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(realm_common::tls::server_config(cert, key, None).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
+    let options = ClusterOptions {
+        token: guard.cluster_token,
+        standby: guard.standby,
+        tls: worker_tls,
+    };
     let cluster = progress::step(
         &format!(
             "planning the layers over {} workers and assigning their shards",
@@ -433,6 +519,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             &args.workers,
             &args.cluster.plan,
             args.cluster.wire_dtype,
+            options,
             Duration::from_secs(args.worker_wait_secs),
         ),
     )
@@ -469,15 +556,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .and_then(|_| stdout.flush())
         .context("cannot write to stdout")?;
     drop(stdout);
+    let admission = Arc::new(Admission::new(guard.max_active, guard.max_queued));
     let http = http.map(|listener| {
+        let options = HttpOptions {
+            api_keys: guard.api_key.clone(),
+            admission: Arc::clone(&admission),
+            metrics,
+        };
         tokio::spawn(realm_coordinator::http::serve(
             listener,
             Arc::clone(&cluster),
-            metrics,
+            options,
             until_stopped(),
         ))
     });
-    realm_coordinator::serve(listener, cluster, until_stopped()).await?;
+    let service = ServiceOptions {
+        api_keys: guard.api_key,
+        admission,
+        tls: api_tls,
+    };
+    realm_coordinator::serve_with(listener, cluster, service, until_stopped()).await?;
     if let Some(http) = http {
         http.await.context("the HTTP server did not finish")??;
     }

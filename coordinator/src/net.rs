@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use realm_common::tls::ClientTls;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
@@ -19,26 +20,27 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 
-/// Turns `host:port` or `http://host:port[/]` into `http://host:port`. Realm speaks plaintext
-/// gRPC, so any other scheme is refused.
+/// Turns `host:port`, `http://host:port[/]` or `https://host:port[/]` into `http://host:port`
+/// (plaintext gRPC, the default) or `https://host:port` (TLS); any other scheme is refused.
 pub fn normalize_url(raw: &str) -> std::result::Result<String, String> {
     let s = raw.trim();
     if s.is_empty() {
         return Err("empty address".to_string());
     }
-    let rest = match s.split_once("://") {
-        None => s,
-        Some(("http", rest)) => rest,
-        Some(("https", _)) => {
-            return Err("TLS is not supported; use http:// (plaintext gRPC)".to_string())
+    let (scheme, rest) = match s.split_once("://") {
+        None => ("http", s),
+        Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+        Some((scheme, _)) => {
+            return Err(format!(
+                "unsupported scheme `{scheme}` (use http://, or https:// for TLS)"
+            ))
         }
-        Some((scheme, _)) => return Err(format!("unsupported scheme `{scheme}` (use http://)")),
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() {
         return Err("no host".to_string());
     }
-    let url = format!("http://{rest}");
+    let url = format!("{scheme}://{rest}");
     let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
     if uri.host().is_none_or(str::is_empty) || authority.ends_with(':') {
@@ -70,13 +72,32 @@ pub fn endpoint(url: &str) -> std::result::Result<Endpoint, String> {
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
 }
 
+/// As [`endpoint`], with TLS for an `https://` URL, which needs `tls` (the CA to trust).
+pub fn secure_endpoint(
+    url: &str,
+    tls: Option<&ClientTls>,
+) -> std::result::Result<Endpoint, String> {
+    let endpoint = endpoint(url)?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let tls = tls.ok_or_else(|| {
+        "an https:// address needs the CA that signed its certificate (--worker-ca for workers, \
+         --ca for the client)"
+            .to_string()
+    })?;
+    endpoint
+        .tls_config(tls.0.clone())
+        .map_err(|e| format!("TLS configuration: {}", error_chain(&e)))
+}
+
 /// Connects to a worker at `raw` (normalized first), naming the URL in any error.
-pub async fn connect_worker(raw: &str) -> Result<(String, Channel)> {
+pub async fn connect_worker(raw: &str, tls: Option<&ClientTls>) -> Result<(String, Channel)> {
     let url = normalize_url(raw).map_err(|problem| Error::WorkerUrl {
         url: raw.to_string(),
         problem,
     })?;
-    let endpoint = endpoint(&url).map_err(|problem| Error::WorkerUrl {
+    let endpoint = secure_endpoint(&url, tls).map_err(|problem| Error::WorkerUrl {
         url: url.clone(),
         problem,
     })?;
@@ -117,10 +138,18 @@ mod tests {
     }
 
     #[test]
+    fn https_needs_a_ca() {
+        assert!(secure_endpoint("http://w:1", None).is_ok());
+        assert!(secure_endpoint("https://w:1", None)
+            .unwrap_err()
+            .contains("--worker-ca"));
+    }
+
+    #[test]
     fn bad_urls_are_refused_with_a_reason() {
         let bad = |s: &str| normalize_url(s).expect_err(s);
         assert!(bad("").contains("empty"));
-        assert!(bad("https://w:7001").contains("TLS"));
+        assert_eq!(normalize_url("https://w:7001/").unwrap(), "https://w:7001");
         assert!(bad("ftp://w:7001").contains("unsupported scheme `ftp`"));
         assert!(bad("http://").contains("no host"));
         assert!(bad("http://w:").contains("host:port"));
@@ -136,7 +165,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let err = connect_worker(&format!("127.0.0.1:{port}"))
+        let err = connect_worker(&format!("127.0.0.1:{port}"), None)
             .await
             .unwrap_err()
             .to_string();

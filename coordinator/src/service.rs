@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use realm_common::auth::{RequireBearer, Secret};
 use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::sampling::SamplingParams;
@@ -20,10 +21,13 @@ use realm_proto::pb::realm_server::{Realm, RealmServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::generation::{self, Event, Job};
@@ -34,15 +38,44 @@ use crate::request_id::RequestId;
 pub const SERVICE_NAME: &str = "realm.v1.Realm";
 const REFLECTION_SERVICE_NAME: &str = "grpc.reflection.v1.ServerReflection";
 
+/// Who may use the client API and how many generations it runs.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// API keys accepted; empty admits any client.
+    pub api_keys: Vec<Secret>,
+    /// Bounds on running and waiting generations, shared with the HTTP API when one is served.
+    pub admission: Arc<Admission>,
+    /// TLS for the listener; `None` serves plaintext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            admission: Arc::new(Admission::new(DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED)),
+            tls: None,
+        }
+    }
+}
+
 /// The `Realm` service over one cluster.
 #[derive(Debug, Clone)]
 pub struct RealmService {
     cluster: Arc<Cluster>,
+    admission: Arc<Admission>,
 }
 
 impl RealmService {
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        Self { cluster }
+        Self::with_admission(
+            cluster,
+            Arc::new(Admission::new(DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED)),
+        )
+    }
+
+    pub fn with_admission(cluster: Arc<Cluster>, admission: Arc<Admission>) -> Self {
+        Self { cluster, admission }
     }
 
     fn check_model(&self, requested: &str) -> Result<()> {
@@ -127,13 +160,18 @@ impl Realm for RealmService {
         let received = Instant::now();
         let id = RequestId::from_metadata(request.metadata());
         let req = request.into_inner();
-        let events = id.span().in_scope(|| {
-            let job = self.job(&req, received, id.clone()).inspect_err(|e| {
-                debug!(error = %e, "generate refused");
-                generation::count_refused(API);
-            })?;
-            generation::start(&self.cluster, job)
-        })?;
+        let span = id.span();
+        let refused = |e: &Error| {
+            let _in = span.enter();
+            debug!(error = %e, "generate refused");
+            generation::count_refused(API);
+        };
+        let job = span
+            .in_scope(|| self.job(&req, received, id.clone()))
+            .inspect_err(refused)?;
+        // Checked before queueing, so a bad request never waits for a slot.
+        let slot = self.admission.admit().await.inspect_err(refused)?;
+        let events = span.in_scope(|| generation::start(&self.cluster, job, slot))?;
         let stream = UnboundedReceiverStream::new(events).map(|event| match event {
             Event::Delta(delta) => Ok(pb::GenerateResponse {
                 text: delta.text,
@@ -232,6 +270,16 @@ pub async fn serve(
     cluster: Arc<Cluster>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_with(listener, cluster, ServiceOptions::default(), shutdown).await
+}
+
+/// As [`serve`], with API keys and admission limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    cluster: Arc<Cluster>,
+    options: ServiceOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
@@ -245,12 +293,28 @@ pub async fn serve(
         .with_service_name(REFLECTION_SERVICE_NAME)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
-    let realm = RealmServer::new(RealmService::new(cluster))
+    let realm = RealmServer::new(RealmService::with_admission(cluster, options.admission))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Health and reflection stay open for probes and tools; the Realm service needs a key.
+    let gate = RequireBearer::new(
+        &options.api_keys,
+        "API key",
+        "realm --api-key, or REALM_API_KEY",
+    );
+    let realm = InterceptedService::new(realm, gate);
     info!(%addr, "serving the Realm API");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        server = server.tls_config(tls).map_err(|e| {
+            Error::Internal(format!(
+                "the TLS certificate or key cannot be used: {}",
+                crate::net::error_chain(&e)
+            ))
+        })?;
+    }
+    let result = server
         .add_service(health)
         .add_service(reflection)
         .add_service(realm)

@@ -8,6 +8,7 @@ use realm_common::wire::WireDType;
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::cluster::ClusterOptions;
 use crate::{Cluster, CoordinatorModel, Error, PlanSpec, Result};
 
 /// First pause between attempts; each failed attempt doubles it up to [`MAX_BACKOFF`].
@@ -25,12 +26,20 @@ pub async fn connect_when_ready(
     worker_urls: &[String],
     plan: &PlanSpec,
     wire_dtype: WireDType,
+    options: ClusterOptions,
     wait: Duration,
 ) -> Result<Cluster> {
     let deadline = Instant::now() + wait;
     let mut backoff = FIRST_BACKOFF;
     loop {
-        match Cluster::connect(model.clone(), worker_urls, plan, wire_dtype).await {
+        let attempt = Cluster::connect_with(
+            model.clone(),
+            worker_urls,
+            plan,
+            wire_dtype,
+            options.clone(),
+        );
+        match attempt.await {
             Err(e @ Error::Unreachable { .. }) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod process;
+
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
 

@@ -19,9 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use realm_common::auth::{RequireBearer, Secret};
 use realm_proto::pb::worker_server::WorkerServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::ServerTlsConfig;
 use tracing::info;
 
 use crate::service::{WorkerService, WorkerState};
@@ -96,7 +99,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Serves the worker service on `listener` until `shutdown` resolves.
+/// How a worker guards itself: who may call it and how much KV memory its sessions may hold.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The cluster token every worker RPC must carry; `None` admits any caller.
+    pub token: Option<Secret>,
+    /// Bytes the KV caches of all sessions may hold together; a step that would pass it is
+    /// refused with RESOURCE_EXHAUSTED. `None`: no bound.
+    pub max_kv_bytes: Option<u64>,
+    /// TLS for the listener (with a client CA: mutual TLS); `None` serves plaintext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// Serves the worker service on `listener` until `shutdown` resolves, open to any caller.
 ///
 /// Shutdown is graceful: the listener closes at once, steps in flight finish and their responses
 /// are sent, then this returns.
@@ -105,17 +120,19 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    run_with_metrics(listener, None, config, shutdown).await
+    run_with(listener, None, config, ServeOptions::default(), shutdown).await
 }
 
-/// As [`run`], also serving Prometheus `GET /metrics` on `metrics` when given.
-pub async fn run_with_metrics(
+/// As [`run`], guarded by `options`, and also serving Prometheus `GET /metrics` on `metrics`
+/// when given.
+pub async fn run_with(
     listener: TcpListener,
     metrics: Option<TcpListener>,
     config: WorkerConfig,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut state = WorkerState::open(&config)
+    let mut state = WorkerState::open(&config, options.max_kv_bytes)
         .with_context(|| format!("cannot serve {}", config.model.display()))?;
     if metrics.is_some() {
         state = state.with_metrics(metrics::WorkerMetrics::new()?);
@@ -151,6 +168,9 @@ pub async fn run_with_metrics(
         idle_timeout_s = config.idle_timeout.as_secs_f64(),
         memory_budget = ?config.memory_budget,
         prefetch = config.prefetch,
+        authenticated = options.token.is_some(),
+        tls = options.tls.is_some(),
+        max_kv_bytes = ?options.max_kv_bytes,
         "worker serving"
     );
 
@@ -164,6 +184,13 @@ pub async fn run_with_metrics(
     let worker = WorkerServer::new(WorkerService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Health stays open (it tells nothing and probes carry no token); every worker RPC needs it.
+    let gate = RequireBearer::new(
+        options.token.as_slice(),
+        "cluster token",
+        "give the coordinator the workers' REALM_CLUSTER_TOKEN",
+    );
+    let worker = InterceptedService::new(worker, gate);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     health
@@ -183,7 +210,13 @@ pub async fn run_with_metrics(
     // Every step is one small request and one small response: Nagle's delay would add up to a
     // round trip per step.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        server = server
+            .tls_config(tls)
+            .context("the TLS certificate or key cannot be used")?;
+    }
+    server
         .trace_fn(request_span)
         .add_service(health_service)
         .add_service(worker)

@@ -10,8 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use realm_common::auth::{check_exposure, Secret, CLUSTER_TOKEN_ENV};
 use realm_common::logging::LogFormat;
-use realm_worker::{parse_size, WorkerConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_PREFETCH};
+use realm_worker::{
+    parse_size, ServeOptions, WorkerConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_PREFETCH,
+};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -55,6 +58,26 @@ struct Cli {
     /// every line about a request). The filter is `REALM_LOG` (default `info`).
     #[arg(long, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// The cluster's shared secret: every worker RPC must carry it. Required to listen on a
+    /// non-loopback address (unless --insecure).
+    #[arg(long, env = CLUSTER_TOKEN_ENV, hide_env_values = true)]
+    token: Option<Secret>,
+    /// Listen on a non-loopback address without a cluster token.
+    #[arg(long)]
+    insecure: bool,
+    /// Bound on the memory all sessions' KV caches may hold, e.g. `512MiB` (default: none);
+    /// steps beyond it are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "REALM_MAX_KV_MEMORY", value_parser = parse_size)]
+    max_kv_memory: Option<u64>,
+    /// TLS certificate chain (PEM) to serve with; needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) whose certificates clients must present: mutual TLS.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,6 +105,25 @@ fn main() -> anyhow::Result<()> {
             cli.model.display()
         );
     }
+    check_exposure(
+        cli.listen,
+        cli.token.is_some(),
+        cli.insecure,
+        "Set REALM_CLUSTER_TOKEN (or --token) here and on the coordinator",
+    )
+    .map_err(anyhow::Error::msg)?;
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            realm_common::tls::server_config(cert, key, cli.tls_client_ca.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
+    let options = ServeOptions {
+        token: cli.token,
+        max_kv_bytes: cli.max_kv_memory,
+        tls,
+    };
     let config = WorkerConfig {
         model: cli.model,
         threads,
@@ -93,13 +135,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(cli.listen, cli.metrics_listen, config))
+        .block_on(serve(cli.listen, cli.metrics_listen, config, options))
 }
 
 async fn serve(
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
     config: WorkerConfig,
+    options: ServeOptions,
 ) -> anyhow::Result<()> {
     // Signal handlers go in before the address is announced: whoever reads it may signal at once.
     let shutdown = shutdown().context("cannot install signal handlers")?;
@@ -123,7 +166,7 @@ async fn serve(
         .and_then(|()| stdout.flush())
         .context("cannot write to stdout")?;
     drop(stdout);
-    realm_worker::run_with_metrics(listener, metrics, config, shutdown).await
+    realm_worker::run_with(listener, metrics, config, options, shutdown).await
 }
 
 /// Resolves at the first SIGINT or SIGTERM. The handlers are installed when this is called, not

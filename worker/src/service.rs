@@ -44,6 +44,8 @@ pub(crate) struct WorkerState {
     loaded: RwLock<Option<Arc<Loaded>>>,
     /// Serialises shard assignments, so two never load at once.
     assigning: tokio::sync::Mutex<()>,
+    /// Bound on the bytes all sessions' KV caches may hold together.
+    max_kv_bytes: Option<u64>,
     /// Set when the worker serves `/metrics`.
     metrics: Option<WorkerMetrics>,
 }
@@ -67,7 +69,7 @@ struct Loaded {
 
 impl WorkerState {
     /// Opens and checks the model file; loads no weights.
-    pub fn open(worker: &WorkerConfig) -> realm_common::Result<Self> {
+    pub fn open(worker: &WorkerConfig, max_kv_bytes: Option<u64>) -> realm_common::Result<Self> {
         let file = GgufFile::open(&worker.model)?;
         let config = ModelConfig::from_gguf(&file)?;
         let identity = ModelIdentity::of(&file, &config);
@@ -84,6 +86,7 @@ impl WorkerState {
             loaded: RwLock::new(None),
             assigning: tokio::sync::Mutex::new(()),
             metrics: None,
+            max_kv_bytes,
         })
     }
 
@@ -173,6 +176,30 @@ impl WorkerState {
                 )),
                 other => other.into(),
             })
+    }
+}
+
+impl WorkerState {
+    /// KV bytes one token adds to a session over `layers` blocks: keys and values in f16.
+    fn kv_bytes_per_token(&self, layers: usize) -> u64 {
+        (layers * 2 * self.config.n_kv_heads * self.config.head_dim * 2) as u64
+    }
+
+    /// Refuses a step whose `n_tokens` would take the KV caches past the worker's bound.
+    fn check_kv_room(&self, loaded: &Loaded, n_tokens: usize) -> Result<(), Status> {
+        let Some(max) = self.max_kv_bytes else {
+            return Ok(());
+        };
+        let held = loaded.sessions.kv_bytes();
+        let needed = self.kv_bytes_per_token(loaded.shard.range().len()) * n_tokens as u64;
+        if held.saturating_add(needed) > max {
+            return Err(Status::resource_exhausted(format!(
+                "KV cache memory is full: {held} of {max} bytes held by {} sessions, this step \
+                 needs {needed} more; retry when sessions end, or raise --max-kv-memory",
+                loaded.sessions.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -465,6 +492,7 @@ impl WorkerService {
             ))
         })?;
         state.check_fits(position, n_tokens)?;
+        state.check_kv_room(&loaded, n_tokens)?;
         let step = loaded
             .sessions
             .begin_step(&request.session_id, position)

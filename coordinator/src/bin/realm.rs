@@ -4,11 +4,15 @@
 //! A server error is printed as its gRPC status code and message, with exit status 1.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use realm_coordinator::net::{endpoint, error_chain, normalize_url, MAX_MESSAGE_BYTES};
+use realm_common::auth::{Bearer, Secret, API_KEY_ENV};
+use realm_common::tls::ClientTls;
+use realm_coordinator::load::Client;
+use realm_coordinator::net::{error_chain, normalize_url, secure_endpoint, MAX_MESSAGE_BYTES};
 use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
 use tonic::transport::Channel;
@@ -27,6 +31,12 @@ struct Cli {
         default_value = "http://127.0.0.1:7000"
     )]
     coordinator: String,
+    /// API key, when the coordinator requires one.
+    #[arg(long, global = true, env = API_KEY_ENV, hide_env_values = true)]
+    api_key: Option<Secret>,
+    /// CA certificate (PEM) that signed an `https://` coordinator's certificate.
+    #[arg(long, global = true, value_name = "PEM")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,6 +54,27 @@ enum Command {
     /// Ask a coordinator or worker for its gRPC health (grpc.health.v1); exit 0 when serving,
     /// 1 otherwise. For container health checks.
     Health(HealthArgs),
+    /// Load test: concurrent streaming clients for a bounded time and request count.
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// Concurrent streaming clients.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Stop sending new requests after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    duration_secs: u64,
+    /// Stop after this many requests in all.
+    #[arg(long, default_value_t = 10_000)]
+    max_requests: usize,
+    /// Tokens generated per request (greedy).
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -148,33 +179,46 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let coordinator = &cli.coordinator;
+    let ca = cli.ca.as_deref();
+    let connect = || connect(coordinator, cli.api_key.as_ref(), ca);
     match cli.command {
-        Command::Generate(args) => generate(connect(coordinator).await?, args).await,
-        Command::Tokenize(args) => tokenize(connect(coordinator).await?, args).await,
-        Command::Models => models(connect(coordinator).await?).await,
-        Command::Workers => workers(connect(coordinator).await?).await,
-        Command::Health(args) => health(coordinator, args).await,
+        Command::Generate(args) => generate(connect().await?, args).await,
+        Command::Tokenize(args) => tokenize(connect().await?, args).await,
+        Command::Models => models(connect().await?).await,
+        Command::Workers => workers(connect().await?).await,
+        Command::Load(args) => load(connect().await?, args).await,
+        Command::Health(args) => health(coordinator, ca, args).await,
     }
 }
 
-async fn connect(raw: &str) -> Result<RealmClient<Channel>, Failure> {
-    let channel = open_channel(raw, "coordinator").await.map_err(|Failure(message)| {
-        Failure(format!(
-            "{message} (is `realm-coordinator serve` running there? point --coordinator or \
+async fn connect(
+    raw: &str,
+    api_key: Option<&Secret>,
+    ca: Option<&Path>,
+) -> Result<Client, Failure> {
+    let channel = open_channel(raw, "coordinator", ca)
+        .await
+        .map_err(|Failure(message)| {
+            Failure(format!(
+                "{message} (is `realm-coordinator serve` running there? point --coordinator or \
              REALM_COORDINATOR at it)"
-        ))
-    })?;
-    Ok(RealmClient::new(channel)
+            ))
+        })?;
+    Ok(RealmClient::with_interceptor(channel, Bearer::new(api_key))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// A channel to the server at `raw`, naming it as `what` in any error.
-async fn open_channel(raw: &str, what: &str) -> Result<Channel, Failure> {
+async fn open_channel(raw: &str, what: &str, ca: Option<&Path>) -> Result<Channel, Failure> {
     let url =
         normalize_url(raw).map_err(|problem| Failure(format!("{what} URL `{raw}`: {problem}")))?;
-    let endpoint =
-        endpoint(&url).map_err(|problem| Failure(format!("{what} URL `{url}`: {problem}")))?;
+    let tls = ca
+        .map(|ca| ClientTls::new(ca, None))
+        .transpose()
+        .map_err(Failure)?;
+    let endpoint = secure_endpoint(&url, tls.as_ref())
+        .map_err(|problem| Failure(format!("{what} URL `{url}`: {problem}")))?;
     endpoint.connect().await.map_err(|e| {
         Failure(format!(
             "cannot reach the {what} at {url}: {}",
@@ -183,10 +227,10 @@ async fn open_channel(raw: &str, what: &str) -> Result<Channel, Failure> {
     })
 }
 
-async fn health(coordinator: &str, args: HealthArgs) -> Result<(), Failure> {
+async fn health(coordinator: &str, ca: Option<&Path>, args: HealthArgs) -> Result<(), Failure> {
     let raw = args.addr.as_deref().unwrap_or(coordinator);
     let check = async {
-        let channel = open_channel(raw, "server").await?;
+        let channel = open_channel(raw, "server", ca).await?;
         let reply = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: args.service.clone(),
@@ -212,7 +256,7 @@ async fn health(coordinator: &str, args: HealthArgs) -> Result<(), Failure> {
     }
 }
 
-async fn generate(mut client: RealmClient<Channel>, args: GenerateArgs) -> Result<(), Failure> {
+async fn generate(mut client: Client, args: GenerateArgs) -> Result<(), Failure> {
     let request = pb::GenerateRequest {
         model: args.model,
         prompt: args.prompt,
@@ -251,7 +295,32 @@ async fn generate(mut client: RealmClient<Channel>, args: GenerateArgs) -> Resul
     ))
 }
 
-async fn tokenize(mut client: RealmClient<Channel>, args: TokenizeArgs) -> Result<(), Failure> {
+async fn load(client: Client, args: LoadArgs) -> Result<(), Failure> {
+    let config = realm_coordinator::load::LoadConfig {
+        clients: args.clients,
+        duration: std::time::Duration::from_secs(args.duration_secs),
+        max_requests: args.max_requests,
+        max_tokens: args.max_tokens,
+    };
+    let report = realm_coordinator::load::run(client, &config).await;
+    if args.json {
+        writeln!(std::io::stdout(), "{}", report.to_json())?;
+    } else {
+        writeln!(std::io::stdout(), "{report}")?;
+        for e in &report.errors {
+            eprintln!("error: {e}");
+        }
+    }
+    if report.failed > 0 || report.inconsistent > 0 {
+        return Err(Failure(format!(
+            "{} requests failed and {} completions were inconsistent",
+            report.failed, report.inconsistent
+        )));
+    }
+    Ok(())
+}
+
+async fn tokenize(mut client: Client, args: TokenizeArgs) -> Result<(), Failure> {
     let reply = client
         .tokenize(pb::TokenizeRequest {
             model: args.model,
@@ -267,7 +336,7 @@ async fn tokenize(mut client: RealmClient<Channel>, args: TokenizeArgs) -> Resul
     Ok(())
 }
 
-async fn models(mut client: RealmClient<Channel>) -> Result<(), Failure> {
+async fn models(mut client: Client) -> Result<(), Failure> {
     let reply = client
         .list_models(pb::ListModelsRequest {})
         .await?
@@ -283,7 +352,7 @@ async fn models(mut client: RealmClient<Channel>) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn workers(mut client: RealmClient<Channel>) -> Result<(), Failure> {
+async fn workers(mut client: Client) -> Result<(), Failure> {
     let reply = client
         .list_workers(pb::ListWorkersRequest {})
         .await?

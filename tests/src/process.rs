@@ -1,0 +1,71 @@
+//! Realm's binaries as child processes: started with arguments and environment, their announced
+//! address read from stdout, killed when dropped so a failing test leaves nothing running.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use crate::{binary, repo_root};
+
+/// A running binary, killed when dropped.
+pub struct Process {
+    pub child: Child,
+    /// The `host:port` it announced.
+    pub addr: String,
+}
+
+impl Process {
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `bin` with `args` and `env` (one compute thread unless `env` says otherwise) and waits
+/// for its `<bin> listening on ADDR` line on stdout; stderr goes where `stderr` says.
+pub fn start_with(bin: &str, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Process {
+    let mut command = Command::new(binary(bin));
+    command
+        .args(args)
+        .current_dir(repo_root())
+        .env("REALM_THREADS", "1")
+        .env_remove("REALM_CLUSTER_TOKEN")
+        .env_remove("REALM_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let prefix = format!("{bin} listening on ");
+    let Some(addr) = line.trim().strip_prefix(&prefix) else {
+        let status = child.wait().ok();
+        panic!("{bin} did not start (status {status:?}), printed {line:?}");
+    };
+    Process {
+        addr: addr.to_string(),
+        child,
+    }
+}
+
+/// As [`start_with`], stderr inherited.
+pub fn start(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+    start_with(bin, args, env, Stdio::inherit())
+}

@@ -1,0 +1,574 @@
+//! Reliability and security as a user meets them, with real `realm-worker` and
+//! `realm-coordinator` processes on loopback: secrets required and never logged, bad requests
+//! refused with precise statuses, bounded admission and KV memory, and generations that survive
+//! a worker killed with SIGKILL in the middle of their stream.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use realm_common::auth::{Bearer, Secret};
+use realm_proto::pb;
+use realm_proto::pb::realm_client::RealmClient;
+use realm_proto::pb::worker_client::WorkerClient;
+use realm_tests::process::{start, start_with, Process};
+use realm_tests::*;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const TOKEN: &str = "cluster-secret-3b9f0e";
+const KEY: &str = "api-key-77c1d4";
+const PROMPT: &str = "Once upon a time, in a small village,";
+/// Long enough to kill a worker in the middle, short enough for CI.
+const TOKENS: u32 = 32;
+/// Tokens received before the kill.
+const KILL_AFTER: usize = 8;
+
+type Client = RealmClient<InterceptedService<Channel, Bearer>>;
+
+fn smollm2() -> PathBuf {
+    model_path(SMOLLM2)
+}
+
+fn start_worker(model: &Path, env: &[(&str, &str)], extra: &[&str]) -> Process {
+    start_worker_at(model, "127.0.0.1:0", env, extra)
+}
+
+fn start_worker_at(model: &Path, listen: &str, env: &[(&str, &str)], extra: &[&str]) -> Process {
+    let mut args = vec!["--listen", listen, "--model", model.to_str().unwrap()];
+    args.extend_from_slice(&["--threads", "1", "--idle-timeout-secs", "60"]);
+    args.extend_from_slice(extra);
+    start("realm-worker", &args, env)
+}
+
+fn coordinator_args(model: &Path, workers: &[&Process], extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0", "--model"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(model.to_str().unwrap().to_string());
+    for w in workers {
+        args.push("--worker".into());
+        args.push(w.url());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn start_coordinator(
+    model: &Path,
+    workers: &[&Process],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Process {
+    let args = coordinator_args(model, workers, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    start("realm-coordinator", &args, env)
+}
+
+async fn client(p: &Process, key: Option<&str>) -> Client {
+    let channel = Channel::from_shared(p.url())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the coordinator");
+    let key = key.map(|k| Secret::new(k).unwrap());
+    RealmClient::with_interceptor(channel, Bearer::new(key.as_ref()))
+}
+
+async fn worker_client(
+    p: &Process,
+    token: Option<&str>,
+) -> WorkerClient<InterceptedService<Channel, Bearer>> {
+    let channel = Channel::from_shared(p.url())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the worker");
+    let token = token.map(|k| Secret::new(k).unwrap());
+    WorkerClient::with_interceptor(channel, Bearer::new(token.as_ref()))
+}
+
+fn greedy(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.to_string(),
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// The token ids of a whole generation, or the status that ended its stream.
+async fn generate(c: &mut Client, req: pb::GenerateRequest) -> Result<Vec<u32>, tonic::Status> {
+    generate_then(c, req, 0, || {}).await
+}
+
+/// As [`generate`], calling `then` once after `after` tokens arrived.
+async fn generate_then(
+    c: &mut Client,
+    req: pb::GenerateRequest,
+    after: usize,
+    mut then: impl FnMut(),
+) -> Result<Vec<u32>, tonic::Status> {
+    let mut stream = c.generate(req).await?.into_inner();
+    let mut ids = Vec::new();
+    let mut called = false;
+    let mut finished = false;
+    while let Some(msg) = stream.message().await? {
+        assert!(!finished, "no message after the finish");
+        ids.extend(msg.token_ids);
+        finished = msg.finish.is_some();
+        if !called && after > 0 && ids.len() >= after {
+            called = true;
+            then();
+        }
+    }
+    assert!(finished, "the stream ended without a finish message");
+    Ok(ids)
+}
+
+async fn plan(c: &mut Client) -> Vec<String> {
+    c.list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| format!("{} {}", w.url, w.layers))
+        .collect()
+}
+
+/// A temporary file for a process's stderr, and its contents later.
+fn log_file(dir: &tempfile::TempDir, name: &str) -> (PathBuf, Stdio) {
+    let path = dir.path().join(name);
+    let file = File::create(&path).unwrap();
+    (path, Stdio::from(file))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
+    let model = smollm2();
+    let logs = tempfile::tempdir().unwrap();
+    let debug = [("REALM_CLUSTER_TOKEN", TOKEN), ("REALM_LOG", "debug")];
+    let (worker_log, stderr) = log_file(&logs, "worker.log");
+    let m = model.to_str().unwrap();
+    let worker = start_with(
+        "realm-worker",
+        &["--listen", "127.0.0.1:0", "--model", m, "--threads", "1"],
+        &debug,
+        stderr,
+    );
+
+    // Worker RPCs need the token; health stays open for probes.
+    let none = worker_client(&worker, None)
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated, "{none:?}");
+    assert!(none.message().contains("missing cluster token"), "{none:?}");
+    let wrong = worker_client(&worker, Some("not-the-token"))
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong:?}");
+    assert!(wrong.message().contains("wrong cluster token"), "{wrong:?}");
+    assert!(worker_client(&worker, Some(TOKEN))
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .is_ok());
+    let channel = Channel::from_shared(worker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert!(HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .is_ok());
+
+    // A coordinator without the token is refused at the handshake, and says what to do.
+    let args = coordinator_args(&model, &[&worker], &[]);
+    let out = Command::new(binary("realm-coordinator"))
+        .args(&args)
+        .env_remove("REALM_CLUSTER_TOKEN")
+        .env_remove("REALM_API_KEY")
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("REALM_CLUSTER_TOKEN") && err.contains(&worker.addr),
+        "{err}"
+    );
+
+    // With the token it serves; its own API wants a key.
+    let (coordinator_log, stderr) = log_file(&logs, "coordinator.log");
+    let args = coordinator_args(&model, &[&worker], &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let coordinator = start_with(
+        "realm-coordinator",
+        &args,
+        &[
+            ("REALM_CLUSTER_TOKEN", TOKEN),
+            ("REALM_API_KEY", KEY),
+            ("REALM_LOG", "debug"),
+        ],
+        stderr,
+    );
+    for key in [None, Some("wrong-key")] {
+        let status = generate(&mut client(&coordinator, key).await, greedy(PROMPT, 2))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{key:?}: {status:?}");
+        assert!(status.message().contains("API key"), "{status:?}");
+    }
+    let mut c = client(&coordinator, Some(KEY)).await;
+    assert_eq!(generate(&mut c, greedy(PROMPT, 2)).await.unwrap().len(), 2);
+
+    // The `realm` client sends its key from the environment.
+    let out = Command::new(binary("realm"))
+        .args([
+            "--coordinator",
+            &coordinator.url(),
+            "generate",
+            "--prompt",
+            PROMPT,
+        ])
+        .args(["--max-tokens", "2"])
+        .env("REALM_API_KEY", KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    drop(coordinator);
+    drop(worker);
+    for log in [worker_log, coordinator_log] {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.is_empty(), "{} logged nothing", log.display());
+        assert!(
+            !text.contains(TOKEN) && !text.contains(KEY),
+            "a secret leaked into {}:\n{text}",
+            log.display()
+        );
+    }
+}
+
+#[test]
+fn servers_refuse_to_listen_beyond_loopback_without_a_secret() {
+    let model = smollm2();
+    // The check comes before binding, so nothing listens on the open address even briefly.
+    let worker = Command::new(binary("realm-worker"))
+        .args(["--listen", "0.0.0.0:0", "--model", model.to_str().unwrap()])
+        .env_remove("REALM_CLUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!worker.status.success());
+    let err = String::from_utf8_lossy(&worker.stderr);
+    assert!(
+        err.contains("REALM_CLUSTER_TOKEN") && err.contains("--insecure"),
+        "{err}"
+    );
+
+    let coordinator = Command::new(binary("realm-coordinator"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--worker", "127.0.0.1:1"])
+        .env_remove("REALM_API_KEY")
+        .output()
+        .unwrap();
+    assert!(!coordinator.status.success());
+    let err = String::from_utf8_lossy(&coordinator.stderr);
+    assert!(
+        err.contains("API key") && err.contains("--insecure"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_requests_get_precise_statuses_and_the_server_keeps_serving() {
+    let model = smollm2();
+    let worker = start_worker(&model, &[], &[]);
+    let coordinator = start_coordinator(&model, &[&worker], &[], &[]);
+    let mut c = client(&coordinator, None).await;
+    let context = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models[0]
+        .context_length;
+    let cases: Vec<(&str, pb::GenerateRequest, Code, &str)> = vec![
+        (
+            "empty prompt",
+            greedy("", 4),
+            Code::InvalidArgument,
+            "empty",
+        ),
+        (
+            "prompt longer than the context",
+            greedy(&"hello ".repeat(context as usize + 10), 4),
+            Code::InvalidArgument,
+            "context window",
+        ),
+        (
+            "absurd max_tokens",
+            greedy(PROMPT, u32::MAX),
+            Code::InvalidArgument,
+            "max_tokens",
+        ),
+        (
+            "negative temperature",
+            pb::GenerateRequest {
+                temperature: -1.0,
+                ..greedy(PROMPT, 4)
+            },
+            Code::InvalidArgument,
+            "temperature",
+        ),
+        (
+            "top_p out of range",
+            pb::GenerateRequest {
+                top_p: Some(1.5),
+                ..greedy(PROMPT, 4)
+            },
+            Code::InvalidArgument,
+            "top_p",
+        ),
+        (
+            "unknown model",
+            pb::GenerateRequest {
+                model: "no-such-model".into(),
+                ..greedy(PROMPT, 4)
+            },
+            Code::NotFound,
+            "no-such-model",
+        ),
+    ];
+    for (case, request, code, says) in cases {
+        let status = c.generate(request).await.expect_err(case);
+        assert_eq!(status.code(), code, "{case}: {status:?}");
+        assert!(status.message().contains(says), "{case}: {status:?}");
+    }
+    // max_tokens 0 is the documented default, not an error.
+    assert!(!generate(&mut c, greedy(PROMPT, 0))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_worker_messages_are_refused() {
+    let model = smollm2();
+    let worker = start_worker(&model, &[], &[]);
+    let mut w = worker_client(&worker, None).await;
+    let request = pb::ForwardRequest {
+        session_id: "big".into(),
+        position: 0,
+        hidden: Some(pb::Tensor {
+            shape: vec![1],
+            dtype: pb::DataType::F32 as i32,
+            data: vec![0; 65 << 20],
+        }),
+        layers: Some(pb::LayerRange { start: 0, end: 1 }),
+    };
+    let status = w.forward(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains("message length too large"),
+        "{status:?}"
+    );
+    assert!(
+        w.info(pb::InfoRequest {}).await.is_ok(),
+        "the worker goes on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_and_kv_memory_are_bounded() {
+    let model = smollm2();
+    let worker = start_worker(&model, &[], &[]);
+    let coordinator = start_coordinator(
+        &model,
+        &[&worker],
+        &["--max-active", "1", "--max-queued", "0"],
+        &[],
+    );
+    let mut c = client(&coordinator, None).await;
+    let mut long = c.generate(greedy(PROMPT, 200)).await.unwrap().into_inner();
+    long.message().await.unwrap().expect("a first token");
+    let busy = generate(&mut client(&coordinator, None).await, greedy(PROMPT, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), Code::ResourceExhausted, "{busy:?}");
+    assert!(busy.message().contains("server busy"), "{busy:?}");
+    // The slot comes back once the running generation's client goes away.
+    drop(long);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match generate(&mut c, greedy(PROMPT, 2)).await {
+            Ok(ids) => break assert_eq!(ids.len(), 2),
+            Err(s) if s.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+
+    // A worker's KV bound: about five tokens of SmolLM2's 30 layers fit in 128 KiB.
+    let small = start_worker(&model, &[], &["--max-kv-memory", "128KiB"]);
+    let coordinator = start_coordinator(&model, &[&small], &[], &[]);
+    let mut c = client(&coordinator, None).await;
+    let full = generate(&mut c, greedy(PROMPT, 4)).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(
+        full.message().contains("KV cache memory is full"),
+        "{full:?}"
+    );
+    assert_eq!(generate(&mut c, greedy("Hi", 1)).await.unwrap().len(), 1);
+}
+
+/// Kills `workers[victim]` after [`KILL_AFTER`] tokens of a greedy stream and checks the stream
+/// completes with the tokens of an undisturbed run; returns the plan afterwards.
+async fn survive_a_kill(
+    mut workers: Vec<Process>,
+    standby: Option<&Process>,
+    victim: usize,
+) -> Vec<String> {
+    let model = smollm2();
+    let refs: Vec<&Process> = workers.iter().collect();
+    let extra: Vec<String> = standby
+        .map(|s| vec!["--standby".to_string(), s.url()])
+        .unwrap_or_default();
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let logs = tempfile::tempdir().unwrap();
+    let (log, stderr) = log_file(&logs, "coordinator.log");
+    let args = coordinator_args(&model, &refs, &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let coordinator = start_with("realm-coordinator", &args, &[], stderr);
+    let mut c = client(&coordinator, None).await;
+    let undisturbed = generate(&mut c, greedy(PROMPT, TOKENS)).await.unwrap();
+    assert_eq!(undisturbed.len(), TOKENS as usize);
+
+    let victim_pid = workers[victim].child.id();
+    let got = generate_then(&mut c, greedy(PROMPT, TOKENS), KILL_AFTER, || {
+        // SIGKILL: no goodbye, the process is gone mid-step.
+        let status = Command::new("kill")
+            .args(["-KILL", &victim_pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    })
+    .await
+    .expect("the stream survives the dead worker");
+    assert_eq!(got, undisturbed, "greedy tokens after a worker died");
+    // The worker died while the stream was running, not after it.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("step failed") && logged.contains("re-planned"),
+        "{logged}"
+    );
+    workers[victim].kill();
+    // Later requests run on the new plan.
+    assert_eq!(
+        generate(&mut c, greedy(PROMPT, 4)).await.unwrap(),
+        undisturbed[..4]
+    );
+    plan(&mut c).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_is_replaced_by_the_standby() {
+    let model = smollm2();
+    let workers: Vec<Process> = (0..3).map(|_| start_worker(&model, &[], &[])).collect();
+    let standby = start_worker(&model, &[], &[]);
+    let victim = workers[1].addr.clone();
+    let plan = survive_a_kill(workers, Some(&standby), 1).await;
+    assert_eq!(plan.len(), 3, "{plan:?}");
+    assert_eq!(plan[1], format!("{} 10-19", standby.url()), "{plan:?}");
+    assert!(!plan.iter().any(|p| p.contains(&victim)), "{plan:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_has_its_layers_spread_over_the_others() {
+    let model = smollm2();
+    let workers: Vec<Process> = (0..3).map(|_| start_worker(&model, &[], &[])).collect();
+    let victim = workers[2].addr.clone();
+    let plan = survive_a_kill(workers, None, 2).await;
+    assert_eq!(plan.len(), 2, "{plan:?}");
+    assert!(!plan.iter().any(|p| p.contains(&victim)), "{plan:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_capacity_streams_end_unavailable_and_a_restarted_worker_rejoins() {
+    let model = smollm2();
+    let mut worker = start_worker(&model, &[], &[]);
+    let addr = worker.addr.clone();
+    let coordinator = start_coordinator(&model, &[&worker], &[], &[]);
+    let mut c = client(&coordinator, None).await;
+    let undisturbed = generate(&mut c, greedy(PROMPT, TOKENS)).await.unwrap();
+
+    let pid = worker.child.id();
+    let status = generate_then(&mut c, greedy(PROMPT, TOKENS), KILL_AFTER, || {
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no capacity"), "{status:?}");
+    assert!(status.message().contains(&addr), "{status:?}");
+    worker.kill();
+    let status = generate(&mut c, greedy(PROMPT, 2)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // The worker comes back on its address: the next request finds it and runs as before.
+    let _back = start_worker_at(&model, &addr, &[], &[]);
+    assert_eq!(
+        generate(&mut c, greedy(PROMPT, TOKENS)).await.unwrap(),
+        undisturbed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_streams_in_flight() {
+    let model = smollm2();
+    let worker = start_worker(&model, &[], &[]);
+    let mut coordinator = start_coordinator(&model, &[&worker], &[], &[]);
+    let mut c = client(&coordinator, None).await;
+    let undisturbed = generate(&mut c, greedy(PROMPT, TOKENS)).await.unwrap();
+    let pid = coordinator.child.id();
+    let got = generate_then(&mut c, greedy(PROMPT, TOKENS), 2, || {
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    })
+    .await
+    .expect("the stream in flight completes");
+    assert_eq!(got, undisturbed);
+    // Then the coordinator exits by itself, successfully.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = coordinator.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the coordinator did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
