@@ -432,16 +432,23 @@ impl QMatrix {
             .collect();
         // Parallel over weight rows: each task reads a slice of the matrix once for all tokens.
         const ROWS_PER_TASK: usize = 64;
+        let tasks = |results: &mut [f32]| {
+            results
+                .par_chunks_mut(ROWS_PER_TASK * n)
+                .enumerate()
+                .for_each(|(task, chunk)| {
+                    let first = task * ROWS_PER_TASK;
+                    let rows = &self.data.bytes()
+                        [first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
+                    dot_rows(self.dtype, rows, self.row_bytes, &acts, chunk);
+                })
+        };
+        if n == 1 {
+            // One token (decode): the results' `[rows, 1]` layout is already `out`'s.
+            return tasks(out);
+        }
         let mut transposed = vec![0.0f32; n * self.rows];
-        transposed
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * ROWS_PER_TASK;
-                let rows = &self.data.bytes()
-                    [first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
-                dot_rows(self.dtype, rows, self.row_bytes, &acts, chunk);
-            });
+        tasks(&mut transposed);
         for r in 0..self.rows {
             for t in 0..n {
                 out[t * self.rows + r] = transposed[r * n + t];
@@ -675,11 +682,31 @@ mod simd {
     /// Rows a prefill tile computes together: one activation load serves them all.
     const ROW_TILE: usize = 4;
 
-    /// The bytes right after `pair` within `rows`, as long as `pair` (empty at the end).
+    /// How far ahead of the rows in use the decode loops ask for weights: far enough that the
+    /// lines arrive before the loop reaches them (a pair of rows is too close to hide the
+    /// memory's latency).
+    const PREFETCH_AHEAD: usize = 4096;
+
+    /// Asks for the cache lines `PREFETCH_AHEAD` bytes past `span`, as many as `span` covers.
+    /// Prefetches never fault, so the addresses may run past the matrix's end.
     #[inline]
-    fn rows_after<'a>(rows: &'a [u8], pair: &[u8]) -> Option<&'a [u8]> {
-        let start = pair.as_ptr() as usize - rows.as_ptr() as usize + pair.len();
-        rows.get(start..start + pair.len())
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prefetch_ahead(span: &[u8]) {
+        let start = span.as_ptr().wrapping_add(PREFETCH_AHEAD);
+        for off in (0..span.len()).step_by(CACHE_LINE) {
+            _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off).cast());
+        }
+    }
+
+    /// The 32-value format whose blocks are `block` bytes long: a constant wherever `block` is,
+    /// so the per-format branches of [`unpack`] and [`finish`] fold away in the decode loop.
+    const fn format_of(block: usize) -> GgmlType {
+        match block {
+            18 => GgmlType::Q4_0,
+            20 => GgmlType::Q4_1,
+            22 => GgmlType::Q5_0,
+            _ => GgmlType::Q8_0,
+        }
     }
 
     /// Decode: two rows at a time, so two independent accumulation chains hide each other's
@@ -688,25 +715,20 @@ mod simd {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn rows_one_token<const BLOCK: usize>(
-        dtype: GgmlType,
         rows: &[u8],
         row_bytes: usize,
         act: &[ActBlock],
         out: &mut [f32],
         k: &Consts,
     ) {
+        let dtype = format_of(BLOCK);
         let mut pairs = rows.chunks_exact(2 * row_bytes);
         let mut ys = out.chunks_exact_mut(2);
         for (pair, y) in (&mut pairs).zip(&mut ys) {
             let (r0, r1) = pair.split_at(row_bytes);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut summs0, mut summs1) = (0.0f32, 0.0f32);
-            // The next pair of rows follows these in memory: ask for it ahead of use.
-            if let Some(next) = rows_after(rows, pair) {
-                for line in next.chunks(CACHE_LINE) {
-                    _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
-                }
-            }
+            prefetch_ahead(pair);
             for ((b0, b1), a) in r0.chunks_exact(BLOCK).zip(r1.chunks_exact(BLOCK)).zip(act) {
                 let w0 = unpack(dtype, b0, k);
                 let w1 = unpack(dtype, b1, k);
@@ -760,10 +782,10 @@ mod simd {
         if let [act] = acts {
             // One token (decode), monomorphized per format so the block loop has no branches.
             match dtype {
-                GgmlType::Q4_0 => rows_one_token::<18>(dtype, rows, row_bytes, act, out, &k),
-                GgmlType::Q4_1 => rows_one_token::<20>(dtype, rows, row_bytes, act, out, &k),
-                GgmlType::Q5_0 => rows_one_token::<22>(dtype, rows, row_bytes, act, out, &k),
-                _ => rows_one_token::<34>(dtype, rows, row_bytes, act, out, &k),
+                GgmlType::Q4_0 => rows_one_token::<18>(rows, row_bytes, act, out, &k),
+                GgmlType::Q4_1 => rows_one_token::<20>(rows, row_bytes, act, out, &k),
+                GgmlType::Q5_0 => rows_one_token::<22>(rows, row_bytes, act, out, &k),
+                _ => rows_one_token::<34>(rows, row_bytes, act, out, &k),
             }
             return;
         }
@@ -856,16 +878,8 @@ mod simd {
             }
             return;
         }
-        for (r, (row, ys)) in rows
-            .chunks_exact(row_bytes)
-            .zip(out.chunks_exact_mut(n))
-            .enumerate()
-        {
-            if let Some(next) = rows.get((r + 1) * row_bytes..(r + 2) * row_bytes) {
-                for line in next.chunks(CACHE_LINE) {
-                    _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
-                }
-            }
+        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            prefetch_ahead(row);
             for (y, act) in ys.iter_mut().zip(acts) {
                 *y = match dtype {
                     GgmlType::Q4K => dot_q4_k(row, act),
