@@ -534,11 +534,61 @@ mod simd {
         unsafe { quantize_row_avx2(x, out) }
     }
 
-    /// The portable loop compiled for AVX2, where rounding to even is one instruction and the
-    /// block loops vectorize; the results are the same bits.
+    /// The portable quantization in registers: the largest magnitude by `max` (exact, in any
+    /// order), rounding to even in one instruction, packing to bytes with the order restored
+    /// afterwards. The results are the same bits.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn quantize_row_avx2(x: &[f32], out: &mut Vec<ActBlock>) {
-        super::quantize_row_portable(x, out)
+        out.clear();
+        let sign = _mm256_set1_ps(-0.0);
+        // `packs` interleaves the 128-bit halves; this puts the 32-bit groups back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for block in x.chunks_exact(super::QK) {
+            // SAFETY: `block` is 32 f32, four loads of eight.
+            let v: [__m256; 4] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(block[8 * i..].as_ptr()) });
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let q = v.map(|v| {
+                _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(_mm256_mul_ps(v, id)))
+            });
+            let sum = hsum_i32(_mm256_add_epi32(
+                _mm256_add_epi32(q[0], q[1]),
+                _mm256_add_epi32(q[2], q[3]),
+            ));
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let mut qs = [0i8; super::QK];
+            // SAFETY: `qs` is 32 bytes.
+            unsafe {
+                _mm256_storeu_si256(
+                    qs.as_mut_ptr().cast(),
+                    _mm256_permutevar8x32_epi32(bytes, order),
+                )
+            };
+            out.push(ActBlock {
+                d: through_f16(d),
+                s: through_f16(d * sum as f32),
+                qs,
+            });
+        }
+    }
+
+    /// `x` rounded to the nearest f16 (ties to even) and back, as `f16::from_f32(x).to_f32()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn through_f16(x: f32) -> f32 {
+        let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x));
+        _mm_cvtss_f32(_mm_cvtph_ps(h))
     }
 
     pub fn quantize_row_k(x: &[f32], out: &mut Vec<KBlock>) {
@@ -1240,6 +1290,32 @@ mod tests {
             GgmlType::Q4_1 => dot_q4_1(row, &portable),
             GgmlType::Q5_0 => dot_q5_0(row, &portable),
             _ => dot_q8_0(row, &portable),
+        }
+    }
+
+    #[test]
+    fn dispatched_quantization_matches_the_portable_bits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // Blocks of many magnitudes, ties at .5 steps, an all-zero block and a lone value.
+        let mut x: Vec<f32> = (0..64 * QK)
+            .map(|i| rng.random_range(-1.0f32..1.0) * 10f32.powi((i / QK) as i32 % 7 - 3))
+            .collect();
+        x[..QK]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 - 15.5);
+        x[QK..2 * QK].fill(0.0);
+        x[2 * QK..3 * QK].fill(0.0);
+        x[2 * QK + 5] = -3.0;
+        let (mut q, mut portable) = (Vec::new(), Vec::new());
+        quantize_row(&x, &mut q);
+        quantize_row_portable(&x, &mut portable);
+        assert_eq!(q.len(), portable.len());
+        for (a, b) in q.iter().zip(&portable) {
+            assert_eq!(
+                (a.d.to_bits(), a.s.to_bits(), a.qs),
+                (b.d.to_bits(), b.s.to_bits(), b.qs)
+            );
         }
     }
 
