@@ -432,16 +432,23 @@ impl QMatrix {
             .collect();
         // Parallel over weight rows: each task reads a slice of the matrix once for all tokens.
         const ROWS_PER_TASK: usize = 64;
+        let tasks = |results: &mut [f32]| {
+            results
+                .par_chunks_mut(ROWS_PER_TASK * n)
+                .enumerate()
+                .for_each(|(task, chunk)| {
+                    let first = task * ROWS_PER_TASK;
+                    let rows = &self.data.bytes()
+                        [first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
+                    dot_rows(self.dtype, rows, self.row_bytes, &acts, chunk);
+                })
+        };
+        if n == 1 {
+            // One token (decode): the results' `[rows, 1]` layout is already `out`'s.
+            return tasks(out);
+        }
         let mut transposed = vec![0.0f32; n * self.rows];
-        transposed
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * ROWS_PER_TASK;
-                let rows = &self.data.bytes()
-                    [first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
-                dot_rows(self.dtype, rows, self.row_bytes, &acts, chunk);
-            });
+        tasks(&mut transposed);
         for r in 0..self.rows {
             for t in 0..n {
                 out[t * self.rows + r] = transposed[r * n + t];
@@ -527,11 +534,61 @@ mod simd {
         unsafe { quantize_row_avx2(x, out) }
     }
 
-    /// The portable loop compiled for AVX2, where rounding to even is one instruction and the
-    /// block loops vectorize; the results are the same bits.
+    /// The portable quantization in registers: the largest magnitude by `max` (exact, in any
+    /// order), rounding to even in one instruction, packing to bytes with the order restored
+    /// afterwards. The results are the same bits.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn quantize_row_avx2(x: &[f32], out: &mut Vec<ActBlock>) {
-        super::quantize_row_portable(x, out)
+        out.clear();
+        let sign = _mm256_set1_ps(-0.0);
+        // `packs` interleaves the 128-bit halves; this puts the 32-bit groups back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for block in x.chunks_exact(super::QK) {
+            // SAFETY: `block` is 32 f32, four loads of eight.
+            let v: [__m256; 4] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(block[8 * i..].as_ptr()) });
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let q = v.map(|v| {
+                _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(_mm256_mul_ps(v, id)))
+            });
+            let sum = hsum_i32(_mm256_add_epi32(
+                _mm256_add_epi32(q[0], q[1]),
+                _mm256_add_epi32(q[2], q[3]),
+            ));
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let mut qs = [0i8; super::QK];
+            // SAFETY: `qs` is 32 bytes.
+            unsafe {
+                _mm256_storeu_si256(
+                    qs.as_mut_ptr().cast(),
+                    _mm256_permutevar8x32_epi32(bytes, order),
+                )
+            };
+            out.push(ActBlock {
+                d: through_f16(d),
+                s: through_f16(d * sum as f32),
+                qs,
+            });
+        }
+    }
+
+    /// `x` rounded to the nearest f16 (ties to even) and back, as `f16::from_f32(x).to_f32()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn through_f16(x: f32) -> f32 {
+        let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x));
+        _mm_cvtss_f32(_mm_cvtph_ps(h))
     }
 
     pub fn quantize_row_k(x: &[f32], out: &mut Vec<KBlock>) {
@@ -675,11 +732,61 @@ mod simd {
     /// Rows a prefill tile computes together: one activation load serves them all.
     const ROW_TILE: usize = 4;
 
-    /// The bytes right after `pair` within `rows`, as long as `pair` (empty at the end).
+    /// How far ahead of the rows in use the decode loops ask for weights: far enough that the
+    /// lines arrive before the loop reaches them (a pair of rows is too close to hide the
+    /// memory's latency).
+    const PREFETCH_AHEAD: usize = 4096;
+
+    /// Asks for the cache lines `PREFETCH_AHEAD` bytes past `span`, as many as `span` covers.
+    /// Prefetches never fault, so the addresses may run past the matrix's end.
     #[inline]
-    fn rows_after<'a>(rows: &'a [u8], pair: &[u8]) -> Option<&'a [u8]> {
-        let start = pair.as_ptr() as usize - rows.as_ptr() as usize + pair.len();
-        rows.get(start..start + pair.len())
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prefetch_ahead(span: &[u8]) {
+        let start = span.as_ptr().wrapping_add(PREFETCH_AHEAD);
+        for off in (0..span.len()).step_by(CACHE_LINE) {
+            _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off).cast());
+        }
+    }
+
+    /// The 32-value format whose blocks are `block` bytes long: a constant wherever `block` is,
+    /// so the per-format branches of [`unpack`] and [`finish`] fold away in the decode loop.
+    const fn format_of(block: usize) -> GgmlType {
+        match block {
+            18 => GgmlType::Q4_0,
+            20 => GgmlType::Q4_1,
+            22 => GgmlType::Q5_0,
+            _ => GgmlType::Q8_0,
+        }
+    }
+
+    /// Blocks whose weight scales are converted and multiplied together in decode.
+    const SCALE_GROUP: usize = 8;
+
+    /// `d_w · d_a` for [`SCALE_GROUP`] consecutive blocks of one row (`blocks`) and their
+    /// activation scales: eight f16 conversions and products in one instruction each, the same
+    /// f32 values as one at a time. The decode loop then broadcasts each from memory, which
+    /// spares the shuffle unit it shares with the unpacking.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn group_scales<const BLOCK: usize>(blocks: &[u8], act_scales: &[f32]) -> [f32; SCALE_GROUP] {
+        let bits = |j: usize| i16::from_le_bytes([blocks[j * BLOCK], blocks[j * BLOCK + 1]]);
+        let d = _mm256_cvtph_ps(_mm_setr_epi16(
+            bits(0),
+            bits(1),
+            bits(2),
+            bits(3),
+            bits(4),
+            bits(5),
+            bits(6),
+            bits(7),
+        ));
+        let act_scales = &act_scales[..SCALE_GROUP];
+        // SAFETY: `act_scales` holds 8 f32.
+        let ad = unsafe { _mm256_loadu_ps(act_scales.as_ptr()) };
+        let mut out = [0.0f32; SCALE_GROUP];
+        // SAFETY: `out` holds 8 f32.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(d, ad)) };
+        out
     }
 
     /// Decode: two rows at a time, so two independent accumulation chains hide each other's
@@ -688,26 +795,47 @@ mod simd {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn rows_one_token<const BLOCK: usize>(
-        dtype: GgmlType,
         rows: &[u8],
         row_bytes: usize,
         act: &[ActBlock],
         out: &mut [f32],
         k: &Consts,
     ) {
+        let dtype = format_of(BLOCK);
+        let act_scales: Vec<f32> = act.iter().map(|a| a.d).collect();
         let mut pairs = rows.chunks_exact(2 * row_bytes);
         let mut ys = out.chunks_exact_mut(2);
         for (pair, y) in (&mut pairs).zip(&mut ys) {
             let (r0, r1) = pair.split_at(row_bytes);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut summs0, mut summs1) = (0.0f32, 0.0f32);
-            // The next pair of rows follows these in memory: ask for it ahead of use.
-            if let Some(next) = rows_after(rows, pair) {
-                for line in next.chunks(CACHE_LINE) {
-                    _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+            prefetch_ahead(pair);
+            let mut groups0 = r0.chunks_exact(SCALE_GROUP * BLOCK);
+            let mut groups1 = r1.chunks_exact(SCALE_GROUP * BLOCK);
+            let mut act_groups = act.chunks_exact(SCALE_GROUP);
+            let groups = (&mut groups0)
+                .zip(&mut groups1)
+                .zip(&mut act_groups)
+                .zip(act_scales.chunks_exact(SCALE_GROUP));
+            for (((g0, g1), ga), gd) in groups {
+                let (sc0, sc1) = (group_scales::<BLOCK>(g0, gd), group_scales::<BLOCK>(g1, gd));
+                for (j, a) in ga.iter().enumerate() {
+                    let w0 = unpack(dtype, &g0[j * BLOCK..(j + 1) * BLOCK], k);
+                    let w1 = unpack(dtype, &g1[j * BLOCK..(j + 1) * BLOCK], k);
+                    let s0 = block_sums(&w0, a, k);
+                    let s1 = block_sums(&w1, a, k);
+                    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc0[j]), s0, acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc1[j]), s1, acc1);
+                    summs0 += w0.m * a.s;
+                    summs1 += w1.m * a.s;
                 }
             }
-            for ((b0, b1), a) in r0.chunks_exact(BLOCK).zip(r1.chunks_exact(BLOCK)).zip(act) {
+            let rest = groups0
+                .remainder()
+                .chunks_exact(BLOCK)
+                .zip(groups1.remainder().chunks_exact(BLOCK))
+                .zip(act_groups.remainder());
+            for ((b0, b1), a) in rest {
                 let w0 = unpack(dtype, b0, k);
                 let w1 = unpack(dtype, b1, k);
                 let s0 = block_sums(&w0, a, k);
@@ -760,10 +888,10 @@ mod simd {
         if let [act] = acts {
             // One token (decode), monomorphized per format so the block loop has no branches.
             match dtype {
-                GgmlType::Q4_0 => rows_one_token::<18>(dtype, rows, row_bytes, act, out, &k),
-                GgmlType::Q4_1 => rows_one_token::<20>(dtype, rows, row_bytes, act, out, &k),
-                GgmlType::Q5_0 => rows_one_token::<22>(dtype, rows, row_bytes, act, out, &k),
-                _ => rows_one_token::<34>(dtype, rows, row_bytes, act, out, &k),
+                GgmlType::Q4_0 => rows_one_token::<18>(rows, row_bytes, act, out, &k),
+                GgmlType::Q4_1 => rows_one_token::<20>(rows, row_bytes, act, out, &k),
+                GgmlType::Q5_0 => rows_one_token::<22>(rows, row_bytes, act, out, &k),
+                _ => rows_one_token::<34>(rows, row_bytes, act, out, &k),
             }
             return;
         }
@@ -856,16 +984,8 @@ mod simd {
             }
             return;
         }
-        for (r, (row, ys)) in rows
-            .chunks_exact(row_bytes)
-            .zip(out.chunks_exact_mut(n))
-            .enumerate()
-        {
-            if let Some(next) = rows.get((r + 1) * row_bytes..(r + 2) * row_bytes) {
-                for line in next.chunks(CACHE_LINE) {
-                    _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
-                }
-            }
+        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            prefetch_ahead(row);
             for (y, act) in ys.iter_mut().zip(acts) {
                 *y = match dtype {
                     GgmlType::Q4K => dot_q4_k(row, act),
@@ -1170,6 +1290,32 @@ mod tests {
             GgmlType::Q4_1 => dot_q4_1(row, &portable),
             GgmlType::Q5_0 => dot_q5_0(row, &portable),
             _ => dot_q8_0(row, &portable),
+        }
+    }
+
+    #[test]
+    fn dispatched_quantization_matches_the_portable_bits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // Blocks of many magnitudes, ties at .5 steps, an all-zero block and a lone value.
+        let mut x: Vec<f32> = (0..64 * QK)
+            .map(|i| rng.random_range(-1.0f32..1.0) * 10f32.powi((i / QK) as i32 % 7 - 3))
+            .collect();
+        x[..QK]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 - 15.5);
+        x[QK..2 * QK].fill(0.0);
+        x[2 * QK..3 * QK].fill(0.0);
+        x[2 * QK + 5] = -3.0;
+        let (mut q, mut portable) = (Vec::new(), Vec::new());
+        quantize_row(&x, &mut q);
+        quantize_row_portable(&x, &mut portable);
+        assert_eq!(q.len(), portable.len());
+        for (a, b) in q.iter().zip(&portable) {
+            assert_eq!(
+                (a.d.to_bits(), a.s.to_bits(), a.qs),
+                (b.d.to_bits(), b.s.to_bits(), b.qs)
+            );
         }
     }
 

@@ -318,9 +318,17 @@ impl Shard {
         let mut x = x.clone();
         match &self.layers {
             Layers::Resident(blocks) => {
-                for (block, layer_kv) in blocks.iter().zip(kv.layers_mut()) {
-                    x = block.forward(&x, position, layer_kv)?;
-                }
+                // The pass runs on one of rayon's threads, so each parallel loop in it forks and
+                // joins there, instead of being handed over from this thread, which would sleep
+                // until the loop ends: two context switches per loop, hundreds per token. (A
+                // managed shard stays off the pool: its steps may wait for each other's layers,
+                // and a waiting step must not sit under another on one thread's stack.)
+                x = rayon::scope(|_| -> Result<Tensor> {
+                    for (block, layer_kv) in blocks.iter().zip(kv.layers_mut()) {
+                        x = block.forward(&x, position, layer_kv)?;
+                    }
+                    Ok(x)
+                })?;
             }
             Layers::Managed(manager) => {
                 for (layer, layer_kv) in kv.layers_mut().iter_mut().enumerate() {
