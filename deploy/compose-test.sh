@@ -2,8 +2,10 @@
 # CI test of the compose deployment, on this machine and against loopback only: installs Debian's
 # docker.io and docker-compose if missing, starts dockerd if none runs, builds the base image
 # locally (no registry needed) and Realm's runtime image from the host's binaries, brings up
-# deploy/docker-compose.yml (one coordinator, three workers), sends the Paris prompt through the
-# `realm` client to the coordinator's port on 127.0.0.1 and checks the answer. Then it runs the
+# deploy/docker-compose.yml (one coordinator, three workers) with a cluster token and an API key
+# made for this run (random, exported, never printed), sends the Paris prompt through the `realm`
+# client with the key to the coordinator's port on 127.0.0.1 and checks the answer, and checks
+# that a client without the key, or with a wrong one, is refused (UNAUTHENTICATED). Then it runs the
 # pods of deploy/k8s/ the same way (deploy/k8s-pods.py: the manifests' names, environment,
 # users and limits under docker, no cluster needed). The containers, their networks and a dockerd
 # this script started are torn down however it ends.
@@ -25,6 +27,13 @@ started_dockerd=""
 compose=()
 
 log() { echo "compose-test: $*" >&2; }
+
+# This run's secrets: 128 random bits each, in the environment only (compose reads them from it).
+secret() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
+REALM_CLUSTER_TOKEN="$(secret)"
+REALM_API_KEY="$(secret)"
+export REALM_CLUSTER_TOKEN REALM_API_KEY
+[[ ${#REALM_CLUSTER_TOKEN} == 32 && ${#REALM_API_KEY} == 32 ]] || { log "cannot read /dev/urandom"; exit 1; }
 
 cleanup() {
     local status=$?
@@ -132,7 +141,8 @@ for _ in $(seq 240); do
 done
 "$realm" health "127.0.0.1:$REALM_PORT" --timeout-secs 2 >/dev/null
 
-# The first byte of the completion marks the first streamed token.
+# The first byte of the completion marks the first streamed token. The client sends the key from
+# REALM_API_KEY (exported above; not on its command line).
 "$realm" --coordinator "127.0.0.1:$REALM_PORT" generate \
         --prompt "The capital of France is" --max-tokens 16 2>"$work/usage" \
     | { IFS= read -r -n 1 first || true; date +%s%N >"$work/first_token_ns"; printf '%s' "$first"; cat; } \
@@ -145,6 +155,26 @@ if [[ "$answer" != *Paris* ]]; then
     log "the answer does not mention Paris"
     exit 1
 fi
+
+# Without the key, or with a wrong one, the coordinator refuses the client; health stays open.
+refused() {   # $1: what; the rest: the client's environment change
+    local what="$1"; shift
+    if env "$@" "$realm" --coordinator "127.0.0.1:$REALM_PORT" generate \
+            --prompt "The capital of France is" --max-tokens 4 >"$work/refused.out" 2>"$work/refused.err"; then
+        log "a client $what got an answer: the coordinator does not check API keys"
+        exit 1
+    fi
+    if ! grep -qi unauthenticated "$work/refused.err"; then
+        log "a client $what failed, but not with UNAUTHENTICATED: $(head -c 300 "$work/refused.err")"
+        exit 1
+    fi
+    [[ ! -s "$work/refused.out" ]] || { log "a client $what got output"; exit 1; }
+    log "a client $what is refused: UNAUTHENTICATED"
+}
+refused "without the API key" -u REALM_API_KEY
+refused "with a wrong API key" REALM_API_KEY="wrong-$(secret)"
+env -u REALM_API_KEY "$realm" health "127.0.0.1:$REALM_PORT" --timeout-secs 2 >/dev/null \
+    || { log "the health check needs a key: Kubernetes probes would fail"; exit 1; }
 
 # The workers' network has no way out; the coordinator is reachable on loopback only.
 workers_net="$(docker network ls --quiet --filter "name=${project}_workers")"

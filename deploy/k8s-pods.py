@@ -6,7 +6,11 @@ command, user, read-only root, dropped capabilities and resource limits, the mod
 mounted read-only. The coordinator starts first, as it may on a cluster, and must wait for the
 workers. Each pod is ready when its gRPC health answers SERVING (what the probes ask), within its
 startup probe's budget. The coordinator's port is published on 127.0.0.1 only (a port-forward);
-the pods' network is internal. Then the Paris prompt goes through the `realm` client.
+the pods' network is internal. The Secrets the manifests reference (secretKeyRef: the cluster
+token, the API key) are made for the run with random values, as `kubectl create secret` would,
+and reach the containers through docker's environment, never its command line. Then the Paris
+prompt goes through the `realm` client with the API key, and a client without it must get
+UNAUTHENTICATED.
 
     k8s-pods.py --image realm:ci --models /path/to/models --realm target/release/realm --port N
 
@@ -15,6 +19,7 @@ first streamed token."""
 import argparse
 import glob
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -26,8 +31,8 @@ NETWORK = "realm-k8s-pods"
 EDGE = "realm-k8s-pods-edge"
 
 
-def docker(*args, check=True, capture=True):
-    result = subprocess.run(["docker", *args], text=True, capture_output=capture)
+def docker(*args, check=True, capture=True, env=None):
+    result = subprocess.run(["docker", *args], text=True, capture_output=capture, env=env)
     if check and result.returncode != 0:
         sys.exit(f"k8s-pods: docker {' '.join(args[:2])} failed: {result.stderr.strip()}")
     return result
@@ -66,7 +71,28 @@ def pods(manifests):
     return out
 
 
-def run_pod(name, aliases, template, config_maps, args, publish):
+def secret_refs(manifests):
+    """{(secret name, key)} that the pod templates' env takes by secretKeyRef."""
+    refs = set()
+    for d in manifests:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                for env in c.get("env", []):
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        refs.add((ref["name"], ref["key"]))
+    return refs
+
+
+def make_secrets(manifests):
+    """{secret name: {key: random value}} for every Secret the manifests reference."""
+    made = {}
+    for name, key in sorted(secret_refs(manifests)):
+        made.setdefault(name, {})[key] = secrets.token_hex(16)
+    return made
+
+
+def run_pod(name, aliases, template, config_maps, secret_data, args, publish):
     spec = template["spec"]
     (container,) = spec["containers"]
     pod_sc = spec.get("securityContext", {})
@@ -91,8 +117,20 @@ def run_pod(name, aliases, template, config_maps, args, publish):
     for source in container.get("envFrom", []):
         for key, value in config_maps[source["configMapRef"]["name"]].items():
             cmd += ["--env", f"{key}={value}"]
+    # Secret values go to docker run through its environment (`--env NAME`), not its arguments.
+    secret_env = dict(os.environ)
     for env in container.get("env", []):
-        cmd += ["--env", f"{env['name']}={env['value']}"]
+        if "value" in env:
+            cmd += ["--env", f"{env['name']}={env['value']}"]
+            continue
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if not ref:
+            sys.exit(f"k8s-pods: {name}: env {env['name']}: only value and secretKeyRef are run here")
+        value = secret_data.get(ref["name"], {}).get(ref["key"])
+        if value is None:
+            sys.exit(f"k8s-pods: {name}: secret {ref['name']} has no key {ref['key']}")
+        secret_env[env["name"]] = value
+        cmd += ["--env", env["name"]]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
         if "hostPath" not in volumes[mount["name"]]:
@@ -104,7 +142,7 @@ def run_pod(name, aliases, template, config_maps, args, publish):
         cmd += ["--publish", f"127.0.0.1:{args.port}:{port}"]
     cmd += ["--entrypoint", container["command"][0], args.image, *container["command"][1:],
             *container.get("args", [])]
-    docker(*cmd)
+    docker(*cmd, env=secret_env)
     if publish:
         # Published ports need a network that is not internal; it gets no masquerading either.
         docker("network", "connect", EDGE, f"realm-k8s-{name}")
@@ -130,6 +168,20 @@ def wait_ready(name, template):
              f"{logs.stdout}{logs.stderr}")
 
 
+def api_key(manifests, secret_data):
+    """The coordinator's REALM_API_KEY, resolved as its pod sees it."""
+    for d in manifests:
+        if d["kind"] == "Deployment":
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                for env in c.get("env", []):
+                    if env["name"] == "REALM_API_KEY":
+                        if "value" in env:
+                            return env["value"]
+                        ref = env["valueFrom"]["secretKeyRef"]
+                        return secret_data[ref["name"]][ref["key"]]
+    sys.exit("k8s-pods: the coordinator has no REALM_API_KEY")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--manifests", default=os.path.join(os.path.dirname(__file__), "k8s"))
@@ -142,6 +194,9 @@ def main():
     manifests = [d for path in sorted(glob.glob(f"{args.manifests}/*.yaml"))
                  for d in yaml.safe_load_all(open(path)) if d]
     config_maps = {d["metadata"]["name"]: d["data"] for d in manifests if d["kind"] == "ConfigMap"}
+    secret_data = make_secrets(manifests)
+    key = api_key(manifests, secret_data).split(",")[0]
+    client_env = {k: v for k, v in os.environ.items() if k != "REALM_API_KEY"}
     cleanup()
     try:
         docker("network", "create", "--internal", "--label", LABEL, NETWORK)
@@ -150,14 +205,15 @@ def main():
         start = time.monotonic()
         order = pods(manifests)
         for name, aliases, template, publish in order:
-            run_pod(name, aliases, template, config_maps, args, publish)
+            run_pod(name, aliases, template, config_maps, secret_data, args, publish)
             print(f"k8s-pods: started {name} as {', '.join(aliases)}", file=sys.stderr)
         for name, _, template, _ in reversed(order):
             wait_ready(name, template)
             print(f"k8s-pods: {name} ready", file=sys.stderr)
-        gen = subprocess.Popen([args.realm, "--coordinator", f"127.0.0.1:{args.port}", "generate",
-                                "--prompt", "The capital of France is", "--max-tokens", "16"],
-                               stdout=subprocess.PIPE)
+        client = [args.realm, "--coordinator", f"127.0.0.1:{args.port}", "generate",
+                  "--prompt", "The capital of France is", "--max-tokens", "16"]
+        gen = subprocess.Popen(client, stdout=subprocess.PIPE,
+                               env={**client_env, "REALM_API_KEY": key})
         first = gen.stdout.read(1)
         first_token = time.monotonic() - start
         answer = (first + gen.stdout.read()).decode(errors="replace")
@@ -165,6 +221,12 @@ def main():
             sys.exit(f"k8s-pods: expected Paris, got {answer!r} (status {gen.returncode})")
         print(f"k8s-pods: ok: answer {answer.strip()!r}; {first_token:.1f} s from the first pod "
               "to the first streamed token")
+        # Without the key the coordinator refuses the client.
+        bare = subprocess.run(client, env=client_env, capture_output=True, text=True)
+        if bare.returncode == 0 or "unauthenticated" not in bare.stderr.lower():
+            sys.exit(f"k8s-pods: a client without the API key was not refused with UNAUTHENTICATED "
+                     f"(status {bare.returncode}): {bare.stderr.strip()[:300]!r}")
+        print("k8s-pods: ok: a client without the API key is refused (UNAUTHENTICATED)")
     finally:
         cleanup()
 

@@ -2,7 +2,8 @@
 # Validates deploy/k8s/*.yaml against the Kubernetes API schemas (strict: unknown fields fail)
 # with the PyPI package kubernetes-validate, which bundles the schemas (nothing is fetched at run
 # time), for the oldest Kubernetes with native gRPC probes and a recent one; then checks that the
-# manifests agree with each other (the worker list, the memory budget, the probe ports).
+# manifests agree with each other (the worker list, the memory budget, the probe ports, the
+# secrets: taken from one Secret that is referenced, never committed).
 #
 #   deploy/k8s-validate.sh
 #
@@ -66,7 +67,33 @@ for d in docs:
             grpc = c.get(probe, {}).get("grpc")
             if not grpc or grpc["port"] not in ports:
                 problems.append(f"{d['metadata']['name']}: {probe} must be a gRPC probe on a container port")
+# Secrets: no Secret (nor secret-looking ConfigMap entry) is committed; the workers take the cluster
+# token, and the coordinator the same token and the API keys, from one Secret by secretKeyRef.
+for d in docs:
+    if d["kind"] == "Secret":
+        problems.append(f"Secret {d['metadata']['name']} is committed: create it with kubectl (README)")
+for key in config:
+    if key in ("REALM_CLUSTER_TOKEN", "REALM_API_KEY"):
+        problems.append(f"{key} is in the ConfigMap: it belongs in the Secret")
+coordinator = by[("Deployment", "realm-coordinator")]
+refs = {}
+for d, need in ((workers, ("REALM_CLUSTER_TOKEN",)), (coordinator, ("REALM_CLUSTER_TOKEN", "REALM_API_KEY"))):
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        env = {e["name"]: e for e in c.get("env", [])}
+        for name in need:
+            ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
+            if not ref or "value" in env.get(name, {}) or ref.get("optional"):
+                problems.append(f"{d['metadata']['name']}: {name} must come from a required secretKeyRef")
+                continue
+            refs.setdefault(name, set()).add((ref["name"], ref["key"]))
+for name, found in refs.items():
+    if len(found) != 1:
+        problems.append(f"{name} comes from different secrets or keys: {sorted(found)}")
+if len({n for found in refs.values() for n, _ in found}) > 1:
+    problems.append("the cluster token and the API keys come from different Secrets")
+
 if problems:
     sys.exit("k8s-validate: " + "\nk8s-validate: ".join(problems))
-print("k8s-validate: manifests agree (workers listed, memory follows the budget, gRPC probes)")
+print("k8s-validate: manifests agree (workers listed, memory follows the budget, gRPC probes, "
+      "secrets by secretKeyRef from one uncommitted Secret)")
 PY
