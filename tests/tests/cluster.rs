@@ -1,9 +1,8 @@
 //! The distributed cluster as a user runs it: real `realm-worker` and `realm-coordinator`
 //! processes on loopback, driven over gRPC, checked against the single-process model core.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -14,6 +13,7 @@ use realm_common::tokenizer::Tokenizer;
 use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
 use realm_proto::pb::worker_client::WorkerClient;
+use realm_tests::process::{self, Process};
 use realm_tests::*;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -24,43 +24,9 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-/// A child process killed when dropped, so a failing test leaves nothing running.
-struct Process {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts `bin` with `args` and waits for its `<bin> listening on ADDR` line on stdout.
 fn start(bin: &str, args: &[&str]) -> Process {
-    let mut child = Command::new(binary(bin))
-        .args(args)
-        .current_dir(repo_root())
-        .env("REALM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {bin}: {e}"));
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let prefix = format!("{bin} listening on ");
-    let Some(addr) = line.trim().strip_prefix(&prefix) else {
-        let status = child.wait().ok();
-        panic!("{bin} did not start (status {status:?}), printed {line:?}");
-    };
-    Process {
-        addr: addr.to_string(),
-        child,
-    }
+    process::start(bin, args, &[])
 }
 
 fn start_worker(model: &Path) -> Process {
