@@ -291,6 +291,12 @@ impl LayerManager {
         self.inner.sizes.len()
     }
 
+    /// Whether the budget holds the whole shard: every layer pinned, so no access ever waits
+    /// for a load.
+    pub fn all_pinned(&self) -> bool {
+        self.inner.pinned == self.n_layers()
+    }
+
     /// Layer `layer` (shard-relative), materialized, held in use until the guard drops. Asks the
     /// prefetcher for the layers after it.
     pub fn acquire(&self, layer: usize) -> Result<LayerGuard<'_>> {

@@ -299,6 +299,15 @@ impl Shard {
         }
     }
 
+    /// Whether a pass never waits for a layer to load (every layer resident or pinned), so it
+    /// may run on rayon's threads.
+    pub fn never_waits(&self) -> bool {
+        match &self.layers {
+            Layers::Resident(_) => true,
+            Layers::Managed(manager) => manager.all_pinned(),
+        }
+    }
+
     /// Runs every block of the shard. `kv` must be the session's cache for exactly this range.
     pub fn forward(&self, x: &Tensor, position: usize, kv: &mut SessionKv) -> Result<Tensor> {
         if kv.n_layers() != self.range.len() {
@@ -316,27 +325,33 @@ impl Shard {
             )));
         }
         let mut x = x.clone();
-        match &self.layers {
-            Layers::Resident(blocks) => {
-                // The pass runs on one of rayon's threads, so each parallel loop in it forks and
-                // joins there, instead of being handed over from this thread, which would sleep
-                // until the loop ends: two context switches per loop, hundreds per token. (A
-                // managed shard stays off the pool: its steps may wait for each other's layers,
-                // and a waiting step must not sit under another on one thread's stack.)
-                x = rayon::scope(|_| -> Result<Tensor> {
+        let mut pass = |x: Tensor| -> Result<Tensor> {
+            let mut x = x;
+            match &self.layers {
+                Layers::Resident(blocks) => {
                     for (block, layer_kv) in blocks.iter().zip(kv.layers_mut()) {
                         x = block.forward(&x, position, layer_kv)?;
                     }
-                    Ok(x)
-                })?;
-            }
-            Layers::Managed(manager) => {
-                for (layer, layer_kv) in kv.layers_mut().iter_mut().enumerate() {
-                    // One layer in use at a time: the guard drops before the next is acquired.
-                    let block = manager.acquire(layer)?;
-                    x = block.forward(&x, position, layer_kv)?;
+                }
+                Layers::Managed(manager) => {
+                    for (layer, layer_kv) in kv.layers_mut().iter_mut().enumerate() {
+                        // One layer in use at a time: the guard drops before the next is acquired.
+                        let block = manager.acquire(layer)?;
+                        x = block.forward(&x, position, layer_kv)?;
+                    }
                 }
             }
+            Ok(x)
+        };
+        // A pass that never waits runs on one of rayon's threads, so each parallel loop in it
+        // forks and joins there, instead of being handed over from this thread, which would
+        // sleep until the loop ends: two context switches per loop, hundreds per token. A shard
+        // that streams layers stays off the pool: its steps may wait for each other's layers,
+        // and a waiting step must not sit under another on one thread's stack.
+        if self.never_waits() {
+            x = rayon::scope(|_| pass(x))?;
+        } else {
+            x = pass(x)?;
         }
         Ok(x)
     }
