@@ -76,6 +76,22 @@ struct WorkerLink {
     client: WorkerRpc,
     range: LayerRange,
     summary: WorkerSummary,
+    /// This worker's series of the forward-latency histogram, looked up once rather than per hop.
+    forward_latency: metrics::Histogram,
+}
+
+impl WorkerLink {
+    fn new(client: WorkerRpc, summary: WorkerSummary, range: LayerRange) -> Self {
+        let forward_latency =
+            metrics::histogram!(names::WORKER_FORWARD, "worker" => summary.url.clone());
+        Self {
+            url: summary.url.clone(),
+            client,
+            range,
+            summary,
+            forward_latency,
+        }
+    }
 }
 
 /// The workers running the layers now. Replaced whole when a worker dies.
@@ -245,12 +261,7 @@ impl Cluster {
 
         let mut assignments = JoinSet::new();
         for (i, ((client, summary), range)) in found.iter().zip(plan.ranges()).enumerate() {
-            let link = WorkerLink {
-                url: summary.url.clone(),
-                client: client.clone(),
-                range: *range,
-                summary: summary.clone(),
-            };
+            let link = WorkerLink::new(client.clone(), summary.clone(), *range);
             let identity = model.identity.clone();
             assignments.spawn(async move { (i, assign(link, &identity).await) });
         }
@@ -412,8 +423,7 @@ impl Cluster {
                 round_trip: sent.elapsed(),
                 compute: Duration::from_micros(reply.compute_us),
             };
-            metrics::histogram!(names::WORKER_FORWARD, "worker" => worker.url.clone())
-                .record(hop.round_trip.as_secs_f64());
+            worker.forward_latency.record(hop.round_trip.as_secs_f64());
             trace!(
                 session,
                 worker = %worker.url,
@@ -691,12 +701,7 @@ impl Cluster {
                 links.push(None);
                 let pick = spares.iter().position(|(_, s)| s.url == w.url).unwrap_or(0);
                 let (client, summary) = spares.remove(pick);
-                let link = WorkerLink {
-                    url: summary.url.clone(),
-                    client,
-                    range: w.range,
-                    summary,
-                };
+                let link = WorkerLink::new(client, summary, w.range);
                 let identity = identity.clone();
                 assignments.spawn(async move { (i, assign(link, &identity).await) });
             }
@@ -733,12 +738,7 @@ impl Cluster {
                         needed >> 20
                     )));
                 }
-                let link = WorkerLink {
-                    url: summary.url.clone(),
-                    client,
-                    range: *range,
-                    summary,
-                };
+                let link = WorkerLink::new(client, summary, *range);
                 let identity = identity.clone();
                 assignments.spawn(async move { (i, assign(link, &identity).await) });
             }

@@ -125,16 +125,18 @@ pub fn start(
         let _active = ActiveSession::begin();
         let before_run = received.elapsed();
         let mut last_token = None::<Instant>;
+        // Looked up once, not per token.
+        let first_token = histogram!(names::TIME_TO_FIRST_TOKEN);
+        let inter_token = histogram!(names::INTER_TOKEN);
+        let generated = counter!(names::GENERATED_TOKENS);
         let result = cluster
             .run(decoding, |delta| {
                 let now = Instant::now();
                 match last_token.replace(now) {
-                    None => histogram!(names::TIME_TO_FIRST_TOKEN)
-                        .record(now.duration_since(received).as_secs_f64()),
-                    Some(before) => histogram!(names::INTER_TOKEN)
-                        .record(now.duration_since(before).as_secs_f64()),
+                    None => first_token.record(now.duration_since(received).as_secs_f64()),
+                    Some(before) => inter_token.record(now.duration_since(before).as_secs_f64()),
                 }
-                counter!(names::GENERATED_TOKENS).increment(1);
+                generated.increment(1);
                 if tx.send(Event::Delta(delta)).is_ok() {
                     ControlFlow::Continue(())
                 } else {

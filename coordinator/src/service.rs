@@ -67,14 +67,8 @@ pub struct RealmService {
 }
 
 impl RealmService {
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        Self::with_admission(
-            cluster,
-            Arc::new(Admission::new(DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED)),
-        )
-    }
-
-    pub fn with_admission(cluster: Arc<Cluster>, admission: Arc<Admission>) -> Self {
+    /// The service over `cluster`, its generations bounded by `admission`.
+    pub fn new(cluster: Arc<Cluster>, admission: Arc<Admission>) -> Self {
         Self { cluster, admission }
     }
 
@@ -293,7 +287,7 @@ pub async fn serve_with(
         .with_service_name(REFLECTION_SERVICE_NAME)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
-    let realm = RealmServer::new(RealmService::with_admission(cluster, options.admission))
+    let realm = RealmServer::new(RealmService::new(cluster, options.admission))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Health and reflection stay open for probes and tools; the Realm service needs a key.
