@@ -22,6 +22,9 @@ use rayon::prelude::*;
 use crate::gguf::TensorData;
 use crate::quant::GgmlType;
 
+mod interleaved;
+pub use interleaved::repacks;
+
 const QK: usize = 32;
 /// Values in a K-format super-block and in a `Q8_K` activation block.
 const QK_K: usize = 256;
@@ -52,12 +55,20 @@ fn is_k(dtype: GgmlType) -> bool {
     matches!(dtype, GgmlType::Q4K | GgmlType::Q6K)
 }
 
-/// One activation block: 32 signed 8-bit values, their scale, and (`Q8_1`) scale × sum.
+/// One activation block: 32 signed 8-bit values, their scale, (`Q8_1`) scale × sum, and the
+/// sums of each lane's four values (for kernels that store quants with an offset).
 #[derive(Debug, Clone, Copy, Default)]
 struct ActBlock {
     d: f32,
     s: f32,
+    lanes: [i32; LANES],
     qs: [i8; QK],
+}
+
+/// The sums of each four consecutive values of `qs`.
+#[inline(always)]
+fn act_lane_sums(qs: &[i8; QK]) -> [i32; LANES] {
+    std::array::from_fn(|l| qs[4 * l..4 * l + 4].iter().map(|&q| q as i32).sum())
 }
 
 /// Quantizes one activation row (`len % 32 == 0`) into `out`.
@@ -86,6 +97,7 @@ fn quantize_row_portable(x: &[f32], out: &mut Vec<ActBlock>) {
         out.push(ActBlock {
             d: f16::from_f32(d).to_f32(),
             s: f16::from_f32(d * sum as f32).to_f32(),
+            lanes: act_lane_sums(&qs),
             qs,
         });
     }
@@ -338,11 +350,8 @@ fn dot_q6_k(row: &[u8], act: &[KBlock]) -> f32 {
     acc
 }
 
-/// Dots every row of a slice of the matrix (`dtype`, `row_bytes` each) with every token's
-/// quantized activations, writing `out[r * n + t]`.
-type DotRows<A> = fn(GgmlType, &[u8], usize, &[Vec<A>], &mut [f32]);
-
-/// A quantized weight matrix `[rows, cols]` (row-major, ggml block layout).
+/// A quantized weight matrix `[rows, cols]`: in the file's layout (row-major, ggml blocks), or
+/// repacked into groups of rows (see [`interleaved`]).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     dtype: GgmlType,
@@ -352,33 +361,53 @@ pub struct QMatrix {
     data: Storage,
 }
 
-/// Where a matrix's bytes live: a copy of its own, or the mapped model file itself.
+/// Where a matrix's bytes live, and in which layout.
 #[derive(Debug, Clone)]
 enum Storage {
+    /// A copy in the file's layout.
     Owned(Vec<u8>),
+    /// The mapped model file itself.
     Mapped(TensorData),
+    /// A copy repacked into groups of [`interleaved::ROWS`] rows.
+    Interleaved(Vec<u8>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Self::Owned(v) => v,
+            Self::Owned(v) | Self::Interleaved(v) => v,
             Self::Mapped(t) => t.bytes(),
         }
     }
 }
 
 impl QMatrix {
-    /// `bytes` hold `rows` rows of `cols` values of `dtype`; callers check `supported(dtype)`
-    /// and the sizes (the GGUF reader already has).
+    /// `bytes` hold `rows` rows of `cols` values of `dtype` in the file's layout; `None` unless
+    /// `supported_shape(dtype, cols)` and the sizes agree. The matrix keeps a copy, repacked
+    /// where [`repacks`] says so.
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
-        Self::with_storage(dtype, rows, cols, Storage::Owned(bytes.to_vec()))
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        if !supported_shape(dtype, cols) || bytes.len() != rows * row_bytes {
+            return None;
+        }
+        let data = if repacks(dtype, rows) {
+            Storage::Interleaved(interleaved::repack(dtype, rows, row_bytes, bytes))
+        } else {
+            Storage::Owned(bytes.to_vec())
+        };
+        Self::with_storage(dtype, rows, cols, data)
     }
 
     /// A matrix computed straight from the mapped model file: no copy is made, and the
     /// process's resident memory holds the weights only while their pages are mapped in.
     pub fn mapped(dtype: GgmlType, rows: usize, cols: usize, data: TensorData) -> Option<Self> {
         Self::with_storage(dtype, rows, cols, Storage::Mapped(data))
+    }
+
+    /// A copy kept in the file's layout, whatever the format.
+    #[cfg(test)]
+    fn file_layout_for_test(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Self {
+        Self::with_storage(dtype, rows, cols, Storage::Owned(bytes.to_vec())).unwrap()
     }
 
     fn with_storage(dtype: GgmlType, rows: usize, cols: usize, data: Storage) -> Option<Self> {
@@ -405,53 +434,82 @@ impl QMatrix {
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
+        if let Storage::Interleaved(bytes) = &self.data {
+            let group_bytes = interleaved::ROWS * self.row_bytes;
+            let acts = self.quantize(x, QK, quantize_row);
+            return self.run_tasks(n, out, interleaved::ROWS, |first, results| {
+                let groups = results.len() / (n * interleaved::ROWS);
+                let first = first / interleaved::ROWS;
+                for (g, ys) in results.chunks_exact_mut(n * interleaved::ROWS).enumerate() {
+                    let group = &bytes[(first + g) * group_bytes..][..group_bytes];
+                    interleaved::group_matmul(self.dtype, group, &acts, ys);
+                }
+                debug_assert!(groups > 0);
+            });
+        }
         if is_k(self.dtype) {
-            self.matmul_with(x, n, out, QK_K, quantize_row_k, dot_rows_k)
+            let acts = self.quantize(x, QK_K, quantize_row_k);
+            self.run_tasks(n, out, 1, |first, results| {
+                let rows = &self.data.bytes()[first * self.row_bytes..]
+                    [..results.len() / n * self.row_bytes];
+                dot_rows_k(self.dtype, rows, self.row_bytes, &acts, results)
+            })
         } else {
-            self.matmul_with(x, n, out, QK, quantize_row, dot_rows)
+            let acts = self.quantize(x, QK, quantize_row);
+            self.run_tasks(n, out, 1, |first, results| {
+                let rows = &self.data.bytes()[first * self.row_bytes..]
+                    [..results.len() / n * self.row_bytes];
+                dot_rows(self.dtype, rows, self.row_bytes, &acts, results)
+            })
         }
     }
 
-    /// [`Self::matmul`] with activations quantized by `quantize` into blocks of `block` values.
-    fn matmul_with<A: Send + Sync>(
+    /// Each token's activations quantized into blocks of `block` values.
+    fn quantize<A>(
         &self,
         x: &[f32],
-        n: usize,
-        out: &mut [f32],
         block: usize,
         quantize: fn(&[f32], &mut Vec<A>),
-        dot_rows: DotRows<A>,
-    ) {
-        let acts: Vec<Vec<A>> = x
-            .chunks_exact(self.cols)
+    ) -> Vec<Vec<A>> {
+        x.chunks_exact(self.cols)
             .map(|row| {
                 let mut q = Vec::with_capacity(self.cols / block);
                 quantize(row, &mut q);
                 q
             })
-            .collect();
-        // Parallel over weight rows: each task reads a slice of the matrix once for all tokens.
-        const ROWS_PER_TASK: usize = 64;
-        let tasks = |results: &mut [f32]| {
+            .collect()
+    }
+
+    /// Runs `task(first_row, results)` in parallel over slices of rows (whole `unit`s of
+    /// them); `results` holds the slice's rows for every token (`[rows, n]` within a unit of
+    /// one row, `[n, unit]` per unit otherwise), scattered into `out`'s `[n, rows]` afterwards.
+    fn run_tasks(
+        &self,
+        n: usize,
+        out: &mut [f32],
+        unit: usize,
+        task: impl Fn(usize, &mut [f32]) + Sync,
+    ) {
+        // Enough tasks that both halves of a two-way split stay busy, few enough that each
+        // streams a good stretch of the matrix.
+        let units = self.rows / unit;
+        let tasks = 4 * rayon::current_num_threads();
+        let per_task = units.div_ceil(tasks).max(if n == 1 { 1 } else { 2 }) * unit;
+        let run = |results: &mut [f32]| {
             results
-                .par_chunks_mut(ROWS_PER_TASK * n)
+                .par_chunks_mut(per_task * n)
                 .enumerate()
-                .for_each(|(task, chunk)| {
-                    let first = task * ROWS_PER_TASK;
-                    let rows = &self.data.bytes()
-                        [first * self.row_bytes..(first + chunk.len() / n) * self.row_bytes];
-                    dot_rows(self.dtype, rows, self.row_bytes, &acts, chunk);
-                })
+                .for_each(|(i, chunk)| task(i * per_task, chunk))
         };
         if n == 1 {
-            // One token (decode): the results' `[rows, 1]` layout is already `out`'s.
-            return tasks(out);
+            // One token (decode): the results' layout is already `out`'s.
+            return run(out);
         }
-        let mut transposed = vec![0.0f32; n * self.rows];
-        tasks(&mut transposed);
-        for r in 0..self.rows {
+        let mut results = vec![0.0f32; n * self.rows];
+        run(&mut results);
+        for (u, block) in results.chunks_exact(n * unit).enumerate() {
             for t in 0..n {
-                out[t * self.rows + r] = transposed[r * n + t];
+                out[t * self.rows + u * unit..][..unit].copy_from_slice(&block[t * unit..][..unit]);
             }
         }
     }
@@ -578,6 +636,7 @@ mod simd {
             out.push(ActBlock {
                 d: through_f16(d),
                 s: through_f16(d * sum as f32),
+                lanes: super::act_lane_sums(&qs),
                 qs,
             });
         }
@@ -1342,6 +1401,102 @@ mod tests {
         assert_eq!((zeros[0].d, zeros[0].bsums), (0.0, [0; 16]));
     }
 
+    /// Checks `got` (`[n, rows]`) against the product of the dequantized weights and the exact
+    /// activations `x` (`[n, cols]`), within what quantizing the activations can explain.
+    fn assert_near_dequantized(
+        dtype: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        got: &[f32],
+    ) {
+        let act_block = if is_k(dtype) { QK_K } else { QK };
+        let w = qtensor_from_bytes(dtype, bytes, &[cols as u64, rows as u64], &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (t, xs) in x.chunks_exact(cols).enumerate() {
+            for (r, w) in w.iter().enumerate() {
+                let exact: f32 = w.iter().zip(xs).map(|(w, x)| w * x).sum();
+                let g = got[t * rows + r];
+                // Each activation is off by at most half a quantization step, amax/254 of its
+                // block; the product can be off by that much times each |weight|.
+                let bound: f32 = (0..cols)
+                    .map(|c| {
+                        let block = &xs[c / act_block * act_block..][..act_block];
+                        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                        w[c].abs() * amax / 254.0
+                    })
+                    .sum();
+                let tolerance = 1.01 * bound + 1e-3;
+                assert!(
+                    (g - exact).abs() < tolerance,
+                    "{dtype:?} [{t}][{r}]: {g} vs {exact}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_kernels_match_the_dequantized_product_and_the_portable_bits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (rows, cols, n) = (24, 256, 3);
+        for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0] {
+            assert!(repacks(dtype, rows) && !repacks(dtype, rows + 1));
+            let bytes = random_matrix(dtype, rows, cols, &mut rng);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let m = QMatrix::new(dtype, rows, cols, &bytes).unwrap();
+            assert!(matches!(m.data, Storage::Interleaved(_)));
+            let mut prefill = vec![0.0; n * rows];
+            m.matmul(&x, n, &mut prefill);
+
+            assert_near_dequantized(dtype, &bytes, rows, cols, &x, &prefill);
+            // Formats that accumulate by lanes compute the file-layout kernels' very bits.
+            if interleaved::by_lanes(dtype) {
+                let file_layout = QMatrix::file_layout_for_test(dtype, rows, cols, &bytes);
+                let mut reference = vec![0.0; n * rows];
+                file_layout.matmul(&x, n, &mut reference);
+                for (i, (&g, &r)) in prefill.iter().zip(&reference).enumerate() {
+                    assert_eq!(g.to_bits(), r.to_bits(), "{dtype:?} [{i}]: {g} vs {r}");
+                }
+            }
+
+            // Decode gives each token the same bits as prefill, and so does the portable code.
+            let acts = m.quantize(&x, QK, quantize_row_portable);
+            let Storage::Interleaved(packed) = &m.data else {
+                unreachable!()
+            };
+            let group_bytes = interleaved::ROWS * m.row_bytes;
+            for (t, xs) in x.chunks_exact(cols).enumerate() {
+                let mut decode = vec![0.0; rows];
+                m.matmul(xs, 1, &mut decode);
+                for (r, &d) in decode.iter().enumerate() {
+                    assert_eq!(
+                        d.to_bits(),
+                        prefill[t * rows + r].to_bits(),
+                        "{dtype:?} [{t}][{r}]"
+                    );
+                }
+            }
+            for (g, group) in packed.chunks_exact(group_bytes).enumerate() {
+                let mut portable = vec![0.0; n * interleaved::ROWS];
+                interleaved::group_matmul_portable(dtype, group, &acts, &mut portable);
+                for t in 0..n {
+                    for i in 0..interleaved::ROWS {
+                        let (p, got) = (
+                            portable[t * interleaved::ROWS + i],
+                            prefill[t * rows + g * interleaved::ROWS + i],
+                        );
+                        assert_eq!(p.to_bits(), got.to_bits(), "{dtype:?} [{t}][{}]", g * 8 + i);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_kernel_matches_the_dequantized_product() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -1360,38 +1515,17 @@ mod tests {
         {
             // Two super-blocks per row for the K formats.
             let cols = if is_k(dtype) { 2 * cols } else { cols };
-            let act_block = if is_k(dtype) { QK_K } else { QK };
             let bytes = random_matrix(dtype, rows, cols, &mut rng);
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
             let m = QMatrix::new(dtype, rows, cols, &bytes).unwrap();
             let mut got = vec![0.0; n * rows];
             m.matmul(&x, n, &mut got);
 
-            let w = qtensor_from_bytes(dtype, &bytes, &[cols as u64, rows as u64], &Device::Cpu)
-                .unwrap()
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
+            assert_near_dequantized(dtype, &bytes, rows, cols, &x, &got);
             for t in 0..n {
+                let xs = &x[t * cols..(t + 1) * cols];
                 for r in 0..rows {
-                    let exact: f32 = (0..cols).map(|c| w[r][c] * x[t * cols + c]).sum();
                     let g = got[t * rows + r];
-                    // Each activation is off by at most half a quantization step, amax/254 of
-                    // its block; the product can be off by that much times each |weight|.
-                    let xs = &x[t * cols..(t + 1) * cols];
-                    let bound: f32 = (0..cols)
-                        .map(|c| {
-                            let block = &xs[c / act_block * act_block..][..act_block];
-                            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                            w[r][c].abs() * amax / 254.0
-                        })
-                        .sum();
-                    let tolerance = 1.01 * bound + 1e-3;
-                    assert!(
-                        (g - exact).abs() < tolerance,
-                        "{dtype:?} [{t}][{r}]: {g} vs {exact}"
-                    );
                     // The portable code computes the very same numbers as the SIMD path.
                     let row = &bytes[r * m.row_bytes..(r + 1) * m.row_bytes];
                     let portable = portable_dot(dtype, row, xs);

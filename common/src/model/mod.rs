@@ -80,21 +80,31 @@ pub(crate) enum Linear {
 
 /// Whether a tensor is computed from the mapped file's pages rather than from a copy: the layer
 /// manager keeps such pages mapped while the layer is resident, and releases copied ones.
+/// Formats that Realm's kernels repack are copied (in another layout).
 pub(crate) fn borrows_mapping(info: &TensorInfo, device: &Device) -> bool {
     device.is_cpu()
         && info.dims.len() == 2
         && kernels::supported_shape(info.dtype, info.dims[0] as usize)
+        && !kernels::repacks(info.dtype, info.dims[1] as usize)
 }
 
 impl Linear {
     pub fn load(file: &GgufFile, name: &str, device: &Device) -> Result<Self> {
         let info = file.tensor_info(name)?;
-        if borrows_mapping(info, device) {
+        if device.is_cpu() && info.dims.len() == 2 {
             let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
-            if let Some(m) = QMatrix::mapped(info.dtype, rows, cols, file.tensor_data(info)?) {
-                // Fault the pages in now, at load time, rather than during the first step.
-                file.populate_tensor(info)?;
-                return Ok(Self::Realm(m));
+            if borrows_mapping(info, device) {
+                if let Some(m) = QMatrix::mapped(info.dtype, rows, cols, file.tensor_data(info)?) {
+                    // Fault the pages in now, at load time, rather than during the first step.
+                    file.populate_tensor(info)?;
+                    return Ok(Self::Realm(m));
+                }
+            } else if kernels::supported_shape(info.dtype, cols) {
+                if let Some(m) = QMatrix::new(info.dtype, rows, cols, file.tensor_bytes(info)?) {
+                    // The repacked copy is all the kernels read: the file's pages can go.
+                    file.release_tensor(info)?;
+                    return Ok(Self::Realm(m));
+                }
             }
         }
         Ok(Self::Candle(load_matmul(file, name, device)?))
