@@ -50,6 +50,12 @@ pub fn supported_shape(dtype: GgmlType, cols: usize) -> bool {
     supported(dtype) && cols % dtype.block_size() == 0
 }
 
+/// Whether this CPU runs the AVX2 paths (AVX2, FMA and F16C), here and in attention.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn simd_available() -> bool {
+    simd::available()
+}
+
 /// K formats pair with `Q8_K` activations, the others with `Q8_0`/`Q8_1`.
 fn is_k(dtype: GgmlType) -> bool {
     matches!(dtype, GgmlType::Q4K | GgmlType::Q6K)

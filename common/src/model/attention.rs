@@ -9,6 +9,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kv::LayerKv;
 
+mod dot;
+
 /// How a block's rotary embedding pairs dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RopeStyle {
@@ -102,7 +104,6 @@ pub(crate) fn attend(
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let scale = scale as f32;
     let narrow = n < WIDE_BATCH;
-
     let mut out = vec![0.0f32; n * n_heads * head_dim];
     // One task per (token, head): each writes its own `head_dim` slice of `out`.
     out.par_chunks_mut(head_dim)
@@ -112,42 +113,19 @@ pub(crate) fn attend(
             let p = position + i;
             let kv_head = h / group;
             let mut query = q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim].to_vec();
-            let mut acc16 = vec![f16::ZERO; head_dim];
-            if narrow {
-                acc16.convert_from_f32_slice(&query);
-                acc16.convert_to_f32_slice(&mut query);
-            }
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let mut max = f32::NEG_INFINITY;
-            let mut sum = 0.0f32;
-            // Held widened; in a narrow batch every value in it is exactly an f16.
-            let mut acc = vec![0.0f32; head_dim];
-            let mut row = vec![0.0f32; head_dim];
-            for j in first..=p {
-                kv.key(j, kv_head, head_dim).convert_to_f32_slice(&mut row);
-                let s = query.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale;
-                let (rescale, weight) = if s > max {
-                    let old = max;
-                    max = s;
-                    ((old - max).exp(), 1.0)
-                } else {
-                    (1.0, (s - max).exp())
-                };
-                kv.value(j, kv_head, head_dim)
-                    .convert_to_f32_slice(&mut row);
-                for (a, &x) in acc.iter_mut().zip(&row) {
-                    *a = x * weight + *a * rescale;
-                }
-                if narrow {
-                    acc16.convert_from_f32_slice(&acc);
-                    acc16.convert_to_f32_slice(&mut acc);
-                }
-                sum = sum * rescale + weight;
+            if narrow {
+                let mut q16 = vec![f16::ZERO; head_dim];
+                q16.convert_from_f32_slice(&query);
+                q16.convert_to_f32_slice(&mut query);
             }
-            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-            for (o, a) in out.iter_mut().zip(&acc) {
-                *o = a * inv;
+            let mut scores = vec![0.0f32; p + 1 - first];
+            dot::scores(&query, kv, kv_head, first, &mut scores);
+            let mut softmax = dot::OnlineSoftmax::new(head_dim, narrow);
+            for (j, s) in (first..=p).zip(scores) {
+                softmax.push(s * scale, kv.value(j, kv_head, head_dim));
             }
+            softmax.finish(out);
         });
     Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
 }

@@ -1,0 +1,243 @@
+//! The inner loops of attention: query–key scores and the online softmax over values, with
+//! AVX2 paths chosen at run time and portable code that computes the same bits.
+//!
+//! A score is one chain over the dimensions, `((q₀k₀ + q₁k₁) + q₂k₂) + …`, each product rounded
+//! before it is added; eight keys (a block of the cache) are scored side by side, one per lane,
+//! and several blocks at once so that their chains hide each other's latency. On a new maximum
+//! score the value accumulator is rescaled in the same step that adds the value:
+//! `acc = v · weight + acc · rescale`, in f16 (rounded after each step) or f32.
+
+use half::f16;
+
+use crate::kv::{LayerKv, KEY_BLOCK};
+
+/// `scores[j - first] = q · key j` for the keys `first..first + scores.len()` of KV head `head`.
+pub(super) fn scores(q: &[f32], kv: &LayerKv, head: usize, first: usize, scores: &mut [f32]) {
+    let head_dim = q.len();
+    let (start, end) = (
+        first / KEY_BLOCK,
+        (first + scores.len()).div_ceil(KEY_BLOCK),
+    );
+    let mut lanes = vec![0.0f32; (end - start) * KEY_BLOCK];
+    #[cfg(target_arch = "x86_64")]
+    let done = simd::available() && {
+        simd::score_blocks(q, kv, head, start, &mut lanes);
+        true
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    if !done {
+        for (b, out) in lanes.chunks_exact_mut(KEY_BLOCK).enumerate() {
+            let keys = kv.key_block(start + b, head, head_dim);
+            for (lane, out) in out.iter_mut().enumerate() {
+                *out = q.iter().enumerate().fold(0.0f32, |acc, (d, &q)| {
+                    acc + q * keys[d * KEY_BLOCK + lane].to_f32()
+                });
+            }
+        }
+    }
+    let skip = first - start * KEY_BLOCK;
+    scores.copy_from_slice(&lanes[skip..skip + scores.len()]);
+}
+
+/// One query's softmax-weighted sum of values, built one key at a time.
+pub(super) struct OnlineSoftmax {
+    acc: Vec<f32>,
+    max: f32,
+    sum: f32,
+    /// Round the accumulator to f16 after every step.
+    narrow: bool,
+}
+
+impl OnlineSoftmax {
+    pub fn new(head_dim: usize, narrow: bool) -> Self {
+        Self {
+            acc: vec![0.0; head_dim],
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            narrow,
+        }
+    }
+
+    /// Adds the value `v` of a key scored `s`.
+    pub fn push(&mut self, s: f32, v: &[f16]) {
+        let (rescale, weight) = if s > self.max {
+            let old = self.max;
+            self.max = s;
+            ((old - s).exp(), 1.0)
+        } else {
+            (1.0, (s - self.max).exp())
+        };
+        accumulate(&mut self.acc, v, rescale, weight, self.narrow);
+        self.sum = self.sum * rescale + weight;
+    }
+
+    /// Writes the normalized result.
+    pub fn finish(&self, out: &mut [f32]) {
+        let inv = if self.sum == 0.0 { 0.0 } else { 1.0 / self.sum };
+        for (o, a) in out.iter_mut().zip(&self.acc) {
+            *o = a * inv;
+        }
+    }
+}
+
+/// `acc = v · weight + acc · rescale`, rounded to f16 when `narrow`.
+fn accumulate(acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        return simd::accumulate(acc, v, rescale, weight, narrow);
+    }
+    accumulate_portable(acc, v, rescale, weight, narrow)
+}
+
+fn accumulate_portable(acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow: bool) {
+    for (a, v) in acc.iter_mut().zip(v) {
+        let x = v.to_f32() * weight + *a * rescale;
+        *a = if narrow { f16::from_f32(x).to_f32() } else { x };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{LayerKv, KEY_BLOCK};
+
+    pub fn available() -> bool {
+        crate::kernels::simd_available()
+    }
+
+    /// Eight f16 at `x[at..at + 8]` widened.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load_f16(x: &[f16], at: usize) -> __m256 {
+        let x = &x[at..at + 8];
+        // SAFETY: `x` holds eight f16, 16 bytes.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(x.as_ptr().cast()) })
+    }
+
+    pub fn score_blocks(q: &[f32], kv: &LayerKv, head: usize, start: usize, out: &mut [f32]) {
+        // SAFETY: `available()` checked AVX2, FMA and F16C on this CPU.
+        unsafe { score_blocks_avx2(q, kv, head, start, out) }
+    }
+
+    /// Blocks scored together: independent chains in flight.
+    const AT_ONCE: usize = 4;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn score_blocks_avx2(q: &[f32], kv: &LayerKv, head: usize, start: usize, out: &mut [f32]) {
+        let head_dim = q.len();
+        let store = |out: &mut [f32], acc: __m256| {
+            // SAFETY: `out` holds KEY_BLOCK (eight) f32.
+            unsafe { _mm256_storeu_ps(out[..KEY_BLOCK].as_mut_ptr(), acc) }
+        };
+        let mut groups = out.chunks_exact_mut(AT_ONCE * KEY_BLOCK);
+        let mut block = start;
+        for group in &mut groups {
+            let keys: [&[f16]; AT_ONCE] =
+                std::array::from_fn(|i| kv.key_block(block + i, head, head_dim));
+            let mut acc = [_mm256_setzero_ps(); AT_ONCE];
+            for (d, &q) in q.iter().enumerate() {
+                let q = _mm256_set1_ps(q);
+                for (acc, keys) in acc.iter_mut().zip(&keys) {
+                    let k = load_f16(keys, d * KEY_BLOCK);
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(q, k));
+                }
+            }
+            for (out, acc) in group.chunks_exact_mut(KEY_BLOCK).zip(acc) {
+                store(out, acc);
+            }
+            block += AT_ONCE;
+        }
+        for out in groups.into_remainder().chunks_exact_mut(KEY_BLOCK) {
+            let keys = kv.key_block(block, head, head_dim);
+            let mut acc = _mm256_setzero_ps();
+            for (d, &q) in q.iter().enumerate() {
+                let k = load_f16(keys, d * KEY_BLOCK);
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(q), k));
+            }
+            store(out, acc);
+            block += 1;
+        }
+    }
+
+    pub fn accumulate(acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow: bool) {
+        // SAFETY: `available()` checked AVX2, FMA and F16C on this CPU.
+        unsafe { accumulate_avx2(acc, v, rescale, weight, narrow) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn accumulate_avx2(acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow: bool) {
+        let whole = acc.len() / 8 * 8;
+        let (w, r) = (_mm256_set1_ps(weight), _mm256_set1_ps(rescale));
+        for at in (0..whole).step_by(8) {
+            let out = &mut acc[at..at + 8];
+            // SAFETY: `out` holds eight f32.
+            let a = unsafe { _mm256_loadu_ps(out.as_ptr()) };
+            let mut x = _mm256_add_ps(_mm256_mul_ps(load_f16(v, at), w), _mm256_mul_ps(a, r));
+            if narrow {
+                x = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+            }
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x) };
+        }
+        super::accumulate_portable(&mut acc[whole..], &v[whole..], rescale, weight, narrow);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn scores_and_accumulation_compute_the_sequential_bits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for head_dim in [64, 256, 12] {
+            // Two heads; 45 positions fill five blocks and part of a sixth.
+            let (heads, len) = (2, 45);
+            let width = heads * head_dim;
+            let mut kv = LayerKv::default();
+            let mut rows = Vec::new();
+            for _ in 0..len {
+                let k: Vec<f32> = (0..width).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let v: Vec<f32> = (0..width).map(|_| rng.random_range(-2.0..2.0)).collect();
+                kv.append(width, &k, &v);
+                rows.push(k);
+            }
+            assert_eq!(kv.len(), len);
+            let q: Vec<f32> = (0..head_dim)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            for (head, first) in [(0, 0), (1, 3), (1, 17), (0, 44)] {
+                let mut got = vec![0.0; len - first];
+                scores(&q, &kv, head, first, &mut got);
+                for (j, &s) in (first..len).zip(&got) {
+                    let key = &rows[j][head * head_dim..(head + 1) * head_dim];
+                    let want = q
+                        .iter()
+                        .zip(key)
+                        .fold(0.0f32, |acc, (&q, &k)| acc + q * f16::from_f32(k).to_f32());
+                    assert_eq!(
+                        s.to_bits(),
+                        want.to_bits(),
+                        "{head_dim} head {head} key {j}"
+                    );
+                }
+            }
+            for narrow in [true, false] {
+                let (mut a, mut b) = (vec![0.5f32; head_dim], vec![0.5f32; head_dim]);
+                for (j, rescale) in [(0, 0.25), (1, 1.0), (2, 0.5)] {
+                    let v = kv.value(j, 1, head_dim);
+                    accumulate(&mut a, v, rescale, 0.75, narrow);
+                    accumulate_portable(&mut b, v, rescale, 0.75, narrow);
+                }
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "accumulate {head_dim} {narrow}");
+            }
+        }
+    }
+}
