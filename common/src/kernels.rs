@@ -61,20 +61,22 @@ fn is_k(dtype: GgmlType) -> bool {
     matches!(dtype, GgmlType::Q4K | GgmlType::Q6K)
 }
 
-/// One activation block: 32 signed 8-bit values, their scale, (`Q8_1`) scale × sum, and the
-/// sums of each lane's four values (for kernels that store quants with an offset).
+/// One activation block: 32 signed 8-bit values, their scale, (`Q8_1`) scale × sum, and for
+/// kernels that store quants with an offset, their sum and 16 × each lane's sum (`Q5_0`'s
+/// offset).
 #[derive(Debug, Clone, Copy, Default)]
 struct ActBlock {
     d: f32,
     s: f32,
-    lanes: [i32; LANES],
+    sum: i32,
+    lane_offsets: [i32; LANES],
     qs: [i8; QK],
 }
 
-/// The sums of each four consecutive values of `qs`.
+/// 16 × the sum of each four consecutive values of `qs`.
 #[inline(always)]
-fn act_lane_sums(qs: &[i8; QK]) -> [i32; LANES] {
-    std::array::from_fn(|l| qs[4 * l..4 * l + 4].iter().map(|&q| q as i32).sum())
+fn lane_offsets(qs: &[i8; QK]) -> [i32; LANES] {
+    std::array::from_fn(|l| 16 * qs[4 * l..4 * l + 4].iter().map(|&q| q as i32).sum::<i32>())
 }
 
 /// Quantizes one activation row (`len % 32 == 0`) into `out`.
@@ -103,7 +105,8 @@ fn quantize_row_portable(x: &[f32], out: &mut Vec<ActBlock>) {
         out.push(ActBlock {
             d: f16::from_f32(d).to_f32(),
             s: f16::from_f32(d * sum as f32).to_f32(),
-            lanes: act_lane_sums(&qs),
+            sum,
+            lane_offsets: lane_offsets(&qs),
             qs,
         });
     }
@@ -642,7 +645,8 @@ mod simd {
             out.push(ActBlock {
                 d: through_f16(d),
                 s: through_f16(d * sum as f32),
-                lanes: super::act_lane_sums(&qs),
+                sum,
+                lane_offsets: super::lane_offsets(&qs),
                 qs,
             });
         }

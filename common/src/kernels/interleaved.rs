@@ -113,7 +113,7 @@ const fn offset(dtype: GgmlType) -> i32 {
     }
 }
 
-/// Lane `l`'s exact integer products of one group-block with one activation block, per row:
+/// Lane `l`'s integer products of one group-block's unsigned quants with one activation block, per row:
 /// lane `l` covers values `4l..4l + 4`, as in the file-layout kernels.
 #[inline(always)]
 fn lane_dots(dtype: GgmlType, gb: &[u8], a: &ActBlock, l: usize) -> [i32; ROWS] {
@@ -130,7 +130,7 @@ fn lane_dots(dtype: GgmlType, gb: &[u8], a: &ActBlock, l: usize) -> [i32; ROWS] 
             }
             dot += q * a.qs[4 * l + t] as i32;
         }
-        dot - offset(dtype) * a.lanes[l]
+        dot
     })
 }
 
@@ -148,7 +148,8 @@ pub fn group_matmul(dtype: GgmlType, group: &[u8], acts: &[Vec<ActBlock>], out: 
     group_matmul_portable(dtype, group, acts, out)
 }
 
-/// Whether `dtype` accumulates eight lanes per row rather than one integer per block.
+/// Whether `dtype` accumulates eight lanes per row rather than one integer per block (only
+/// `Q5_0`, whose lane offsets the activation blocks carry).
 pub const fn by_lanes(dtype: GgmlType) -> bool {
     matches!(dtype, GgmlType::Q5_0)
 }
@@ -171,10 +172,11 @@ pub fn group_matmul_portable(
                 let dd = d[i] * a.d;
                 if by_lanes(dtype) {
                     for l in 0..LANES {
-                        acc[i][l] = dd.mul_add(lanes[l][i] as f32, acc[i][l]);
+                        let dot = lanes[l][i] - a.lane_offsets[l];
+                        acc[i][l] = dd.mul_add(dot as f32, acc[i][l]);
                     }
                 } else {
-                    let dot: i32 = lanes.iter().map(|lane| lane[i]).sum();
+                    let dot = lanes.iter().map(|lane| lane[i]).sum::<i32>() - offset(dtype) * a.sum;
                     acc[i][0] = dd.mul_add(dot as f32, acc[i][0]);
                 }
             }
@@ -277,10 +279,10 @@ mod simd {
     /// `dot` less the format's offset times the activations summed over `count`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn less_offset<const F: u8>(dot: __m256i, count: i32) -> __m256i {
+    fn less_offset<const F: u8>(dot: __m256i, sum: i32) -> __m256i {
         match F {
-            0 => _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * count)),
-            2 => _mm256_sub_epi32(dot, _mm256_set1_epi32(16 * count)),
+            0 => _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * sum)),
+            2 => _mm256_sub_epi32(dot, _mm256_set1_epi32(16 * sum)),
             _ => dot,
         }
     }
@@ -318,7 +320,8 @@ mod simd {
                     for (h, w) in w(c).into_iter().enumerate() {
                         let l = c + 4 * h;
                         let dot = _mm256_madd_epi16(lane_pairs(w, a, l), ones);
-                        let dot = _mm256_cvtepi32_ps(less_offset::<F>(dot, a.lanes[l]));
+                        let offset = _mm256_set1_epi32(a.lane_offsets[l]);
+                        let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, offset));
                         self.lanes[l] = _mm256_fmadd_ps(scale, dot, self.lanes[l]);
                     }
                 }
@@ -331,8 +334,7 @@ mod simd {
                 let both = _mm256_add_epi16(lane_pairs(w[0], a, c), lane_pairs(w[1], a, c + 4));
                 pairs = _mm256_add_epi16(pairs, both);
             }
-            let sum: i32 = a.lanes.iter().sum();
-            let dot = less_offset::<F>(_mm256_madd_epi16(pairs, ones), sum);
+            let dot = less_offset::<F>(_mm256_madd_epi16(pairs, ones), a.sum);
             self.lanes[0] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), self.lanes[0]);
         }
 
