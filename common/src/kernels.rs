@@ -1040,8 +1040,32 @@ mod simd {
         let n = acts.len();
         if n > 1 {
             let block_bytes = dtype.type_size();
-            let mut unpacked: Vec<KUnpacked> = Vec::with_capacity(row_bytes / block_bytes);
-            for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            let blocks = row_bytes / block_bytes;
+            let mut unpacked: Vec<KUnpacked> = Vec::with_capacity(K_TILE * blocks);
+            // Tiles of rows: each activation group loaded once for all of them, and their
+            // totals reduced together.
+            let mut tiles = rows.chunks_exact(K_TILE * row_bytes);
+            let mut tile_outs = out.chunks_exact_mut(K_TILE * n);
+            for (tile, ys) in (&mut tiles).zip(&mut tile_outs) {
+                unpacked.clear();
+                unpacked.extend(
+                    tile.chunks_exact(block_bytes)
+                        .map(|block| unpack_k(dtype, block)),
+                );
+                let tile_rows: [&[KUnpacked]; K_TILE] =
+                    std::array::from_fn(|r| &unpacked[r * blocks..(r + 1) * blocks]);
+                for (t, act) in acts.iter().enumerate() {
+                    let y = dot_unpacked_k_tile(dtype, tile_rows, act);
+                    for (r, y) in y.into_iter().enumerate() {
+                        ys[r * n + t] = y;
+                    }
+                }
+            }
+            for (row, ys) in tiles
+                .remainder()
+                .chunks_exact(row_bytes)
+                .zip(tile_outs.into_remainder().chunks_exact_mut(n))
+            {
                 unpacked.clear();
                 unpacked.extend(
                     row.chunks_exact(block_bytes)
@@ -1172,6 +1196,64 @@ mod simd {
             }
         }
         acc - acc_min
+    }
+
+    /// Rows of a K-format prefill tile.
+    const K_TILE: usize = 4;
+
+    /// [`dot_unpacked_k`] for [`K_TILE`] rows at once: the same integer totals, reduced across
+    /// lanes for the four rows together, and the same f32 operations per row, so the same bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_unpacked_k_tile(
+        dtype: GgmlType,
+        rows: [&[KUnpacked]; K_TILE],
+        act: &[KBlock],
+    ) -> [f32; K_TILE] {
+        let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+        for (b, a) in act.iter().enumerate() {
+            let mut sumi = [_mm256_setzero_si256(); K_TILE];
+            for (g, y) in a.qs.iter().enumerate() {
+                let y = group(y);
+                for (sumi, row) in sumi.iter_mut().zip(&rows) {
+                    let u = &row[b];
+                    let pairs = _mm256_maddubs_epi16(u.q[g], y);
+                    *sumi = _mm256_add_epi32(*sumi, _mm256_madd_epi16(pairs, u.sc[g]));
+                }
+            }
+            // SAFETY: `a.bsums` is 16 i16, 32 bytes.
+            let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
+            let corr: [__m256i; K_TILE] =
+                std::array::from_fn(|r| _mm256_madd_epi16(bsums, rows[r][b].corr));
+            let (sumi, corr) = (hsum4_i32(sumi), hsum4_i32(corr));
+            let d = _mm_setr_ps(rows[0][b].d, rows[1][b].d, rows[2][b].d, rows[3][b].d);
+            let ad = _mm_set1_ps(a.d);
+            if dtype == GgmlType::Q4K {
+                let dmin = _mm_setr_ps(
+                    rows[0][b].dmin,
+                    rows[1][b].dmin,
+                    rows[2][b].dmin,
+                    rows[3][b].dmin,
+                );
+                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), _mm_mul_ps(d, ad), acc);
+                acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(corr), _mm_mul_ps(dmin, ad), acc_min);
+            } else {
+                let total = _mm_cvtepi32_ps(_mm_add_epi32(sumi, corr));
+                acc = _mm_fmadd_ps(total, _mm_mul_ps(d, ad), acc);
+            }
+        }
+        let mut out = [0.0f32; K_TILE];
+        // SAFETY: `out` holds four f32.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+        out
+    }
+
+    /// The lane totals of four vectors, in one vector (exact: integer sums in any order).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
     }
 
     /// One 32-value group of an activation block.
