@@ -6,6 +6,10 @@
 //! the eight-lane accumulation order follow the de-facto reference numerics of GGUF engines, so
 //! greedy decoding agrees with them token for token even where two candidates nearly tie.
 //!
+//! Matrices whose rows come in whole groups of eight, in the 4-bit 32-value formats, are
+//! repacked at load with their rows interleaved (see [`interleaved`]), which changes how the
+//! integers are grouped before scaling for `Q4_0` and `Q4_1` (one total per block).
+//!
 //! The K formats (`Q4_K`, `Q6_K`) work on super-blocks of 256 values: activations are quantized
 //! to `Q8_K` (one f32 scale per 256 values, and the sums of each 16 quants so that a weight
 //! block's minimum or offset costs one integer product per sub-block). Every sub-block scale is
