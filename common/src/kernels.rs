@@ -20,6 +20,8 @@
 //!
 //! Formats without a kernel here fall back to candle's (see `model::Linear`).
 
+use std::sync::Arc;
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -374,15 +376,15 @@ pub struct QMatrix {
     data: Storage,
 }
 
-/// Where a matrix's bytes live, and in which layout.
+/// Where a matrix's bytes live, and in which layout. Clones share the bytes.
 #[derive(Debug, Clone)]
 enum Storage {
     /// A copy in the file's layout.
-    Owned(Vec<u8>),
+    Owned(Arc<[u8]>),
     /// The mapped model file itself.
     Mapped(TensorData),
     /// A copy repacked into groups of [`interleaved::ROWS`] rows.
-    Interleaved(Vec<u8>),
+    Interleaved(Arc<[u8]>),
 }
 
 impl Storage {
@@ -404,9 +406,9 @@ impl QMatrix {
             return None;
         }
         let data = if repacks(dtype, rows) {
-            Storage::Interleaved(interleaved::repack(dtype, rows, row_bytes, bytes))
+            Storage::Interleaved(interleaved::repack(dtype, rows, row_bytes, bytes).into())
         } else {
-            Storage::Owned(bytes.to_vec())
+            Storage::Owned(bytes.into())
         };
         Self::with_storage(dtype, rows, cols, data)
     }
@@ -420,7 +422,7 @@ impl QMatrix {
     /// A copy kept in the file's layout, whatever the format.
     #[cfg(test)]
     fn file_layout_for_test(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Self {
-        Self::with_storage(dtype, rows, cols, Storage::Owned(bytes.to_vec())).unwrap()
+        Self::with_storage(dtype, rows, cols, Storage::Owned(bytes.into())).unwrap()
     }
 
     fn with_storage(dtype: GgmlType, rows: usize, cols: usize, data: Storage) -> Option<Self> {

@@ -16,6 +16,7 @@ mod mmap;
 pub mod model;
 pub mod perplexity;
 pub mod quant;
+pub mod runtime;
 pub mod sampling;
 pub mod stop;
 pub mod synthetic;

@@ -1038,9 +1038,9 @@ fn check_hidden(
     Ok(())
 }
 
-/// Runs CPU-heavy model code off the async runtime's threads.
+/// Runs CPU-heavy model code (see [`realm_common::runtime::compute`]).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
+    realm_common::runtime::compute(f)
         .await
         .map_err(|e| Error::Internal(format!("model computation did not finish: {e}")))?
 }

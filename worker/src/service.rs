@@ -358,7 +358,7 @@ impl pb::worker_server::Worker for WorkerService {
 
         let session = request.session_id;
         let span = trace_span!("forward", session = %session, position, n_tokens);
-        let joined = run_blocking(move || {
+        let joined = realm_common::runtime::compute(move || {
             let _span = span.enter();
             let started = Instant::now();
             // A panic in the model code must not take the worker down: it fails this step alone.
@@ -505,20 +505,5 @@ impl WorkerService {
             position,
             n_tokens,
         })
-    }
-}
-
-/// Runs a step's CPU-heavy work to completion. On a multi-threaded runtime it runs right on
-/// this thread, which hands its other tasks to the runtime's other threads: a step costs no
-/// wake-up of a blocking thread and none back. Elsewhere it goes to the blocking pool.
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    if tokio::runtime::Handle::current().runtime_flavor()
-        == tokio::runtime::RuntimeFlavor::MultiThread
-    {
-        Ok(tokio::task::block_in_place(f))
-    } else {
-        tokio::task::spawn_blocking(f).await
     }
 }
