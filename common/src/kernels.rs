@@ -67,9 +67,9 @@ fn is_k(dtype: GgmlType) -> bool {
     matches!(dtype, GgmlType::Q4K | GgmlType::Q6K)
 }
 
-/// One activation block: 32 signed 8-bit values, their scale, (`Q8_1`) scale × sum, and for
-/// kernels that store quants with an offset, their sum and 16 × each lane's sum (`Q5_0`'s
-/// offset).
+/// One activation block: 32 signed 8-bit values, their scale, (`Q8_1`) scale × sum, their sum
+/// (for kernels that store quants with an offset), and for the kernels that need them
+/// ([`interleaved::prepare`]) 16 × each lane's sum (`Q5_0`'s offset); zeros otherwise.
 #[derive(Debug, Clone, Copy, Default)]
 struct ActBlock {
     d: f32,
@@ -77,12 +77,6 @@ struct ActBlock {
     sum: i32,
     lane_offsets: [i32; LANES],
     qs: [i8; QK],
-}
-
-/// 16 × the sum of each four consecutive values of `qs`.
-#[inline(always)]
-fn lane_offsets(qs: &[i8; QK]) -> [i32; LANES] {
-    std::array::from_fn(|l| 16 * qs[4 * l..4 * l + 4].iter().map(|&q| q as i32).sum::<i32>())
 }
 
 /// Quantizes one activation row (`len % 32 == 0`) into `out`.
@@ -112,7 +106,7 @@ fn quantize_row_portable(x: &[f32], out: &mut Vec<ActBlock>) {
             d: f16::from_f32(d).to_f32(),
             s: f16::from_f32(d * sum as f32).to_f32(),
             sum,
-            lane_offsets: lane_offsets(&qs),
+            lane_offsets: [0; LANES],
             qs,
         });
     }
@@ -451,15 +445,14 @@ impl QMatrix {
         debug_assert_eq!(out.len(), n * self.rows);
         if let Storage::Interleaved(bytes) = &self.data {
             let group_bytes = interleaved::ROWS * self.row_bytes;
-            let acts = self.quantize(x, QK, quantize_row);
+            let mut acts = self.quantize(x, QK, quantize_row);
+            interleaved::prepare(self.dtype, &mut acts);
             return self.run_tasks(n, out, interleaved::ROWS, |first, results| {
-                let groups = results.len() / (n * interleaved::ROWS);
                 let first = first / interleaved::ROWS;
                 for (g, ys) in results.chunks_exact_mut(n * interleaved::ROWS).enumerate() {
                     let group = &bytes[(first + g) * group_bytes..][..group_bytes];
                     interleaved::group_matmul(self.dtype, group, &acts, ys);
                 }
-                debug_assert!(groups > 0);
             });
         }
         if is_k(self.dtype) {
@@ -652,7 +645,7 @@ mod simd {
                 d: through_f16(d),
                 s: through_f16(d * sum as f32),
                 sum,
-                lane_offsets: super::lane_offsets(&qs),
+                lane_offsets: [0; LANES],
                 qs,
             });
         }
@@ -1563,7 +1556,8 @@ mod tests {
             }
 
             // Decode gives each token the same bits as prefill, and so does the portable code.
-            let acts = m.quantize(&x, QK, quantize_row_portable);
+            let mut acts = m.quantize(&x, QK, quantize_row_portable);
+            interleaved::prepare(dtype, &mut acts);
             let Storage::Interleaved(packed) = &m.data else {
                 unreachable!()
             };

@@ -64,17 +64,17 @@ pub fn repack(dtype: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> V
     let blocks = row_bytes / block;
     let gb = group_block_bytes(dtype);
     debug_assert_eq!(bytes.len(), rows * row_bytes);
+    // Where each format keeps its 16 nibble bytes.
+    let qs_at = match dtype {
+        GgmlType::Q4_1 => 4,
+        GgmlType::Q5_0 => 6,
+        _ => 2,
+    };
     let mut out = vec![0u8; bytes.len()];
     for (g, group) in bytes.chunks_exact(ROWS * row_bytes).enumerate() {
         for b in 0..blocks {
             let dst = &mut out[(g * blocks + b) * gb..][..gb];
             let src = |i: usize| &group[i * row_bytes + b * block..][..block];
-            // Where each format keeps its 16 nibble bytes.
-            let qs_at = match dtype {
-                GgmlType::Q4_1 => 4,
-                GgmlType::Q5_0 => 6,
-                _ => 2,
-            };
             for i in 0..ROWS {
                 dst[2 * i..2 * i + 2].copy_from_slice(&src(i)[..2]);
                 if dtype == GgmlType::Q4_1 {
@@ -113,8 +113,8 @@ const fn offset(dtype: GgmlType) -> i32 {
     }
 }
 
-/// Lane `l`'s integer products of one group-block's unsigned quants with one activation block, per row:
-/// lane `l` covers values `4l..4l + 4`, as in the file-layout kernels.
+/// Lane `l`'s integer products of one group-block's unsigned quants with one activation block,
+/// per row: lane `l` covers values `4l..4l + 4`, as in the file-layout kernels.
 #[inline(always)]
 fn lane_dots(dtype: GgmlType, gb: &[u8], a: &ActBlock, l: usize) -> [i32; ROWS] {
     let nibbles = &gb[nibbles_at(dtype)..][..NIBBLES];
@@ -146,6 +146,22 @@ pub fn group_matmul(dtype: GgmlType, group: &[u8], acts: &[Vec<ActBlock>], out: 
         return simd::group_matmul(dtype, group, acts, out);
     }
     group_matmul_portable(dtype, group, acts, out)
+}
+
+/// Fills in what `dtype`'s kernels need of the activation blocks beyond their quantization:
+/// the lane offsets of the formats that accumulate by lanes.
+pub fn prepare(dtype: GgmlType, acts: &mut [Vec<ActBlock>]) {
+    if by_lanes(dtype) {
+        for a in acts.iter_mut().flatten() {
+            a.lane_offsets = std::array::from_fn(|l| {
+                offset(dtype)
+                    * a.qs[4 * l..4 * l + 4]
+                        .iter()
+                        .map(|&q| q as i32)
+                        .sum::<i32>()
+            });
+        }
+    }
 }
 
 /// Whether `dtype` accumulates eight lanes per row rather than one integer per block (only

@@ -119,10 +119,10 @@ pub(crate) fn attend(
                 q16.convert_from_f32_slice(&query);
                 q16.convert_to_f32_slice(&mut query);
             }
-            let mut scores = vec![0.0f32; p + 1 - first];
-            dot::scores(&query, kv, kv_head, first, &mut scores);
+            let mut buf = Vec::new();
+            let scores = dot::scores(&query, kv, kv_head, first, p + 1 - first, &mut buf);
             let mut softmax = dot::OnlineSoftmax::new(head_dim, narrow);
-            for (j, s) in (first..=p).zip(scores) {
+            for (j, &s) in (first..=p).zip(scores) {
                 softmax.push(s * scale, kv.value(j, kv_head, head_dim));
             }
             softmax.finish(out);

@@ -11,23 +11,29 @@ use half::f16;
 
 use crate::kv::{LayerKv, KEY_BLOCK};
 
-/// `scores[j - first] = q · key j` for the keys `first..first + scores.len()` of KV head `head`.
-pub(super) fn scores(q: &[f32], kv: &LayerKv, head: usize, first: usize, scores: &mut [f32]) {
+/// `q · key j` for the `count` keys from `first` of KV head `head`, in that order. Scores are
+/// computed a whole block of keys at a time, into `buf`.
+pub(super) fn scores<'a>(
+    q: &[f32],
+    kv: &LayerKv,
+    head: usize,
+    first: usize,
+    count: usize,
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
     let head_dim = q.len();
-    let (start, end) = (
-        first / KEY_BLOCK,
-        (first + scores.len()).div_ceil(KEY_BLOCK),
-    );
-    let mut lanes = vec![0.0f32; (end - start) * KEY_BLOCK];
+    let (start, end) = (first / KEY_BLOCK, (first + count).div_ceil(KEY_BLOCK));
+    buf.clear();
+    buf.resize((end - start) * KEY_BLOCK, 0.0);
     #[cfg(target_arch = "x86_64")]
     let done = simd::available() && {
-        simd::score_blocks(q, kv, head, start, &mut lanes);
+        simd::score_blocks(q, kv, head, start, buf);
         true
     };
     #[cfg(not(target_arch = "x86_64"))]
     let done = false;
     if !done {
-        for (b, out) in lanes.chunks_exact_mut(KEY_BLOCK).enumerate() {
+        for (b, out) in buf.chunks_exact_mut(KEY_BLOCK).enumerate() {
             let keys = kv.key_block(start + b, head, head_dim);
             for (lane, out) in out.iter_mut().enumerate() {
                 *out = q.iter().enumerate().fold(0.0f32, |acc, (d, &q)| {
@@ -37,7 +43,7 @@ pub(super) fn scores(q: &[f32], kv: &LayerKv, head: usize, first: usize, scores:
         }
     }
     let skip = first - start * KEY_BLOCK;
-    scores.copy_from_slice(&lanes[skip..skip + scores.len()]);
+    &buf[skip..skip + count]
 }
 
 /// One query's softmax-weighted sum of values, built one key at a time.
@@ -213,9 +219,10 @@ mod tests {
                 .map(|_| rng.random_range(-2.0f32..2.0))
                 .collect();
             for (head, first) in [(0, 0), (1, 3), (1, 17), (0, 44)] {
-                let mut got = vec![0.0; len - first];
-                scores(&q, &kv, head, first, &mut got);
-                for (j, &s) in (first..len).zip(&got) {
+                let mut buf = Vec::new();
+                let got = scores(&q, &kv, head, first, len - first, &mut buf);
+                assert_eq!(got.len(), len - first);
+                for (j, &s) in (first..len).zip(got) {
                     let key = &rows[j][head * head_dim..(head + 1) * head_dim];
                     let want = q
                         .iter()
