@@ -728,7 +728,7 @@ mod tests {
             self.u32(ty).u64(offset)
         }
         fn pad(&mut self, alignment: usize) -> &mut Self {
-            while self.buf.len() % alignment != 0 {
+            while !self.buf.len().is_multiple_of(alignment) {
                 self.buf.push(0);
             }
             self

@@ -53,7 +53,7 @@ pub fn supported(dtype: GgmlType) -> bool {
 /// Whether a `[rows, cols]` matrix of `dtype` has a kernel here: its rows must be whole blocks
 /// (a K-format tensor narrower than a super-block is stored in another format anyway).
 pub fn supported_shape(dtype: GgmlType, cols: usize) -> bool {
-    supported(dtype) && cols % dtype.block_size() == 0
+    supported(dtype) && cols.is_multiple_of(dtype.block_size())
 }
 
 /// Whether this CPU runs the AVX2 paths (AVX2, FMA and F16C), here and in attention.
@@ -69,13 +69,14 @@ fn is_k(dtype: GgmlType) -> bool {
 
 /// One activation block: 32 signed 8-bit values, their scale, (`Q8_1`) scale × sum, their sum
 /// (for kernels that store quants with an offset), and for the kernels that need them
-/// ([`interleaved::prepare`]) 16 × each lane's sum (`Q5_0`'s offset); zeros otherwise.
+/// ([`interleaved::prepare`]) minus 16 × each lane's sum (`Q5_0`'s offset, added to each lane's
+/// integer); zeros otherwise.
 #[derive(Debug, Clone, Copy, Default)]
 struct ActBlock {
     d: f32,
     s: f32,
     sum: i32,
-    lane_offsets: [i32; LANES],
+    lane_bias: [i32; LANES],
     qs: [i8; QK],
 }
 
@@ -106,7 +107,7 @@ fn quantize_row_portable(x: &[f32], out: &mut Vec<ActBlock>) {
             d: f16::from_f32(d).to_f32(),
             s: f16::from_f32(d * sum as f32).to_f32(),
             sum,
-            lane_offsets: [0; LANES],
+            lane_bias: [0; LANES],
             qs,
         });
     }
@@ -515,10 +516,23 @@ impl QMatrix {
         }
         let mut results = vec![0.0f32; n * self.rows];
         run(&mut results);
-        for (u, block) in results.chunks_exact(n * unit).enumerate() {
-            for t in 0..n {
-                out[t * self.rows + u * unit..][..unit].copy_from_slice(&block[t * unit..][..unit]);
+        match unit {
+            1 => {
+                for (t, ys) in out.chunks_exact_mut(self.rows).enumerate() {
+                    for (y, r) in ys.iter_mut().zip(results[t..].iter().step_by(n)) {
+                        *y = *r;
+                    }
+                }
             }
+            interleaved::ROWS => {
+                for (u, block) in results.chunks_exact(n * unit).enumerate() {
+                    for (t, rows) in block.chunks_exact(interleaved::ROWS).enumerate() {
+                        let to = &mut out[t * self.rows + u * interleaved::ROWS..];
+                        to[..interleaved::ROWS].copy_from_slice(rows);
+                    }
+                }
+            }
+            _ => unreachable!("units are single rows or interleaved groups"),
         }
     }
 }
@@ -645,7 +659,7 @@ mod simd {
                 d: through_f16(d),
                 s: through_f16(d * sum as f32),
                 sum,
-                lane_offsets: [0; LANES],
+                lane_bias: [0; LANES],
                 qs,
             });
         }
@@ -664,10 +678,69 @@ mod simd {
         unsafe { quantize_row_k_avx2(x, out) }
     }
 
-    /// The portable `Q8_K` quantization compiled for AVX2: the same bits.
+    /// The portable `Q8_K` quantization in registers: the largest magnitude by `max`, the
+    /// first value of that magnitude found by comparing, then the same products, rounding and
+    /// clamp as the portable code, so the same bits.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn quantize_row_k_avx2(x: &[f32], out: &mut Vec<KBlock>) {
-        super::quantize_row_k_portable(x, out)
+        out.clear();
+        let sign = _mm256_set1_ps(-0.0);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let top = _mm256_set1_epi32(127);
+        for block in x.chunks_exact(super::QK_K) {
+            // SAFETY: `block` is 256 f32, 32 loads of eight.
+            let v: [__m256; 32] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(block[8 * i..].as_ptr()) });
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = abs.iter().fold(_mm256_setzero_ps(), |m, &a| _mm256_max_ps(a, m));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let mut q = KBlock {
+                d: 0.0,
+                qs: [[0; super::QK]; super::QK_K / super::QK],
+                bsums: [0; super::QK_K / 16],
+            };
+            if amax != 0.0 {
+                let at = abs
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, &a)| {
+                        let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(
+                            a,
+                            _mm256_set1_ps(amax),
+                        ));
+                        (hits != 0).then(|| 8 * i + hits.trailing_zeros() as usize)
+                    })
+                    .expect("the largest magnitude is one of the values");
+                let iscale = -127.0 / block[at];
+                let scale = _mm256_set1_ps(iscale);
+                for (g, qs) in q.qs.iter_mut().enumerate() {
+                    let r: [__m256i; 4] = std::array::from_fn(|i| {
+                        let p = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                            _mm256_mul_ps(scale, v[4 * g + i]),
+                        );
+                        _mm256_min_epi32(_mm256_cvtps_epi32(p), top)
+                    });
+                    for (h, sum) in q.bsums[2 * g..2 * g + 2].iter_mut().enumerate() {
+                        *sum = hsum_i32(_mm256_add_epi32(r[2 * h], r[2 * h + 1])) as i16;
+                    }
+                    let bytes = _mm256_packs_epi16(
+                        _mm256_packs_epi32(r[0], r[1]),
+                        _mm256_packs_epi32(r[2], r[3]),
+                    );
+                    // SAFETY: `qs` is 32 bytes.
+                    unsafe {
+                        _mm256_storeu_si256(
+                            qs.as_mut_ptr().cast(),
+                            _mm256_permutevar8x32_epi32(bytes, order),
+                        )
+                    };
+                }
+                q.d = 1.0 / iscale;
+            }
+            out.push(q);
+        }
     }
 
     pub fn dot_rows(
@@ -1467,6 +1540,17 @@ mod tests {
                 (b.d.to_bits(), b.s.to_bits(), b.qs)
             );
         }
+        // Q8_K too, with a tie for the largest magnitude (the first one counts) in a block.
+        x[3 * QK_K + 17] = 50.0;
+        x[3 * QK_K + 200] = -50.0;
+        x[5 * QK_K..6 * QK_K].fill(0.0);
+        let (mut q, mut portable) = (Vec::new(), Vec::new());
+        quantize_row_k(&x, &mut q);
+        quantize_row_k_portable(&x, &mut portable);
+        assert_eq!(q.len(), portable.len());
+        for (a, b) in q.iter().zip(&portable) {
+            assert_eq!((a.d.to_bits(), a.qs, a.bsums), (b.d.to_bits(), b.qs, b.bsums));
+        }
     }
 
     #[test]
@@ -1583,6 +1667,26 @@ mod tests {
                             prefill[t * rows + g * interleaved::ROWS + i],
                         );
                         assert_eq!(p.to_bits(), got.to_bits(), "{dtype:?} [{t}][{}]", g * 8 + i);
+                    }
+                }
+                // Every SIMD path this CPU runs, not only the fastest, for prefill and decode.
+                #[cfg(target_arch = "x86_64")]
+                for path in [interleaved::simd::Path::Avx512, interleaved::simd::Path::Avx2] {
+                    if !path.available() {
+                        continue;
+                    }
+                    let mut got = vec![0.0; n * interleaved::ROWS];
+                    interleaved::simd::group_matmul(path, dtype, group, &acts, &mut got);
+                    for (t, act) in acts.iter().enumerate() {
+                        let mut one = vec![0.0; interleaved::ROWS];
+                        let act = std::slice::from_ref(act);
+                        interleaved::simd::group_matmul(path, dtype, group, act, &mut one);
+                        for i in 0..interleaved::ROWS {
+                            let p = portable[t * interleaved::ROWS + i].to_bits();
+                            let at = (g * 8 + i, t);
+                            assert_eq!(got[t * interleaved::ROWS + i].to_bits(), p, "{path:?} {dtype:?} {at:?}");
+                            assert_eq!(one[i].to_bits(), p, "{path:?} {dtype:?} decode {at:?}");
+                        }
                     }
                 }
             }

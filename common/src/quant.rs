@@ -172,7 +172,7 @@ pub fn qtensor_from_bytes(
             Error::InvalidArgument(format!("tensor dimensions {dims:?} do not fit in memory"))
         })?;
     let copy;
-    let bytes = if bytes.as_ptr().addr() % BLOCK_ALIGN == 0 {
+    let bytes = if bytes.as_ptr().addr().is_multiple_of(BLOCK_ALIGN) {
         bytes
     } else {
         copy = AlignedCopy::new(bytes);

@@ -111,15 +111,15 @@ impl SyntheticSpec {
 
     fn check(&self) -> Result<()> {
         let ok = self.n_layers > 0
-            && self.d_model % QK == 0
-            && self.ffn_dim % QK == 0
+            && self.d_model.is_multiple_of(QK)
+            && self.ffn_dim.is_multiple_of(QK)
             && self.d_model > 0
             && self.ffn_dim > 0
             && self.n_heads > 0
             && self.n_kv_heads > 0
-            && self.n_heads % self.n_kv_heads == 0
-            && self.d_model % self.n_heads == 0
-            && (self.d_model / self.n_heads) % 2 == 0
+            && self.n_heads.is_multiple_of(self.n_kv_heads)
+            && self.d_model.is_multiple_of(self.n_heads)
+            && (self.d_model / self.n_heads).is_multiple_of(2)
             && self.vocab > 0;
         if ok {
             Ok(())

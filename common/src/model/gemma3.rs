@@ -12,6 +12,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend, split_heads, Rope, RopeStyle};
+use super::elementwise::add;
 use super::llama::names::*;
 use super::norm::rms_norm;
 use super::{load_vector, Block, Linear, ModelConfig};
@@ -125,12 +126,12 @@ impl Block for Gemma3Block {
         let k = self.rope.apply(&k, position, &self.device)?;
         let attn = attend(&q, &k, &v, kv, position, self.window, self.scale)?;
         let attn = rms_norm(&self.wo.forward(&attn)?, &self.post_attn_norm, self.eps)?;
-        let x = (x + attn)?;
+        let x = add(x, &attn)?;
 
         let h = rms_norm(&x, &self.ffn_norm, self.eps)?;
         let mlp = geglu(&self.gate.forward(&h)?, &self.up.forward(&h)?)?;
         let mlp = rms_norm(&self.down.forward(&mlp)?, &self.post_ffn_norm, self.eps)?;
-        Ok((x + mlp)?)
+        add(&x, &mlp)
     }
 }
 

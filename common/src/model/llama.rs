@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend, split_heads, Rope, RopeStyle};
+use super::elementwise::{add, swiglu};
 use super::norm::rms_norm;
 use super::{load_vector, Block, Linear, ModelConfig};
 use crate::error::Result;
@@ -88,10 +89,10 @@ impl Block for LlamaBlock {
         let q = self.rope.apply(&q, position, &self.device)?;
         let k = self.rope.apply(&k, position, &self.device)?;
         let attn = attend(&q, &k, &v, kv, position, None, self.scale)?;
-        let x = (x + self.wo.forward(&attn)?)?;
+        let x = add(x, &self.wo.forward(&attn)?)?;
 
         let h = rms_norm(&x, &self.ffn_norm, self.eps)?;
-        let mlp = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
-        Ok((x + self.down.forward(&mlp)?)?)
+        let mlp = swiglu(&self.gate.forward(&h)?, &self.up.forward(&h)?)?;
+        add(&x, &self.down.forward(&mlp)?)
     }
 }

@@ -7,6 +7,7 @@
 
 mod attention;
 pub mod config;
+mod elementwise;
 mod gemma3;
 mod layers;
 mod llama;

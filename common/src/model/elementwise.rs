@@ -1,0 +1,81 @@
+//! Elementwise operations of the blocks, computed in the calling thread.
+//!
+//! candle's CPU backend runs elementwise operations on tensors of 64 Ki values or more over a
+//! pool of its own whose threads spin while they wait: beside the kernels' pool on a shared
+//! machine, that spinning takes cores from the work. These loops are memory-bound and short, so
+//! they stay on one thread. The results are candle's bits: the same f32 operations.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+
+/// The values of `t` (any shape) as one row.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn same_shape(x: &Tensor, y: &Tensor, what: &str) -> Result<()> {
+    if x.shape() != y.shape() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} of shapes {:?} and {:?}",
+            x.dims(),
+            y.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// `x + y`: a residual connection.
+pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    same_shape(x, y, "cannot add tensors")?;
+    let mut sum = values(x)?;
+    for (s, y) in sum.iter_mut().zip(values(y)?) {
+        *s += y;
+    }
+    Ok(Tensor::from_vec(sum, x.shape().clone(), x.device())?)
+}
+
+/// `silu(gate) · up`, SiLU being `x / (1 + e^-x)`: the gated MLP of llama blocks.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    same_shape(gate, up, "cannot gate tensors")?;
+    let mut out = values(gate)?;
+    for (g, u) in out.iter_mut().zip(values(up)?) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    Ok(Tensor::from_vec(out, gate.shape().clone(), gate.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::{add, swiglu};
+
+    fn tensor(n: usize, seed: f32) -> Tensor {
+        // Past 64 Ki values, where candle would go parallel.
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * seed).sin() * 9.0).collect();
+        Tensor::from_vec(v, (n / 64, 64), &Device::Cpu).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    }
+
+    #[test]
+    fn the_same_bits_as_candle() {
+        let n = 80 * 1024;
+        let (x, y) = (tensor(n, 0.37), tensor(n, 1.91));
+        assert_eq!(bits(&add(&x, &y).unwrap()), bits(&(&x + &y).unwrap()));
+        let candle = (candle_nn::ops::silu(&x).unwrap() * &y).unwrap();
+        assert_eq!(bits(&swiglu(&x, &y).unwrap()), bits(&candle));
+    }
+
+    #[test]
+    fn shapes_must_agree() {
+        let x = tensor(128, 0.5);
+        let y = x.reshape((1, 128)).unwrap();
+        assert!(add(&x, &y).is_err());
+        assert!(swiglu(&x, &y).is_err());
+    }
+}
