@@ -253,15 +253,21 @@ impl GgufFile {
     /// caller that has copied a tensor out of the mapping calls this so the file's pages do not
     /// stay resident beside the copy. Reading the tensor again later still works.
     pub fn release_tensor(&self, info: &TensorInfo) -> Result<()> {
+        self.release_tensor_part(info, usize::MAX)
+    }
+
+    /// [`release_tensor`](Self::release_tensor) for the first `len` bytes of `info`'s (all of
+    /// them if it has fewer).
+    pub fn release_tensor_part(&self, info: &TensorInfo, len: usize) -> Result<()> {
         let io = |source| Error::Io {
             path: self.path.clone(),
             source,
         };
         let start = usize::try_from(info.offset)
             .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
-        let len =
+        let size =
             usize::try_from(info.size).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
-        self.map.release(start, len).map_err(io)
+        self.map.release(start, len.min(size)).map_err(io)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

@@ -62,6 +62,12 @@ pub(crate) fn simd_available() -> bool {
     simd::available()
 }
 
+/// Whether this CPU runs the AVX-512 paths (F, BW and VNNI, with the AVX2 ones).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512_available() -> bool {
+    simd::avx512_available()
+}
+
 /// K formats pair with `Q8_K` activations, the others with `Q8_0`/`Q8_1`.
 fn is_k(dtype: GgmlType) -> bool {
     matches!(dtype, GgmlType::Q4K | GgmlType::Q6K)
@@ -378,14 +384,17 @@ enum Storage {
     Owned(Arc<[u8]>),
     /// The mapped model file itself.
     Mapped(TensorData),
-    /// A copy repacked into groups of [`interleaved::ROWS`] rows.
-    Interleaved(Arc<[u8]>),
+    /// A copy repacked into groups of [`interleaved::ROWS`] rows. (A `Vec` behind the `Arc`:
+    /// turning the repacked `Vec` into an `Arc<[u8]>` would copy it, and for an output head
+    /// that is hundreds of megabytes at once.)
+    Interleaved(Arc<Vec<u8>>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Self::Owned(v) | Self::Interleaved(v) => v,
+            Self::Owned(v) => v,
+            Self::Interleaved(v) => v,
             Self::Mapped(t) => t.bytes(),
         }
     }
@@ -396,12 +405,25 @@ impl QMatrix {
     /// `supported_shape(dtype, cols)` and the sizes agree. The matrix keeps a copy, repacked
     /// where [`repacks`] says so.
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        Self::new_releasing(dtype, rows, cols, bytes, |_| {})
+    }
+
+    /// [`new`](Self::new), telling `done(n)` as it goes that the first `n` bytes of `bytes`
+    /// will not be read again: a copy out of a mapped file can give the file's pages back
+    /// while it runs, so the copy and the file are never both resident.
+    pub fn new_releasing(
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        done: impl FnMut(usize),
+    ) -> Option<Self> {
         let row_bytes = cols / dtype.block_size() * dtype.type_size();
         if !supported_shape(dtype, cols) || bytes.len() != rows * row_bytes {
             return None;
         }
         let data = if repacks(dtype, rows) {
-            Storage::Interleaved(interleaved::repack(dtype, rows, row_bytes, bytes).into())
+            Storage::Interleaved(Arc::new(interleaved::repack(dtype, rows, row_bytes, bytes, done)))
         } else {
             Storage::Owned(bytes.into())
         };
@@ -599,6 +621,18 @@ mod simd {
         std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")
+    }
+
+    /// Whether this CPU also runs the AVX-512 paths: F and BW with VNNI (integer dot products
+    /// in one instruction), besides [`available`]'s.
+    pub fn avx512_available() -> bool {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| {
+            available()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+        })
     }
 
     /// The f16 at `block[at..at + 2]`, converted in one instruction.
@@ -1095,14 +1129,29 @@ mod simd {
         acts: &[Vec<KBlock>],
         out: &mut [f32],
     ) {
+        dot_rows_k_on(avx512_available(), dtype, rows, row_bytes, acts, out)
+    }
+
+    /// [`dot_rows_k`] with prefill on the AVX-512 tile (`wide`, which this CPU must run) or on
+    /// the AVX2 one.
+    pub fn dot_rows_k_on(
+        wide: bool,
+        dtype: GgmlType,
+        rows: &[u8],
+        row_bytes: usize,
+        acts: &[Vec<KBlock>],
+        out: &mut [f32],
+    ) {
+        assert!(!wide || avx512_available(), "this CPU has no AVX-512 VNNI");
         // SAFETY: `available()` checked AVX2, FMA and F16C on this CPU before dispatching here.
-        unsafe { dot_rows_k_avx2(dtype, rows, row_bytes, acts, out) }
+        unsafe { dot_rows_k_avx2(wide, dtype, rows, row_bytes, acts, out) }
     }
 
     /// Row by row, the next row requested ahead of use. One token (decode) unpacks each block
     /// as it goes; several (prefill) unpack a row once and dot it with every token.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_rows_k_avx2(
+        wide: bool,
         dtype: GgmlType,
         rows: &[u8],
         row_bytes: usize,
@@ -1127,7 +1176,12 @@ mod simd {
                 let tile_rows: [&[KUnpacked]; K_TILE] =
                     std::array::from_fn(|r| &unpacked[r * blocks..(r + 1) * blocks]);
                 for (t, act) in acts.iter().enumerate() {
-                    let y = dot_unpacked_k_tile(dtype, tile_rows, act);
+                    let y = if wide {
+                        // SAFETY: the caller checked AVX-512 F, BW and VNNI on this CPU.
+                        unsafe { avx512::dot_unpacked_k_tile(dtype, tile_rows, act) }
+                    } else {
+                        dot_unpacked_k_tile(dtype, tile_rows, act)
+                    };
                     for (r, y) in y.into_iter().enumerate() {
                         ys[r * n + t] = y;
                     }
@@ -1326,6 +1380,72 @@ mod simd {
     fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
         let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
         _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+    }
+
+    /// The K-format prefill tile in 512-bit registers.
+    mod avx512 {
+        use super::*;
+
+        /// [`super::dot_unpacked_k_tile`] two groups at a time: the products pair up in
+        /// `maddubs`, and one VNNI instruction multiplies the pairs by their sub-block scales
+        /// and adds them in, for the same integer totals and so the same bits.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        pub(super) fn dot_unpacked_k_tile(
+            dtype: GgmlType,
+            rows: [&[KUnpacked]; K_TILE],
+            act: &[KBlock],
+        ) -> [f32; K_TILE] {
+            let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+            for (b, a) in act.iter().enumerate() {
+                let mut sumi = [_mm512_setzero_si512(); K_TILE];
+                for pair in 0..4 {
+                    // SAFETY: `a.qs` holds eight groups of 32 bytes, contiguous.
+                    let y = unsafe { _mm512_loadu_si512(a.qs[2 * pair].as_ptr().cast()) };
+                    for (sumi, row) in sumi.iter_mut().zip(&rows) {
+                        let u = &row[b];
+                        // SAFETY: groups 2 pair and 2 pair + 1 are adjacent in each array.
+                        let (q, sc) = unsafe {
+                            (
+                                _mm512_loadu_si512(u.q[2 * pair..].as_ptr().cast()),
+                                _mm512_loadu_si512(u.sc[2 * pair..].as_ptr().cast()),
+                            )
+                        };
+                        *sumi = _mm512_dpwssd_epi32(*sumi, _mm512_maddubs_epi16(q, y), sc);
+                    }
+                }
+                let sumi = sumi.map(|v| {
+                    _mm256_add_epi32(
+                        _mm512_castsi512_si256(v),
+                        _mm512_extracti64x4_epi64::<1>(v),
+                    )
+                });
+                // SAFETY: `a.bsums` is 16 i16, 32 bytes.
+                let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
+                let corr: [__m256i; K_TILE] =
+                    std::array::from_fn(|r| _mm256_madd_epi16(bsums, rows[r][b].corr));
+                let (sumi, corr) = (hsum4_i32(sumi), hsum4_i32(corr));
+                let d = _mm_setr_ps(rows[0][b].d, rows[1][b].d, rows[2][b].d, rows[3][b].d);
+                let ad = _mm_set1_ps(a.d);
+                if dtype == GgmlType::Q4K {
+                    let dmin = _mm_setr_ps(
+                        rows[0][b].dmin,
+                        rows[1][b].dmin,
+                        rows[2][b].dmin,
+                        rows[3][b].dmin,
+                    );
+                    acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), _mm_mul_ps(d, ad), acc);
+                    acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(corr), _mm_mul_ps(dmin, ad), acc_min);
+                } else {
+                    let total = _mm_cvtepi32_ps(_mm_add_epi32(sumi, corr));
+                    acc = _mm_fmadd_ps(total, _mm_mul_ps(d, ad), acc);
+                }
+            }
+            let mut out = [0.0f32; K_TILE];
+            // SAFETY: `out` holds four f32.
+            unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+            out
+        }
     }
 
     /// One 32-value group of an activation block.
@@ -1619,7 +1739,7 @@ mod tests {
     fn interleaved_kernels_match_the_dequantized_product_and_the_portable_bits() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let (rows, cols, n) = (24, 256, 3);
-        for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0] {
+        for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
             assert!(repacks(dtype, rows) && !repacks(dtype, rows + 1));
             let bytes = random_matrix(dtype, rows, cols, &mut rng);
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -1718,6 +1838,19 @@ mod tests {
             m.matmul(&x, n, &mut got);
 
             assert_near_dequantized(dtype, &bytes, rows, cols, &x, &got);
+            // Both K prefill tiles this CPU runs, not only the fastest.
+            #[cfg(target_arch = "x86_64")]
+            if is_k(dtype) && simd::available() {
+                let acts = m.quantize(&x, QK_K, quantize_row_k);
+                for wide in [false, true].into_iter().filter(|&w| !w || avx512_available()) {
+                    let mut results = vec![0.0; n * rows];
+                    simd::dot_rows_k_on(wide, dtype, &bytes, m.row_bytes, &acts, &mut results);
+                    for (i, y) in results.iter().enumerate() {
+                        let (r, t) = (i / n, i % n);
+                        assert_eq!(y.to_bits(), got[t * rows + r].to_bits(), "{dtype:?} {wide}");
+                    }
+                }
+            }
             for t in 0..n {
                 let xs = &x[t * cols..(t + 1) * cols];
                 for r in 0..rows {

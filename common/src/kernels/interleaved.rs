@@ -1,6 +1,6 @@
-//! The 32-value formats with 4-bit quants (`Q4_0`, `Q4_1`, `Q5_0`) repacked at load time into
-//! groups of eight rows, so that one register holds quants of each of eight rows and one
-//! activation broadcast multiplies all eight at once.
+//! The 32-value formats (`Q4_0`, `Q4_1`, `Q5_0`, `Q8_0`) repacked at load time into groups of
+//! eight rows, so that one register holds quants of each of eight rows and one activation
+//! broadcast multiplies all eight at once.
 //!
 //! In the file, each row's blocks follow each other, and a dot product pays its unpacking, its
 //! int-to-float conversion and its scale once per row and block. Interleaved, the eight rows'
@@ -16,23 +16,25 @@
 //!   a shuffle, an `and` and a compare (AVX2) spreads a mask over the bytes it belongs to;
 //! - the nibbles (128 bytes): two 64-byte vectors, vector `p` holding at bytes `8i..8i + 8` row
 //!   `i`'s nibble bytes `8p..8p + 8`. Their low nibbles are values `8p..8p + 8`, their high
-//!   nibbles values `16 + 8p..16 + 8p + 8`, as in the file's blocks.
+//!   nibbles values `16 + 8p..16 + 8p + 8`, as in the file's blocks;
+//!   `Q8_0`: the quants (256 bytes), already unpacked (below), as signed bytes.
 //!
 //! Unpacked, the quants form four 64-byte vectors `k = 2h + p` (low nibbles `h = 0`, high
 //! `h = 1`) whose 32-bit lanes `2i` and `2i + 1` are row `i`'s values `8k..8k + 4` and
 //! `8k + 4..8k + 8`: the lanes of the file-layout kernels, `l = 2k` and `2k + 1`. One 64-bit
 //! broadcast of activation bytes `8k..8k + 8` meets them all; AVX-512 VNNI multiplies and sums
-//! them in one instruction, AVX2 works on rows `0..4` and `4..8` apart.
+//! them in one instruction, AVX2 works on rows `0..4` and `4..8` apart. The products take
+//! unsigned quants: `Q8_0`'s are offset by 128 (AVX2 moves the sign onto the activations
+//! instead, as its 16-bit pair sums would overflow).
 //!
 //! Each group-block has exactly the bytes of its eight blocks, so memory budgets are unchanged.
-//! Products are exact integers (`Q4_0` and `Q5_0` take their offsets of 8 and 16 off in
-//! integers), scaled by `d_w · d_a` with one fused multiply-add per row into f32; `Q4_1`'s
+//! Products are exact integers (the offsets of 8, 16 and 128 come off in integers), scaled by `d_w · d_a` with one fused multiply-add per row into f32; `Q4_1`'s
 //! minimums are summed apart and added at the end. How the integers are grouped before scaling
 //! depends on the format:
 //! - `Q4_0`, `Q4_1`: one integer per block and row, one accumulator per row, as in the
 //!   reference engine's portable code. SmolLM2's greedy output is still the reference's.
-//! - `Q5_0`: one integer per four values (eight lanes per row), summed at the end in the
-//!   file-layout kernels' order, whose bits these are. This is the reference engine's AVX2
+//! - `Q5_0`, `Q8_0`: one integer per four values (eight lanes per row), summed at the end in
+//!   the file-layout kernels' order, whose bits these are. This is the reference engine's AVX2
 //!   order; gemma3's perplexity on the reference text, at 252 scored tokens, moves by 0.8% with
 //!   the accumulation order (7.33 with lanes, 7.38 with one integer per block; 7.29 measured).
 //!
@@ -45,15 +47,20 @@ use crate::quant::GgmlType;
 pub const ROWS: usize = 8;
 /// Bytes of a group's nibbles for one block.
 const NIBBLES: usize = ROWS * QK / 2;
+/// Bytes of a group's unpacked quants for one block, four vectors of 64.
+const UNPACKED: usize = ROWS * QK;
 /// Where a `Q5_0` group-block's fifth-bit masks start.
 const MASKS_AT: usize = 16;
 
 /// Whether a `[rows, cols]` matrix of `dtype` is repacked: one of the formats above, whole groups.
 pub fn repacks(dtype: GgmlType, rows: usize) -> bool {
-    matches!(dtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0) && rows.is_multiple_of(ROWS)
+    matches!(
+        dtype,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0
+    ) && rows.is_multiple_of(ROWS)
 }
 
-/// Where a group-block's nibbles start.
+/// Where a group-block's nibbles (`Q8_0`: quants) start.
 const fn nibbles_at(dtype: GgmlType) -> usize {
     match dtype {
         GgmlType::Q4_1 => 32,
@@ -68,8 +75,16 @@ pub fn group_block_bytes(dtype: GgmlType) -> usize {
 }
 
 /// Repacks `bytes` (`rows` rows in the file's layout, `row_bytes` each) into groups of
-/// [`ROWS`] rows. `repacks(dtype, rows)` must hold.
-pub fn repack(dtype: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> Vec<u8> {
+/// [`ROWS`] rows. `repacks(dtype, rows)` must hold. `done(n)` hears, every few hundred KiB,
+/// that the first `n` bytes of `bytes` will not be read again.
+pub fn repack(
+    dtype: GgmlType,
+    rows: usize,
+    row_bytes: usize,
+    bytes: &[u8],
+    mut done: impl FnMut(usize),
+) -> Vec<u8> {
+    const REPORT_EVERY: usize = 256 << 10;
     let block = dtype.type_size();
     let blocks = row_bytes / block;
     let gb = group_block_bytes(dtype);
@@ -81,7 +96,13 @@ pub fn repack(dtype: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> V
         _ => 2,
     };
     let mut out = vec![0u8; bytes.len()];
+    let mut reported = 0;
     for (g, group) in bytes.chunks_exact(ROWS * row_bytes).enumerate() {
+        let consumed = g * group.len();
+        if consumed >= reported + REPORT_EVERY {
+            done(consumed);
+            reported = consumed;
+        }
         for b in 0..blocks {
             let dst = &mut out[(g * blocks + b) * gb..][..gb];
             let src = |i: usize| &group[i * row_bytes + b * block..][..block];
@@ -90,7 +111,8 @@ pub fn repack(dtype: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> V
                 if dtype == GgmlType::Q4_1 {
                     dst[16 + 2 * i..16 + 2 * i + 2].copy_from_slice(&src(i)[2..4]);
                 }
-                for p in 0..2 {
+                let vectors = if dtype == GgmlType::Q8_0 { 4 } else { 2 };
+                for p in 0..vectors {
                     let to = nibbles_at(dtype) + 64 * p + 8 * i;
                     dst[to..to + 8].copy_from_slice(&src(i)[qs_at + 8 * p..qs_at + 8 * p + 8]);
                 }
@@ -111,14 +133,16 @@ pub fn repack(dtype: GgmlType, rows: usize, row_bytes: usize, bytes: &[u8]) -> V
             }
         }
     }
+    done(bytes.len());
     out
 }
 
-/// The value offset of `dtype`'s quants: stored unsigned, they stand for `q - offset`.
+/// The value offset of `dtype`'s quants: taken unsigned, they stand for `q - offset`.
 const fn offset(dtype: GgmlType) -> i32 {
     match dtype {
         GgmlType::Q4_0 => 8,
         GgmlType::Q5_0 => 16,
+        GgmlType::Q8_0 => 128,
         _ => 0,
     }
 }
@@ -127,9 +151,17 @@ const fn offset(dtype: GgmlType) -> i32 {
 /// per row: lane `l` covers values `4l..4l + 4`, as in the file-layout kernels.
 #[inline(always)]
 fn lane_dots(dtype: GgmlType, gb: &[u8], a: &ActBlock, l: usize) -> [i32; ROWS] {
-    let nibbles = &gb[nibbles_at(dtype)..][..NIBBLES];
     // Values 4l..4l + 4 are 16h + 8p + 4s + t for t < 4.
     let (h, p, s) = (l / 4, l / 2 % 2, l % 2);
+    if dtype == GgmlType::Q8_0 {
+        let quants = &gb[nibbles_at(dtype)..][..UNPACKED];
+        return std::array::from_fn(|i| {
+            (0..4)
+                .map(|t| (quants[64 * (l / 2) + 8 * i + 4 * s + t] ^ 0x80) as i32 * a.qs[4 * l + t] as i32)
+                .sum()
+        });
+    }
+    let nibbles = &gb[nibbles_at(dtype)..][..NIBBLES];
     let mask = u64::from_le_bytes(
         gb[MASKS_AT + 8 * (l / 2)..][..8]
             .try_into()
@@ -179,10 +211,10 @@ pub fn prepare(dtype: GgmlType, acts: &mut [Vec<ActBlock>]) {
     }
 }
 
-/// Whether `dtype` accumulates eight lanes per row rather than one integer per block (only
-/// `Q5_0`, whose lane biases the activation blocks carry).
+/// Whether `dtype` accumulates eight lanes per row rather than one integer per block (`Q5_0`
+/// and `Q8_0`, whose lane biases the activation blocks carry).
 pub const fn by_lanes(dtype: GgmlType) -> bool {
-    matches!(dtype, GgmlType::Q5_0)
+    matches!(dtype, GgmlType::Q5_0 | GgmlType::Q8_0)
 }
 
 /// The portable [`group_matmul`]: the same operations in the same order, one row at a time.
@@ -239,7 +271,7 @@ pub(super) mod simd {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{group_block_bytes, nibbles_at, ActBlock, MASKS_AT, NIBBLES, ROWS};
+    use super::{group_block_bytes, nibbles_at, ActBlock, MASKS_AT, NIBBLES, ROWS, UNPACKED};
     use crate::quant::GgmlType;
 
     /// An instruction set the kernels below are written for.
@@ -263,14 +295,9 @@ pub(super) mod simd {
         }
 
         pub fn available(self) -> bool {
-            let avx2 = crate::kernels::simd_available();
             match self {
-                Self::Avx2 => avx2,
-                Self::Avx512 => {
-                    avx2 && std::is_x86_feature_detected!("avx512f")
-                        && std::is_x86_feature_detected!("avx512bw")
-                        && std::is_x86_feature_detected!("avx512vnni")
-                }
+                Self::Avx2 => crate::kernels::simd_available(),
+                Self::Avx512 => crate::kernels::avx512_available(),
             }
         }
     }
@@ -289,10 +316,12 @@ pub(super) mod simd {
             match (path, dtype) {
                 (Path::Avx512, GgmlType::Q4_0) => avx512::group_matmul::<Q4_0>(group, acts, out),
                 (Path::Avx512, GgmlType::Q4_1) => avx512::group_matmul::<Q4_1>(group, acts, out),
-                (Path::Avx512, _) => avx512::group_matmul::<Q5_0>(group, acts, out),
+                (Path::Avx512, GgmlType::Q5_0) => avx512::group_matmul::<Q5_0>(group, acts, out),
+                (Path::Avx512, _) => avx512::group_matmul::<Q8_0>(group, acts, out),
                 (Path::Avx2, GgmlType::Q4_0) => avx2::group_matmul::<Q4_0>(group, acts, out),
                 (Path::Avx2, GgmlType::Q4_1) => avx2::group_matmul::<Q4_1>(group, acts, out),
-                (Path::Avx2, _) => avx2::group_matmul::<Q5_0>(group, acts, out),
+                (Path::Avx2, GgmlType::Q5_0) => avx2::group_matmul::<Q5_0>(group, acts, out),
+                (Path::Avx2, _) => avx2::group_matmul::<Q8_0>(group, acts, out),
             }
         }
     }
@@ -300,13 +329,20 @@ pub(super) mod simd {
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
     const Q5_0: u8 = 2;
+    const Q8_0: u8 = 3;
 
     const fn format(f: u8) -> GgmlType {
         match f {
             Q4_0 => GgmlType::Q4_0,
             Q4_1 => GgmlType::Q4_1,
-            _ => GgmlType::Q5_0,
+            Q5_0 => GgmlType::Q5_0,
+            _ => GgmlType::Q8_0,
         }
+    }
+
+    /// Whether format `f` accumulates by lanes (see [`super::by_lanes`]).
+    const fn lanes(f: u8) -> bool {
+        super::by_lanes(format(f))
     }
 
     /// A group-block unpacked once for every token of a prefill.
@@ -401,6 +437,15 @@ pub(super) mod simd {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
         fn unpack<const F: u8>(gb: &[u8]) -> [__m512i; 4] {
+            if F == Q8_0 {
+                let quants = &gb[nibbles_at(format(F))..][..UNPACKED];
+                let offset = _mm512_set1_epi8(0x80u8 as i8);
+                return std::array::from_fn(|k| {
+                    // SAFETY: `quants` is 256 bytes, four vectors of 64.
+                    let v = unsafe { _mm512_loadu_si512(quants[64 * k..].as_ptr().cast()) };
+                    _mm512_xor_si512(v, offset)
+                });
+            }
             let low = _mm512_set1_epi8(0x0F);
             let nibbles = &gb[nibbles_at(format(F))..][..NIBBLES];
             let mut q = [_mm512_setzero_si512(); 4];
@@ -423,7 +468,7 @@ pub(super) mod simd {
 
         /// One token's accumulators for the eight rows of a group.
         struct Acc {
-            /// (`Q5_0`) file lanes `2k` and `2k + 1` of each row, in vector `k`.
+            /// (`Q5_0`, `Q8_0`) file lanes `2k` and `2k + 1` of each row, in vector `k`.
             lanes: [__m512; 4],
             /// (`Q4_0`, `Q4_1`) one per row.
             rows: __m256,
@@ -442,8 +487,8 @@ pub(super) mod simd {
                 }
             }
 
-            /// Adds one group-block: quants `q`, scales `d` (and, for `Q5_0`, `dd`: each
-            /// twice), minimums `m`.
+            /// Adds one group-block: quants `q`, scales `d` (and, by lanes, `dd`: each twice),
+            /// minimums `m`.
             #[inline]
             #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
             fn add<const F: u8>(
@@ -454,7 +499,7 @@ pub(super) mod simd {
                 m: __m256,
                 a: &ActBlock,
             ) {
-                if F == Q5_0 {
+                if lanes(F) {
                     let scale = _mm512_mul_ps(dd, _mm512_set1_ps(a.d));
                     for (k, (q, acc)) in q.iter().zip(&mut self.lanes).enumerate() {
                         let bias = _mm512_set1_epi64(bias_pair(a, k));
@@ -485,7 +530,7 @@ pub(super) mod simd {
             #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
             fn store<const F: u8>(&self, ys: &mut [f32]) {
                 let v = match F {
-                    Q5_0 => {
+                    Q5_0 | Q8_0 => {
                         let l = &self.lanes;
                         // Even lanes (l0 + l4) + (l2 + l6), odd lanes (l1 + l5) + (l3 + l7).
                         let x = _mm512_add_ps(_mm512_add_ps(l[0], l[2]), _mm512_add_ps(l[1], l[3]));
@@ -560,6 +605,16 @@ pub(super) mod simd {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn unpack<const F: u8>(gb: &[u8]) -> [[__m256i; 2]; 4] {
+            if F == Q8_0 {
+                // Signed: `add` moves the signs onto the activations.
+                let quants = &gb[nibbles_at(format(F))..][..UNPACKED];
+                return std::array::from_fn(|k| {
+                    std::array::from_fn(|j| {
+                        // SAFETY: `quants` is 256 bytes, eight vectors of 32.
+                        unsafe { _mm256_loadu_si256(quants[64 * k + 32 * j..].as_ptr().cast()) }
+                    })
+                });
+            }
             let low = _mm256_set1_epi8(0x0F);
             let nibbles = &gb[nibbles_at(format(F))..][..NIBBLES];
             let mut q = [[_mm256_setzero_si256(); 2]; 4];
@@ -596,7 +651,7 @@ pub(super) mod simd {
 
         /// One token's accumulators for the eight rows of a group.
         struct Acc {
-            /// (`Q5_0`) `[k][j]`: file lanes `2k` and `2k + 1` of rows `4j..4j + 4`.
+            /// (`Q5_0`, `Q8_0`) `[k][j]`: file lanes `2k` and `2k + 1` of rows `4j..4j + 4`.
             lanes: [[__m256; 2]; 4],
             /// (`Q4_0`, `Q4_1`) one per row.
             rows: __m256,
@@ -615,8 +670,8 @@ pub(super) mod simd {
                 }
             }
 
-            /// Adds one group-block: quants `q`, scales `d` (and, for `Q5_0`, `dd`: each
-            /// twice, rows `0..4` and `4..8`), minimums `m`.
+            /// Adds one group-block: quants `q`, scales `d` (and, by lanes, `dd`: each twice,
+            /// rows `0..4` and `4..8`), minimums `m`.
             #[inline]
             #[target_feature(enable = "avx2,fma,f16c")]
             fn add<const F: u8>(
@@ -628,15 +683,26 @@ pub(super) mod simd {
                 a: &ActBlock,
             ) {
                 let ones = _mm256_set1_epi16(1);
-                if F == Q5_0 {
+                if lanes(F) {
                     let da = _mm256_set1_ps(a.d);
                     let scale = dd.map(|dd| _mm256_mul_ps(dd, da));
                     for (k, (q, acc)) in q.iter().zip(&mut self.lanes).enumerate() {
                         let act = _mm256_set1_epi64x(act_pair(a, k));
                         let bias = _mm256_set1_epi64x(bias_pair(a, k));
                         for half in 0..2 {
-                            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q[half], act), ones);
-                            let dot = _mm256_cvtepi32_ps(_mm256_add_epi32(dot, bias));
+                            let dot = if F == Q8_0 {
+                                // |w| · (a with w's sign); activations stay within ±127, so
+                                // pairs stay within 16 bits.
+                                let pairs = _mm256_maddubs_epi16(
+                                    _mm256_abs_epi8(q[half]),
+                                    _mm256_sign_epi8(act, q[half]),
+                                );
+                                _mm256_madd_epi16(pairs, ones)
+                            } else {
+                                let pairs = _mm256_maddubs_epi16(q[half], act);
+                                _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), bias)
+                            };
+                            let dot = _mm256_cvtepi32_ps(dot);
                             acc[half] = _mm256_fmadd_ps(scale[half], dot, acc[half]);
                         }
                     }
@@ -668,7 +734,7 @@ pub(super) mod simd {
             #[target_feature(enable = "avx2,fma,f16c")]
             fn store<const F: u8>(&self, ys: &mut [f32]) {
                 let v = match F {
-                    Q5_0 => {
+                    Q5_0 | Q8_0 => {
                         let l = &self.lanes;
                         // Even lanes (l0 + l4) + (l2 + l6), odd lanes (l1 + l5) + (l3 + l7).
                         let x = |h: usize| {

@@ -101,8 +101,11 @@ impl Linear {
                     return Ok(Self::Realm(m));
                 }
             } else if kernels::supported_shape(info.dtype, cols) {
-                if let Some(m) = QMatrix::new(info.dtype, rows, cols, file.tensor_bytes(info)?) {
-                    // The repacked copy is all the kernels read: the file's pages can go.
+                let bytes = file.tensor_bytes(info)?;
+                // The repacked copy is all the kernels read: the file's pages can go, as the
+                // copy proceeds (best effort; the whole tensor's release below reports errors).
+                let release = |n| drop(file.release_tensor_part(info, n));
+                if let Some(m) = QMatrix::new_releasing(info.dtype, rows, cols, bytes, release) {
                     file.release_tensor(info)?;
                     return Ok(Self::Realm(m));
                 }
