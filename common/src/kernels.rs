@@ -384,10 +384,9 @@ enum Storage {
     Owned(Arc<[u8]>),
     /// The mapped model file itself.
     Mapped(TensorData),
-    /// A copy repacked into groups of [`interleaved::ROWS`] rows. (A `Vec` behind the `Arc`:
-    /// turning the repacked `Vec` into an `Arc<[u8]>` would copy it, and for an output head
-    /// that is hundreds of megabytes at once.)
-    Interleaved(Arc<Vec<u8>>),
+    /// A copy repacked into groups of [`interleaved::ROWS`] rows, in memory of its own
+    /// (huge pages where the OS gives them).
+    Interleaved(Arc<memmap2::Mmap>),
 }
 
 impl Storage {
@@ -423,7 +422,9 @@ impl QMatrix {
             return None;
         }
         let data = if repacks(dtype, rows) {
-            Storage::Interleaved(Arc::new(interleaved::repack(dtype, rows, row_bytes, bytes, done)))
+            let mut copy = crate::mmap::huge_page_buffer(bytes.len()).ok()?;
+            interleaved::repack(dtype, rows, row_bytes, bytes, &mut copy, done);
+            Storage::Interleaved(Arc::new(copy.make_read_only().ok()?))
         } else {
             Storage::Owned(bytes.into())
         };

@@ -75,15 +75,16 @@ pub fn group_block_bytes(dtype: GgmlType) -> usize {
 }
 
 /// Repacks `bytes` (`rows` rows in the file's layout, `row_bytes` each) into groups of
-/// [`ROWS`] rows. `repacks(dtype, rows)` must hold. `done(n)` hears, every few hundred KiB,
-/// that the first `n` bytes of `bytes` will not be read again.
+/// [`ROWS`] rows, in `out` (as long as `bytes`). `repacks(dtype, rows)` must hold. `done(n)`
+/// hears, every few hundred KiB, that the first `n` bytes of `bytes` will not be read again.
 pub fn repack(
     dtype: GgmlType,
     rows: usize,
     row_bytes: usize,
     bytes: &[u8],
+    out: &mut [u8],
     mut done: impl FnMut(usize),
-) -> Vec<u8> {
+) {
     const REPORT_EVERY: usize = 256 << 10;
     let block = dtype.type_size();
     let blocks = row_bytes / block;
@@ -95,7 +96,7 @@ pub fn repack(
         GgmlType::Q5_0 => 6,
         _ => 2,
     };
-    let mut out = vec![0u8; bytes.len()];
+    assert_eq!(out.len(), bytes.len(), "a repacked copy has the original's size");
     let mut reported = 0;
     for (g, group) in bytes.chunks_exact(ROWS * row_bytes).enumerate() {
         let consumed = g * group.len();
@@ -134,7 +135,6 @@ pub fn repack(
         }
     }
     done(bytes.len());
-    out
 }
 
 /// The value offset of `dtype`'s quants: taken unsigned, they stand for `q - offset`.
