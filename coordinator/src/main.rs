@@ -29,6 +29,11 @@ use realm_coordinator::progress;
 use realm_coordinator::{Cluster, LocalModel, PlanSpec, ServiceOptions, DEFAULT_MODEL};
 use tokio::net::TcpListener;
 
+/// mimalloc keeps freed memory for reuse: the large activation buffers of each step come back
+/// without page faults, where glibc's allocator hands them to the OS and faults them in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "realm-coordinator",

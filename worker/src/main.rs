@@ -16,6 +16,11 @@ use realm_worker::{
     parse_size, ServeOptions, WorkerConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_PREFETCH,
 };
 
+/// mimalloc keeps freed memory for reuse: the large activation buffers of each step come back
+/// without page faults, where glibc's allocator hands them to the OS and faults them in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
