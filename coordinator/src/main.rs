@@ -326,7 +326,7 @@ fn main() -> anyhow::Result<()> {
     let threads = cli.threads.unwrap_or_else(default_threads).max(1);
     match cli.command {
         Command::Run(args) if args.workers == 0 => run(args),
-        Command::Run(args) => runtime()?.block_on(run_cluster(args, threads)),
+        Command::Run(args) => on_runtime(run_cluster(args, threads)),
         Command::Serve(args) => runtime()?.block_on(serve(args)),
         Command::Bench(args) => bench(args, threads),
         Command::Tokenize(args) => tokenize(args),
@@ -344,6 +344,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// Runs `command` as a task on a fresh runtime's worker threads rather than on this thread: a
+/// future driven by `block_on` is woken across threads every time it awaits a worker's reply
+/// (each hop of each step), where a task is woken on the thread that received the reply.
+fn on_runtime<T: Send + 'static>(
+    command: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    runtime()?.block_on(async {
+        tokio::spawn(command)
+            .await
+            .context("the command's task failed")?
+    })
 }
 
 fn generation_params(args: &RunArgs) -> GenerationParams {
@@ -634,7 +647,8 @@ fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
         })
         .collect();
     if let [config] = &configs[..] {
-        let result = runtime()?.block_on(bench_one(config))?;
+        let config = config.clone();
+        let result = on_runtime(async move { bench_one(&config).await })?;
         print(&result);
         return Ok(());
     }
