@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use realm_common::auth::{Bearer, Secret};
 use realm_common::generate::{Completion, Decoding, GenerationParams};
-use realm_common::model::LayerRange;
+use realm_common::model::{Embedding, LayerRange};
 use realm_common::tls::ClientTls;
 use realm_common::wire::{Activations, ModelIdentity, WireDType};
 use realm_proto::pb;
@@ -52,6 +52,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Re-plans one step may go through before its error stands.
 const MAX_RECOVERIES_PER_STEP: usize = 3;
+
+/// Steps of at most this many tokens are embedded in place on the runtime thread: a row lookup
+/// and dequantization per token costs microseconds, less than handing the work off to another
+/// thread and back (a decode step is one token). Longer prompts are handed off as the head is.
+const INLINE_EMBEDDING_TOKENS: usize = 16;
 
 /// A worker's gRPC client, sending the cluster token with every call.
 pub type WorkerRpc = WorkerClient<InterceptedService<Channel, Bearer>>;
@@ -388,13 +393,17 @@ impl Cluster {
         let d_model = self.model.config.d_model;
         let dtype = self.wire_dtype;
 
-        let embedding = self.model.embedding.clone();
-        let tokens = tokens.to_vec();
-        let mut hidden = blocking(move || {
-            let x = embedding.forward(&tokens)?;
+        let embed = move |embedding: &Embedding, tokens: &[u32]| -> Result<pb::Tensor> {
+            let x = embedding.forward(tokens)?;
             Ok(Activations::to_wire(&x, dtype)?)
-        })
-        .await?;
+        };
+        let mut hidden = if n <= INLINE_EMBEDDING_TOKENS {
+            embed(&self.model.embedding, tokens)?
+        } else {
+            let embedding = self.model.embedding.clone();
+            let tokens = tokens.to_vec();
+            blocking(move || embed(&embedding, &tokens)).await?
+        };
 
         let mut hops = Vec::with_capacity(topology.workers.len());
         let request_id = request_id::current();
