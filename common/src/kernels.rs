@@ -496,20 +496,23 @@ impl QMatrix {
         }
     }
 
-    /// Each token's activations quantized into blocks of `block` values.
-    fn quantize<A>(
+    /// Each token's activations quantized into blocks of `block` values, the tokens of a
+    /// prefill spread over the threads.
+    fn quantize<A: Send>(
         &self,
         x: &[f32],
         block: usize,
         quantize: fn(&[f32], &mut Vec<A>),
     ) -> Vec<Vec<A>> {
-        x.chunks_exact(self.cols)
-            .map(|row| {
-                let mut q = Vec::with_capacity(self.cols / block);
-                quantize(row, &mut q);
-                q
-            })
-            .collect()
+        let one = |row: &[f32]| {
+            let mut q = Vec::with_capacity(self.cols / block);
+            quantize(row, &mut q);
+            q
+        };
+        if x.len() == self.cols {
+            return vec![one(x)];
+        }
+        x.par_chunks_exact(self.cols).map(one).collect()
     }
 
     /// Runs `task(first_row, results)` in parallel over slices of rows (whole `unit`s of
@@ -539,24 +542,23 @@ impl QMatrix {
         }
         let mut results = vec![0.0f32; n * self.rows];
         run(&mut results);
-        match unit {
-            1 => {
-                for (t, ys) in out.chunks_exact_mut(self.rows).enumerate() {
+        // Each token's row gathered from the units, the tokens spread over the threads.
+        out.par_chunks_exact_mut(self.rows)
+            .enumerate()
+            .for_each(|(t, ys)| match unit {
+                1 => {
                     for (y, r) in ys.iter_mut().zip(results[t..].iter().step_by(n)) {
                         *y = *r;
                     }
                 }
-            }
-            interleaved::ROWS => {
-                for (u, block) in results.chunks_exact(n * unit).enumerate() {
-                    for (t, rows) in block.chunks_exact(interleaved::ROWS).enumerate() {
-                        let to = &mut out[t * self.rows + u * interleaved::ROWS..];
-                        to[..interleaved::ROWS].copy_from_slice(rows);
+                interleaved::ROWS => {
+                    let from = results.chunks_exact(n * unit).map(|b| &b[t * unit..][..unit]);
+                    for (to, from) in ys.chunks_exact_mut(interleaved::ROWS).zip(from) {
+                        to.copy_from_slice(from);
                     }
                 }
-            }
-            _ => unreachable!("units are single rows or interleaved groups"),
-        }
+                _ => unreachable!("units are single rows or interleaved groups"),
+            });
     }
 }
 

@@ -198,8 +198,9 @@ pub fn group_matmul(dtype: GgmlType, group: &[u8], acts: &[Vec<ActBlock>], out: 
 /// Fills in what `dtype`'s kernels need of the activation blocks beyond their quantization:
 /// the lane biases of the formats that accumulate by lanes.
 pub fn prepare(dtype: GgmlType, acts: &mut [Vec<ActBlock>]) {
+    use rayon::prelude::*;
     if by_lanes(dtype) {
-        for a in acts.iter_mut().flatten() {
+        acts.par_iter_mut().flatten().for_each(|a| {
             a.lane_bias = std::array::from_fn(|l| {
                 -offset(dtype)
                     * a.qs[4 * l..4 * l + 4]
@@ -207,7 +208,7 @@ pub fn prepare(dtype: GgmlType, acts: &mut [Vec<ActBlock>]) {
                         .map(|&q| q as i32)
                         .sum::<i32>()
             });
-        }
+        });
     }
 }
 

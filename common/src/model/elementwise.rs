@@ -1,13 +1,17 @@
-//! Elementwise operations of the blocks, computed in the calling thread.
+//! Elementwise operations of the blocks, on the kernels' threads.
 //!
 //! candle's CPU backend runs elementwise operations on tensors of 64 Ki values or more over a
 //! pool of its own whose threads spin while they wait: beside the kernels' pool on a shared
-//! machine, that spinning takes cores from the work. These loops are memory-bound and short, so
-//! they stay on one thread. The results are candle's bits: the same f32 operations.
+//! machine, that spinning takes cores from the work. These loops run on the kernels' pool
+//! instead, in slices. The results are candle's bits: the same f32 operations.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+
+/// Values per slice handed to a thread.
+const SLICE: usize = 8192;
 
 /// The values of `t` (any shape) as one row.
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -29,9 +33,10 @@ fn same_shape(x: &Tensor, y: &Tensor, what: &str) -> Result<()> {
 pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     same_shape(x, y, "cannot add tensors")?;
     let mut sum = values(x)?;
-    for (s, y) in sum.iter_mut().zip(values(y)?) {
-        *s += y;
-    }
+    let y = values(y)?;
+    sum.par_chunks_mut(SLICE)
+        .zip(y.par_chunks(SLICE))
+        .for_each(|(s, y)| s.iter_mut().zip(y).for_each(|(s, y)| *s += y));
     Ok(Tensor::from_vec(sum, x.shape().clone(), x.device())?)
 }
 
@@ -39,9 +44,14 @@ pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     same_shape(gate, up, "cannot gate tensors")?;
     let mut out = values(gate)?;
-    for (g, u) in out.iter_mut().zip(values(up)?) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    let up = values(up)?;
+    out.par_chunks_mut(SLICE)
+        .zip(up.par_chunks(SLICE))
+        .for_each(|(g, u)| {
+            for (g, u) in g.iter_mut().zip(u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        });
     Ok(Tensor::from_vec(out, gate.shape().clone(), gate.device())?)
 }
 

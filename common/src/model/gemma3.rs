@@ -138,31 +138,48 @@ impl Block for Gemma3Block {
 /// `gelu(gate) * up`, GELU in its tanh form evaluated on the f16-rounded input and rounded to
 /// f16 (saturating to 0 and identity beyond ±10), the precision the reference engines tabulate
 /// it at. Exact f32 GELU moves gemma3's perplexity by about 1% against them. Since it depends
-/// on the f16 input alone, it is tabulated once for all 65,536 of them.
+/// on the f16 input alone, it is tabulated once for all 65,536 of them, as f32. The inputs are
+/// rounded to f16 a slice at a time (one instruction per eight where the CPU has F16C) and the
+/// slices share the kernels' threads.
 fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+
+    /// Values per slice: enough to amortize a task, few enough to spread a decode step's row.
+    const SLICE: usize = 4096;
     let table = gelu_table();
     let shape = gate.shape().clone();
     let g = gate.flatten_all()?.to_vec1::<f32>()?;
-    let u = up.flatten_all()?.to_vec1::<f32>()?;
-    let out: Vec<f32> = g
-        .iter()
-        .zip(&u)
-        .map(|(&x, &u)| {
-            if x <= -10.0 {
-                0.0
-            } else if x >= 10.0 {
-                x * u
-            } else {
-                table[half::f16::from_f32(x).to_bits() as usize].to_f32() * u
+    let mut out = up.flatten_all()?.to_vec1::<f32>()?;
+    if g.len() != out.len() {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "cannot gate {:?} with {:?}",
+            up.dims(),
+            gate.dims()
+        )));
+    }
+    out.par_chunks_mut(SLICE)
+        .zip(g.par_chunks(SLICE))
+        .for_each(|(out, g)| {
+            let mut bits = [half::f16::ZERO; SLICE];
+            let bits = &mut bits[..g.len()];
+            bits.convert_from_f32_slice(g);
+            for ((u, &x), b) in out.iter_mut().zip(g).zip(bits.iter()) {
+                *u = if x <= -10.0 {
+                    0.0
+                } else if x >= 10.0 {
+                    x * *u
+                } else {
+                    table[b.to_bits() as usize] * *u
+                };
             }
-        })
-        .collect();
+        });
     Ok(Tensor::from_vec(out, shape, gate.device())?)
 }
 
-/// GELU (tanh form) of every f16, rounded to f16, indexed by the input's bits.
-fn gelu_table() -> &'static [half::f16] {
-    static TABLE: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
+/// GELU (tanh form) of every f16, rounded to f16 (and held as f32), indexed by the input's bits.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
         const SQRT_2_OVER_PI: f32 = 0.797_884_6;
         const COEF_A: f32 = 0.044_715;
@@ -170,7 +187,7 @@ fn gelu_table() -> &'static [half::f16] {
             .map(|bits| {
                 let x = half::f16::from_bits(bits).to_f32();
                 let gelu = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
-                half::f16::from_f32(gelu)
+                half::f16::from_f32(gelu).to_f32()
             })
             .collect()
     })

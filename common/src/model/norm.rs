@@ -4,6 +4,7 @@
 //! the reference outputs.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -19,12 +20,13 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
     }
     let mut values = x.flatten_all()?.to_vec1::<f32>()?;
     let eps = eps as f32;
-    for row in values.chunks_exact_mut(width) {
+    // Rows are independent: a prefill's spread over the threads.
+    values.par_chunks_exact_mut(width).for_each(|row| {
         let sum: f32 = row.iter().map(|&v| v * v).sum();
         let rms = (sum / width as f32 + eps).sqrt();
         for (v, w) in row.iter_mut().zip(&w) {
             *v = *v / rms * w;
         }
-    }
+    });
     Ok(Tensor::from_vec(values, x.shape().clone(), x.device())?)
 }
