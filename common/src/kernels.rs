@@ -552,7 +552,9 @@ impl QMatrix {
                     }
                 }
                 interleaved::ROWS => {
-                    let from = results.chunks_exact(n * unit).map(|b| &b[t * unit..][..unit]);
+                    let from = results
+                        .chunks_exact(n * unit)
+                        .map(|b| &b[t * unit..][..unit]);
                     for (to, from) in ys.chunks_exact_mut(interleaved::ROWS).zip(from) {
                         to.copy_from_slice(from);
                     }
@@ -729,7 +731,9 @@ mod simd {
             let v: [__m256; 32] =
                 std::array::from_fn(|i| unsafe { _mm256_loadu_ps(block[8 * i..].as_ptr()) });
             let abs = v.map(|v| _mm256_andnot_ps(sign, v));
-            let m = abs.iter().fold(_mm256_setzero_ps(), |m, &a| _mm256_max_ps(a, m));
+            let m = abs
+                .iter()
+                .fold(_mm256_setzero_ps(), |m, &a| _mm256_max_ps(a, m));
             let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
             let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
             let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
@@ -1418,10 +1422,7 @@ mod simd {
                     }
                 }
                 let sumi = sumi.map(|v| {
-                    _mm256_add_epi32(
-                        _mm512_castsi512_si256(v),
-                        _mm512_extracti64x4_epi64::<1>(v),
-                    )
+                    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
                 });
                 // SAFETY: `a.bsums` is 16 i16, 32 bytes.
                 let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
@@ -1672,7 +1673,10 @@ mod tests {
         quantize_row_k_portable(&x, &mut portable);
         assert_eq!(q.len(), portable.len());
         for (a, b) in q.iter().zip(&portable) {
-            assert_eq!((a.d.to_bits(), a.qs, a.bsums), (b.d.to_bits(), b.qs, b.bsums));
+            assert_eq!(
+                (a.d.to_bits(), a.qs, a.bsums),
+                (b.d.to_bits(), b.qs, b.bsums)
+            );
         }
     }
 
@@ -1742,7 +1746,12 @@ mod tests {
     fn interleaved_kernels_match_the_dequantized_product_and_the_portable_bits() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let (rows, cols, n) = (24, 256, 3);
-        for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+        for dtype in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             assert!(repacks(dtype, rows) && !repacks(dtype, rows + 1));
             let bytes = random_matrix(dtype, rows, cols, &mut rng);
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -1794,7 +1803,10 @@ mod tests {
                 }
                 // Every SIMD path this CPU runs, not only the fastest, for prefill and decode.
                 #[cfg(target_arch = "x86_64")]
-                for path in [interleaved::simd::Path::Avx512, interleaved::simd::Path::Avx2] {
+                for path in [
+                    interleaved::simd::Path::Avx512,
+                    interleaved::simd::Path::Avx2,
+                ] {
                     if !path.available() {
                         continue;
                     }
@@ -1807,7 +1819,11 @@ mod tests {
                         for i in 0..interleaved::ROWS {
                             let p = portable[t * interleaved::ROWS + i].to_bits();
                             let at = (g * 8 + i, t);
-                            assert_eq!(got[t * interleaved::ROWS + i].to_bits(), p, "{path:?} {dtype:?} {at:?}");
+                            assert_eq!(
+                                got[t * interleaved::ROWS + i].to_bits(),
+                                p,
+                                "{path:?} {dtype:?} {at:?}"
+                            );
                             assert_eq!(one[i].to_bits(), p, "{path:?} {dtype:?} decode {at:?}");
                         }
                     }
@@ -1845,7 +1861,10 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if is_k(dtype) && simd::available() {
                 let acts = m.quantize(&x, QK_K, quantize_row_k);
-                for wide in [false, true].into_iter().filter(|&w| !w || avx512_available()) {
+                for wide in [false, true]
+                    .into_iter()
+                    .filter(|&w| !w || avx512_available())
+                {
                     let mut results = vec![0.0; n * rows];
                     simd::dot_rows_k_on(wide, dtype, &bytes, m.row_bytes, &acts, &mut results);
                     for (i, y) in results.iter().enumerate() {

@@ -96,7 +96,11 @@ pub fn repack(
         GgmlType::Q5_0 => 6,
         _ => 2,
     };
-    assert_eq!(out.len(), bytes.len(), "a repacked copy has the original's size");
+    assert_eq!(
+        out.len(),
+        bytes.len(),
+        "a repacked copy has the original's size"
+    );
     let mut reported = 0;
     for (g, group) in bytes.chunks_exact(ROWS * row_bytes).enumerate() {
         let consumed = g * group.len();
@@ -129,7 +133,8 @@ pub fn repack(
                             mask |= u64::from((qh >> (8 * k + t)) & 1) << (8 * i + t);
                         }
                     }
-                    dst[MASKS_AT + 8 * k..MASKS_AT + 8 * k + 8].copy_from_slice(&mask.to_le_bytes());
+                    dst[MASKS_AT + 8 * k..MASKS_AT + 8 * k + 8]
+                        .copy_from_slice(&mask.to_le_bytes());
                 }
             }
         }
@@ -157,7 +162,10 @@ fn lane_dots(dtype: GgmlType, gb: &[u8], a: &ActBlock, l: usize) -> [i32; ROWS] 
         let quants = &gb[nibbles_at(dtype)..][..UNPACKED];
         return std::array::from_fn(|i| {
             (0..4)
-                .map(|t| (quants[64 * (l / 2) + 8 * i + 4 * s + t] ^ 0x80) as i32 * a.qs[4 * l + t] as i32)
+                .map(|t| {
+                    (quants[64 * (l / 2) + 8 * i + 4 * s + t] ^ 0x80) as i32
+                        * a.qs[4 * l + t] as i32
+                })
                 .sum()
         });
     }
@@ -710,7 +718,8 @@ pub(super) mod simd {
                     return;
                 }
                 // Four pairs of 4-bit products, at most 4 × 2 × 15 × 128, fit 16 bits.
-                let acts: [__m256i; 4] = std::array::from_fn(|k| _mm256_set1_epi64x(act_pair(a, k)));
+                let acts: [__m256i; 4] =
+                    std::array::from_fn(|k| _mm256_set1_epi64x(act_pair(a, k)));
                 let half = |h: usize| {
                     let pairs = |k: usize| _mm256_maddubs_epi16(q[k][h], acts[k]);
                     let sum = _mm256_add_epi16(
@@ -786,7 +795,9 @@ pub(super) mod simd {
                         let mut bytes = [0u8; 64];
                         for (half, v) in v[k].iter().enumerate() {
                             // SAFETY: `bytes` holds two vectors of 32 bytes.
-                            unsafe { _mm256_storeu_si256(bytes[32 * half..].as_mut_ptr().cast(), *v) };
+                            unsafe {
+                                _mm256_storeu_si256(bytes[32 * half..].as_mut_ptr().cast(), *v)
+                            };
                         }
                         bytes
                     });
@@ -806,7 +817,10 @@ pub(super) mod simd {
                                 ]
                             }),
                             _mm256_load_ps(u.d.as_ptr()),
-                            [_mm256_load_ps(u.dd.as_ptr()), _mm256_load_ps(u.dd[8..].as_ptr())],
+                            [
+                                _mm256_load_ps(u.dd.as_ptr()),
+                                _mm256_load_ps(u.dd[8..].as_ptr()),
+                            ],
                             _mm256_load_ps(u.m.as_ptr()),
                         )
                     };

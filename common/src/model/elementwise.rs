@@ -5,7 +5,7 @@
 //! machine, that spinning takes cores from the work. These loops run on the kernels' pool
 //! instead, in slices. The results are candle's bits: the same f32 operations.
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -16,6 +16,22 @@ const SLICE: usize = 8192;
 /// The values of `t` (any shape) as one row.
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Runs `f` on the values of `t` (any shape) as one row: in place where `t` is a contiguous
+/// f32 tensor in host memory, which spares the copy, else on a copy.
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            if let Some(v) = v.get(start..end) {
+                return Ok(f(v));
+            }
+        }
+    }
+    Ok(f(&values(t)?))
 }
 
 fn same_shape(x: &Tensor, y: &Tensor, what: &str) -> Result<()> {
@@ -33,10 +49,11 @@ fn same_shape(x: &Tensor, y: &Tensor, what: &str) -> Result<()> {
 pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     same_shape(x, y, "cannot add tensors")?;
     let mut sum = values(x)?;
-    let y = values(y)?;
-    sum.par_chunks_mut(SLICE)
-        .zip(y.par_chunks(SLICE))
-        .for_each(|(s, y)| s.iter_mut().zip(y).for_each(|(s, y)| *s += y));
+    with_values(y, |y| {
+        sum.par_chunks_mut(SLICE)
+            .zip(y.par_chunks(SLICE))
+            .for_each(|(s, y)| s.iter_mut().zip(y).for_each(|(s, y)| *s += y))
+    })?;
     Ok(Tensor::from_vec(sum, x.shape().clone(), x.device())?)
 }
 
@@ -44,14 +61,15 @@ pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     same_shape(gate, up, "cannot gate tensors")?;
     let mut out = values(gate)?;
-    let up = values(up)?;
-    out.par_chunks_mut(SLICE)
-        .zip(up.par_chunks(SLICE))
-        .for_each(|(g, u)| {
-            for (g, u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        });
+    with_values(up, |up| {
+        out.par_chunks_mut(SLICE)
+            .zip(up.par_chunks(SLICE))
+            .for_each(|(g, u)| {
+                for (g, u) in g.iter_mut().zip(u) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            })
+    })?;
     Ok(Tensor::from_vec(out, gate.shape().clone(), gate.device())?)
 }
 

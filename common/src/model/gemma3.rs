@@ -12,7 +12,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend, split_heads, Rope, RopeStyle};
-use super::elementwise::add;
+use super::elementwise::{add, with_values};
 use super::llama::names::*;
 use super::norm::rms_norm;
 use super::{load_vector, Block, Linear, ModelConfig};
@@ -149,31 +149,32 @@ fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     const SLICE: usize = 4096;
     let table = gelu_table();
     let shape = gate.shape().clone();
-    let g = gate.flatten_all()?.to_vec1::<f32>()?;
     let mut out = up.flatten_all()?.to_vec1::<f32>()?;
-    if g.len() != out.len() {
+    if gate.elem_count() != out.len() {
         return Err(crate::error::Error::InvalidArgument(format!(
             "cannot gate {:?} with {:?}",
             up.dims(),
             gate.dims()
         )));
     }
-    out.par_chunks_mut(SLICE)
-        .zip(g.par_chunks(SLICE))
-        .for_each(|(out, g)| {
-            let mut bits = [half::f16::ZERO; SLICE];
-            let bits = &mut bits[..g.len()];
-            bits.convert_from_f32_slice(g);
-            for ((u, &x), b) in out.iter_mut().zip(g).zip(bits.iter()) {
-                *u = if x <= -10.0 {
-                    0.0
-                } else if x >= 10.0 {
-                    x * *u
-                } else {
-                    table[b.to_bits() as usize] * *u
-                };
-            }
-        });
+    with_values(gate, |g| {
+        out.par_chunks_mut(SLICE)
+            .zip(g.par_chunks(SLICE))
+            .for_each(|(out, g)| {
+                let mut bits = [half::f16::ZERO; SLICE];
+                let bits = &mut bits[..g.len()];
+                bits.convert_from_f32_slice(g);
+                for ((u, &x), b) in out.iter_mut().zip(g).zip(bits.iter()) {
+                    *u = if x <= -10.0 {
+                        0.0
+                    } else if x >= 10.0 {
+                        x * *u
+                    } else {
+                        table[b.to_bits() as usize] * *u
+                    };
+                }
+            })
+    })?;
     Ok(Tensor::from_vec(out, shape, gate.device())?)
 }
 

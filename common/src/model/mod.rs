@@ -126,9 +126,8 @@ impl Linear {
                         m.cols()
                     )));
                 }
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = vec![0.0f32; n * m.rows()];
-                m.matmul(&input, n, &mut out);
+                elementwise::with_values(x, |input| m.matmul(input, n, &mut out))?;
                 Ok(Tensor::from_vec(out, (n, m.rows()), x.device())?)
             }
         }
