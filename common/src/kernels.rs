@@ -1182,10 +1182,20 @@ mod simd {
                 );
                 let tile_rows: [&[KUnpacked]; K_TILE] =
                     std::array::from_fn(|r| &unpacked[r * blocks..(r + 1) * blocks]);
+                // Each super-block's scales for the tile's rows, gathered once for every token.
+                let scales: Vec<[__m128; 2]> = (0..blocks)
+                    .map(|b| {
+                        let r = |i: usize| &tile_rows[i][b];
+                        [
+                            _mm_setr_ps(r(0).d, r(1).d, r(2).d, r(3).d),
+                            _mm_setr_ps(r(0).dmin, r(1).dmin, r(2).dmin, r(3).dmin),
+                        ]
+                    })
+                    .collect();
                 for (t, act) in acts.iter().enumerate() {
                     let y = if wide {
                         // SAFETY: the caller checked AVX-512 F, BW and VNNI on this CPU.
-                        unsafe { avx512::dot_unpacked_k_tile(dtype, tile_rows, act) }
+                        unsafe { avx512::dot_unpacked_k_tile(dtype, tile_rows, &scales, act) }
                     } else {
                         dot_unpacked_k_tile(dtype, tile_rows, act)
                     };
@@ -1393,6 +1403,20 @@ mod simd {
     mod avx512 {
         use super::*;
 
+        /// The lane totals of four vectors, in one vector (exact: integer sums in any order).
+        /// Interleaving pairs of vectors sums their lanes in place, so no horizontal adds.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        fn reduce4(v: [__m512i; 4]) -> __m128i {
+            let pair =
+                |a, b| _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+            let (ab, cd) = (pair(v[0], v[1]), pair(v[2], v[3]));
+            // Each 128-bit lane now holds partial totals of the four vectors, in order.
+            let x = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+            let y = _mm256_add_epi32(_mm512_castsi512_si256(x), _mm512_extracti64x4_epi64::<1>(x));
+            _mm_add_epi32(_mm256_castsi256_si128(y), _mm256_extracti128_si256::<1>(y))
+        }
+
         /// [`super::dot_unpacked_k_tile`] two groups at a time: the products pair up in
         /// `maddubs`, and one VNNI instruction multiplies the pairs by their sub-block scales
         /// and adds them in, for the same integer totals and so the same bits.
@@ -1401,6 +1425,7 @@ mod simd {
         pub(super) fn dot_unpacked_k_tile(
             dtype: GgmlType,
             rows: [&[KUnpacked]; K_TILE],
+            scales: &[[__m128; 2]],
             act: &[KBlock],
         ) -> [f32; K_TILE] {
             let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
@@ -1421,27 +1446,22 @@ mod simd {
                         *sumi = _mm512_dpwssd_epi32(*sumi, _mm512_maddubs_epi16(q, y), sc);
                     }
                 }
-                let sumi = sumi.map(|v| {
-                    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
-                });
                 // SAFETY: `a.bsums` is 16 i16, 32 bytes.
                 let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
                 let corr: [__m256i; K_TILE] =
                     std::array::from_fn(|r| _mm256_madd_epi16(bsums, rows[r][b].corr));
-                let (sumi, corr) = (hsum4_i32(sumi), hsum4_i32(corr));
-                let d = _mm_setr_ps(rows[0][b].d, rows[1][b].d, rows[2][b].d, rows[3][b].d);
+                let [d, dmin] = scales[b];
                 let ad = _mm_set1_ps(a.d);
                 if dtype == GgmlType::Q4K {
-                    let dmin = _mm_setr_ps(
-                        rows[0][b].dmin,
-                        rows[1][b].dmin,
-                        rows[2][b].dmin,
-                        rows[3][b].dmin,
-                    );
-                    acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), _mm_mul_ps(d, ad), acc);
+                    let corr = hsum4_i32(corr);
+                    acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(sumi)), _mm_mul_ps(d, ad), acc);
                     acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(corr), _mm_mul_ps(dmin, ad), acc_min);
                 } else {
-                    let total = _mm_cvtepi32_ps(_mm_add_epi32(sumi, corr));
+                    // The offset's correction joins the total before the lanes are summed.
+                    let total: [__m512i; K_TILE] = std::array::from_fn(|r| {
+                        _mm512_add_epi32(sumi[r], _mm512_zextsi256_si512(corr[r]))
+                    });
+                    let total = _mm_cvtepi32_ps(reduce4(total));
                     acc = _mm_fmadd_ps(total, _mm_mul_ps(d, ad), acc);
                 }
             }
