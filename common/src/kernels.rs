@@ -1763,6 +1763,26 @@ mod tests {
     }
 
     #[test]
+    fn a_repacked_copy_reports_what_it_has_read_in_order_up_to_the_end() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // Enough groups that the copy reports progress before its end.
+        let (rows, cols) = (8 * 64, 4096);
+        let bytes = random_matrix(GgmlType::Q8_0, rows, cols, &mut rng);
+        let mut reports = Vec::new();
+        let m = QMatrix::new_releasing(GgmlType::Q8_0, rows, cols, &bytes, |n| reports.push(n))
+            .unwrap();
+        assert!(reports.len() > 2, "{reports:?}");
+        assert!(reports.windows(2).all(|w| w[0] < w[1]), "{reports:?}");
+        assert_eq!(reports.last(), Some(&bytes.len()));
+        // The copy computes what the file layout does.
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (mut got, mut want) = (vec![0.0; rows], vec![0.0; rows]);
+        m.matmul(&x, 1, &mut got);
+        QMatrix::file_layout_for_test(GgmlType::Q8_0, rows, cols, &bytes).matmul(&x, 1, &mut want);
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn interleaved_kernels_match_the_dequantized_product_and_the_portable_bits() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let (rows, cols, n) = (24, 256, 3);
