@@ -1,6 +1,8 @@
 //! A small benchmark of one configuration: K in-process workers on loopback (or, with K = 0, the
-//! whole model in this process), one warm-up, then one greedy generation from a fixed prompt of
-//! an exact token length. It reports what the run measured and nothing it did not:
+//! whole model in this process), one warm-up of the same prompt (two tokens generated, so the
+//! measured run finds its buffers' memory as a serving process would, as the reference
+//! engine's bench warms up before its timed runs), then one greedy generation from a fixed
+//! prompt of an exact token length. It reports what the run measured and nothing it did not:
 //!
 //! - prefill tokens/s: prompt tokens over the time to the first token;
 //! - decode tokens/s: tokens after the first over the time after the first;
@@ -294,8 +296,7 @@ pub async fn bench_one(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let local = LocalModel::load(&path)?;
             let prompt = bench_prompt(&local.tokenizer, prompt_tokens)?;
-            let warm = prompt[..prompt.len().min(4)].to_vec();
-            generate(&local.model, &local.tokenizer, warm, &greedy(2), |_| {})?;
+            generate(&local.model, &local.tokenizer, prompt.clone(), &greedy(2), |_| {})?;
             let c = generate(
                 &local.model,
                 &local.tokenizer,
@@ -355,9 +356,10 @@ async fn bench_cluster(config: &BenchConfig) -> anyhow::Result<ClusterRun> {
             Err(e) => return Err(workers.fail(e.into()).await),
         };
     let run = async {
-        let warm = prompt[..prompt.len().min(4)].to_vec();
         cluster
-            .generate(warm, &greedy(2), |_| std::ops::ControlFlow::Continue(()))
+            .generate(prompt.clone(), &greedy(2), |_| {
+                std::ops::ControlFlow::Continue(())
+            })
             .await?;
         cluster
             .generate(prompt, &greedy(config.gen_tokens), |_| {
