@@ -421,14 +421,27 @@ pub(super) mod simd {
         _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bytes[..16].as_ptr().cast()) })
     }
 
-    /// `dot` less `offset × sum` for the formats whose quants carry an offset.
+    /// Adds one group-block of a format with one integer per block: the eight rows' integer
+    /// totals `dot` (the quants' offset taken off here), scaled by `d_w · d_a`, into `rows`,
+    /// and (`Q4_1`) the minimums `m` times the activations' scaled sum into `summs`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn less_offset<const F: u8>(dot: __m256i, sum: i32) -> __m256i {
-        match F {
-            Q4_0 => _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * sum)),
-            Q5_0 => _mm256_sub_epi32(dot, _mm256_set1_epi32(16 * sum)),
+    fn add_rows<const F: u8>(
+        rows: &mut __m256,
+        summs: &mut __m256,
+        dot: __m256i,
+        d: __m256,
+        m: __m256,
+        a: &ActBlock,
+    ) {
+        let dot = match F {
+            Q4_0 => _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * a.sum)),
             _ => dot,
+        };
+        let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+        *rows = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *rows);
+        if F == Q4_1 {
+            *summs = _mm256_add_ps(*summs, _mm256_mul_ps(m, _mm256_set1_ps(a.s)));
         }
     }
 
@@ -526,12 +539,14 @@ pub(super) mod simd {
                 let s = _mm512_add_epi32(x, y);
                 // Each row's total in its even lane, then the even lanes packed.
                 let s = _mm512_add_epi32(s, _mm512_srli_epi64::<32>(s));
-                let dot = less_offset::<F>(_mm512_cvtepi64_epi32(s), a.sum);
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
-                self.rows = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), self.rows);
-                if F == Q4_1 {
-                    self.summs = _mm256_add_ps(self.summs, _mm256_mul_ps(m, _mm256_set1_ps(a.s)));
-                }
+                add_rows::<F>(
+                    &mut self.rows,
+                    &mut self.summs,
+                    _mm512_cvtepi64_epi32(s),
+                    d,
+                    m,
+                    a,
+                );
             }
 
             /// The eight rows' results; lanes are summed in the file-layout kernels' order.
@@ -731,12 +746,7 @@ pub(super) mod simd {
                 let (low, high) = (half(0), half(1));
                 // Each row's two lanes summed, rows (0, 1, 4, 5, 2, 3, 6, 7), then in order.
                 let dot = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(low, high));
-                let dot = less_offset::<F>(dot, a.sum);
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
-                self.rows = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), self.rows);
-                if F == Q4_1 {
-                    self.summs = _mm256_add_ps(self.summs, _mm256_mul_ps(m, _mm256_set1_ps(a.s)));
-                }
+                add_rows::<F>(&mut self.rows, &mut self.summs, dot, d, m, a);
             }
 
             /// The eight rows' results; lanes are summed in the file-layout kernels' order.
