@@ -296,7 +296,13 @@ pub async fn bench_one(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let local = LocalModel::load(&path)?;
             let prompt = bench_prompt(&local.tokenizer, prompt_tokens)?;
-            generate(&local.model, &local.tokenizer, prompt.clone(), &greedy(2), |_| {})?;
+            generate(
+                &local.model,
+                &local.tokenizer,
+                prompt.clone(),
+                &greedy(2),
+                |_| {},
+            )?;
             let c = generate(
                 &local.model,
                 &local.tokenizer,
