@@ -21,6 +21,7 @@ use candle_core::Device;
 use realm_common::auth::{Bearer, Secret};
 use realm_common::generate::{Completion, Decoding, GenerationParams};
 use realm_common::model::{Embedding, LayerRange};
+use realm_common::runtime::INLINE_TOKENS;
 use realm_common::tls::ClientTls;
 use realm_common::wire::{Activations, ModelIdentity, WireDType};
 use realm_proto::pb;
@@ -52,11 +53,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Re-plans one step may go through before its error stands.
 const MAX_RECOVERIES_PER_STEP: usize = 3;
-
-/// Steps of at most this many tokens are embedded in place on the runtime thread: a row lookup
-/// and dequantization per token costs microseconds, less than handing the work off to another
-/// thread and back (a decode step is one token). Longer prompts are handed off as the head is.
-const INLINE_EMBEDDING_TOKENS: usize = 16;
 
 /// A worker's gRPC client, sending the cluster token with every call.
 pub type WorkerRpc = WorkerClient<InterceptedService<Channel, Bearer>>;
@@ -397,7 +393,8 @@ impl Cluster {
             let x = embedding.forward(tokens)?;
             Ok(Activations::to_wire(&x, dtype)?)
         };
-        let mut hidden = if n <= INLINE_EMBEDDING_TOKENS {
+        // Steps as short as a decode step are embedded in place (`realm_common::runtime`).
+        let mut hidden = if n <= INLINE_TOKENS {
             embed(&self.model.embedding, tokens)?
         } else {
             let embedding = self.model.embedding.clone();
@@ -457,8 +454,9 @@ impl Cluster {
             .last()
             .map(|w| w.url.clone())
             .unwrap_or_default();
-        let head = self.model.head.clone();
-        let logits = blocking(move || {
+        let head = &self.model.head;
+        // One row, whatever the step's length: in place, as a decode step is.
+        let logits = in_place(move || {
             // Only the last position feeds the head: decode just its row.
             let row = d_model * dtype.size();
             let last = pb::Tensor {
@@ -475,8 +473,7 @@ impl Cluster {
             let logits = head.forward(&x)?;
             let logits = logits.squeeze(0).and_then(|l| l.to_vec1::<f32>());
             Ok(logits.map_err(realm_common::Error::from)?)
-        })
-        .await?;
+        })?;
         Ok(StepOutput { logits, hops })
     }
 
@@ -1051,6 +1048,12 @@ fn check_hidden(
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     realm_common::runtime::compute(f)
         .await
+        .map_err(|e| Error::Internal(format!("model computation did not finish: {e}")))?
+}
+
+/// [`blocking`] for work short enough to run on the async thread itself.
+fn in_place<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    realm_common::runtime::inline(f)
         .map_err(|e| Error::Internal(format!("model computation did not finish: {e}")))?
 }
 

@@ -44,6 +44,11 @@ struct Cli {
     /// Worker threads for the math (default: all cores).
     #[arg(long, global = true, env = "REALM_THREADS")]
     threads: Option<usize>,
+    /// Threads for the network and the driving of steps (see `realm_common::runtime`). One
+    /// keeps a step's hand-offs on one thread: each thread woken costs tens of µs where idle
+    /// CPUs halt, as on virtual machines.
+    #[arg(long, global = true, env = "REALM_ASYNC_THREADS", default_value_t = 1)]
+    async_threads: usize,
     /// Log line format on stderr: `text` or `json` (one object per line, with the request id of
     /// every line about a request). The filter is `REALM_LOG` (default `warn`).
     #[arg(long, global = true, default_value_t = LogFormat::Text)]
@@ -324,6 +329,9 @@ fn main() -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
     }
     let threads = cli.threads.unwrap_or_else(default_threads).max(1);
+    ASYNC_THREADS
+        .set(cli.async_threads.max(1))
+        .expect("set once, at start");
     match cli.command {
         Command::Run(args) if args.workers == 0 => run(args),
         Command::Run(args) => on_runtime(run_cluster(args, threads)),
@@ -339,8 +347,12 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// `--async-threads`, for every runtime this process starts.
+static ASYNC_THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(ASYNC_THREADS.get().copied().unwrap_or(1))
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -658,6 +670,8 @@ fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
         child
             .arg("--threads")
             .arg(threads.to_string())
+            .arg("--async-threads")
+            .arg(ASYNC_THREADS.get().copied().unwrap_or(1).to_string())
             .arg("bench")
             .arg("--model")
             .arg(&config.model)

@@ -40,6 +40,11 @@ struct Cli {
     /// Worker threads for the math (default: all cores).
     #[arg(long, env = "REALM_THREADS")]
     threads: Option<usize>,
+    /// Threads for the network (see `realm_common::runtime`). One keeps a step's hand-offs on
+    /// one thread: each thread woken costs tens of µs where idle CPUs halt, as on virtual
+    /// machines. Prefills still move off it, so health checks go on meanwhile.
+    #[arg(long, env = "REALM_ASYNC_THREADS", default_value_t = 1)]
+    async_threads: usize,
     /// Compute device (only `cpu` for now).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -137,6 +142,7 @@ fn main() -> anyhow::Result<()> {
         prefetch: cli.prefetch,
     };
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.async_threads.max(1))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?

@@ -358,7 +358,7 @@ impl pb::worker_server::Worker for WorkerService {
 
         let session = request.session_id;
         let span = trace_span!("forward", session = %session, position, n_tokens);
-        let joined = realm_common::runtime::compute(move || {
+        let joined = realm_common::runtime::step(n_tokens, move || {
             let _span = span.enter();
             let started = Instant::now();
             // A panic in the model code must not take the worker down: it fails this step alone.
