@@ -1197,7 +1197,7 @@ mod simd {
                         // SAFETY: the caller checked AVX-512 F, BW and VNNI on this CPU.
                         unsafe { avx512::dot_unpacked_k_tile(dtype, tile_rows, &scales, act) }
                     } else {
-                        dot_unpacked_k_tile(dtype, tile_rows, act)
+                        dot_unpacked_k_tile(dtype, tile_rows, &scales, act)
                     };
                     for (r, y) in y.into_iter().enumerate() {
                         ys[r * n + t] = y;
@@ -1351,9 +1351,10 @@ mod simd {
     fn dot_unpacked_k_tile(
         dtype: GgmlType,
         rows: [&[KUnpacked]; K_TILE],
+        scales: &[[__m128; 2]],
         act: &[KBlock],
     ) -> [f32; K_TILE] {
-        let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let mut acc = KTileAcc::new();
         for (b, a) in act.iter().enumerate() {
             let mut sumi = [_mm256_setzero_si256(); K_TILE];
             for (g, y) in a.qs.iter().enumerate() {
@@ -1368,27 +1369,60 @@ mod simd {
             let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
             let corr: [__m256i; K_TILE] =
                 std::array::from_fn(|r| _mm256_madd_epi16(bsums, rows[r][b].corr));
-            let (sumi, corr) = (hsum4_i32(sumi), hsum4_i32(corr));
-            let d = _mm_setr_ps(rows[0][b].d, rows[1][b].d, rows[2][b].d, rows[3][b].d);
-            let ad = _mm_set1_ps(a.d);
-            if dtype == GgmlType::Q4K {
-                let dmin = _mm_setr_ps(
-                    rows[0][b].dmin,
-                    rows[1][b].dmin,
-                    rows[2][b].dmin,
-                    rows[3][b].dmin,
-                );
-                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), _mm_mul_ps(d, ad), acc);
-                acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(corr), _mm_mul_ps(dmin, ad), acc_min);
-            } else {
-                let total = _mm_cvtepi32_ps(_mm_add_epi32(sumi, corr));
-                acc = _mm_fmadd_ps(total, _mm_mul_ps(d, ad), acc);
+            acc.add(dtype, scales[b], a.d, hsum4_i32(sumi), hsum4_i32(corr));
+        }
+        acc.finish()
+    }
+
+    /// A K-format tile's f32 accumulators: each super-block's four integer totals scaled by
+    /// the rows' `d`, and `Q4_K`'s minimums apart, scaled by `dmin` and taken off at the end.
+    struct KTileAcc {
+        acc: __m128,
+        acc_min: __m128,
+    }
+
+    impl KTileAcc {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn new() -> Self {
+            Self {
+                acc: _mm_setzero_ps(),
+                acc_min: _mm_setzero_ps(),
             }
         }
-        let mut out = [0.0f32; K_TILE];
-        // SAFETY: `out` holds four f32.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
-        out
+
+        /// Adds one super-block: the rows' totals `sumi` and corrections `corr` (`Q4_K`'s
+        /// minimums, or `Q6_K`'s offset, which joins the total), `[d, dmin]` of the rows and
+        /// the activations' scale `ad`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn add(
+            &mut self,
+            dtype: GgmlType,
+            [d, dmin]: [__m128; 2],
+            ad: f32,
+            sumi: __m128i,
+            corr: __m128i,
+        ) {
+            let ad = _mm_set1_ps(ad);
+            if dtype == GgmlType::Q4K {
+                self.acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), _mm_mul_ps(d, ad), self.acc);
+                self.acc_min =
+                    _mm_fmadd_ps(_mm_cvtepi32_ps(corr), _mm_mul_ps(dmin, ad), self.acc_min);
+            } else {
+                let total = _mm_cvtepi32_ps(_mm_add_epi32(sumi, corr));
+                self.acc = _mm_fmadd_ps(total, _mm_mul_ps(d, ad), self.acc);
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn finish(&self) -> [f32; K_TILE] {
+            let mut out = [0.0f32; K_TILE];
+            // SAFETY: `out` holds four f32.
+            unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(self.acc, self.acc_min)) };
+            out
+        }
     }
 
     /// The lane totals of four vectors, in one vector (exact: integer sums in any order).
@@ -1428,7 +1462,7 @@ mod simd {
             scales: &[[__m128; 2]],
             act: &[KBlock],
         ) -> [f32; K_TILE] {
-            let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+            let mut acc = KTileAcc::new();
             for (b, a) in act.iter().enumerate() {
                 let mut sumi = [_mm512_setzero_si512(); K_TILE];
                 for pair in 0..4 {
@@ -1450,25 +1484,18 @@ mod simd {
                 let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
                 let corr: [__m256i; K_TILE] =
                     std::array::from_fn(|r| _mm256_madd_epi16(bsums, rows[r][b].corr));
-                let [d, dmin] = scales[b];
-                let ad = _mm_set1_ps(a.d);
-                if dtype == GgmlType::Q4K {
-                    let corr = hsum4_i32(corr);
-                    acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(sumi)), _mm_mul_ps(d, ad), acc);
-                    acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(corr), _mm_mul_ps(dmin, ad), acc_min);
+                let (sumi, corr) = if dtype == GgmlType::Q4K {
+                    (reduce4(sumi), hsum4_i32(corr))
                 } else {
                     // The offset's correction joins the total before the lanes are summed.
                     let total: [__m512i; K_TILE] = std::array::from_fn(|r| {
                         _mm512_add_epi32(sumi[r], _mm512_zextsi256_si512(corr[r]))
                     });
-                    let total = _mm_cvtepi32_ps(reduce4(total));
-                    acc = _mm_fmadd_ps(total, _mm_mul_ps(d, ad), acc);
-                }
+                    (reduce4(total), _mm_setzero_si128())
+                };
+                acc.add(dtype, scales[b], a.d, sumi, corr);
             }
-            let mut out = [0.0f32; K_TILE];
-            // SAFETY: `out` holds four f32.
-            unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
-            out
+            acc.finish()
         }
     }
 

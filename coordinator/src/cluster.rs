@@ -395,7 +395,7 @@ impl Cluster {
         };
         // Steps as short as a decode step are embedded in place (`realm_common::runtime`).
         let mut hidden = if n <= INLINE_TOKENS {
-            embed(&self.model.embedding, tokens)?
+            in_place(|| embed(&self.model.embedding, tokens))?
         } else {
             let embedding = self.model.embedding.clone();
             let tokens = tokens.to_vec();

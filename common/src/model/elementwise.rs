@@ -10,8 +10,9 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
-/// Values per slice handed to a thread.
-const SLICE: usize = 8192;
+/// Values per slice handed to a thread: enough to amortize a task, few enough to spread a
+/// prefill's rows.
+pub(crate) const SLICE: usize = 8192;
 
 /// The values of `t` (any shape) as one row.
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -45,32 +46,38 @@ fn same_shape(x: &Tensor, y: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// `x` with `f(x_slice, y_slice)` applied over same-shaped slices of `x` and `y` in turn, the
+/// slices spread over the threads: the one loop every elementwise operation here runs.
+pub(crate) fn combine(
+    x: &Tensor,
+    y: &Tensor,
+    what: &str,
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) -> Result<Tensor> {
+    same_shape(x, y, what)?;
+    let mut out = values(x)?;
+    with_values(y, |y| {
+        out.par_chunks_mut(SLICE)
+            .zip(y.par_chunks(SLICE))
+            .for_each(|(x, y)| f(x, y))
+    })?;
+    Ok(Tensor::from_vec(out, x.shape().clone(), x.device())?)
+}
+
 /// `x + y`: a residual connection.
 pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    same_shape(x, y, "cannot add tensors")?;
-    let mut sum = values(x)?;
-    with_values(y, |y| {
-        sum.par_chunks_mut(SLICE)
-            .zip(y.par_chunks(SLICE))
-            .for_each(|(s, y)| s.iter_mut().zip(y).for_each(|(s, y)| *s += y))
-    })?;
-    Ok(Tensor::from_vec(sum, x.shape().clone(), x.device())?)
+    combine(x, y, "cannot add tensors", |s, y| {
+        s.iter_mut().zip(y).for_each(|(s, y)| *s += y)
+    })
 }
 
 /// `silu(gate) · up`, SiLU being `x / (1 + e^-x)`: the gated MLP of llama blocks.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    same_shape(gate, up, "cannot gate tensors")?;
-    let mut out = values(gate)?;
-    with_values(up, |up| {
-        out.par_chunks_mut(SLICE)
-            .zip(up.par_chunks(SLICE))
-            .for_each(|(g, u)| {
-                for (g, u) in g.iter_mut().zip(u) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
-                }
-            })
-    })?;
-    Ok(Tensor::from_vec(out, gate.shape().clone(), gate.device())?)
+    combine(gate, up, "cannot gate tensors", |g, u| {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend, split_heads, Rope, RopeStyle};
-use super::elementwise::{add, with_values};
+use super::elementwise::{add, combine, SLICE};
 use super::llama::names::*;
 use super::norm::rms_norm;
 use super::{load_vector, Block, Linear, ModelConfig};
@@ -143,39 +143,22 @@ impl Block for Gemma3Block {
 /// slices share the kernels' threads.
 fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
 
-    /// Values per slice: enough to amortize a task, few enough to spread a decode step's row.
-    const SLICE: usize = 4096;
     let table = gelu_table();
-    let shape = gate.shape().clone();
-    let mut out = up.flatten_all()?.to_vec1::<f32>()?;
-    if gate.elem_count() != out.len() {
-        return Err(crate::error::Error::InvalidArgument(format!(
-            "cannot gate {:?} with {:?}",
-            up.dims(),
-            gate.dims()
-        )));
-    }
-    with_values(gate, |g| {
-        out.par_chunks_mut(SLICE)
-            .zip(g.par_chunks(SLICE))
-            .for_each(|(out, g)| {
-                let mut bits = [half::f16::ZERO; SLICE];
-                let bits = &mut bits[..g.len()];
-                bits.convert_from_f32_slice(g);
-                for ((u, &x), b) in out.iter_mut().zip(g).zip(bits.iter()) {
-                    *u = if x <= -10.0 {
-                        0.0
-                    } else if x >= 10.0 {
-                        x * *u
-                    } else {
-                        table[b.to_bits() as usize] * *u
-                    };
-                }
-            })
-    })?;
-    Ok(Tensor::from_vec(out, shape, gate.device())?)
+    combine(gate, up, "cannot gate tensors", |g, u| {
+        let mut bits = [half::f16::ZERO; SLICE];
+        let bits = &mut bits[..g.len()];
+        bits.convert_from_f32_slice(g);
+        for ((x, &u), b) in g.iter_mut().zip(u).zip(bits.iter()) {
+            *x = if *x <= -10.0 {
+                0.0
+            } else if *x >= 10.0 {
+                *x * u
+            } else {
+                table[b.to_bits() as usize] * u
+            };
+        }
+    })
 }
 
 /// GELU (tanh form) of every f16, rounded to f16 (and held as f32), indexed by the input's bits.
