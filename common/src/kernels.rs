@@ -18,6 +18,12 @@
 //! accumulation orders tried, this one agrees best with the reference engine's output on gemma3
 //! (63 of 64 teacher-forced tokens, against 60 with eight lanes per row).
 //!
+//! Every kernel has a portable version, which defines the bits of the results, and SIMD
+//! versions chosen at run time by what the CPU has: AVX2 and AVX-512 VNNI on x86-64, NEON on
+//! aarch64 (with the dot product extension where the CPU has it). They group the integer sums
+//! as suits them (integers are exact) but do every f32 operation of the portable code, in the
+//! same order with the same rounding, so every path computes the same bits.
+//!
 //! Formats without a kernel here fall back to candle's (see `model::Linear`).
 
 use std::sync::Arc;
@@ -30,6 +36,9 @@ use crate::quant::GgmlType;
 
 mod interleaved;
 pub use interleaved::repacks;
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+mod neon;
 
 const QK: usize = 32;
 /// Values in a K-format super-block and in a `Q8_K` activation block.
@@ -62,6 +71,16 @@ pub(crate) fn simd_available() -> bool {
     simd::available()
 }
 
+/// Whether this CPU runs the NEON paths, here and in attention.
+#[cfg(target_arch = "aarch64")]
+pub(crate) fn neon_available() -> bool {
+    neon::available()
+}
+
+/// f16 conversions in NEON registers, for attention.
+#[cfg(target_arch = "aarch64")]
+pub(crate) use neon::{narrow_f16, widen_f16};
+
 /// Whether this CPU runs the AVX-512 paths (F, BW and VNNI, with the AVX2 ones).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx512_available() -> bool {
@@ -91,6 +110,10 @@ fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         return simd::quantize_row(x, out);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if neon::available() {
+        return neon::quantize_row(x, out);
     }
     quantize_row_portable(x, out)
 }
@@ -133,6 +156,10 @@ fn quantize_row_k(x: &[f32], out: &mut Vec<KBlock>) {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         return simd::quantize_row_k(x, out);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if neon::available() {
+        return neon::quantize_row_k(x, out);
     }
     quantize_row_k_portable(x, out)
 }
@@ -576,6 +603,10 @@ fn dot_rows(
     if simd::available() {
         return simd::dot_rows(dtype, rows, row_bytes, acts, out);
     }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(path) = neon::Path::best() {
+        return neon::dot_rows(path, dtype, rows, row_bytes, acts, out);
+    }
     let n = acts.len();
     for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
         for (y, act) in ys.iter_mut().zip(acts) {
@@ -600,6 +631,10 @@ fn dot_rows_k(
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         return simd::dot_rows_k(dtype, rows, row_bytes, acts, out);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(path) = neon::Path::best() {
+        return neon::dot_rows_k(path, dtype, rows, row_bytes, acts, out);
     }
     let n = acts.len();
     for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
@@ -1895,6 +1930,32 @@ mod tests {
                         }
                     }
                 }
+                #[cfg(target_arch = "aarch64")]
+                for path in [
+                    interleaved::neon::Path::Dotprod,
+                    interleaved::neon::Path::Neon,
+                ] {
+                    if !path.available() {
+                        continue;
+                    }
+                    let mut got = vec![0.0; n * interleaved::ROWS];
+                    interleaved::neon::group_matmul(path, dtype, group, &acts, &mut got);
+                    for (t, act) in acts.iter().enumerate() {
+                        let mut one = vec![0.0; interleaved::ROWS];
+                        let act = std::slice::from_ref(act);
+                        interleaved::neon::group_matmul(path, dtype, group, act, &mut one);
+                        for i in 0..interleaved::ROWS {
+                            let p = portable[t * interleaved::ROWS + i].to_bits();
+                            let at = (g * 8 + i, t);
+                            assert_eq!(
+                                got[t * interleaved::ROWS + i].to_bits(),
+                                p,
+                                "{path:?} {dtype:?} {at:?}"
+                            );
+                            assert_eq!(one[i].to_bits(), p, "{path:?} {dtype:?} decode {at:?}");
+                        }
+                    }
+                }
             }
         }
     }
@@ -1938,6 +1999,29 @@ mod tests {
                         let (r, t) = (i / n, i % n);
                         assert_eq!(y.to_bits(), got[t * rows + r].to_bits(), "{dtype:?} {wide}");
                     }
+                }
+            }
+            // Every NEON path this CPU runs, not only the fastest.
+            #[cfg(target_arch = "aarch64")]
+            for path in [neon::Path::Dotprod, neon::Path::Neon] {
+                if !path.available() {
+                    continue;
+                }
+                let mut results = vec![0.0; n * rows];
+                if is_k(dtype) {
+                    let acts = m.quantize(&x, QK_K, quantize_row_k);
+                    neon::dot_rows_k(path, dtype, &bytes, m.row_bytes, &acts, &mut results);
+                } else {
+                    let acts = m.quantize(&x, QK, quantize_row);
+                    neon::dot_rows(path, dtype, &bytes, m.row_bytes, &acts, &mut results);
+                }
+                for (i, y) in results.iter().enumerate() {
+                    let (r, t) = (i / n, i % n);
+                    assert_eq!(
+                        y.to_bits(),
+                        got[t * rows + r].to_bits(),
+                        "{path:?} {dtype:?}"
+                    );
                 }
             }
             for t in 0..n {

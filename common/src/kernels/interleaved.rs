@@ -23,9 +23,11 @@
 //! `h = 1`) whose 32-bit lanes `2i` and `2i + 1` are row `i`'s values `8k..8k + 4` and
 //! `8k + 4..8k + 8`: the lanes of the file-layout kernels, `l = 2k` and `2k + 1`. One 64-bit
 //! broadcast of activation bytes `8k..8k + 8` meets them all; AVX-512 VNNI multiplies and sums
-//! them in one instruction, AVX2 works on rows `0..4` and `4..8` apart. The products take
-//! unsigned quants: `Q8_0`'s are offset by 128 (AVX2 moves the sign onto the activations
-//! instead, as its 16-bit pair sums would overflow).
+//! them in one instruction, AVX2 works on rows `0..4` and `4..8` apart, NEON on two rows per
+//! register. The x86 products take unsigned quants: `Q8_0`'s are offset by 128
+//! (AVX2 moves the sign onto the activations instead, as its 16-bit pair sums would overflow).
+//! NEON's products are signed: it takes `Q8_0`'s quants as stored, `Q5_0`'s minus 16, and
+//! takes `Q4_0`'s offset off the integer totals.
 //!
 //! Each group-block has exactly the bytes of its eight blocks, so memory budgets are unchanged.
 //! Products are exact integers (the offsets of 8, 16 and 128 come off in integers), scaled by `d_w · d_a` with one fused multiply-add per row into f32; `Q4_1`'s
@@ -38,7 +40,8 @@
 //!   order; gemma3's perplexity on the reference text, at 252 scored tokens, moves by 0.8% with
 //!   the accumulation order (7.33 with lanes, 7.38 with one integer per block; 7.29 measured).
 //!
-//! Every path (AVX-512 VNNI, AVX2, portable) computes the same bits.
+//! Every path (AVX-512 VNNI, AVX2, NEON with or without the dot product extension, portable)
+//! computes the same bits.
 
 use super::{hsum, ActBlock, LANES, QK};
 use crate::quant::GgmlType;
@@ -200,6 +203,10 @@ pub fn group_matmul(dtype: GgmlType, group: &[u8], acts: &[Vec<ActBlock>], out: 
     if let Some(path) = simd::Path::best() {
         return simd::group_matmul(path, dtype, group, acts, out);
     }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(path) = neon::Path::best() {
+        return neon::group_matmul(path, dtype, group, acts, out);
+    }
     group_matmul_portable(dtype, group, acts, out)
 }
 
@@ -273,6 +280,10 @@ pub fn group_matmul_portable(
         }
     }
 }
+
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+pub(super) mod neon;
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The kernels' NEON paths on an emulated aarch64 CPU (qemu user mode), each checked bit for bit
+# against the portable code: with the dot product extension (qemu's `max` CPU) and without it
+# (Cortex-A53). Installs what it needs: the Rust target, a cross linker and qemu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'test-arm: %s\n' "$*" >&2; }
+
+target=aarch64-unknown-linux-gnu
+missing=()
+command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
+if ((${#missing[@]})); then
+    if ((EUID != 0)); then
+        log "needs ${missing[*]}: run as root, or install them (apt-get install ${missing[*]})"
+        exit 1
+    fi
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! rustup target list --installed | grep -qx "$target"; then
+    log "installing the Rust target $target"
+    rustup target add "$target"
+fi
+
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+for cpu in max cortex-a53; do
+    log "kernels and attention on an emulated $cpu"
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $cpu -L /usr/aarch64-linux-gnu" \
+        cargo test --release --target "$target" -p realm-common --lib -- kernels attention
+done
