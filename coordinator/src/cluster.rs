@@ -37,6 +37,7 @@ use crate::model::CoordinatorModel;
 use crate::net::{connect_worker, normalize_url, MAX_MESSAGE_BYTES};
 use crate::plan::{Plan, PlanSpec};
 use crate::request_id;
+use crate::step_stream::StepStreams;
 
 /// Realm's release version, which workers must share.
 pub const REALM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -79,6 +80,8 @@ struct WorkerLink {
     summary: WorkerSummary,
     /// This worker's series of the forward-latency histogram, looked up once rather than per hop.
     forward_latency: metrics::Histogram,
+    /// The step streams to this worker that are between steps.
+    streams: Arc<StepStreams>,
 }
 
 impl WorkerLink {
@@ -91,6 +94,7 @@ impl WorkerLink {
             range,
             summary,
             forward_latency,
+            streams: Arc::default(),
         }
     }
 }
@@ -405,26 +409,25 @@ impl Cluster {
         let mut hops = Vec::with_capacity(topology.workers.len());
         let request_id = request_id::current();
         for worker in &topology.workers {
-            let request = request_id::tagged(
-                pb::ForwardRequest {
-                    session_id: session.to_string(),
-                    position: position as u64,
-                    hidden: Some(hidden),
-                    layers: Some(worker.range.into()),
-                },
-                request_id.as_ref(),
-            );
+            let request = pb::ForwardRequest {
+                session_id: session.to_string(),
+                position: position as u64,
+                hidden: Some(hidden),
+                layers: Some(worker.range.into()),
+                request_id: request_id
+                    .as_ref()
+                    .map(|id| id.as_str().to_string())
+                    .unwrap_or_default(),
+            };
             let sent = Instant::now();
             let reply = worker
-                .client
-                .clone()
-                .forward(request)
+                .streams
+                .forward(&worker.client, request)
                 .await
                 .map_err(|status| Error::Worker {
                     url: worker.url.clone(),
                     status,
-                })?
-                .into_inner();
+                })?;
             let hop = Hop {
                 round_trip: sent.elapsed(),
                 compute: Duration::from_micros(reply.compute_us),

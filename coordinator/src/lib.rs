@@ -19,6 +19,7 @@ pub mod progress;
 pub mod request_id;
 pub mod service;
 pub mod startup;
+mod step_stream;
 
 pub use cluster::Cluster;
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Request ids: one per client request, created here (or taken from the client's `x-request-id`),
-//! sent to every worker call as gRPC metadata `x-request-id`, and recorded as the `request_id`
-//! field of a `request` span on every process, so each log line about a request carries it.
+//! sent with every worker call (as gRPC metadata `x-request-id`, or in the step message on a step
+//! stream, which serves many requests), and recorded as the `request_id` field of a `request`
+//! span on every process, so each log line about a request carries it.
 //!
 //! The id of the request being served lives in a task-local, set around the generation's task,
 //! so the cluster code tags its worker calls without the id threaded through every signature.

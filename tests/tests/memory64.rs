@@ -266,6 +266,7 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
                 position: position as u64,
                 hidden: Some(Activations::to_wire(&x, WireDType::F32).unwrap()),
                 layers: Some(pb::LayerRange { start: 0, end: 8 }),
+                request_id: String::new(),
             })
             .await
             .expect("forward")

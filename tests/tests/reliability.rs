@@ -379,6 +379,7 @@ async fn oversize_worker_messages_are_refused() {
             data: vec![0; 65 << 20],
         }),
         layers: Some(pb::LayerRange { start: 0, end: 1 }),
+        request_id: String::new(),
     };
     let status = w.forward(request).await.unwrap_err();
     assert!(

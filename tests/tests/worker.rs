@@ -91,6 +91,7 @@ fn step(session: &str, position: u64, hidden: pb::Tensor, range: (u32, u32)) -> 
         position,
         hidden: Some(hidden),
         layers: layers(range.0, range.1),
+        request_id: String::new(),
     }
 }
 
@@ -250,6 +251,64 @@ async fn a_whole_model_shard_equals_the_in_process_model() {
     assert_eq!(info.active_sessions, 2);
     assert!(info.kv_cache_bytes > 0);
     w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_on_one_stream_equal_the_model_and_a_failed_step_fails_alone() {
+    let r = smollm2();
+    let mut w = start(LONG).await;
+    let n = r.config.n_layers as u32;
+    w.assign(0, n).await;
+
+    let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+    let mut replies = w
+        .client
+        .forward_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .expect("open a step stream")
+        .into_inner();
+    let mut send = async |request: pb::ForwardRequest| -> pb::forward_reply::Result {
+        requests.send(request).await.expect("send a step");
+        let reply = replies
+            .message()
+            .await
+            .expect("a reply")
+            .expect("not the end");
+        reply.result.expect("a result")
+    };
+    let ok = |result| match result {
+        pb::forward_reply::Result::Response(response) => values(&response),
+        pb::forward_reply::Result::Error(e) => panic!("step failed: {e:?}"),
+    };
+    let refused = |result| match result {
+        pb::forward_reply::Result::Error(e) => (tonic::Code::from_i32(e.code), e.message),
+        pb::forward_reply::Result::Response(_) => panic!("a bad step ran"),
+    };
+
+    let expected = r.run(&r.shard, &[&TOKENS[..3], &TOKENS[3..4], &TOKENS[4..5]]);
+    let e = |t: &[u32]| wire(&r.embed(t));
+    assert_eq!(
+        ok(send(step("s", 0, e(&TOKENS[..3]), (0, n))).await),
+        expected[0]
+    );
+    // Bad steps get their errors as replies, and the stream and the session go on.
+    let (code, message) = refused(send(step("s", 7, e(&TOKENS[3..4]), (0, n))).await);
+    assert_eq!(code, Code::InvalidArgument, "{message}");
+    let (code, message) = refused(send(step("s", 3, e(&TOKENS[3..4]), (0, 2))).await);
+    assert_eq!(code, Code::InvalidArgument, "{message}");
+    assert!(message.contains("not this worker's shard"), "{message}");
+    assert_eq!(
+        ok(send(step("s", 3, e(&TOKENS[3..4]), (0, n))).await),
+        expected[1]
+    );
+    assert_eq!(
+        ok(send(step("s", 4, e(&TOKENS[4..5]), (0, n))).await),
+        expected[2]
+    );
+
+    // A worker shutting down ends the streams open between steps, so its drain can finish.
+    w.stop().await;
+    assert!(!matches!(replies.message().await, Ok(Some(_))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

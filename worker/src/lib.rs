@@ -181,7 +181,8 @@ pub async fn run_with(
 
     let _stats = AbortOnDrop(tokio::spawn(log_layer_stats(Arc::clone(&state))));
 
-    let worker = WorkerServer::new(WorkerService::new(state))
+    let (closing, closing_seen) = tokio::sync::watch::channel(false);
+    let worker = WorkerServer::new(WorkerService::new(state, closing_seen))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Health stays open (it tells nothing and probes carry no token); every worker RPC needs it.
@@ -199,6 +200,8 @@ pub async fn run_with(
     let shutdown = async move {
         shutdown.await;
         info!("worker shutting down: finishing the steps in flight");
+        // Open step streams end after their step in flight, so the server's drain can finish.
+        closing.send_replace(true);
         health
             .set_not_serving::<WorkerServer<WorkerService>>()
             .await;
@@ -241,9 +244,16 @@ fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok());
-    match id {
-        Some(id) => tracing::error_span!("request", request_id = %id),
-        None => tracing::Span::none(),
+    request_span_for(id.unwrap_or_default())
+}
+
+/// The span of one step on a `ForwardStream`, which carries its request id in the message: one
+/// stream serves the steps of many requests.
+pub(crate) fn request_span_for(id: &str) -> tracing::Span {
+    if id.is_empty() {
+        tracing::Span::none()
+    } else {
+        tracing::error_span!("request", request_id = %id)
     }
 }
 

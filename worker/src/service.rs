@@ -6,19 +6,22 @@
 //! another model), INTERNAL for a failure of the worker itself. No request can panic the worker or
 //! disturb sessions other than its own.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use futures_util::Stream;
 use realm_common::gguf::GgufFile;
 use realm_common::model::{layer_bytes, LayerBudget, LayerRange, LayerStats, ModelConfig, Shard};
 use realm_common::wire::{Activations, ModelIdentity};
 use realm_common::Error;
 use realm_proto::pb;
 use realm_proto::PROTOCOL_VERSION;
-use tonic::{Request, Response, Status};
-use tracing::{debug, info, trace, trace_span, warn};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, trace, trace_span, warn, Instrument};
 
 use crate::metrics::WorkerMetrics;
 use crate::sessions::{Sessions, Step};
@@ -207,11 +210,79 @@ impl WorkerState {
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerService {
     state: Arc<WorkerState>,
+    closing: watch::Receiver<bool>,
 }
 
+/// The replies of one `ForwardStream`, in the order of its requests.
+pub(crate) type ReplyStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ForwardReply, Status>> + Send + 'static>>;
+
 impl WorkerService {
-    pub fn new(state: Arc<WorkerState>) -> Self {
-        Self { state }
+    /// `closing` turns true when the worker begins to shut down.
+    pub fn new(state: Arc<WorkerState>, closing: watch::Receiver<bool>) -> Self {
+        Self { state, closing }
+    }
+
+    /// One forward step, for both `Forward` and `ForwardStream`.
+    async fn step(&self, request: pb::ForwardRequest) -> Result<pb::ForwardResponse, Status> {
+        let step = self
+            .prepare_step(&request)
+            .await
+            .map_err(|status| refused("Forward", status))?;
+        let PreparedStep {
+            loaded,
+            mut step,
+            activations,
+            position,
+            n_tokens,
+        } = step;
+
+        let session = request.session_id;
+        let span = trace_span!("forward", session = %session, position, n_tokens);
+        let joined = realm_common::runtime::step(n_tokens, move || {
+            let _span = span.enter();
+            let started = Instant::now();
+            // A panic in the model code must not take the worker down: it fails this step alone.
+            let hidden = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                loaded
+                    .shard
+                    .forward(&activations.hidden, position, &mut step.kv)
+            }));
+            let compute = started.elapsed();
+            let wire = match hidden {
+                Ok(hidden) => hidden
+                    .and_then(|h| Activations::to_wire(&h, activations.dtype))
+                    .map_err(|e| e.to_string()),
+                Err(_) => Err("the forward pass panicked".to_string()),
+            };
+            match &wire {
+                Ok(_) => loaded.sessions.finish_step(&step),
+                // Some blocks may have cached this step and others not: the cache is unusable.
+                Err(error) => {
+                    warn!(session = %session, position, %error, "forward failed: session dropped");
+                    loaded.sessions.discard(&session, &step);
+                }
+            }
+            trace!(compute_us = compute.as_micros(), "step done");
+            wire.map(|hidden| (hidden, compute))
+        })
+        .await;
+        // The request was checked before the step ran, so a failure here is the worker's own.
+        if let (Some(m), Ok(Ok((_, compute)))) = (self.state.metrics(), &joined) {
+            m.forwards.increment(1);
+            m.forward_tokens.increment(n_tokens as u64);
+            m.forward_compute.record(compute.as_secs_f64());
+        }
+        match joined {
+            Ok(Ok((hidden, compute))) => Ok(pb::ForwardResponse {
+                hidden: Some(hidden),
+                compute_us: u64::try_from(compute.as_micros()).unwrap_or(u64::MAX),
+            }),
+            Ok(Err(error)) => Err(Status::internal(format!(
+                "forward pass failed, session dropped: {error}"
+            ))),
+            Err(e) => Err(Status::internal(format!("forward pass did not run: {e}"))),
+        }
     }
 }
 
@@ -343,65 +414,47 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
-        let request = request.into_inner();
-        let step = self
-            .prepare_step(&request)
-            .await
-            .map_err(|status| refused("Forward", status))?;
-        let PreparedStep {
-            loaded,
-            mut step,
-            activations,
-            position,
-            n_tokens,
-        } = step;
+        self.step(request.into_inner()).await.map(Response::new)
+    }
 
-        let session = request.session_id;
-        let span = trace_span!("forward", session = %session, position, n_tokens);
-        let joined = realm_common::runtime::step(n_tokens, move || {
-            let _span = span.enter();
-            let started = Instant::now();
-            // A panic in the model code must not take the worker down: it fails this step alone.
-            let hidden = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                loaded
-                    .shard
-                    .forward(&activations.hidden, position, &mut step.kv)
-            }));
-            let compute = started.elapsed();
-            let wire = match hidden {
-                Ok(hidden) => hidden
-                    .and_then(|h| Activations::to_wire(&h, activations.dtype))
-                    .map_err(|e| e.to_string()),
-                Err(_) => Err("the forward pass panicked".to_string()),
+    type ForwardStreamStream = ReplyStream;
+
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<pb::ForwardRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let state = (self.clone(), request.into_inner());
+        let replies = futures_util::stream::unfold(Some(state), |state| async move {
+            let (mut service, mut steps) = state?;
+            // Between steps, a worker shutting down ends the stream: the coordinator opens
+            // another (to a standby, if this worker is gone) for its next step.
+            let next = tokio::select! {
+                biased;
+                next = steps.message() => next,
+                _ = service.closing.wait_for(|closing| *closing) => return None,
             };
-            match &wire {
-                Ok(_) => loaded.sessions.finish_step(&step),
-                // Some blocks may have cached this step and others not: the cache is unusable.
-                Err(error) => {
-                    warn!(session = %session, position, %error, "forward failed: session dropped");
-                    loaded.sessions.discard(&session, &step);
+            match next {
+                Ok(Some(request)) => {
+                    let span = crate::request_span_for(&request.request_id);
+                    let result = match service.step(request).instrument(span).await {
+                        Ok(response) => pb::forward_reply::Result::Response(response),
+                        Err(status) => pb::forward_reply::Result::Error(pb::StepError {
+                            code: status.code() as i32,
+                            message: status.message().to_string(),
+                        }),
+                    };
+                    let reply = pb::ForwardReply {
+                        result: Some(result),
+                    };
+                    Some((Ok(reply), Some((service, steps))))
                 }
+                // The coordinator closed its side: it has no more steps for this stream.
+                Ok(None) => None,
+                // A message that cannot be read ends the stream with its status.
+                Err(status) => Some((Err(status), None)),
             }
-            trace!(compute_us = compute.as_micros(), "step done");
-            wire.map(|hidden| (hidden, compute))
-        })
-        .await;
-        // The request was checked before the step ran, so a failure here is the worker's own.
-        if let (Some(m), Ok(Ok((_, compute)))) = (self.state.metrics(), &joined) {
-            m.forwards.increment(1);
-            m.forward_tokens.increment(n_tokens as u64);
-            m.forward_compute.record(compute.as_secs_f64());
-        }
-        match joined {
-            Ok(Ok((hidden, compute))) => Ok(Response::new(pb::ForwardResponse {
-                hidden: Some(hidden),
-                compute_us: u64::try_from(compute.as_micros()).unwrap_or(u64::MAX),
-            })),
-            Ok(Err(error)) => Err(Status::internal(format!(
-                "forward pass failed, session dropped: {error}"
-            ))),
-            Err(e) => Err(Status::internal(format!("forward pass did not run: {e}"))),
-        }
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn end_session(
