@@ -52,6 +52,10 @@ const END_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a liveness probe of a worker may take while re-planning.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Steps of at most this many tokens (every decode step) go on step streams: their messages
+/// stay within 16 hidden rows each way.
+const STREAM_TOKENS: usize = 16;
+
 /// Re-plans one step may go through before its error stands.
 const MAX_RECOVERIES_PER_STEP: usize = 3;
 
@@ -96,6 +100,24 @@ impl WorkerLink {
             forward_latency,
             streams: Arc::default(),
         }
+    }
+
+    /// Runs one step of `n` tokens on this worker. Steps of up to [`STREAM_TOKENS`] go on a step
+    /// stream; longer ones (prefills) are unary calls, as a stream keeps buffers the size of the
+    /// largest message it has carried, and a prefill's would stay with every pooled stream.
+    async fn forward(
+        &self,
+        mut request: pb::ForwardRequest,
+        n: usize,
+        id: Option<&request_id::RequestId>,
+    ) -> std::result::Result<pb::ForwardResponse, tonic::Status> {
+        if n <= STREAM_TOKENS {
+            request.request_id = id.map(|id| id.as_str().to_string()).unwrap_or_default();
+            return self.streams.forward(&self.client, request).await;
+        }
+        let request = request_id::tagged(request, id);
+        let reply = self.client.clone().forward(request).await?;
+        Ok(reply.into_inner())
     }
 }
 
@@ -414,15 +436,11 @@ impl Cluster {
                 position: position as u64,
                 hidden: Some(hidden),
                 layers: Some(worker.range.into()),
-                request_id: request_id
-                    .as_ref()
-                    .map(|id| id.as_str().to_string())
-                    .unwrap_or_default(),
+                request_id: String::new(),
             };
             let sent = Instant::now();
             let reply = worker
-                .streams
-                .forward(&worker.client, request)
+                .forward(request, n, request_id.as_ref())
                 .await
                 .map_err(|status| Error::Worker {
                     url: worker.url.clone(),

@@ -9,6 +9,9 @@
 //!
 //! A stream dropped mid-step (its caller gone) is not given back: whatever the worker still sends
 //! on it is never mistaken for another step's reply.
+//!
+//! Streams carry short steps only (decode steps): the buffers of a stream keep the size of the
+//! largest message it has carried, so prefills go as unary calls, whose buffers go with them.
 
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
