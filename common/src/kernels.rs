@@ -1903,21 +1903,15 @@ mod tests {
                         assert_eq!(p.to_bits(), got.to_bits(), "{dtype:?} [{t}][{}]", g * 8 + i);
                     }
                 }
+                /// One path's products of one group with the tokens' activations.
+                type GroupRun<'a> = dyn Fn(&[Vec<ActBlock>], &mut [f32]) + 'a;
                 // Every SIMD path this CPU runs, not only the fastest, for prefill and decode.
-                #[cfg(target_arch = "x86_64")]
-                for path in [
-                    interleaved::simd::Path::Avx512,
-                    interleaved::simd::Path::Avx2,
-                ] {
-                    if !path.available() {
-                        continue;
-                    }
+                let check = |path: &dyn std::fmt::Debug, run: &GroupRun| {
                     let mut got = vec![0.0; n * interleaved::ROWS];
-                    interleaved::simd::group_matmul(path, dtype, group, &acts, &mut got);
+                    run(&acts, &mut got);
                     for (t, act) in acts.iter().enumerate() {
                         let mut one = vec![0.0; interleaved::ROWS];
-                        let act = std::slice::from_ref(act);
-                        interleaved::simd::group_matmul(path, dtype, group, act, &mut one);
+                        run(std::slice::from_ref(act), &mut one);
                         for i in 0..interleaved::ROWS {
                             let p = portable[t * interleaved::ROWS + i].to_bits();
                             let at = (g * 8 + i, t);
@@ -1928,6 +1922,17 @@ mod tests {
                             );
                             assert_eq!(one[i].to_bits(), p, "{path:?} {dtype:?} decode {at:?}");
                         }
+                    }
+                };
+                #[cfg(target_arch = "x86_64")]
+                for path in [
+                    interleaved::simd::Path::Avx512,
+                    interleaved::simd::Path::Avx2,
+                ] {
+                    if path.available() {
+                        check(&path, &|acts, out| {
+                            interleaved::simd::group_matmul(path, dtype, group, acts, out)
+                        });
                     }
                 }
                 #[cfg(target_arch = "aarch64")]
@@ -1935,25 +1940,10 @@ mod tests {
                     interleaved::neon::Path::Dotprod,
                     interleaved::neon::Path::Neon,
                 ] {
-                    if !path.available() {
-                        continue;
-                    }
-                    let mut got = vec![0.0; n * interleaved::ROWS];
-                    interleaved::neon::group_matmul(path, dtype, group, &acts, &mut got);
-                    for (t, act) in acts.iter().enumerate() {
-                        let mut one = vec![0.0; interleaved::ROWS];
-                        let act = std::slice::from_ref(act);
-                        interleaved::neon::group_matmul(path, dtype, group, act, &mut one);
-                        for i in 0..interleaved::ROWS {
-                            let p = portable[t * interleaved::ROWS + i].to_bits();
-                            let at = (g * 8 + i, t);
-                            assert_eq!(
-                                got[t * interleaved::ROWS + i].to_bits(),
-                                p,
-                                "{path:?} {dtype:?} {at:?}"
-                            );
-                            assert_eq!(one[i].to_bits(), p, "{path:?} {dtype:?} decode {at:?}");
-                        }
+                    if path.available() {
+                        check(&path, &|acts, out| {
+                            interleaved::neon::group_matmul(path, dtype, group, acts, out)
+                        });
                     }
                 }
             }

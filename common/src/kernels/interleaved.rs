@@ -281,6 +281,33 @@ pub fn group_matmul_portable(
     }
 }
 
+/// The formats as the SIMD kernels' const generic parameter.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod formats {
+    use crate::quant::GgmlType;
+
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q5_0: u8 = 2;
+    pub const Q8_0: u8 = 3;
+
+    pub const fn format(f: u8) -> GgmlType {
+        match f {
+            Q4_0 => GgmlType::Q4_0,
+            Q4_1 => GgmlType::Q4_1,
+            Q5_0 => GgmlType::Q5_0,
+            _ => GgmlType::Q8_0,
+        }
+    }
+
+    /// Whether format `f` accumulates by lanes (see [`super::by_lanes`]).
+    pub const fn lanes(f: u8) -> bool {
+        super::by_lanes(format(f))
+    }
+}
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use formats::{format, lanes, Q4_0, Q4_1, Q5_0, Q8_0};
+
 #[cfg(target_arch = "aarch64")]
 #[allow(unsafe_code)]
 pub(super) mod neon;
@@ -291,7 +318,10 @@ pub(super) mod simd {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{group_block_bytes, nibbles_at, ActBlock, MASKS_AT, NIBBLES, ROWS, UNPACKED};
+    use super::{
+        format, group_block_bytes, lanes, nibbles_at, ActBlock, MASKS_AT, NIBBLES, Q4_0, Q4_1,
+        Q5_0, Q8_0, ROWS, UNPACKED,
+    };
     use crate::quant::GgmlType;
 
     /// An instruction set the kernels below are written for.
@@ -344,25 +374,6 @@ pub(super) mod simd {
                 (Path::Avx2, _) => avx2::group_matmul::<Q8_0>(group, acts, out),
             }
         }
-    }
-
-    const Q4_0: u8 = 0;
-    const Q4_1: u8 = 1;
-    const Q5_0: u8 = 2;
-    const Q8_0: u8 = 3;
-
-    const fn format(f: u8) -> GgmlType {
-        match f {
-            Q4_0 => GgmlType::Q4_0,
-            Q4_1 => GgmlType::Q4_1,
-            Q5_0 => GgmlType::Q5_0,
-            _ => GgmlType::Q8_0,
-        }
-    }
-
-    /// Whether format `f` accumulates by lanes (see [`super::by_lanes`]).
-    const fn lanes(f: u8) -> bool {
-        super::by_lanes(format(f))
     }
 
     /// A group-block unpacked once for every token of a prefill.

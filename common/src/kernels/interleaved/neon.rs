@@ -9,7 +9,10 @@
 
 use std::arch::aarch64::*;
 
-use super::{group_block_bytes, nibbles_at, ActBlock, MASKS_AT, NIBBLES, ROWS, UNPACKED};
+use super::{
+    format, group_block_bytes, lanes, nibbles_at, ActBlock, MASKS_AT, NIBBLES, Q4_0, Q4_1, Q5_0,
+    Q8_0, ROWS, UNPACKED,
+};
 pub use crate::kernels::neon::Path;
 use crate::kernels::neon::{bytes16, dot4, f16x8, load16, load16_i8};
 use crate::quant::GgmlType;
@@ -36,25 +39,6 @@ pub fn group_matmul(
             (Path::Neon, _) => group_matmul_neon::<false, Q8_0>(group, acts, out),
         }
     }
-}
-
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q8_0: u8 = 3;
-
-const fn format(f: u8) -> GgmlType {
-    match f {
-        Q4_0 => GgmlType::Q4_0,
-        Q4_1 => GgmlType::Q4_1,
-        Q5_0 => GgmlType::Q5_0,
-        _ => GgmlType::Q8_0,
-    }
-}
-
-/// Whether format `f` accumulates by lanes (see [`super::by_lanes`]).
-const fn lanes(f: u8) -> bool {
-    super::by_lanes(format(f))
 }
 
 /// A group-block's quants, `[k][j]`: vector `k = 2h + p` (see the module's header of
