@@ -62,15 +62,7 @@ missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
-if ((${#missing[@]})); then
-    if ((EUID != 0)); then
-        log "needs ${missing[*]}: run as root, or install them (apt-get install ${missing[*]})"
-        exit 1
-    fi
-    log "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+"$root/deploy/apt-install.sh" compose-test "${missing[@]}"
 
 docker_up() { timeout 5 docker info >/dev/null 2>&1; }
 

@@ -11,15 +11,7 @@ target=aarch64-unknown-linux-gnu
 missing=()
 command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
-if ((${#missing[@]})); then
-    if ((EUID != 0)); then
-        log "needs ${missing[*]}: run as root, or install them (apt-get install ${missing[*]})"
-        exit 1
-    fi
-    log "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+deploy/apt-install.sh test-arm "${missing[@]}"
 if ! rustup target list --installed | grep -qx "$target"; then
     log "installing the Rust target $target"
     rustup target add "$target"

@@ -52,10 +52,6 @@ const END_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a liveness probe of a worker may take while re-planning.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Steps of at most this many tokens (every decode step) go on step streams: their messages
-/// stay within 16 hidden rows each way.
-const STREAM_TOKENS: usize = 16;
-
 /// Re-plans one step may go through before its error stands.
 const MAX_RECOVERIES_PER_STEP: usize = 3;
 
@@ -102,16 +98,17 @@ impl WorkerLink {
         }
     }
 
-    /// Runs one step of `n` tokens on this worker. Steps of up to [`STREAM_TOKENS`] go on a step
-    /// stream; longer ones (prefills) are unary calls, as a stream keeps buffers the size of the
-    /// largest message it has carried, and a prefill's would stay with every pooled stream.
+    /// Runs one step of `n` tokens on this worker. Steps as short as a decode step (up to
+    /// [`INLINE_TOKENS`]) go on a step stream; longer ones (prefills) are unary calls, as a
+    /// stream keeps buffers the size of the largest message it has carried, and a prefill's
+    /// would stay with every pooled stream.
     async fn forward(
         &self,
         mut request: pb::ForwardRequest,
         n: usize,
         id: Option<&request_id::RequestId>,
     ) -> std::result::Result<pb::ForwardResponse, tonic::Status> {
-        if n <= STREAM_TOKENS {
+        if n <= INLINE_TOKENS {
             request.request_id = id.map(|id| id.as_str().to_string()).unwrap_or_default();
             return self.streams.forward(&self.client, request).await;
         }
