@@ -114,6 +114,12 @@ impl Decoding {
         &self.history[self.prompt_len..]
     }
 
+    /// The prompt and the tokens generated so far: what the model has to have seen before the
+    /// next token is sampled.
+    pub fn tokens(&self) -> &[u32] {
+        &self.history
+    }
+
     /// Samples the next token from `logits` (the last position's) and turns it into text.
     pub fn step(&mut self, tokenizer: &Tokenizer, logits: &[f32]) -> Result<Step> {
         let token = self.sampler.sample(logits, &self.history)?;

@@ -15,7 +15,6 @@
 //!   `Info` after the run (warm-up included).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use realm_common::generate::{generate, GenerationParams};
@@ -358,7 +357,7 @@ async fn bench_cluster(config: &BenchConfig) -> anyhow::Result<ClusterRun> {
     .await?;
     let cluster =
         match Cluster::connect(model, workers.urls(), &PlanSpec::Auto, config.wire_dtype).await {
-            Ok(c) => Arc::new(c),
+            Ok(c) => c,
             Err(e) => return Err(workers.fail(e.into()).await),
         };
     let run = async {
@@ -374,7 +373,7 @@ async fn bench_cluster(config: &BenchConfig) -> anyhow::Result<ClusterRun> {
             .await
     };
     let result = run.await;
-    drop(cluster);
+    cluster.shutdown().await;
     let memory = match (&result, config.memory) {
         (Ok(_), Some(m)) => match layer_manager_stats(workers.urls()).await {
             Ok(stats) => Some(memory_result(m, budget, &layers, config.workers, &stats)),

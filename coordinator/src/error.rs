@@ -65,6 +65,59 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The same error for another of the sessions it ended, when one failure ends several (a
+    /// micro-batch's step). The model core's errors carry what cannot be copied (I/O and tensor
+    /// errors) and come through as their message.
+    pub fn duplicate(&self) -> Error {
+        let s = |v: &String| v.clone();
+        match self {
+            Error::Model(e) => match e {
+                realm_common::Error::InvalidArgument(m) => {
+                    Error::Model(realm_common::Error::InvalidArgument(s(m)))
+                }
+                realm_common::Error::ContextOverflow { tokens, context } => {
+                    Error::Model(realm_common::Error::ContextOverflow {
+                        tokens: *tokens,
+                        context: *context,
+                    })
+                }
+                other => Error::Internal(other.to_string()),
+            },
+            Error::Plan(m) => Error::Plan(s(m)),
+            Error::WorkerUrl { url, problem } => Error::WorkerUrl {
+                url: s(url),
+                problem: s(problem),
+            },
+            Error::Unreachable { url, problem } => Error::Unreachable {
+                url: s(url),
+                problem: s(problem),
+            },
+            Error::Refused { url, problem } => Error::Refused {
+                url: s(url),
+                problem: s(problem),
+            },
+            Error::Worker { url, status } => Error::Worker {
+                url: s(url),
+                status: status.clone(),
+            },
+            Error::Protocol { url, problem } => Error::Protocol {
+                url: s(url),
+                problem: s(problem),
+            },
+            Error::UnknownModel { requested, served } => Error::UnknownModel {
+                requested: s(requested),
+                served: s(served),
+            },
+            Error::NoCapacity(m) => Error::NoCapacity(s(m)),
+            Error::Busy(m) => Error::Busy(s(m)),
+            Error::ShuttingDown => Error::ShuttingDown,
+            Error::Stopped => Error::Stopped,
+            Error::Internal(m) => Error::Internal(s(m)),
+        }
+    }
+}
+
 /// `code: message` of a status, without tonic's metadata and details noise.
 pub fn describe(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())

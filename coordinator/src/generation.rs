@@ -38,6 +38,12 @@ pub mod names {
     pub const INTER_TOKEN: &str = "realm_inter_token_seconds";
     /// One worker's part of one step as the coordinator sees it (round trip), by `worker`.
     pub const WORKER_FORWARD: &str = "realm_worker_forward_seconds";
+    /// Rows of one step (micro-batch): decode rows and prompt chunks of all its sessions.
+    pub const STEP_ROWS: &str = "realm_step_rows";
+    /// Sessions in one step (micro-batch).
+    pub const STEP_SESSIONS: &str = "realm_step_sessions";
+    /// From receiving a request to its first step: admission and the scheduler's queue.
+    pub const QUEUE_WAIT: &str = "realm_queue_wait_seconds";
 }
 
 /// What a running generation reports.
@@ -130,7 +136,7 @@ pub fn start(
         let inter_token = histogram!(names::INTER_TOKEN);
         let generated = counter!(names::GENERATED_TOKENS);
         let result = cluster
-            .run(decoding, |delta| {
+            .run(decoding, received, |delta| {
                 let now = Instant::now();
                 match last_token.replace(now) {
                     None => first_token.record(now.duration_since(received).as_secs_f64()),
@@ -209,6 +215,16 @@ pub fn describe_metrics() {
         names::INTER_TOKEN,
         Unit::Seconds,
         "Between consecutive tokens of a generation"
+    );
+    describe_histogram!(
+        names::STEP_ROWS,
+        "Rows of one step: decode rows and prompt chunks of all its sessions"
+    );
+    describe_histogram!(names::STEP_SESSIONS, "Sessions in one step");
+    describe_histogram!(
+        names::QUEUE_WAIT,
+        Unit::Seconds,
+        "From receiving a request to its first step"
     );
     describe_histogram!(
         names::WORKER_FORWARD,

@@ -778,15 +778,37 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Histogram buckets of the step-size metrics (rows and sessions per step).
+pub const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
+
 /// Installs this process's metrics recorder (once per process) and returns the handle that
 /// renders `/metrics`.
 pub fn install_metrics() -> Result<PrometheusHandle> {
+    use metrics_exporter_prometheus::Matcher;
+    static INSTALLED: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(handle) = INSTALLED.get() {
+        return Ok(handle.clone());
+    }
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(generation::names::STEP_ROWS.to_string()),
+                COUNT_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(generation::names::STEP_SESSIONS.to_string()),
+                COUNT_BUCKETS,
+            )
+        })
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
     generation::describe_metrics();
-    Ok(handle)
+    Ok(INSTALLED.get_or_init(|| handle).clone())
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! Realm's coordinator: holds a model's tokenizer, embeddings and head, plans which worker runs
-//! which layers ([`plan`]), drives generation across the workers ([`cluster`]) and serves the
-//! client API ([`service`], and the OpenAI-compatible HTTP API in [`http`]). [`LocalModel`] runs every block in this process instead: the
+//! which layers ([`plan`]), batches the steps of every live generation through the workers
+//! ([`cluster`], [`scheduler`]) and serves the client API ([`service`], and the OpenAI-compatible
+//! HTTP API in [`http`]). [`LocalModel`] runs every block in this process instead: the
 //! single-process mode, and the oracle the distributed output must equal.
 #![forbid(unsafe_code)]
 
 pub mod admission;
+mod batch;
 pub mod bench;
 pub mod cluster;
 pub mod error;
@@ -17,9 +19,14 @@ pub mod net;
 pub mod plan;
 pub mod progress;
 pub mod request_id;
+pub mod scheduler;
+pub mod server;
 pub mod service;
+mod session;
 pub mod startup;
 mod step_stream;
+mod topology;
+mod transport;
 
 pub use cluster::Cluster;
 pub use error::{Error, Result};

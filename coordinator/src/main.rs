@@ -5,7 +5,6 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::Command as Process;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,15 +17,15 @@ use realm_common::sampling::SamplingParams;
 use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
 use realm_common::tls::ClientTls;
 use realm_common::wire::WireDType;
-use realm_coordinator::admission::Admission;
 use realm_coordinator::bench::{
     bench_one, load_model, BenchConfig, BenchResult, BudgetSpec, MemoryConfig,
 };
 use realm_coordinator::cluster::ClusterOptions;
-use realm_coordinator::http::HttpOptions;
 use realm_coordinator::local::LocalWorkers;
 use realm_coordinator::progress;
-use realm_coordinator::{Cluster, LocalModel, PlanSpec, ServiceOptions, DEFAULT_MODEL};
+use realm_coordinator::scheduler::{self, Scheduling};
+use realm_coordinator::server::{self, ServerConfig};
+use realm_coordinator::{Cluster, LocalModel, PlanSpec, DEFAULT_MODEL};
 use tokio::net::TcpListener;
 
 /// mimalloc keeps freed memory for reuse: the large activation buffers of each step come back
@@ -196,7 +195,36 @@ struct ServeArgs {
     #[arg(long, env = "REALM_WORKER_WAIT_SECS", default_value_t = 60)]
     worker_wait_secs: u64,
     #[command(flatten)]
+    scheduling: SchedulingArgs,
+    #[command(flatten)]
     guard: GuardArgs,
+}
+
+/// How `serve` batches the steps of concurrent generations.
+#[derive(Args)]
+struct SchedulingArgs {
+    /// Rows a step carries at most while any generation is decoding: one row per decoding
+    /// generation first, then chunks of waiting prompts in the room left. Bounds how long
+    /// running streams wait for a token while a long prompt is prefilled.
+    #[arg(long, env = "REALM_STEP_TOKENS", default_value_t = scheduler::DEFAULT_STEP_TOKENS)]
+    step_tokens: usize,
+    /// The longest piece of one prompt a step carries (long prompts go in chunks).
+    #[arg(long, env = "REALM_PREFILL_CHUNK", default_value_t = scheduler::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
+    /// Micro-batches in flight at once, each with its share of the generations (default: one
+    /// per worker, so every worker is busy).
+    #[arg(long, env = "REALM_PIPELINE_DEPTH")]
+    pipeline_depth: Option<usize>,
+}
+
+impl SchedulingArgs {
+    fn scheduling(&self) -> Scheduling {
+        Scheduling {
+            step_tokens: self.step_tokens,
+            prefill_chunk: self.prefill_chunk,
+            pipeline_depth: self.pipeline_depth,
+        }
+    }
 }
 
 /// Authentication, failover and admission limits of `serve`.
@@ -436,7 +464,7 @@ async fn run_cluster(args: RunArgs, threads: usize) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     let mut write_error = None;
     let generation = cluster
-        .run(decoding, |delta| {
+        .run(decoding, std::time::Instant::now(), |delta| {
             match stdout
                 .write_all(delta.text.as_bytes())
                 .and_then(|_| stdout.flush())
@@ -449,7 +477,7 @@ async fn run_cluster(args: RunArgs, threads: usize) -> anyhow::Result<()> {
             }
         })
         .await;
-    drop(cluster);
+    cluster.shutdown().await;
     let stopped = workers.stop().await;
     if let Some(e) = write_error {
         return Err(e).context("cannot write the completion");
@@ -492,13 +520,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     // Bound first, so a taken port fails before any worker loads a shard.
-    let listener = TcpListener::bind(&args.listen).await.with_context(|| {
+    let grpc = TcpListener::bind(&args.listen).await.with_context(|| {
         format!(
             "cannot listen on {} (is another coordinator running? choose another --listen)",
             args.listen
         )
     })?;
-    let addr = listener.local_addr()?;
     let http =
         match &args.http_listen {
             Some(http) => Some(TcpListener::bind(http).await.with_context(|| {
@@ -506,15 +533,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             })?),
             None => None,
         };
-    let metrics = match http {
-        Some(_) => Some(realm_coordinator::http::install_metrics()?),
-        None => None,
-    };
-    let model = progress::step(
-        &format!("loading {}", args.model.model.display()),
-        load_model(&args.model.model),
-    )
-    .await?;
     let worker_tls = match &guard.worker_ca {
         Some(ca) => Some(
             ClientTls::new(
@@ -528,88 +546,45 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let api_tls = match (&guard.tls_cert, &guard.tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(realm_common::tls::server_config(cert, key, None).map_err(anyhow::Error::msg)?)
+    let addrs = (
+        grpc.local_addr()?,
+        http.as_ref().map(TcpListener::local_addr).transpose()?,
+    );
+    let config = ServerConfig {
+        plan: args.cluster.plan,
+        wire_dtype: args.cluster.wire_dtype,
+        worker_wait: Duration::from_secs(args.worker_wait_secs),
+        cluster: ClusterOptions {
+            token: guard.cluster_token,
+            standby: guard.standby,
+            tls: worker_tls,
+        },
+        scheduling: args.scheduling.scheduling(),
+        api_keys: guard.api_key,
+        max_active: guard.max_active,
+        max_queued: guard.max_queued,
+        tls: guard.tls_cert.zip(guard.tls_key),
+        ..ServerConfig::new(args.model.model, args.workers)
+    };
+    let ready = |cluster: &Cluster| {
+        for (worker, range) in cluster.workers() {
+            eprintln!("  {} serves layers {range}", worker.url);
         }
-        _ => None,
+        let mut stdout = std::io::stdout().lock();
+        if let Some(http) = addrs.1 {
+            let _ = writeln!(stdout, "realm-coordinator serving HTTP on {http}");
+        }
+        let _ = writeln!(stdout, "realm-coordinator listening on {}", addrs.0)
+            .and_then(|_| stdout.flush());
     };
-    let options = ClusterOptions {
-        token: guard.cluster_token,
-        standby: guard.standby,
-        tls: worker_tls,
-    };
-    let cluster = progress::step(
-        &format!(
-            "planning the layers over {} workers and assigning their shards",
-            args.workers.len()
-        ),
-        realm_coordinator::startup::connect_when_ready(
-            model,
-            &args.workers,
-            &args.cluster.plan,
-            args.cluster.wire_dtype,
-            options,
-            Duration::from_secs(args.worker_wait_secs),
-        ),
+    let listeners = server::Listeners { grpc, http };
+    server::run(
+        config,
+        listeners,
+        ready,
+        realm_coordinator::shutdown_signal(),
     )
     .await
-    .context("cannot set up the cluster (are the workers running, with the same model file?)")?;
-    for (worker, range) in cluster.workers() {
-        eprintln!("  {} serves layers {range}", worker.url);
-    }
-    tracing::info!(plan = %cluster.plan(), %addr, "cluster ready");
-    let cluster = Arc::new(cluster);
-
-    // One signal stops both servers; each lets its requests in flight finish.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        realm_coordinator::shutdown_signal().await;
-        let _ = stop.send(true);
-    });
-    let until_stopped = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|&s| s).await;
-        }
-    };
-    let mut stdout = std::io::stdout().lock();
-    if let Some(http) = &http {
-        writeln!(
-            stdout,
-            "realm-coordinator serving HTTP on {}",
-            http.local_addr()?
-        )
-        .context("cannot write to stdout")?;
-    }
-    writeln!(stdout, "realm-coordinator listening on {addr}")
-        .and_then(|_| stdout.flush())
-        .context("cannot write to stdout")?;
-    drop(stdout);
-    let admission = Arc::new(Admission::new(guard.max_active, guard.max_queued));
-    let http = http.map(|listener| {
-        let options = HttpOptions {
-            api_keys: guard.api_key.clone(),
-            admission: Arc::clone(&admission),
-            metrics,
-        };
-        tokio::spawn(realm_coordinator::http::serve(
-            listener,
-            Arc::clone(&cluster),
-            options,
-            until_stopped(),
-        ))
-    });
-    let service = ServiceOptions {
-        api_keys: guard.api_key,
-        admission,
-        tls: api_tls,
-    };
-    realm_coordinator::serve_with(listener, cluster, service, until_stopped()).await?;
-    if let Some(http) = http {
-        http.await.context("the HTTP server did not finish")??;
-    }
-    Ok(())
 }
 
 /// One configuration (worker count, budget, prefetch) runs here; several run each in a fresh

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::cluster::ClusterOptions;
+use crate::scheduler::Scheduling;
 use crate::{Cluster, CoordinatorModel, Error, PlanSpec, Result};
 
 /// First pause between attempts; each failed attempt doubles it up to [`MAX_BACKOFF`].
@@ -27,6 +28,7 @@ pub async fn connect_when_ready(
     plan: &PlanSpec,
     wire_dtype: WireDType,
     options: ClusterOptions,
+    scheduling: Scheduling,
     wait: Duration,
 ) -> Result<Cluster> {
     let deadline = Instant::now() + wait;
@@ -38,6 +40,7 @@ pub async fn connect_when_ready(
             plan,
             wire_dtype,
             options.clone(),
+            scheduling,
         );
         match attempt.await {
             Err(e @ Error::Unreachable { .. }) => {

@@ -19,9 +19,9 @@ use std::sync::{Mutex, PoisonError};
 use realm_proto::pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming};
+use tonic::{Status, Streaming};
 
-use crate::cluster::WorkerRpc;
+use crate::transport::{step_status, WorkerRpc};
 
 /// One open `ForwardStream`: steps go out through `requests`, replies come back on `replies`.
 struct StepStream {
@@ -84,7 +84,7 @@ impl StepStreams {
             self.idle().push(stream);
             return match reply.result {
                 Some(pb::forward_reply::Result::Response(response)) => Ok(response),
-                Some(pb::forward_reply::Result::Error(e)) => Err(step_error(e)),
+                Some(pb::forward_reply::Result::Error(e)) => Err(step_status(e)),
                 None => Err(Status::internal("the worker sent an empty step reply")),
             };
         }
@@ -110,31 +110,4 @@ async fn open(client: &WorkerRpc) -> Result<StepStream, Status> {
         .await?
         .into_inner();
     Ok(StepStream { requests, replies })
-}
-
-/// The status a failed step's reply stands for. A code out of range, or OK, is the worker's
-/// mistake: it reads as UNKNOWN.
-fn step_error(e: pb::StepError) -> Status {
-    let code = match Code::from_i32(e.code) {
-        Code::Ok => Code::Unknown,
-        code => code,
-    };
-    Status::new(code, e.message)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn step_errors_keep_their_code() {
-        let e = |code: i32| pb::StepError {
-            code,
-            message: "why".to_string(),
-        };
-        let s = step_error(e(Code::InvalidArgument as i32));
-        assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "why"));
-        assert_eq!(step_error(e(0)).code(), Code::Unknown);
-        assert_eq!(step_error(e(999)).code(), Code::Unknown);
-    }
 }

@@ -96,10 +96,15 @@ struct TestCluster {
 
 impl TestCluster {
     fn start() -> Self {
+        Self::of(SMOLLM2, [None, Some("12MiB")])
+    }
+
+    /// Two workers of `model_file`, each with its Memory64 budget, if any.
+    fn of(model_file: &str, budgets: [Option<&str>; 2]) -> Self {
         let logs = tempfile::tempdir().expect("temp dir");
-        let model = model_path(SMOLLM2);
+        let model = model_path(model_file);
         let model = model.to_str().unwrap();
-        let workers: Vec<Process> = [None, Some("12MiB")]
+        let workers: Vec<Process> = budgets
             .iter()
             .enumerate()
             .map(|(i, budget)| {
@@ -364,6 +369,153 @@ fn errors_have_the_openai_shape_and_status() {
     let health = curl(&format!("{base}/health"), None, &[]);
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["status"], "ok");
+}
+
+/// Sixteen prompts, the reference's four first.
+const SIXTEEN: [&str; 16] = [
+    "The capital of France is",
+    "The capital of Germany is",
+    "The largest planet in the solar system is",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+    "The best way to learn a new language is",
+    "In 1492, Christopher Columbus",
+    "The recipe for a good pancake starts with",
+    "My favourite animal is the",
+    "The theory of relativity says that",
+    "To build a house, you first need",
+    "The ocean is home to",
+    "A computer program is",
+    "The history of the Roman Empire",
+    "Music makes people feel",
+    "Tomorrow the weather will be",
+];
+
+/// The token ids, text and finish reason of one greedy stream over the Realm gRPC API.
+async fn grpc_stream(addr: &str, prompt: &str, max_tokens: u32) -> (Vec<u32>, String, String) {
+    use realm_proto::pb;
+    let mut client = pb::realm_client::RealmClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the coordinator");
+    let request = pb::GenerateRequest {
+        prompt: prompt.to_string(),
+        max_tokens,
+        ..Default::default()
+    };
+    let mut stream = client
+        .generate(request)
+        .await
+        .expect("generate")
+        .into_inner();
+    let (mut ids, mut text, mut finish) = (Vec::new(), String::new(), None);
+    while let Some(message) = stream.message().await.expect("a stream message") {
+        ids.extend(message.token_ids);
+        text.push_str(&message.text);
+        finish = message.finish.map(|f| f.reason);
+    }
+    (ids, text, finish.expect("the last message finishes"))
+}
+
+/// Sixteen greedy streams at once through two workers: each must read the very tokens and text
+/// it reads alone (and, for SmolLM2, the reference's), while the steps carry many sessions each,
+/// and every worker acquires each layer once per step, whatever the sessions in it.
+fn batched_streams_equal_each_stream_alone(
+    model_file: &str,
+    budgets: [Option<&str>; 2],
+    reference: Option<&str>,
+) {
+    const TOKENS: u32 = 16;
+    let cluster = TestCluster::of(model_file, budgets);
+    let grpc = cluster.coordinator.addr("listening").to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let alone: Vec<_> = SIXTEEN
+        .iter()
+        .map(|p| runtime.block_on(grpc_stream(&grpc, p, TOKENS)))
+        .collect();
+
+    let scrape = |url: String| curl(&url, None, &[]).body;
+    let coordinator_metrics = || scrape(format!("{}/metrics", cluster.http()));
+    let worker_metrics = |w: &Process| scrape(format!("http://{}/metrics", w.addr("metrics")));
+    let before = coordinator_metrics();
+    let workers_before: Vec<String> = cluster.workers.iter().map(worker_metrics).collect();
+    let together = runtime.block_on(async {
+        let streams = SIXTEEN.iter().map(|p| grpc_stream(&grpc, p, TOKENS));
+        futures_util::future::join_all(streams).await
+    });
+    let after = coordinator_metrics();
+
+    for ((prompt, alone), together) in SIXTEEN.iter().zip(&alone).zip(&together) {
+        assert_eq!(alone.0.len(), TOKENS as usize, "{prompt:?}");
+        assert_eq!(
+            together, alone,
+            "{model_file} {prompt:?} among fifteen others"
+        );
+    }
+    if let Some(key) = reference {
+        let runs = &fixture("greedy.json")["runs"][key];
+        for (run, (ids, text, _)) in runs.as_array().expect("runs").iter().zip(&together) {
+            let want: Vec<u32> = run["generated_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect();
+            assert_eq!(ids, &want, "{}", run["prompt"]);
+            assert_eq!(
+                text,
+                run["content"].as_str().expect("content"),
+                "{}",
+                run["prompt"]
+            );
+        }
+    }
+    // The steps carried many sessions each: sixteen decoding streams over a two-stage
+    // pipeline make micro-batches of about eight.
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    let steps = moved("realm_step_sessions_count");
+    let sessions = moved("realm_step_sessions_sum");
+    assert!(steps > 0.0, "{after}");
+    assert!(
+        sessions / steps > 4.0,
+        "{sessions} sessions in {steps} steps\n{after}"
+    );
+    assert!(moved("realm_queue_wait_seconds_count") >= 16.0, "{after}");
+    for (w, before) in cluster.workers.iter().zip(&workers_before) {
+        let after = worker_metrics(w);
+        let moved = |series: &str| sample(&after, series) - sample(before, series);
+        let accesses = [
+            "realm_worker_layer_hits_total",
+            "realm_worker_layer_misses_total",
+            "realm_worker_layer_prefetch_hits_total",
+            "realm_worker_layer_waits_total",
+        ]
+        .iter()
+        .map(|s| moved(s))
+        .sum::<f64>();
+        let layers = sample(&after, "realm_worker_shard_layers");
+        assert_eq!(
+            accesses,
+            moved("realm_worker_forwards_total") * layers,
+            "each step acquires each layer once\n{after}"
+        );
+        assert!(
+            moved("realm_worker_forward_tokens_total") > moved("realm_worker_forwards_total") * 4.0,
+            "{after}"
+        );
+    }
+}
+
+#[test]
+fn smollm2_batched_streams_equal_each_stream_alone_and_the_reference() {
+    batched_streams_equal_each_stream_alone(SMOLLM2, [None, Some("12MiB")], Some("smollm2"));
+}
+
+#[test]
+fn gemma3_batched_streams_equal_each_stream_alone() {
+    batched_streams_equal_each_stream_alone(GEMMA3, [None, None], None);
 }
 
 #[test]

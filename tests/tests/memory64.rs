@@ -262,11 +262,14 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
         let want = resident.forward(&x, position, &mut kv).unwrap();
         let response = client
             .forward(pb::ForwardRequest {
-                session_id: "s".to_string(),
-                position: position as u64,
                 hidden: Some(Activations::to_wire(&x, WireDType::F32).unwrap()),
                 layers: Some(pb::LayerRange { start: 0, end: 8 }),
-                request_id: String::new(),
+                sessions: vec![pb::SessionRows {
+                    session_id: "s".to_string(),
+                    position: position as u64,
+                    rows: tokens.len() as u32,
+                    ..Default::default()
+                }],
             })
             .await
             .expect("forward")

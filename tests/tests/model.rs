@@ -238,3 +238,110 @@ fn seeded_sampling_is_reproducible() {
     let b = generate(&m.model, &m.tokenizer, prompt, &params, |_| {}).unwrap();
     assert_eq!(a.tokens, b.tokens);
 }
+
+/// Steps of several sessions batched through the shard against each session's steps alone:
+/// every row must carry the very bits it gets alone, for decode rows, a long prompt and a chunk
+/// of a prompt side by side, and the caches they leave must serve the next step alike.
+fn a_batched_step_gives_each_session_its_bits_alone(m: &Loaded) {
+    use realm_common::model::{Precision, SessionRows};
+
+    let text = "The quick brown fox jumps over the lazy dog while the river runs past the old \
+                mill, and the village wakes to the smell of bread and the sound of bells. ";
+    let tokens = m.tokenizer.encode(&text.repeat(4), true, false).unwrap();
+    assert!(tokens.len() >= 90, "{}", tokens.len());
+    let shard = &m.model.shard;
+    let embed = |t: &[u32]| m.model.embedding.forward(t).unwrap();
+    // (tokens cached before, rows of the batched step, precision): decode rows, a whole
+    // 70-token prompt, and a 20-token chunk of a longer prompt (which attends as the prompt).
+    let sessions = [
+        (5, 1, Precision::Narrow),
+        (0, 70, Precision::Wide),
+        (12, 1, Precision::Narrow),
+        (0, 20, Precision::Wide),
+        (3, 16, Precision::Narrow),
+    ];
+    let fresh = |cached: usize, start: usize| {
+        let mut kv = m.model.new_session_kv();
+        if cached > 0 {
+            let x = embed(&tokens[start..start + cached]);
+            shard.forward(&x, 0, &mut kv).unwrap();
+        }
+        kv
+    };
+    let rows_of = |t: &candle_core::Tensor| t.to_vec2::<f32>().unwrap();
+    // Each session reads its own stretch of the text.
+    let starts: Vec<usize> = (0..sessions.len()).map(|i| i * 2).collect();
+    let mut alone_kv = Vec::new();
+    let mut want = Vec::new();
+    for (&(cached, rows, precision), &start) in sessions.iter().zip(&starts) {
+        let mut kv = fresh(cached, start);
+        let x = embed(&tokens[start + cached..start + cached + rows]);
+        let mut one = [SessionRows {
+            position: cached,
+            rows,
+            precision,
+            kv: &mut kv,
+        }];
+        want.extend(rows_of(&shard.forward_batch(&x, &mut one).unwrap()));
+        alone_kv.push(kv);
+    }
+    let mut batch_kv: Vec<_> = sessions
+        .iter()
+        .zip(&starts)
+        .map(|(&(cached, ..), &start)| fresh(cached, start))
+        .collect();
+    let step: Vec<u32> = sessions
+        .iter()
+        .zip(&starts)
+        .flat_map(|(&(cached, rows, _), &start)| {
+            tokens[start + cached..start + cached + rows].to_vec()
+        })
+        .collect();
+    let mut batch: Vec<SessionRows> = sessions
+        .iter()
+        .zip(batch_kv.iter_mut())
+        .map(|(&(cached, rows, precision), kv)| SessionRows {
+            position: cached,
+            rows,
+            precision,
+            kv,
+        })
+        .collect();
+    let got = rows_of(&shard.forward_batch(&embed(&step), &mut batch).unwrap());
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "row {i} differs in the batch");
+    }
+    // One decode row each, batched and alone, on the caches the first step left.
+    let next: Vec<u32> = (0..sessions.len()).map(|i| tokens[80 + i]).collect();
+    let mut want = Vec::new();
+    for (kv, &t) in alone_kv.iter_mut().zip(&next) {
+        let position = kv.len();
+        want.extend(rows_of(&shard.forward(&embed(&[t]), position, kv).unwrap()));
+    }
+    let mut batch: Vec<SessionRows> = batch_kv
+        .iter_mut()
+        .map(|kv| SessionRows {
+            position: kv.len(),
+            rows: 1,
+            precision: Precision::Narrow,
+            kv,
+        })
+        .collect();
+    let got = rows_of(&shard.forward_batch(&embed(&next), &mut batch).unwrap());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "session {i} differs on the step after the batch");
+    }
+}
+
+#[test]
+fn smollm2_batched_steps_equal_each_session_alone() {
+    a_batched_step_gives_each_session_its_bits_alone(smollm2());
+}
+
+#[test]
+fn gemma3_batched_steps_equal_each_session_alone() {
+    a_batched_step_gives_each_session_its_bits_alone(gemma3());
+}

@@ -371,15 +371,17 @@ async fn oversize_worker_messages_are_refused() {
     let worker = start_worker(&model, &[], &[]);
     let mut w = worker_client(&worker, None).await;
     let request = pb::ForwardRequest {
-        session_id: "big".into(),
-        position: 0,
         hidden: Some(pb::Tensor {
             shape: vec![1],
             dtype: pb::DataType::F32 as i32,
             data: vec![0; 65 << 20],
         }),
         layers: Some(pb::LayerRange { start: 0, end: 1 }),
-        request_id: String::new(),
+        sessions: vec![pb::SessionRows {
+            session_id: "big".into(),
+            rows: 1,
+            ..Default::default()
+        }],
     };
     let status = w.forward(request).await.unwrap_err();
     assert!(

@@ -85,14 +85,39 @@ fn wire(hidden: &Tensor) -> pb::Tensor {
     Activations::to_wire(hidden, WireDType::F32).expect("to wire")
 }
 
-fn step(session: &str, position: u64, hidden: pb::Tensor, range: (u32, u32)) -> pb::ForwardRequest {
-    pb::ForwardRequest {
+/// The rows of one session in a step.
+fn rows(session: &str, position: u64, rows: u32) -> pb::SessionRows {
+    pb::SessionRows {
         session_id: session.to_string(),
         position,
+        rows,
+        ..Default::default()
+    }
+}
+
+/// A step of the sessions `sessions` over `hidden` (their rows, in order).
+fn batch(
+    sessions: Vec<pb::SessionRows>,
+    hidden: pb::Tensor,
+    range: (u32, u32),
+) -> pb::ForwardRequest {
+    pb::ForwardRequest {
         hidden: Some(hidden),
         layers: layers(range.0, range.1),
-        request_id: String::new(),
+        sessions,
     }
+}
+
+/// A step of one session over all the rows of `hidden`.
+fn step(session: &str, position: u64, hidden: pb::Tensor, range: (u32, u32)) -> pb::ForwardRequest {
+    let n = hidden.shape.first().copied().unwrap_or(0) as u32;
+    batch(vec![rows(session, position, n)], hidden, range)
+}
+
+/// The status a refused session of a step reads as.
+fn refusal(f: &pb::SessionFailure) -> tonic::Status {
+    let e = f.error.as_ref().expect("a refusal says why");
+    tonic::Status::new(Code::from_i32(e.code), e.message.clone())
 }
 
 fn values(response: &pb::ForwardResponse) -> Vec<Vec<f32>> {
@@ -154,11 +179,17 @@ impl Running {
             .into_inner()
     }
 
+    /// Runs a step; a step of one session that the worker refuses reads as its refusal.
     async fn forward(
         &mut self,
         request: pb::ForwardRequest,
     ) -> Result<pb::ForwardResponse, tonic::Status> {
-        self.client.forward(request).await.map(|r| r.into_inner())
+        let alone = request.sessions.len() == 1;
+        let response = self.client.forward(request).await?.into_inner();
+        match &response.failed[..] {
+            [refused] if alone => Err(refusal(refused)),
+            _ => Ok(response),
+        }
     }
 
     async fn end(&mut self, session: &str) -> bool {
@@ -282,7 +313,13 @@ async fn steps_on_one_stream_equal_the_model_and_a_failed_step_fails_alone() {
     };
     let refused = |result| match result {
         pb::forward_reply::Result::Error(e) => (tonic::Code::from_i32(e.code), e.message),
-        pb::forward_reply::Result::Response(_) => panic!("a bad step ran"),
+        pb::forward_reply::Result::Response(r) => match &r.failed[..] {
+            [f] => {
+                let status = refusal(f);
+                (status.code(), status.message().to_string())
+            }
+            _ => panic!("a bad step ran"),
+        },
     };
 
     let expected = r.run(&r.shard, &[&TOKENS[..3], &TOKENS[3..4], &TOKENS[4..5]]);
@@ -309,6 +346,56 @@ async fn steps_on_one_stream_equal_the_model_and_a_failed_step_fails_alone() {
     // A worker shutting down ends the streams open between steps, so its drain can finish.
     w.stop().await;
     assert!(!matches!(replies.message().await, Ok(Some(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_step_runs_each_session_as_alone_and_refuses_a_session_alone() {
+    let r = smollm2();
+    let n = r.config.n_layers as u32;
+    let mut w = start(LONG).await;
+    w.assign(0, n).await;
+    let one = r.run(&r.shard, &[&TOKENS[..3], &TOKENS[3..4], &TOKENS[4..6]]);
+    let two = r.run(&r.shard, &[&OTHER_TOKENS[..], &TOKENS[..1]]);
+    let e = |t: &[u32]| wire(&r.embed(t));
+
+    // Both prompts in one step.
+    let prompts = [&TOKENS[..3], &OTHER_TOKENS[..]].concat();
+    let both = w
+        .forward(batch(
+            vec![rows("one", 0, 3), rows("two", 0, 4)],
+            e(&prompts),
+            (0, n),
+        ))
+        .await
+        .expect("two prompts");
+    assert!(both.failed.is_empty(), "{:?}", both.failed);
+    assert_eq!(values(&both), [one[0].clone(), two[0].clone()].concat());
+
+    // A decode row of each around a session the worker does not hold: that one is refused,
+    // the others run.
+    let decode = w
+        .forward(batch(
+            vec![rows("one", 3, 1), rows("ghost", 5, 1), rows("two", 4, 1)],
+            e(&[TOKENS[3], TOKENS[0], TOKENS[0]]),
+            (0, n),
+        ))
+        .await
+        .expect("a step with a refused session");
+    assert_eq!(decode.failed.len(), 1, "{:?}", decode.failed);
+    assert_eq!(decode.failed[0].index, 1);
+    let why = refusal(&decode.failed[0]);
+    assert_eq!(why.code(), Code::InvalidArgument, "{why:?}");
+    assert!(why.message().contains("unknown session"), "{why:?}");
+    assert_eq!(values(&decode), [one[1].clone(), two[1].clone()].concat());
+
+    // Their caches are what running alone leaves.
+    let next = w
+        .forward(step("one", 4, e(&TOKENS[4..6]), (0, n)))
+        .await
+        .expect("the session goes on");
+    assert_eq!(values(&next), one[2]);
+    assert_eq!(w.info().await.active_sessions, 2);
+    w.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,7 +625,7 @@ async fn malformed_requests_are_refused_and_the_worker_keeps_serving() {
         ),
         (
             "unknown session at position > 0",
-            with(&|request| request.position = 3),
+            with(&|request| request.sessions[0].position = 3),
             Code::InvalidArgument,
             "unknown session",
         ),
@@ -568,9 +655,43 @@ async fn malformed_requests_are_refused_and_the_worker_keeps_serving() {
         ),
         (
             "empty session id",
-            with(&|request| request.session_id.clear()),
+            with(&|request| request.sessions[0].session_id.clear()),
             Code::InvalidArgument,
             "session id",
+        ),
+        (
+            "no session",
+            with(&|request| request.sessions.clear()),
+            Code::InvalidArgument,
+            "names no session",
+        ),
+        (
+            "a session twice",
+            batch(vec![rows("a", 0, 1), rows("a", 0, 2)], x.clone(), (0, 2)),
+            Code::InvalidArgument,
+            "appears twice",
+        ),
+        (
+            "rows that do not add up to the hidden state",
+            batch(vec![rows("fresh", 0, 2)], x.clone(), (0, 2)),
+            Code::InvalidArgument,
+            "hold 2 rows",
+        ),
+        (
+            "a session without rows",
+            batch(
+                vec![rows("b", 0, 0), rows("fresh", 0, 3)],
+                x.clone(),
+                (0, 2),
+            ),
+            Code::InvalidArgument,
+            "no rows",
+        ),
+        (
+            "more rows than its step has tokens",
+            with(&|request| request.sessions[0].step_tokens = 2),
+            Code::InvalidArgument,
+            "a step of 2 tokens",
         ),
     ];
     for (case, request, code, says) in cases {

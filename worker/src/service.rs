@@ -11,11 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use futures_util::Stream;
 use realm_common::gguf::GgufFile;
-use realm_common::model::{layer_bytes, LayerBudget, LayerRange, LayerStats, ModelConfig, Shard};
-use realm_common::wire::{Activations, ModelIdentity};
+use realm_common::model::{
+    layer_bytes, LayerBudget, LayerRange, LayerStats, ModelConfig, Precision, SessionRows, Shard,
+};
+use realm_common::wire::{Activations, ModelIdentity, WireDType};
 use realm_common::Error;
 use realm_proto::pb;
 use realm_proto::PROTOCOL_VERSION;
@@ -188,13 +190,18 @@ impl WorkerState {
         (layers * 2 * self.config.n_kv_heads * self.config.head_dim * 2) as u64
     }
 
-    /// Refuses a step whose `n_tokens` would take the KV caches past the worker's bound.
-    fn check_kv_room(&self, loaded: &Loaded, n_tokens: usize) -> Result<(), Status> {
+    /// KV bytes `n_tokens` new tokens of a session add on the shard of `loaded`.
+    fn kv_bytes_for(&self, loaded: &Loaded, n_tokens: usize) -> u64 {
+        self.kv_bytes_per_token(loaded.shard.range().len()) * n_tokens as u64
+    }
+
+    /// Refuses a session whose step would take the KV caches past the worker's bound, with
+    /// `needed` bytes more for this step (its own and those of the sessions before it).
+    fn check_kv_room(&self, loaded: &Loaded, needed: u64) -> Result<(), Status> {
         let Some(max) = self.max_kv_bytes else {
             return Ok(());
         };
         let held = loaded.sessions.kv_bytes();
-        let needed = self.kv_bytes_per_token(loaded.shard.range().len()) * n_tokens as u64;
         if held.saturating_add(needed) > max {
             return Err(Status::resource_exhausted(format!(
                 "KV cache memory is full: {held} of {max} bytes held by {} sessions, this step \
@@ -223,44 +230,65 @@ impl WorkerService {
         Self { state, closing }
     }
 
-    /// One forward step, for both `Forward` and `ForwardStream`.
+    /// One forward step, for both `Forward` and `ForwardStream`: every session that passes its
+    /// checks runs; the others are listed in the reply's `failed`.
     async fn step(&self, request: pb::ForwardRequest) -> Result<pb::ForwardResponse, Status> {
-        let step = self
-            .prepare_step(&request)
-            .await
-            .map_err(|status| refused("Forward", status))?;
         let PreparedStep {
             loaded,
-            mut step,
-            activations,
-            position,
-            n_tokens,
-        } = step;
+            mut sessions,
+            failed,
+            hidden,
+            dtype,
+        } = self
+            .prepare_step(request)
+            .await
+            .map_err(|status| refused("Forward", status))?;
+        let rows = hidden
+            .as_ref()
+            .map_or(Ok(0), |h| h.dim(0))
+            .map_err(Error::from)?;
+        let Some(hidden) = hidden else {
+            // Every session was refused: nothing runs.
+            return Ok(pb::ForwardResponse {
+                hidden: Some(empty_rows(self.state.config.d_model, dtype)?),
+                compute_us: 0,
+                failed,
+            });
+        };
 
-        let session = request.session_id;
-        let span = trace_span!("forward", session = %session, position, n_tokens);
-        let joined = realm_common::runtime::step(n_tokens, move || {
+        let span = trace_span!("forward", sessions = sessions.len(), rows);
+        let joined = realm_common::runtime::step(rows, move || {
             let _span = span.enter();
             let started = Instant::now();
             // A panic in the model code must not take the worker down: it fails this step alone.
-            let hidden = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                loaded
-                    .shard
-                    .forward(&activations.hidden, position, &mut step.kv)
+            let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut batch: Vec<SessionRows> = sessions
+                    .iter_mut()
+                    .map(|s| SessionRows {
+                        position: s.position,
+                        rows: s.rows,
+                        precision: s.precision,
+                        kv: &mut s.step.kv,
+                    })
+                    .collect();
+                loaded.shard.forward_batch(&hidden, &mut batch)
             }));
             let compute = started.elapsed();
-            let wire = match hidden {
+            let wire = match computed {
                 Ok(hidden) => hidden
-                    .and_then(|h| Activations::to_wire(&h, activations.dtype))
+                    .and_then(|h| Activations::to_wire(&h, dtype))
                     .map_err(|e| e.to_string()),
                 Err(_) => Err("the forward pass panicked".to_string()),
             };
-            match &wire {
-                Ok(_) => loaded.sessions.finish_step(&step),
-                // Some blocks may have cached this step and others not: the cache is unusable.
-                Err(error) => {
-                    warn!(session = %session, position, %error, "forward failed: session dropped");
-                    loaded.sessions.discard(&session, &step);
+            for s in &sessions {
+                let _span = s.span.enter();
+                match &wire {
+                    Ok(_) => loaded.sessions.finish_step(&s.step),
+                    // Some blocks may have cached this step and others not: the cache is unusable.
+                    Err(error) => {
+                        warn!(session = %s.id, position = s.position, %error, "forward failed: session dropped");
+                        loaded.sessions.discard(&s.id, &s.step);
+                    }
                 }
             }
             trace!(compute_us = compute.as_micros(), "step done");
@@ -270,20 +298,28 @@ impl WorkerService {
         // The request was checked before the step ran, so a failure here is the worker's own.
         if let (Some(m), Ok(Ok((_, compute)))) = (self.state.metrics(), &joined) {
             m.forwards.increment(1);
-            m.forward_tokens.increment(n_tokens as u64);
+            m.forward_tokens.increment(rows as u64);
             m.forward_compute.record(compute.as_secs_f64());
         }
         match joined {
             Ok(Ok((hidden, compute))) => Ok(pb::ForwardResponse {
                 hidden: Some(hidden),
                 compute_us: u64::try_from(compute.as_micros()).unwrap_or(u64::MAX),
+                failed,
             }),
             Ok(Err(error)) => Err(Status::internal(format!(
-                "forward pass failed, session dropped: {error}"
+                "forward pass failed, its sessions dropped: {error}"
             ))),
             Err(e) => Err(Status::internal(format!("forward pass did not run: {e}"))),
         }
     }
+}
+
+/// A `[0, d_model]` hidden state: the reply of a step none of whose sessions ran.
+fn empty_rows(d_model: usize, dtype: WireDType) -> Result<pb::Tensor, Status> {
+    let none =
+        Tensor::zeros((0, d_model), candle_core::DType::F32, &Device::Cpu).map_err(Error::from)?;
+    Ok(Activations::to_wire(&none, dtype)?)
 }
 
 fn no_shard() -> Status {
@@ -435,8 +471,7 @@ impl pb::worker_server::Worker for WorkerService {
             };
             match next {
                 Ok(Some(request)) => {
-                    let span = crate::request_span_for(&request.request_id);
-                    let result = match service.step(request).instrument(span).await {
+                    let result = match service.step(request).await {
                         Ok(response) => pb::forward_reply::Result::Response(response),
                         Err(status) => pb::forward_reply::Result::Error(pb::StepError {
                             code: status.code() as i32,
@@ -508,22 +543,47 @@ fn stats_to_wire(s: &LayerStats, prefetch: usize) -> pb::LayerManagerStats {
     }
 }
 
-/// A validated forward request, its session locked.
+/// A validated step: the sessions that run, locked, in the request's order, and the rows of
+/// exactly those sessions; the sessions refused, with why.
 struct PreparedStep {
     loaded: Arc<Loaded>,
-    step: Step,
-    activations: Activations,
+    sessions: Vec<ReadySession>,
+    failed: Vec<pb::SessionFailure>,
+    /// `None` when every session was refused.
+    hidden: Option<Tensor>,
+    dtype: WireDType,
+}
+
+/// One session of a step, locked for it.
+struct ReadySession {
+    id: String,
+    /// The span of the client request it serves: every line logged about it carries the id.
+    span: tracing::Span,
     position: usize,
-    n_tokens: usize,
+    rows: usize,
+    precision: Precision,
+    step: Step,
+}
+
+/// A session's part of a request, checked for its shape.
+struct Part {
+    index: usize,
+    id: String,
+    span: tracing::Span,
+    position: usize,
+    rows: usize,
+    precision: Precision,
+    /// Its first row in the request's hidden state.
+    first_row: usize,
 }
 
 impl WorkerService {
-    /// Checks a forward request against the shard and the session, and locks the session.
-    async fn prepare_step(&self, request: &pb::ForwardRequest) -> Result<PreparedStep, Status> {
+    /// Checks a forward request against the shard and its sessions against their caches, and
+    /// locks the sessions that may run. A malformed request fails whole; a session that cannot
+    /// run (unknown, out of step with its cache, past the context or the KV bound) is refused
+    /// alone.
+    async fn prepare_step(&self, request: pb::ForwardRequest) -> Result<PreparedStep, Status> {
         let state = &self.state;
-        if request.session_id.is_empty() {
-            return Err(Status::invalid_argument("session id is empty"));
-        }
         let loaded = state.loaded().ok_or_else(no_shard)?;
         let layers = LayerRange::try_from(request.layers.as_ref())?;
         if layers != loaded.shard.range() {
@@ -537,26 +597,149 @@ impl WorkerService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("hidden state is missing"))?;
         let activations = Activations::from_wire(hidden, state.config.d_model, &Device::Cpu)?;
-        let (n_tokens, _) = activations.hidden.dims2().map_err(Error::from)?;
-        let position = usize::try_from(request.position).map_err(|_| {
-            Status::invalid_argument(format!(
-                "position past the context: position {} does not fit this machine",
-                request.position
-            ))
-        })?;
-        state.check_fits(position, n_tokens)?;
-        state.check_kv_room(&loaded, n_tokens)?;
-        let step = loaded
-            .sessions
-            .begin_step(&request.session_id, position)
-            .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (n_rows, _) = activations.hidden.dims2().map_err(Error::from)?;
+        let parts = parts_of(request.sessions, n_rows)?;
+
+        let mut failed = Vec::new();
+        let mut fail = |part: &Part, status: Status| {
+            part.span.in_scope(|| {
+                debug!(session = %part.id, code = ?status.code(), message = status.message(), "session refused");
+            });
+            failed.push(pb::SessionFailure {
+                index: part.index as u32,
+                error: Some(pb::StepError {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                }),
+            });
+        };
+        // The KV bound admits sessions in order while their new tokens fit.
+        let mut admitted = Vec::with_capacity(parts.len());
+        let mut needed = 0;
+        for part in parts {
+            let checked = state.check_fits(part.position, part.rows).and_then(|()| {
+                let more = state.kv_bytes_for(&loaded, part.rows);
+                state.check_kv_room(&loaded, needed + more).map(|()| more)
+            });
+            match checked {
+                Ok(more) => {
+                    needed += more;
+                    admitted.push(part);
+                }
+                Err(status) => fail(&part, status),
+            }
+        }
+        // Locked in the order of their ids, so two steps sharing sessions never wait on each
+        // other in a cycle.
+        admitted.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut sessions = Vec::with_capacity(admitted.len());
+        for part in admitted {
+            let began = loaded
+                .sessions
+                .begin_step(&part.id, part.position)
+                .instrument(part.span.clone())
+                .await;
+            match began {
+                Ok(step) => sessions.push((part, step)),
+                Err(e) => fail(&part, Status::invalid_argument(e.to_string())),
+            }
+        }
+        sessions.sort_by_key(|(part, _)| part.index);
+        failed.sort_by_key(|f| f.index);
+
+        let all_run = failed.is_empty();
+        let hidden = if sessions.is_empty() {
+            None
+        } else if all_run {
+            Some(activations.hidden)
+        } else {
+            let pieces = sessions
+                .iter()
+                .map(|(p, _)| activations.hidden.narrow(0, p.first_row, p.rows))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .and_then(|pieces| Tensor::cat(&pieces, 0))
+                .map_err(Error::from)?;
+            Some(pieces)
+        };
         Ok(PreparedStep {
             loaded,
-            step,
-            activations,
-            position,
-            n_tokens,
+            sessions: sessions
+                .into_iter()
+                .map(|(part, step)| ReadySession {
+                    id: part.id,
+                    span: part.span,
+                    position: part.position,
+                    rows: part.rows,
+                    precision: part.precision,
+                    step,
+                })
+                .collect(),
+            failed,
+            hidden,
+            dtype: activations.dtype,
         })
     }
+}
+
+/// The sessions of a request with their rows, checked to be well formed: at least one, each
+/// named once, with at least one row, the rows adding up to the `n_rows` of the hidden state.
+fn parts_of(sessions: Vec<pb::SessionRows>, n_rows: usize) -> Result<Vec<Part>, Status> {
+    if sessions.is_empty() {
+        return Err(Status::invalid_argument("the step names no session"));
+    }
+    let mut parts: Vec<Part> = Vec::with_capacity(sessions.len());
+    let mut first_row = 0usize;
+    for (index, s) in sessions.into_iter().enumerate() {
+        if s.session_id.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "session id {index} of the step is empty"
+            )));
+        }
+        if parts.iter().any(|p| p.id == s.session_id) {
+            return Err(Status::invalid_argument(format!(
+                "session {} appears twice in the step",
+                s.session_id
+            )));
+        }
+        let rows = s.rows as usize;
+        if rows == 0 {
+            return Err(Status::invalid_argument(format!(
+                "session {} has no rows in the step",
+                s.session_id
+            )));
+        }
+        let position = usize::try_from(s.position).map_err(|_| {
+            Status::invalid_argument(format!(
+                "position past the context: position {} does not fit this machine",
+                s.position
+            ))
+        })?;
+        let step_tokens = if s.step_tokens == 0 {
+            rows
+        } else {
+            s.step_tokens as usize
+        };
+        if step_tokens < rows {
+            return Err(Status::invalid_argument(format!(
+                "session {} has {rows} rows of a step of {step_tokens} tokens",
+                s.session_id
+            )));
+        }
+        parts.push(Part {
+            index,
+            span: crate::request_span_for(&s.request_id),
+            id: s.session_id,
+            position,
+            rows,
+            precision: Precision::of_step(step_tokens),
+            first_row,
+        });
+        first_row += rows;
+    }
+    if first_row != n_rows {
+        return Err(Status::invalid_argument(format!(
+            "the step's sessions hold {first_row} rows, its hidden state {n_rows}"
+        )));
+    }
+    Ok(parts)
 }

@@ -6,7 +6,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv::LayerKv;
 
 mod dot;
@@ -40,13 +40,13 @@ impl Rope {
         }
     }
 
-    /// Rotates `x` (`[heads, n_tokens, head_dim]`) whose first token is at `position`.
-    pub fn apply(&self, x: &Tensor, position: usize, device: &Device) -> Result<Tensor> {
-        let n = x.dims()[1];
+    /// Rotates `x` (`[heads, n_tokens, head_dim]`), token `i` sitting at `positions[i]`.
+    pub fn apply(&self, x: &Tensor, positions: &[usize], device: &Device) -> Result<Tensor> {
+        let n = positions.len();
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
-        for p in position..position + n {
+        for &p in positions {
             let p = p as f32 * self.position_scale;
             for &f in &self.inv_freq {
                 let (s, c) = (p * f).sin_cos();
@@ -65,52 +65,109 @@ impl Rope {
     }
 }
 
-/// Scaled dot-product attention with grouped KV heads over a session's f16 cache.
-///
-/// `q` is `[n_heads, n, head_dim]`, `k` and `v` are `[n_kv_heads, n, head_dim]` for the new
-/// tokens (already rotated); they are appended to `kv` first. Token `i` sits at
-/// `position + i` and sees cached positions `j <= position + i`, and with a `window` only those
-/// with `position + i - j < window`. Returns `[n, n_heads * head_dim]`.
-///
-/// One pass per query with an online softmax, rescaled whenever a new maximum score appears.
-/// Small batches (decode) round the query to f16 like the keys and accumulate the weighted
-/// values in f16; batches of [`WIDE_BATCH`] tokens or more (long prefills) keep both in f32.
-/// This is the numerics of the fused attention kernels other GGUF engines run on CPU by default,
-/// which keeps greedy output and perplexity identical to theirs where candidates nearly tie.
+/// Steps of a session this long or longer attend in f32 ([`Precision::Wide`]).
 pub(crate) const WIDE_BATCH: usize = 64;
 
+/// How a step's queries meet the cache. Decode-size steps round each query to f16 like the keys
+/// and accumulate the weighted values in f16; steps of [`WIDE_BATCH`] tokens or more (long
+/// prompts) keep both in f32. This is the numerics of the fused attention kernels other GGUF
+/// engines run on CPU by default, which keeps greedy output and perplexity identical to theirs
+/// where candidates nearly tie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Narrow,
+    Wide,
+}
+
+impl Precision {
+    /// The precision of a step of `tokens` tokens of one session. A prompt sent in chunks takes
+    /// the precision of the whole prompt, so that chunking never changes a session's numbers.
+    pub fn of_step(tokens: usize) -> Self {
+        if tokens < WIDE_BATCH {
+            Self::Narrow
+        } else {
+            Self::Wide
+        }
+    }
+}
+
+/// One session's rows in a batched step of one layer: `rows` consecutive rows of the step, the
+/// first at `position` (the number of tokens already in `kv`), attended against `kv` alone.
+#[derive(Debug)]
+pub struct Segment<'a> {
+    pub position: usize,
+    pub rows: usize,
+    pub precision: Precision,
+    pub kv: &'a mut LayerKv,
+}
+
+/// The position of every row of a step made of `segments`, in row order.
+pub(crate) fn positions(segments: &[Segment<'_>]) -> Vec<usize> {
+    segments
+        .iter()
+        .flat_map(|s| s.position..s.position + s.rows)
+        .collect()
+}
+
+/// Scaled dot-product attention with grouped KV heads, each session's rows against that
+/// session's f16 cache.
+///
+/// `q` is `[n_heads, n, head_dim]`, `k` and `v` are `[n_kv_heads, n, head_dim]` for the step's
+/// rows (already rotated), which `segments` divide among the sessions in row order; each
+/// segment's keys and values are appended to its cache first. A row at position `p` sees its
+/// session's cached positions `j <= p`, and with a `window` only those with `p - j < window`.
+/// Returns `[n, n_heads * head_dim]`.
+///
+/// One pass per query with an online softmax, rescaled whenever a new maximum score appears, in
+/// the segment's [`Precision`]. A row's result depends on its session's cache and its own query
+/// alone, so a session gets the same bits in a batch as on its own.
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    kv: &mut LayerKv,
-    position: usize,
+    segments: &mut [Segment<'_>],
     window: Option<usize>,
     scale: f64,
 ) -> Result<Tensor> {
     let (n_heads, n, head_dim) = q.dims3()?;
     let n_kv_heads = k.dims()[0];
     let group = n_heads / n_kv_heads;
-    // Position-major `[n][kv_heads * head_dim]` for the cache.
+    let width = n_kv_heads * head_dim;
+    if segments.iter().map(|s| s.rows).sum::<usize>() != n {
+        return Err(Error::InvalidArgument(format!(
+            "the sessions of a step hold {} rows, the step {n}",
+            segments.iter().map(|s| s.rows).sum::<usize>()
+        )));
+    }
+    // Position-major `[n][kv_heads * head_dim]` for the caches.
     let position_major = |t: &Tensor| -> Result<Vec<f32>> {
         Ok(t.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?)
     };
-    kv.append(
-        n_kv_heads * head_dim,
-        &position_major(k)?,
-        &position_major(v)?,
-    );
+    let (keys, values) = (position_major(k)?, position_major(v)?);
+    // Each row's session and position.
+    let mut rows = Vec::with_capacity(n);
+    let mut first = 0;
+    for (s, segment) in segments.iter_mut().enumerate() {
+        let at = first * width..(first + segment.rows) * width;
+        segment.kv.append(width, &keys[at.clone()], &values[at]);
+        rows.extend((segment.position..segment.position + segment.rows).map(|p| (s, p)));
+        first += segment.rows;
+    }
+    let caches: Vec<(&LayerKv, bool)> = segments
+        .iter()
+        .map(|s| (&*s.kv, s.precision == Precision::Narrow))
+        .collect();
     let device = q.device().clone();
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let scale = scale as f32;
-    let narrow = n < WIDE_BATCH;
     let mut out = vec![0.0f32; n * n_heads * head_dim];
-    // One task per (token, head): each writes its own `head_dim` slice of `out`.
+    // One task per (row, head): each writes its own `head_dim` slice of `out`.
     out.par_chunks_mut(head_dim)
         .enumerate()
         .for_each(|(task, out)| {
             let (i, h) = (task / n_heads, task % n_heads);
-            let p = position + i;
+            let (s, p) = rows[i];
+            let (kv, narrow) = caches[s];
             let kv_head = h / group;
             let mut query = q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim].to_vec();
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));

@@ -11,14 +11,13 @@
 
 use candle_core::{Device, Tensor};
 
-use super::attention::{attend, split_heads, Rope, RopeStyle};
+use super::attention::{attend, positions, split_heads, Rope, RopeStyle, Segment};
 use super::elementwise::{add, combine, SLICE};
 use super::llama::names::*;
 use super::norm::rms_norm;
 use super::{load_vector, Block, Linear, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
-use crate::kv::LayerKv;
 
 const ATTN_Q_NORM: &str = "attn_q_norm.weight";
 const ATTN_K_NORM: &str = "attn_k_norm.weight";
@@ -104,7 +103,8 @@ impl Gemma3Block {
 }
 
 impl Block for Gemma3Block {
-    fn forward(&self, x: &Tensor, position: usize, kv: &mut LayerKv) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+        let positions = positions(segments);
         let n = x.dim(0)?;
         let h = rms_norm(x, &self.attn_norm, self.eps)?;
         let q = self
@@ -122,9 +122,9 @@ impl Block for Gemma3Block {
             .transpose(0, 1)?
             .contiguous()?;
         let v = split_heads(&self.wv.forward(&h)?, self.n_kv_heads, self.head_dim)?;
-        let q = self.rope.apply(&q, position, &self.device)?;
-        let k = self.rope.apply(&k, position, &self.device)?;
-        let attn = attend(&q, &k, &v, kv, position, self.window, self.scale)?;
+        let q = self.rope.apply(&q, &positions, &self.device)?;
+        let k = self.rope.apply(&k, &positions, &self.device)?;
+        let attn = attend(&q, &k, &v, segments, self.window, self.scale)?;
         let attn = rms_norm(&self.wo.forward(&attn)?, &self.post_attn_norm, self.eps)?;
         let x = add(x, &attn)?;
 

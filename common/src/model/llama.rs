@@ -4,13 +4,12 @@
 
 use candle_core::{Device, Tensor};
 
-use super::attention::{attend, split_heads, Rope, RopeStyle};
+use super::attention::{attend, positions, split_heads, Rope, RopeStyle, Segment};
 use super::elementwise::{add, swiglu};
 use super::norm::rms_norm;
 use super::{load_vector, Block, Linear, ModelConfig};
 use crate::error::Result;
 use crate::gguf::GgufFile;
-use crate::kv::LayerKv;
 
 /// Names of a llama block's tensors, under `blk.{i}.`.
 pub(super) mod names {
@@ -81,14 +80,15 @@ impl LlamaBlock {
 }
 
 impl Block for LlamaBlock {
-    fn forward(&self, x: &Tensor, position: usize, kv: &mut LayerKv) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+        let positions = positions(segments);
         let h = rms_norm(x, &self.attn_norm, self.eps)?;
         let q = split_heads(&self.wq.forward(&h)?, self.n_heads, self.head_dim)?;
         let k = split_heads(&self.wk.forward(&h)?, self.n_kv_heads, self.head_dim)?;
         let v = split_heads(&self.wv.forward(&h)?, self.n_kv_heads, self.head_dim)?;
-        let q = self.rope.apply(&q, position, &self.device)?;
-        let k = self.rope.apply(&k, position, &self.device)?;
-        let attn = attend(&q, &k, &v, kv, position, None, self.scale)?;
+        let q = self.rope.apply(&q, &positions, &self.device)?;
+        let k = self.rope.apply(&k, &positions, &self.device)?;
+        let attn = attend(&q, &k, &v, segments, None, self.scale)?;
         let x = add(x, &self.wo.forward(&attn)?)?;
 
         let h = rms_norm(&x, &self.ffn_norm, self.eps)?;

@@ -19,10 +19,11 @@ use candle_core::{Device, Module, Tensor};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::kernels::{self, QMatrix};
-use crate::kv::{LayerKv, SessionKv};
+use crate::kv::SessionKv;
 use crate::quant::{load_matmul, qtensor_from_bytes};
 use norm::rms_norm;
 
+pub use attention::{Precision, Segment};
 pub use config::{Architecture, ModelConfig};
 use layers::LayerManager;
 pub use layers::{layer_bytes, LayerBudget, LayerStats};
@@ -136,9 +137,10 @@ impl Linear {
 
 /// One transformer block: weights of `blk.{i}.*` and the forward pass over them.
 pub trait Block: Send + Sync + std::fmt::Debug {
-    /// Runs the block on `x` (`[n_tokens, d_model]`), whose first token sits at `position`
-    /// (the number of tokens already in `kv`). Appends this step's keys and values to `kv`.
-    fn forward(&self, x: &Tensor, position: usize, kv: &mut LayerKv) -> Result<Tensor>;
+    /// Runs the block on `x` (`[rows, d_model]`), the rows of one or more sessions in the order
+    /// of `segments`: the matrix products over every row at once, attention per session against
+    /// its own cache, to which each segment's keys and values are appended.
+    fn forward(&self, x: &Tensor, segments: &mut [Segment<'_>]) -> Result<Tensor>;
 }
 
 fn load_block(
@@ -321,38 +323,66 @@ impl Shard {
         }
     }
 
-    /// Runs every block of the shard. `kv` must be the session's cache for exactly this range.
+    /// Runs every block of the shard over the `[n, d_model]` rows `x` of one session whose
+    /// first token sits at `position`. `kv` must be the session's cache for exactly this range.
     pub fn forward(&self, x: &Tensor, position: usize, kv: &mut SessionKv) -> Result<Tensor> {
-        if kv.n_layers() != self.range.len() {
+        let rows = x.dim(0)?;
+        self.forward_batch(
+            x,
+            &mut [SessionRows {
+                position,
+                rows,
+                precision: Precision::of_step(rows),
+                kv,
+            }],
+        )
+    }
+
+    /// Runs every block of the shard once over the rows `x` of several sessions, in the order of
+    /// `sessions`: each block's weights are read once for all of them, and each session attends
+    /// against its own cache (for exactly this range). A session gets the same bits as it would
+    /// on its own.
+    pub fn forward_batch(&self, x: &Tensor, sessions: &mut [SessionRows<'_>]) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        for s in sessions.iter() {
+            if s.kv.n_layers() != self.range.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "KV cache holds {} layers, shard {} has {}",
+                    s.kv.n_layers(),
+                    self.range,
+                    self.range.len()
+                )));
+            }
+            if s.kv.len() != s.position {
+                return Err(Error::InvalidArgument(format!(
+                    "position {} does not follow the {} tokens already cached",
+                    s.position,
+                    s.kv.len()
+                )));
+            }
+            if s.rows == 0 {
+                return Err(Error::InvalidArgument(
+                    "a session of a step has no rows".to_string(),
+                ));
+            }
+        }
+        let total: usize = sessions.iter().map(|s| s.rows).sum();
+        if total != rows {
             return Err(Error::InvalidArgument(format!(
-                "KV cache holds {} layers, shard {} has {}",
-                kv.n_layers(),
-                self.range,
-                self.range.len()
+                "the sessions of a step hold {total} rows, its hidden state {rows}"
             )));
         }
-        if kv.len() != position {
-            return Err(Error::InvalidArgument(format!(
-                "position {position} does not follow the {} tokens already cached",
-                kv.len()
-            )));
-        }
-        let mut x = x.clone();
         let mut pass = |x: Tensor| -> Result<Tensor> {
             let mut x = x;
-            match &self.layers {
-                Layers::Resident(blocks) => {
-                    for (block, layer_kv) in blocks.iter().zip(kv.layers_mut()) {
-                        x = block.forward(&x, position, layer_kv)?;
+            for layer in 0..self.range.len() {
+                let mut segments = layer_segments(sessions, layer);
+                x = match &self.layers {
+                    Layers::Resident(blocks) => blocks[layer].forward(&x, &mut segments)?,
+                    // One layer in use at a time: the guard drops before the next is acquired.
+                    Layers::Managed(manager) => {
+                        manager.acquire(layer)?.forward(&x, &mut segments)?
                     }
-                }
-                Layers::Managed(manager) => {
-                    for (layer, layer_kv) in kv.layers_mut().iter_mut().enumerate() {
-                        // One layer in use at a time: the guard drops before the next is acquired.
-                        let block = manager.acquire(layer)?;
-                        x = block.forward(&x, position, layer_kv)?;
-                    }
-                }
+                };
             }
             Ok(x)
         };
@@ -362,12 +392,37 @@ impl Shard {
         // that streams layers stays off the pool: its steps may wait for each other's layers,
         // and a waiting step must not sit under another on one thread's stack.
         if self.never_waits() {
-            x = rayon::scope(|_| pass(x))?;
+            rayon::scope(|_| pass(x.clone()))
         } else {
-            x = pass(x)?;
+            pass(x.clone())
         }
-        Ok(x)
     }
+}
+
+/// Each session's cache of one layer, as that layer's block sees the step.
+fn layer_segments<'a>(sessions: &'a mut [SessionRows<'_>], layer: usize) -> Vec<Segment<'a>> {
+    sessions
+        .iter_mut()
+        .map(|s| Segment {
+            position: s.position,
+            rows: s.rows,
+            precision: s.precision,
+            kv: &mut s.kv.layers_mut()[layer],
+        })
+        .collect()
+}
+
+/// One session's rows in a batched step through a [`Shard`].
+#[derive(Debug)]
+pub struct SessionRows<'a> {
+    /// The position of the first row: the number of tokens already in `kv`.
+    pub position: usize,
+    /// Consecutive rows of the step's hidden state.
+    pub rows: usize,
+    /// How the rows attend; see [`Precision::of_step`].
+    pub precision: Precision,
+    /// The session's cache for exactly the shard's layers.
+    pub kv: &'a mut SessionKv,
 }
 
 fn check_range(config: &ModelConfig, range: LayerRange) -> Result<()> {

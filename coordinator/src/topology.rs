@@ -1,0 +1,529 @@
+//! Which worker runs which layers: the handshake with every worker (Realm and protocol
+//! versions), the plan, shard assignment (a worker accepts only a shard of the same model file),
+//! and recovery when a worker is lost.
+//!
+//! The [`Topology`] in force is replaced whole: every re-plan bumps its generation, so a session
+//! whose caches were built on an older one knows to rebuild them.
+
+use std::future::Future;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use realm_common::auth::{Bearer, Secret};
+use realm_common::tls::ClientTls;
+use realm_common::wire::ModelIdentity;
+use realm_proto::pb;
+use realm_proto::pb::worker_client::WorkerClient;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::net::{connect_worker, normalize_url, MAX_MESSAGE_BYTES};
+use crate::plan::{Plan, PlanSpec};
+use crate::transport::{WorkerLink, WorkerRpc, WorkerSummary};
+
+/// Realm's release version, which workers must share.
+pub const REALM_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long a worker may take to answer the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a liveness probe of a worker may take while re-planning.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How a cluster reaches and replaces its workers.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// The cluster token, sent with every worker RPC.
+    pub token: Option<Secret>,
+    /// Workers held in reserve: they take over the layers of a worker that dies.
+    pub standby: Vec<String>,
+    /// TLS for `https://` workers: the CA to trust and, for mutual TLS, this coordinator's
+    /// certificate.
+    pub tls: Option<ClientTls>,
+}
+
+/// The workers running the layers now.
+#[derive(Debug)]
+pub(crate) struct Topology {
+    /// Bumped on every re-plan: a session whose caches were built on an older topology rebuilds
+    /// them.
+    pub generation: u64,
+    pub plan: Plan,
+    /// In plan order: `workers[i].range == plan.ranges()[i]`.
+    pub workers: Vec<WorkerLink>,
+}
+
+/// The workers of a cluster: the topology in force and how to replace it.
+#[derive(Debug)]
+pub(crate) struct Workers {
+    topology: RwLock<Arc<Topology>>,
+    /// Every worker URL known, given and standby: the candidates when re-planning.
+    known: Vec<String>,
+    /// Serialises re-plans.
+    recovering: tokio::sync::Mutex<()>,
+    bearer: Bearer,
+    tls: Option<ClientTls>,
+    identity: ModelIdentity,
+    n_layers: usize,
+}
+
+/// Runs `futures` concurrently; their results in the order given.
+async fn in_order<T>(futures: impl IntoIterator<Item = impl Future<Output = T>>) -> Vec<T> {
+    join_all(futures).await
+}
+
+impl Workers {
+    /// Shakes hands with the workers at `worker_urls` (`host:port` or `http://host:port`), plans
+    /// the layers of the model of `identity` by `plan` and assigns every worker its shard.
+    pub async fn connect(
+        identity: &ModelIdentity,
+        n_layers: usize,
+        worker_urls: &[String],
+        plan: &PlanSpec,
+        options: ClusterOptions,
+    ) -> Result<Self> {
+        if worker_urls.is_empty() {
+            return Err(Error::Plan("no workers given".to_string()));
+        }
+        let bearer = Bearer::new(options.token.as_ref());
+        let tls = options.tls.as_ref();
+        let found = in_order(
+            worker_urls
+                .iter()
+                .map(|raw| handshake(raw, bearer.clone(), tls)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+        for (i, (_, a)) in found.iter().enumerate() {
+            if found[..i].iter().any(|(_, b)| b.url == a.url) {
+                return Err(Error::WorkerUrl {
+                    url: a.url.clone(),
+                    problem: "listed more than once".to_string(),
+                });
+            }
+        }
+        let memory: Vec<u64> = found
+            .iter()
+            .map(|(_, s)| s.memory_available_bytes)
+            .collect();
+        let plan = Plan::from_spec(plan, n_layers, &memory)?;
+        info!(plan = %plan, workers = found.len(), model = %identity, "layers planned");
+        let workers = assign_all(
+            found.into_iter().zip(plan.ranges().iter().copied()),
+            identity,
+        )
+        .await?;
+
+        let mut known: Vec<String> = workers.iter().map(|w| w.url.clone()).collect();
+        for raw in &options.standby {
+            let url = normalize_url(raw).map_err(|problem| Error::WorkerUrl {
+                url: raw.clone(),
+                problem,
+            })?;
+            if known.contains(&url) {
+                return Err(Error::WorkerUrl {
+                    url,
+                    problem: "listed as a worker and as a standby".to_string(),
+                });
+            }
+            known.push(url);
+        }
+        Ok(Self {
+            topology: RwLock::new(Arc::new(Topology {
+                generation: 0,
+                plan,
+                workers,
+            })),
+            known,
+            recovering: tokio::sync::Mutex::new(()),
+            bearer,
+            tls: options.tls,
+            identity: identity.clone(),
+            n_layers,
+        })
+    }
+
+    /// The topology in force.
+    pub fn current(&self) -> Arc<Topology> {
+        // Nothing panics while holding this lock; a poisoned one still holds a valid value.
+        self.topology
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Asks every worker for its state now; in plan order, with its URL and range.
+    pub async fn status(
+        &self,
+    ) -> Vec<(
+        String,
+        realm_common::model::LayerRange,
+        Result<pb::InfoResponse>,
+    )> {
+        let topology = self.current();
+        in_order(topology.workers.iter().map(|w| async move {
+            let mut client = w.client.clone();
+            let info = match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                client.info(pb::InfoRequest {}),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => Ok(reply.into_inner()),
+                Ok(Err(status)) => Err(Error::Worker {
+                    url: w.url.clone(),
+                    status,
+                }),
+                Err(_) => Err(Error::Worker {
+                    url: w.url.clone(),
+                    status: tonic::Status::deadline_exceeded("no answer to Info"),
+                }),
+            };
+            (w.url.clone(), w.range, info)
+        }))
+        .await
+    }
+
+    /// Makes sure every layer has a live worker after a step failed on topology `seen`; returns
+    /// the topology to continue on. Re-plans at most once per failure: a caller that saw an older
+    /// topology than the one in force gets the newer one at once.
+    pub async fn recover(&self, seen: &Topology) -> Result<Arc<Topology>> {
+        let _recovering = self.recovering.lock().await;
+        let current = self.current();
+        if current.generation != seen.generation {
+            return Ok(current);
+        }
+        // Which workers still hold the layers they were given?
+        let healthy = in_order(current.workers.iter().map(holds_shard)).await;
+        if healthy.iter().all(|&h| h) {
+            debug!("every worker holds its layers; the step is retried");
+            return Ok(current);
+        }
+        let lost: Vec<&WorkerLink> = current
+            .workers
+            .iter()
+            .zip(&healthy)
+            .filter(|(_, &h)| !h)
+            .map(|(w, _)| w)
+            .collect();
+        for w in &lost {
+            warn!(worker = %w.url, layers = %w.range, "worker lost");
+        }
+        // Spares: every known worker not serving now (standbys, and lost workers that are back),
+        // in the order given, so a lost worker that came back is preferred for its own layers.
+        let serving: Vec<&str> = current
+            .workers
+            .iter()
+            .zip(&healthy)
+            .filter(|(_, &h)| h)
+            .map(|(w, _)| w.url.as_str())
+            .collect();
+        let tls = self.tls.as_ref();
+        let mut spares: Vec<(WorkerRpc, WorkerSummary)> = in_order(
+            self.known
+                .iter()
+                .filter(|url| !serving.contains(&url.as_str()))
+                .map(|url| {
+                    tokio::time::timeout(PROBE_TIMEOUT, handshake(url, self.bearer.clone(), tls))
+                }),
+        )
+        .await
+        .into_iter()
+        .filter_map(|found| found.ok()?.ok())
+        .collect();
+
+        let placed: Vec<((WorkerRpc, WorkerSummary), realm_common::model::LayerRange)> =
+            if spares.len() >= lost.len() {
+                // Each lost range goes to a spare; the others keep theirs, and their caches.
+                current
+                    .workers
+                    .iter()
+                    .zip(&healthy)
+                    .map(|(w, &h)| {
+                        let worker = if h {
+                            (w.client.clone(), w.summary.clone())
+                        } else {
+                            let pick = spares.iter().position(|(_, s)| s.url == w.url).unwrap_or(0);
+                            spares.remove(pick)
+                        };
+                        (worker, w.range)
+                    })
+                    .collect()
+            } else {
+                // Too few spares: spread every layer over the workers left, where their memory
+                // allows.
+                let mut left: Vec<(WorkerRpc, WorkerSummary)> = current
+                    .workers
+                    .iter()
+                    .zip(&healthy)
+                    .filter(|(_, &h)| h)
+                    .map(|(w, _)| (w.client.clone(), w.summary.clone()))
+                    .collect();
+                left.append(&mut spares);
+                if left.is_empty() {
+                    return Err(self.no_capacity("no worker is reachable"));
+                }
+                let memory: Vec<u64> = left.iter().map(|(_, s)| s.memory_available_bytes).collect();
+                let plan = Plan::auto(self.n_layers, &memory)
+                    .map_err(|e| self.no_capacity(&e.to_string()))?;
+                let layer_bytes = self.identity.file_bytes / self.n_layers.max(1) as u64;
+                for ((_, summary), range) in left.iter().zip(plan.ranges()) {
+                    let needed = layer_bytes * range.len() as u64;
+                    if needed > summary.memory_available_bytes {
+                        return Err(self.no_capacity(&format!(
+                            "worker {} has {} MiB available, layers {range} need about {} MiB",
+                            summary.url,
+                            summary.memory_available_bytes >> 20,
+                            needed >> 20
+                        )));
+                    }
+                }
+                left.into_iter()
+                    .zip(plan.ranges().iter().copied())
+                    .collect()
+            };
+        // Workers that keep their layers keep their links (step streams, caches): assigning
+        // them again would drop their sessions.
+        let kept: Vec<Option<WorkerLink>> = placed
+            .iter()
+            .map(|((_, summary), range)| {
+                current
+                    .workers
+                    .iter()
+                    .zip(&healthy)
+                    .find(|(w, &h)| h && w.url == summary.url && w.range == *range)
+                    .map(|(w, _)| w.clone())
+            })
+            .collect();
+        let identity = &self.identity;
+        let links = in_order(placed.into_iter().zip(kept).map(
+            |(((client, summary), range), kept)| async move {
+                match kept {
+                    Some(link) => Ok(link),
+                    None => assign(WorkerLink::new(client, summary, range), identity).await,
+                }
+            },
+        ))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| self.no_capacity(&e.to_string()))?;
+        let plan = Plan::new(links.iter().map(|w| w.range).collect(), self.n_layers)?;
+        let next = Arc::new(Topology {
+            generation: current.generation + 1,
+            plan,
+            workers: links,
+        });
+        warn!(
+            plan = %next.plan,
+            workers = ?next.workers.iter().map(|w| w.url.as_str()).collect::<Vec<_>>(),
+            "layers re-planned after losing a worker"
+        );
+        *self
+            .topology
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&next);
+        Ok(next)
+    }
+
+    fn no_capacity(&self, why: &str) -> Error {
+        Error::NoCapacity(format!(
+            "a worker was lost and its layers cannot be placed ({why}); start a worker at one of \
+             {} (or give the coordinator a --standby), and the next request uses it",
+            self.known.join(", ")
+        ))
+    }
+}
+
+/// Assigns each worker its range, concurrently; the links in the order given.
+async fn assign_all(
+    placed: impl Iterator<Item = ((WorkerRpc, WorkerSummary), realm_common::model::LayerRange)>,
+    identity: &ModelIdentity,
+) -> Result<Vec<WorkerLink>> {
+    in_order(placed.map(|((client, summary), range)| {
+        assign(WorkerLink::new(client, summary, range), identity)
+    }))
+    .await
+    .into_iter()
+    .collect()
+}
+
+/// Whether `w` answers and still holds the layers it was given.
+async fn holds_shard(w: &WorkerLink) -> bool {
+    let mut client = w.client.clone();
+    match tokio::time::timeout(PROBE_TIMEOUT, client.info(pb::InfoRequest {})).await {
+        Ok(Ok(reply)) => {
+            let held = reply
+                .into_inner()
+                .shard
+                .and_then(|s| s.layers)
+                .map(|r| (r.start as usize, r.end as usize));
+            held == Some((w.range.start, w.range.end))
+        }
+        _ => false,
+    }
+}
+
+/// Connects to a worker and checks its versions.
+async fn handshake(
+    raw_url: &str,
+    bearer: Bearer,
+    tls: Option<&ClientTls>,
+) -> Result<(WorkerRpc, WorkerSummary)> {
+    let (url, channel) = connect_worker(raw_url, tls).await?;
+    let mut client = WorkerClient::with_interceptor(channel, bearer)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, client.info(pb::InfoRequest {})).await
+    {
+        Ok(Ok(reply)) => reply.into_inner(),
+        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
+            return Err(Error::Refused {
+                url,
+                problem: format!(
+                    "{}; give the coordinator the workers' cluster token (REALM_CLUSTER_TOKEN \
+                     or --cluster-token)",
+                    status.message()
+                ),
+            })
+        }
+        Ok(Err(status)) => {
+            return Err(Error::Unreachable {
+                url,
+                problem: format!(
+                    "handshake failed ({}); is this a Realm worker?",
+                    crate::error::describe(&status)
+                ),
+            })
+        }
+        Err(_) => {
+            return Err(Error::Unreachable {
+                url,
+                problem: format!("no handshake reply within {HANDSHAKE_TIMEOUT:?}"),
+            })
+        }
+    };
+    check_versions(&url, &info)?;
+    let summary = WorkerSummary {
+        url: url.clone(),
+        device: info.device,
+        threads: info.threads,
+        memory_available_bytes: info.memory_available_bytes,
+    };
+    info!(
+        worker = %summary.url,
+        device = %summary.device,
+        threads = summary.threads,
+        memory_mb = summary.memory_available_bytes >> 20,
+        "worker connected"
+    );
+    Ok((client, summary))
+}
+
+/// Refuses a worker of another Realm or protocol version.
+fn check_versions(url: &str, info: &pb::InfoResponse) -> Result<()> {
+    if info.protocol_version != realm_proto::PROTOCOL_VERSION {
+        return Err(Error::Refused {
+            url: url.to_string(),
+            problem: format!(
+                "it speaks protocol version {}, this coordinator {}",
+                info.protocol_version,
+                realm_proto::PROTOCOL_VERSION
+            ),
+        });
+    }
+    if info.realm_version != REALM_VERSION {
+        return Err(Error::Refused {
+            url: url.to_string(),
+            problem: format!(
+                "it runs Realm {}, this coordinator Realm {REALM_VERSION}; run the same release everywhere",
+                info.realm_version
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Asks a worker to load its shard and checks that it did.
+async fn assign(mut link: WorkerLink, identity: &ModelIdentity) -> Result<WorkerLink> {
+    let request = pb::AssignShardRequest {
+        model: Some(identity.into()),
+        layers: Some(link.range.into()),
+    };
+    let reply = link
+        .client
+        .assign_shard(request)
+        .await
+        .map_err(|status| Error::Refused {
+            url: link.url.clone(),
+            problem: format!(
+                "cannot take layers {} of {identity}: {}",
+                link.range,
+                crate::error::describe(&status)
+            ),
+        })?
+        .into_inner();
+    let held = reply
+        .shard
+        .as_ref()
+        .and_then(|s| s.layers.as_ref())
+        .map(|r| (r.start as usize, r.end as usize));
+    if held != Some((link.range.start, link.range.end)) {
+        return Err(link.malformed(format!(
+            "asked to load layers {}, reports {held:?}",
+            link.range
+        )));
+    }
+    info!(
+        worker = %link.url,
+        layers = %link.range,
+        weight_mb = reply.weight_bytes >> 20,
+        load_ms = reply.load_ms,
+        "shard assigned"
+    );
+    Ok(link)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(realm: &str, protocol: u32) -> pb::InfoResponse {
+        pb::InfoResponse {
+            realm_version: realm.to_string(),
+            protocol_version: protocol,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn versions_must_match() {
+        assert!(check_versions(
+            "http://w:1",
+            &info(REALM_VERSION, realm_proto::PROTOCOL_VERSION)
+        )
+        .is_ok());
+        let e = check_versions("http://w:1", &info("9.9.9", realm_proto::PROTOCOL_VERSION))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("worker http://w:1 refused") && e.contains("Realm 9.9.9"),
+            "{e}"
+        );
+        let e = check_versions("http://w:1", &info(REALM_VERSION, 99))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("protocol version 99"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn results_come_in_the_order_given() {
+        let slow_first = [30u64, 0, 10].map(|ms| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            ms
+        });
+        assert_eq!(in_order(slow_first).await, [30, 0, 10]);
+    }
+}
