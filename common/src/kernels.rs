@@ -1847,13 +1847,17 @@ mod tests {
     #[test]
     fn interleaved_kernels_match_the_dequantized_product_and_the_portable_bits() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let (rows, cols, n) = (24, 256, 3);
-        for dtype in [
+        let (rows, cols) = (24, 256);
+        // Several tokens in one pass over a group, and more than one pass (17, 33).
+        for (dtype, n) in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
             GgmlType::Q5_0,
             GgmlType::Q8_0,
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|d| [(d, 2), (d, 3), (d, 17), (d, 33)])
+        {
             assert!(repacks(dtype, rows) && !repacks(dtype, rows + 1));
             let bytes = random_matrix(dtype, rows, cols, &mut rng);
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();

@@ -129,22 +129,17 @@ impl MicroBatch {
             }
             due.push(done);
         }
-        let logits = match head(
-            &stages,
-            last_rows,
-            hidden.dtype,
-            due.iter().filter(|&&d| d).count(),
-        )
-        .await
-        {
+        let due_count = due.iter().filter(|&&d| d).count();
+        let logits = match head(&stages, last_rows, hidden.dtype, due_count).await {
             Ok(logits) => logits,
             Err(e) => {
                 fail_all(alive, &e);
                 return out;
             }
         };
-        let mut logits =
-            logits.chunks_exact(logits.len() / due.iter().filter(|&&d| d).count().max(1));
+        // One row of logits per session due (none when every step was a prompt chunk).
+        let vocab = logits.len().checked_div(due_count).unwrap_or(0).max(1);
+        let mut logits = logits.chunks_exact(vocab);
         for ((mut session, _), done) in alive.into_iter().zip(due) {
             if !done {
                 out.push(Returned::Ready(session));
@@ -235,7 +230,10 @@ async fn head(stages: &Arc<Stages>, rows: Vec<u8>, dtype: i32, n: usize) -> Resu
             .and_then(|l| l.to_vec1::<f32>())
             .map_err(realm_common::Error::from)?)
     };
-    if n <= INLINE_TOKENS {
+    // One row (a lone stream's step) in place, where a thread hand-off would cost more than
+    // the row; the rows of several sessions off the async thread, so that the replies of the
+    // other micro-batches in flight pass on to their next worker meanwhile.
+    if n == 1 {
         return in_place(|| run(&stages.head));
     }
     let head = Arc::clone(&stages.head);

@@ -44,6 +44,10 @@ fn start_worker(model: &Path) -> Process {
 }
 
 fn start_coordinator(model: &Path, workers: &[Process]) -> Process {
+    start_coordinator_with(model, workers, &[])
+}
+
+fn start_coordinator_with(model: &Path, workers: &[Process], extra: &[&str]) -> Process {
     let mut args = vec![
         "serve".to_string(),
         "--listen".into(),
@@ -55,6 +59,7 @@ fn start_coordinator(model: &Path, workers: &[Process]) -> Process {
         args.push("--worker".into());
         args.push(format!("http://{}", w.addr));
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     start("realm-coordinator", &args)
 }
@@ -157,6 +162,46 @@ async fn cluster_equals_single_process(model_file: &str) {
             );
         }
     }
+
+    // A long prompt goes in chunks of at most 64 tokens, and of 16 rows a step in all while
+    // another stream decodes beside it; the single-process model runs it in one pass. Every
+    // chunk attends at the precision of the whole prompt: the same tokens.
+    let long = long_prompt();
+    let file = GgufFile::open(&model).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let ids = tokenizer.encode(&long, true, true).unwrap();
+    assert!(ids.len() > 250, "{} tokens", ids.len());
+    let m = Model::load(&file, &Device::Cpu).unwrap();
+    let params = GenerationParams {
+        max_tokens: STEPS,
+        ..GenerationParams::default()
+    };
+    let want_long = generate(&m, &tokenizer, ids, &params, |_| {})
+        .unwrap()
+        .tokens;
+    drop(m);
+    let chunked = ["--prefill-chunk", "64", "--step-tokens", "16"];
+    let coordinator = start_coordinator_with(&model, &workers[..2], &chunked);
+    let mut c = client(&coordinator).await;
+    let mut beside = c.clone();
+    let running = tokio::spawn(async move {
+        stream_generate(&mut beside, greedy_request(PROMPTS[0], 40))
+            .await
+            .0
+    });
+    let (got, text, _) = stream_generate(&mut c, greedy_request(&long, STEPS as u32)).await;
+    assert_eq!(
+        got, want_long,
+        "{model_file}: a chunked prompt gave {text:?}"
+    );
+    assert_eq!(running.await.unwrap()[..STEPS], want[0][..]);
+}
+
+/// About 300 tokens of plain prose.
+fn long_prompt() -> String {
+    let text = std::fs::read_to_string(repo_root().join("tests/fixtures/ppl.txt")).unwrap();
+    let cut = text.char_indices().nth(1300).map_or(text.len(), |(i, _)| i);
+    text[..cut].to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

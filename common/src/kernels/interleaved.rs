@@ -376,36 +376,11 @@ pub(super) mod simd {
         }
     }
 
-    /// A group-block unpacked once for every token of a prefill.
-    #[repr(C, align(64))]
-    #[derive(Clone, Copy)]
-    struct Unpacked {
-        /// The unsigned quants, vectors `k = 2h + p` (see the module's header).
-        q: [[u8; 64]; 4],
-        /// Row `i`'s scale in lanes `2i` and `2i + 1`, as the quant vectors' lanes hold rows.
-        dd: [f32; 16],
-        /// The rows' scales.
-        d: [f32; ROWS],
-        /// (`Q4_1`) the rows' minimums.
-        m: [f32; ROWS],
-    }
+    /// Tokens of a multi-token product whose accumulators one pass over a group keeps: a
+    /// group-block is unpacked once per pass.
+    const TOKENS_PER_PASS: usize = 16;
 
-    impl Unpacked {
-        fn new(dtype: GgmlType, gb: &[u8], q: [[u8; 64]; 4]) -> Self {
-            let d = super::f16s(&gb[..16]);
-            let m = if dtype == GgmlType::Q4_1 {
-                super::f16s(&gb[16..32])
-            } else {
-                d
-            };
-            Self {
-                q,
-                dd: std::array::from_fn(|l| d[l / 2]),
-                d,
-                m,
-            }
-        }
-    }
+    use std::mem::MaybeUninit;
 
     /// Activation bytes `8k..8k + 8` as one 64-bit lane, to broadcast.
     #[inline(always)]
@@ -511,6 +486,7 @@ pub(super) mod simd {
         }
 
         /// One token's accumulators for the eight rows of a group.
+        #[derive(Clone, Copy)]
         struct Acc {
             /// (`Q5_0`, `Q8_0`) file lanes `2k` and `2k + 1` of each row, in vector `k`.
             lanes: [__m512; 4],
@@ -611,34 +587,33 @@ pub(super) mod simd {
                 }
                 return acc.store::<F>(out);
             }
-            // Prefill: the group unpacked once, then each token's accumulators in registers.
-            let blocks: Vec<Unpacked> = group
-                .chunks_exact(gb_bytes)
-                .map(|gb| {
-                    let q = unpack::<F>(gb).map(|v| {
-                        let mut bytes = [0u8; 64];
-                        // SAFETY: `bytes` holds 64 bytes.
-                        unsafe { _mm512_storeu_si512(bytes.as_mut_ptr().cast(), v) };
-                        bytes
-                    });
-                    Unpacked::new(format(F), gb, q)
-                })
-                .collect();
-            for (act, ys) in acts.iter().zip(out.chunks_exact_mut(ROWS)) {
-                let mut acc = Acc::new();
-                for (u, a) in blocks.iter().zip(act) {
-                    // SAFETY: `Unpacked` is 64-byte aligned and its arrays are whole vectors.
-                    let (q, d, dd, m) = unsafe {
-                        (
-                            u.q.map(|v| _mm512_load_si512(v.as_ptr().cast())),
-                            _mm256_load_ps(u.d.as_ptr()),
-                            _mm512_load_ps(u.dd.as_ptr()),
-                            _mm256_load_ps(u.m.as_ptr()),
-                        )
-                    };
-                    acc.add::<F>(&q, d, dd, m, a);
+            // Several tokens: each group-block unpacked once per pass, for every token of the
+            // pass, whose accumulators stay on the stack. Each token's sums run in the order
+            // decode runs them: the same bits.
+            for (acts, out) in acts
+                .chunks(TOKENS_PER_PASS)
+                .zip(out.chunks_mut(TOKENS_PER_PASS * ROWS))
+            {
+                let mut room = [const { MaybeUninit::<Acc>::uninit() }; TOKENS_PER_PASS];
+                for acc in &mut room[..acts.len()] {
+                    acc.write(Acc::new());
                 }
-                acc.store::<F>(ys);
+                // SAFETY: the first `acts.len()` accumulators were written just above.
+                let accs = unsafe {
+                    std::slice::from_raw_parts_mut(room.as_mut_ptr().cast::<Acc>(), acts.len())
+                };
+                for (b, gb) in group.chunks_exact(gb_bytes).enumerate() {
+                    let d = f16s(gb);
+                    let dd = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(d));
+                    let m = if F == Q4_1 { f16s(&gb[16..]) } else { d };
+                    let q = unpack::<F>(gb);
+                    for (acc, act) in accs.iter_mut().zip(acts) {
+                        acc.add::<F>(&q, d, dd, m, &act[b]);
+                    }
+                }
+                for (acc, ys) in accs.iter().zip(out.chunks_exact_mut(ROWS)) {
+                    acc.store::<F>(ys);
+                }
             }
         }
     }
@@ -696,6 +671,7 @@ pub(super) mod simd {
         }
 
         /// One token's accumulators for the eight rows of a group.
+        #[derive(Clone, Copy)]
         struct Acc {
             /// (`Q5_0`, `Q8_0`) `[k][j]`: file lanes `2k` and `2k + 1` of rows `4j..4j + 4`.
             lanes: [[__m256; 2]; 4],
@@ -818,47 +794,33 @@ pub(super) mod simd {
                 }
                 return acc.store::<F>(out);
             }
-            // Prefill: the group unpacked once, then each token's accumulators in registers.
-            let blocks: Vec<Unpacked> = group
-                .chunks_exact(gb_bytes)
-                .map(|gb| {
-                    let v = unpack::<F>(gb);
-                    let q = std::array::from_fn(|k| {
-                        let mut bytes = [0u8; 64];
-                        for (half, v) in v[k].iter().enumerate() {
-                            // SAFETY: `bytes` holds two vectors of 32 bytes.
-                            unsafe {
-                                _mm256_storeu_si256(bytes[32 * half..].as_mut_ptr().cast(), *v)
-                            };
-                        }
-                        bytes
-                    });
-                    Unpacked::new(format(F), gb, q)
-                })
-                .collect();
-            for (act, ys) in acts.iter().zip(out.chunks_exact_mut(ROWS)) {
-                let mut acc = Acc::new();
-                for (u, a) in blocks.iter().zip(act) {
-                    // SAFETY: `Unpacked` is 64-byte aligned and its arrays are whole vectors.
-                    let (q, d, dd, m) = unsafe {
-                        (
-                            u.q.map(|v| {
-                                [
-                                    _mm256_load_si256(v.as_ptr().cast()),
-                                    _mm256_load_si256(v[32..].as_ptr().cast()),
-                                ]
-                            }),
-                            _mm256_load_ps(u.d.as_ptr()),
-                            [
-                                _mm256_load_ps(u.dd.as_ptr()),
-                                _mm256_load_ps(u.dd[8..].as_ptr()),
-                            ],
-                            _mm256_load_ps(u.m.as_ptr()),
-                        )
-                    };
-                    acc.add::<F>(&q, d, dd, m, a);
+            // Several tokens: each group-block unpacked once per pass, for every token of the
+            // pass, whose accumulators stay on the stack. Each token's sums run in the order
+            // decode runs them: the same bits.
+            for (acts, out) in acts
+                .chunks(TOKENS_PER_PASS)
+                .zip(out.chunks_mut(TOKENS_PER_PASS * ROWS))
+            {
+                let mut room = [const { MaybeUninit::<Acc>::uninit() }; TOKENS_PER_PASS];
+                for acc in &mut room[..acts.len()] {
+                    acc.write(Acc::new());
                 }
-                acc.store::<F>(ys);
+                // SAFETY: the first `acts.len()` accumulators were written just above.
+                let accs = unsafe {
+                    std::slice::from_raw_parts_mut(room.as_mut_ptr().cast::<Acc>(), acts.len())
+                };
+                for (b, gb) in group.chunks_exact(gb_bytes).enumerate() {
+                    let d = f16s(gb);
+                    let dd = twice.map(|t| _mm256_permutevar8x32_ps(d, t));
+                    let m = if F == Q4_1 { f16s(&gb[16..]) } else { d };
+                    let q = unpack::<F>(gb);
+                    for (acc, act) in accs.iter_mut().zip(acts) {
+                        acc.add::<F>(&q, d, dd, m, &act[b]);
+                    }
+                }
+                for (acc, ys) in accs.iter().zip(out.chunks_exact_mut(ROWS)) {
+                    acc.store::<F>(ys);
+                }
             }
         }
     }
