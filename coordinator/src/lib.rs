@@ -18,6 +18,7 @@ pub mod plan;
 pub mod progress;
 pub mod request_id;
 pub mod service;
+pub mod serving;
 pub mod startup;
 mod step_stream;
 
