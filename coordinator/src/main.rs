@@ -768,7 +768,9 @@ fn serving_bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
     };
     if let Some(url) = args.server.clone() {
         let api_key = args.api_key.clone();
+        let gen_tokens = args.gen_tokens;
         let results = on_runtime(async move {
+            serving::warm_up(&url, api_key.as_deref(), gen_tokens).await?;
             let mut results = Vec::with_capacity(loads.len());
             for load in &loads {
                 results.push(serving::drive(&url, api_key.as_deref(), load).await?);

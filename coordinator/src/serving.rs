@@ -611,6 +611,25 @@ pub async fn drive(
     Ok(result)
 }
 
+/// One request of `gen_tokens`, unmeasured, so the loads after it find a server that has run
+/// once (its first request pays for page faults and buffers the next ones reuse).
+pub async fn warm_up(
+    base_url: &str,
+    api_key: Option<&str>,
+    gen_tokens: usize,
+) -> anyhow::Result<()> {
+    let once = LoadSpec {
+        concurrency: 1,
+        requests_per_client: 1,
+        gen_tokens,
+        long_prompt_tokens: None,
+    };
+    match drive(base_url, api_key, &once).await?.first_error {
+        Some(e) => bail!("the warm-up request to {base_url} failed: {e}"),
+        None => Ok(()),
+    }
+}
+
 fn round(v: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (v * scale).round() / scale
@@ -867,6 +886,7 @@ pub async fn bench_cluster(
         worker_addrs.push(addr.context("a worker printed no address")?);
     }
     let max_concurrency = loads.iter().map(|l| l.concurrency).max().unwrap_or(1);
+    let long = usize::from(loads.iter().any(|l| l.long_prompt_tokens.is_some()));
     let mut command = Command::new(&coordinator_bin);
     command
         .arg("--threads")
@@ -878,7 +898,14 @@ pub async fn bench_cluster(
         .arg("127.0.0.1:0")
         .arg("--http-listen")
         .arg("127.0.0.1:0")
-        // Every client is admitted or queued, never refused.
+        // Every client is admitted or queued, never refused, and a long prompt runs at once
+        // beside the clients rather than waiting for one to finish.
+        .arg("--max-active")
+        .arg(
+            (max_concurrency + long)
+                .max(crate::admission::DEFAULT_MAX_ACTIVE)
+                .to_string(),
+        )
         .arg("--max-queued")
         .arg(
             max_concurrency
@@ -902,16 +929,7 @@ pub async fn bench_cluster(
     );
 
     let run = async {
-        let warm_up = LoadSpec {
-            concurrency: 1,
-            requests_per_client: 1,
-            gen_tokens: loads.first().map_or(8, |l| l.gen_tokens),
-            long_prompt_tokens: None,
-        };
-        let w = drive(&base_url, None, &warm_up).await?;
-        if let Some(e) = w.first_error {
-            bail!("the warm-up request failed: {e}");
-        }
+        warm_up(&base_url, None, loads.first().map_or(8, |l| l.gen_tokens)).await?;
         let mut results = Vec::with_capacity(loads.len());
         for load in loads {
             let mut result = drive(&base_url, None, load).await?;
@@ -1117,7 +1135,10 @@ mod tests {
             }
             let last = json!({
                 "choices": [{"text": "", "index": 0, "finish_reason": "length"}],
-                "usage": {"completion_tokens": max, "prompt_tokens": prompt.len() / 5},
+                "usage": {
+                    "completion_tokens": max,
+                    "prompt_tokens": (prompt.len() as f64 / CHARS_PER_TOKEN).round() as u64,
+                },
             });
             send(format!("data: {last}\n\ndata: [DONE]\n\n")).await;
         });
