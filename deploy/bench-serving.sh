@@ -15,7 +15,8 @@
 # client, 4), GEN_TOKENS (max_tokens, 64), COORDINATOR_THREADS (2), LONG_PROMPT_TOKENS (unset:
 # none; e.g. 2000 injects one long prompt into every load once all clients stream, and adds its
 # time to first token and the streams' inter-token p50/p99 during its prefill), ENGINES
-# ("realm,reference": leave one out to measure only the other).
+# ("realm,reference": leave one out to measure only the other), OUT_DIR (unset: a temporary folder;
+# else the folder that keeps every run's JSON lines and llama-server's logs).
 #
 # llama-server runs with `-np` slots (the highest concurrency, one more with a long prompt so it
 # never waits for a slot) and -c 4096 per slot: with an explicit -np this llama.cpp splits -c
@@ -47,11 +48,12 @@ with_realm=""
 
 cargo build --release --quiet --bin realm-coordinator --bin realm-worker
 realm="$root/target/release/realm-coordinator"
-out="$(mktemp -d)"
+out="${OUT_DIR:-$(mktemp -d)}"
+mkdir -p "$out"
 server_pid=""
 cleanup() {
     [[ -n "$server_pid" ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
-    rm -rf "$out"
+    [[ -n "${OUT_DIR:-}" ]] || rm -rf "$out"
 }
 trap cleanup EXIT
 
@@ -85,8 +87,12 @@ run_reference() {
 echo "bench-serving: $(basename "$model"), concurrency $concurrency, $requests requests per client," \
     "$gen_tokens tokens each, $rounds rounds; load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for round in $(seq "$rounds"); do
-    [[ -n "$reference" ]] && run_reference "$round"
+    if [[ -n "$reference" ]]; then
+        echo "bench-serving: $(date +%T) round $round: llama-server" >&2
+        run_reference "$round"
+    fi
     if [[ -n "$with_realm" ]]; then
+        echo "bench-serving: $(date +%T) round $round: realm" >&2
         "$realm" --threads 2 bench --model "$model" --workers 1 \
             --coordinator-threads "$coordinator_threads" "${load_args[@]}" >"$out/realm1.$round.jsonl"
         "$realm" --threads 1 bench --model "$model" --workers 2 \
@@ -129,14 +135,14 @@ if long:
     header += f" {'long TTFT':>10} {'ITL@pf p50':>11} {'ITL@pf p99':>11}"
 header += f" {'x ref':>6} {'x 1 wkr':>8}"
 print(header)
-failed = 0
+failed = {}
 for conc in sorted({c for _, c in rows}):
     tps = {}
     for kind, label in engines:
         results = rows.get((kind, conc))
         if not results:
             continue
-        failed += sum(r["failed"] for r in results)
+        failed[label] = failed.get(label, 0) + sum(r["failed"] for r in results)
         tps[kind] = median(results, "tokens_per_s")
         line = (f"{conc:>4} {label:28} {fmt(tps[kind], 8)} {fmt(median(results, 'ttft_p50_ms'), 9)} "
                 f"{fmt(median(results, 'ttft_p99_ms'), 9)} {fmt(median(results, 'itl_p50_ms'), 8)} "
@@ -153,6 +159,10 @@ for conc in sorted({c for _, c in rows}):
 print("(medians over rounds; times in ms; tok/s: all completion tokens over the wall time;"
       " x ref: Realm tok/s over llama-server's; x 1 wkr: 2 workers over 1"
       + ("; ITL@pf: the streams' gaps during the long prompt's prefill" if long else "") + ")")
-if failed:
-    print(f"bench-serving: {failed} requests failed (see the JSON lines' first_error)", file=sys.stderr)
+for label, n in failed.items():
+    if n:
+        errors = {r["first_error"] for (kind, _), results in rows.items() for r in results
+                  if r.get("first_error") and dict(engines)[kind] == label}
+        print(f"bench-serving: {label}: {n} requests failed; first errors: {sorted(errors)}",
+              file=sys.stderr)
 PY
