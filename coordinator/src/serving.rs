@@ -560,7 +560,12 @@ pub async fn drive(
     );
     anyhow::ensure!(spec.gen_tokens > 0, "--gen-tokens must be at least 1");
     let target = Target {
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        // A fresh connection per request (a loopback connect is some 0.1 ms, in every TTFT
+        // alike): a pooled one can be closed by the server as it is reused (llama-server closes
+        // connections idle for 5 s), which fails that request for nothing the load did.
+        client: Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http(),
         endpoints: Endpoints::new(base_url)?,
         authorization: api_key.map(|k| format!("Bearer {k}")),
     };
