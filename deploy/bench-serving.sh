@@ -20,7 +20,9 @@
 #
 # llama-server runs with `-np` slots (the highest concurrency, one more with a long prompt so it
 # never waits for a slot) and -c 4096 per slot: with an explicit -np this llama.cpp splits -c
-# evenly over the slots (its unified KV buffer is on only when the slot count is automatic).
+# evenly over the slots (its unified KV buffer is on only when the slot count is automatic), and
+# --no-cache-prompt: the 16 prompts recur, and with its prompt cache on, a request whose prompt a
+# slot saw before prefills one token (Realm has no prompt cache; both do the same work this way).
 # Everything listens on 127.0.0.1 only and is stopped on exit.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,7 +72,7 @@ free_port() {
 run_reference() {
     local round="$1" port
     port="$(free_port)"
-    "$reference" -m "$model" -np "$slots" -c $((slots * ctx_per_slot)) -t 2 \
+    "$reference" -m "$model" -np "$slots" -c $((slots * ctx_per_slot)) -t 2 --no-cache-prompt \
         --host 127.0.0.1 --port "$port" --no-webui >"$out/llama-server.$round.log" 2>&1 &
     server_pid="$!"
     for _ in $(seq 1 300); do
