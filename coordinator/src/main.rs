@@ -284,8 +284,9 @@ struct BenchArgs {
     /// llama.cpp's llama-server) instead of starting a Realm cluster.
     #[arg(long, value_name = "URL", requires = "concurrency")]
     server: Option<String>,
-    /// Serving benchmark: the API key --server wants.
-    #[arg(long, env = API_KEY_ENV, hide_env_values = true, requires = "server")]
+    /// Serving benchmark: the API key --server wants (unused without --server; not required
+    /// with it, so the variable set for a client never breaks another benchmark).
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true)]
     api_key: Option<String>,
     /// Serving benchmark: compute threads of the Realm coordinator process.
     #[arg(long, default_value_t = realm_coordinator::serving::DEFAULT_COORDINATOR_THREADS)]
