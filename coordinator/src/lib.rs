@@ -22,6 +22,7 @@ pub mod request_id;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod serving;
 mod session;
 pub mod startup;
 mod step_stream;

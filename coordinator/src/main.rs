@@ -25,6 +25,7 @@ use realm_coordinator::local::LocalWorkers;
 use realm_coordinator::progress;
 use realm_coordinator::scheduler::{self, Scheduling};
 use realm_coordinator::server::{self, ServerConfig};
+use realm_coordinator::serving::{self, ClusterSpec, LoadResult, LoadSpec};
 use realm_coordinator::{Cluster, LocalModel, PlanSpec, DEFAULT_MODEL};
 use tokio::net::TcpListener;
 
@@ -293,6 +294,31 @@ struct BenchArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
+    /// Serving benchmark: streaming clients sending at once over the OpenAI-compatible HTTP API,
+    /// each load in turn (e.g. 1,4,16), against a Realm cluster of processes started for each
+    /// --workers count of 1 or more (--threads per worker), or against --server.
+    /// --gen-tokens is each request's max_tokens.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Serving benchmark: requests each client sends, one after the other.
+    #[arg(long, default_value_t = 4, requires = "concurrency")]
+    requests_per_client: usize,
+    /// Serving benchmark: once every client has its first token, one more client sends a
+    /// prompt of about this many tokens, and the streams' inter-token gaps during its prefill
+    /// are reported.
+    #[arg(long, requires = "concurrency")]
+    long_prompt_tokens: Option<usize>,
+    /// Serving benchmark: drive this running OpenAI-compatible server (`http://host:port`, e.g.
+    /// llama.cpp's llama-server) instead of starting a Realm cluster.
+    #[arg(long, value_name = "URL", requires = "concurrency")]
+    server: Option<String>,
+    /// Serving benchmark: the API key --server wants (unused without --server; not required
+    /// with it, so the variable set for a client never breaks another benchmark).
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true)]
+    api_key: Option<String>,
+    /// Serving benchmark: compute threads of the Realm coordinator process.
+    #[arg(long, default_value_t = realm_coordinator::serving::DEFAULT_COORDINATOR_THREADS)]
+    coordinator_threads: usize,
 }
 
 #[derive(Args)]
@@ -591,6 +617,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// process of this binary, so peak memory and warm caches do not leak from one configuration
 /// into the next.
 fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
+    if !args.concurrency.is_empty() {
+        return serving_bench(args, threads);
+    }
     let print = |r: &BenchResult| {
         if args.json {
             println!("{}", r.to_json());
@@ -690,6 +719,58 @@ fn bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
             .and_then(|v| BenchResult::from_json(&v))
             .with_context(|| format!("unexpected benchmark output: {stdout}"))?;
         print(&result);
+    }
+    Ok(())
+}
+
+/// `bench --concurrency`: the serving benchmark, over --server or a Realm cluster per worker count.
+fn serving_bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
+    let loads: Vec<LoadSpec> = args
+        .concurrency
+        .iter()
+        .map(|&concurrency| LoadSpec {
+            concurrency,
+            requests_per_client: args.requests_per_client,
+            gen_tokens: args.gen_tokens,
+            long_prompt_tokens: args.long_prompt_tokens,
+        })
+        .collect();
+    let print = |r: &LoadResult| {
+        if args.json {
+            println!("{}", r.to_json());
+        } else {
+            println!("{r}");
+        }
+    };
+    if let Some(url) = args.server.clone() {
+        let api_key = args.api_key.clone();
+        let gen_tokens = args.gen_tokens;
+        let results = on_runtime(async move {
+            serving::warm_up(&url, api_key.as_deref(), gen_tokens).await?;
+            let mut results = Vec::with_capacity(loads.len());
+            for load in &loads {
+                results.push(serving::drive(&url, api_key.as_deref(), load).await?);
+            }
+            Ok(results)
+        })?;
+        results.iter().for_each(print);
+        return Ok(());
+    }
+    let counts: Vec<usize> = args.workers.iter().copied().filter(|&w| w > 0).collect();
+    anyhow::ensure!(
+        !counts.is_empty(),
+        "the serving benchmark needs --workers 1 or more (or --server URL)"
+    );
+    for workers in counts {
+        let cluster = ClusterSpec {
+            model: args.model.model.clone(),
+            workers,
+            threads,
+            coordinator_threads: args.coordinator_threads.max(1),
+        };
+        let loads = loads.clone();
+        let results = on_runtime(async move { serving::bench_cluster(&cluster, &loads).await })?;
+        results.iter().for_each(print);
     }
     Ok(())
 }
