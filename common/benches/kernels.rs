@@ -1,5 +1,6 @@
-//! Throughput of Realm's quantized matrix-vector kernels on decode-sized products: prints GB/s of
-//! weights streamed and µs per product for each format, single-threaded and with all threads.
+//! Throughput of Realm's quantized matrix kernels, single-threaded and with all threads:
+//! decode-sized products (GB/s of weights streamed and µs per product for each format), then
+//! products with 16 tokens (a decode step of 16 sessions) and 128 (a prefill), in GOP/s.
 //! Run with `cargo bench -p realm-common --bench kernels`.
 
 use std::time::Instant;
@@ -85,9 +86,14 @@ fn run(label: &str, pool: &rayon::ThreadPool) {
     }
 }
 
-/// A 128-token prefill through one FFN-sized matrix.
+/// A 128-token prefill, and a decode step of 16 sessions, through one FFN-sized matrix.
 fn prefill(label: &str, pool: &rayon::ThreadPool) {
-    let n = 128;
+    for n in [16, 128] {
+        batch(label, pool, n);
+    }
+}
+
+fn batch(label: &str, pool: &rayon::ThreadPool, n: usize) {
     for (dtype, rows, cols) in [
         (GgmlType::Q4_0, 1536, 576),
         (GgmlType::Q4_1, 1536, 576),

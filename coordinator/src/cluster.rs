@@ -22,7 +22,7 @@ use crate::batch::Stages;
 use crate::error::{Error, Result};
 use crate::model::CoordinatorModel;
 use crate::plan::{Plan, PlanSpec};
-use crate::scheduler::{self, Inbox, Scheduling};
+use crate::scheduler::{self, Inbox, RowCost, Scheduling};
 use crate::session::{Session, SessionEvent};
 use crate::topology::Workers;
 
@@ -94,7 +94,8 @@ impl Cluster {
             d_model: model.config.d_model,
             dtype: wire_dtype,
         });
-        let (inbox, scheduler) = scheduler::spawn(Arc::clone(&workers), stages, scheduling);
+        let cost = RowCost::of(&model.config);
+        let (inbox, scheduler) = scheduler::spawn(Arc::clone(&workers), stages, scheduling, cost);
         Ok(Self {
             model,
             workers,

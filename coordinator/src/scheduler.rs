@@ -34,7 +34,7 @@ use crate::topology::{Topology, Workers};
 const MAX_RECOVERIES_PER_STEP: usize = 3;
 
 /// Rows a step carries while sessions decode, when not configured.
-pub const DEFAULT_STEP_TOKENS: usize = 64;
+pub const DEFAULT_STEP_TOKENS: usize = 32;
 /// The longest piece of one prompt in a step, when not configured.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
@@ -85,12 +85,14 @@ pub(crate) fn spawn(
     workers: Arc<Workers>,
     stages: Arc<Stages>,
     scheduling: Scheduling,
+    cost: RowCost,
 ) -> (Inbox, JoinHandle<()>) {
     let (inbox, submitted) = mpsc::unbounded_channel();
     let scheduler = Scheduler {
         workers,
         stages,
         scheduling,
+        cost,
         submitted,
         ready: VecDeque::new(),
         running: JoinSet::new(),
@@ -118,6 +120,7 @@ struct Scheduler {
     workers: Arc<Workers>,
     stages: Arc<Stages>,
     scheduling: Scheduling,
+    cost: RowCost,
     submitted: mpsc::UnboundedReceiver<Session>,
     /// Sessions between steps, longest waiting first.
     ready: VecDeque<Session>,
@@ -218,8 +221,22 @@ impl Scheduler {
         let live = self.ready.len() + self.in_flight.sessions;
         let decoding_anywhere =
             self.in_flight.decoding > 0 || self.ready.iter().any(Session::decoding);
-        let pending: Vec<usize> = self.ready.iter().map(Session::pending).collect();
-        let picked = pick(&pending, live, depth, decoding_anywhere, &self.scheduling);
+        let waiting: Vec<Waiting> = self
+            .ready
+            .iter()
+            .map(|s| Waiting {
+                pending: s.pending(),
+                position: s.position(),
+            })
+            .collect();
+        let picked = pick(
+            &waiting,
+            live,
+            depth,
+            decoding_anywhere,
+            &self.scheduling,
+            self.cost,
+        );
         if picked.is_empty() {
             return None;
         }
@@ -309,45 +326,127 @@ impl Scheduler {
     }
 }
 
-/// Which of the ready sessions (by the tokens each has `pending`, longest waiting first) a
-/// micro-batch takes, and how many rows of each, in row order: decode rows first, one per
-/// generating session, up to the micro-batch's share of the `live` sessions (`live / depth`, so
-/// the pipeline's stages stay evenly loaded); then chunks of prompts, in arrival order, in the
-/// room the budget leaves (never less than a quarter of `step_tokens` for the first, so prompts
-/// go on while decode rows fill the steps). While nothing decodes the budget is a whole
-/// `prefill_chunk`.
+/// What [`pick`] knows of a ready session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Waiting {
+    /// Tokens to run before its next token can be sampled: 1 for a decode row.
+    pending: usize,
+    /// Tokens its caches hold: where its next rows sit.
+    position: usize,
+}
+
+/// What a step's rows cost, in rows of matrix products: a row at `position` also attends to
+/// that many cached keys, which weighs as much as its matrix products at `attention_context`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RowCost {
+    pub attention_context: usize,
+}
+
+/// How many times slower than the quantized matrix products attention runs per multiply-add
+/// (its online softmax goes one key at a time). Measured: a 16-row chunk of a SmolLM2 prompt
+/// at position 1,500 costs 5× the same chunk at position 0, beside 16 decode rows.
+const ATTENTION_SLOWDOWN: usize = 8;
+
+impl RowCost {
+    /// The cost model of `config`'s blocks: a block's weights against the query-key products
+    /// and weighted values of every head.
+    pub fn of(config: &realm_common::model::ModelConfig) -> Self {
+        Self::new(
+            config.d_model,
+            config.ffn_dim,
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        )
+    }
+
+    /// The cost model of blocks `d` wide with an MLP of `ffn`, `heads` query heads and
+    /// `kv_heads` key/value heads of `dim` dimensions.
+    fn new(d: usize, ffn: usize, heads: usize, kv_heads: usize, dim: usize) -> Self {
+        let weights = 2 * d * heads * dim + 2 * d * kv_heads * dim + 3 * d * ffn;
+        let per_position = 2 * heads * dim * ATTENTION_SLOWDOWN;
+        Self {
+            attention_context: (weights / per_position.max(1)).max(1),
+        }
+    }
+
+    /// The cost of `rows` rows from `position`.
+    fn rows(&self, position: usize, rows: usize) -> f64 {
+        let mean_position = position as f64 + rows.saturating_sub(1) as f64 / 2.0;
+        rows as f64 * (1.0 + mean_position / self.attention_context as f64)
+    }
+}
+
+/// Which of the ready sessions (longest waiting first) a micro-batch takes, and how many rows
+/// of each, in row order.
+///
+/// Decode rows come first, one per generating session, up to the micro-batch's share of the
+/// `live` sessions (`live / depth`, so the pipeline's stages stay evenly loaded). Then chunks of
+/// prompts, in arrival order, in the room the budget leaves. While any session decodes, the
+/// budget is `step_tokens` rows' worth of work, counting what each row's attention to the keys
+/// before it costs ([`RowCost`]): a chunk deep into a long prompt gets fewer rows, so a step's
+/// time, which every running stream waits for, stays bounded. The first prompt always gets a
+/// quarter of the budget, so prompts go on while decode rows fill the steps. While nothing
+/// decodes, a step carries up to `prefill_chunk` rows, whatever they cost.
 fn pick(
-    pending: &[usize],
+    waiting: &[Waiting],
     live: usize,
     depth: usize,
     decoding_anywhere: bool,
     scheduling: &Scheduling,
+    cost: RowCost,
 ) -> Vec<(usize, usize)> {
     let share = live.div_ceil(depth.max(1));
+    let mut picked: Vec<(usize, usize)> = waiting
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.pending == 1)
+        .take(share)
+        .map(|(i, _)| (i, 1))
+        .collect();
+    // While nothing decodes, rows cost one each, whatever they attend to.
+    let cost = |position: usize, rows: usize| {
+        if decoding_anywhere {
+            cost.rows(position, rows)
+        } else {
+            rows as f64
+        }
+    };
+    let mut spent: f64 = picked
+        .iter()
+        .map(|&(i, _)| cost(waiting[i].position, 1))
+        .sum();
     let budget = if decoding_anywhere {
         scheduling.step_tokens
     } else {
         scheduling.prefill_chunk
-    };
-    let floor = (scheduling.step_tokens / 4).max(1);
-    let mut picked: Vec<(usize, usize)> = pending
-        .iter()
-        .enumerate()
-        .filter(|(_, &p)| p == 1)
-        .take(share)
-        .map(|(i, _)| (i, 1))
-        .collect();
-    let mut rows = picked.len();
-    let prompts = pending.iter().enumerate().filter(|(_, &p)| p > 1);
-    for (nth, (i, &p)) in prompts.enumerate() {
-        let room = budget.saturating_sub(rows);
+    } as f64;
+    let floor = (scheduling.step_tokens / 4).max(1) as f64;
+    let prompts = waiting.iter().enumerate().filter(|(_, w)| w.pending > 1);
+    for (nth, (i, w)) in prompts.enumerate() {
+        let room = budget - spent;
         let room = if nth == 0 { room.max(floor) } else { room };
-        if room == 0 {
+        if room < 1.0 {
             break;
         }
-        let chunk = p.min(room).min(scheduling.prefill_chunk);
-        picked.push((i, chunk));
-        rows += chunk;
+        // The most rows that fit (the cost grows with the rows), and at least one.
+        let most = w.pending.min(scheduling.prefill_chunk);
+        let (mut fits, mut over) = (0, most + 1);
+        while over - fits > 1 {
+            let mid = (fits + over) / 2;
+            // (A hair over the room is rounding, not cost.)
+            if cost(w.position, mid) <= room + 1e-9 {
+                fits = mid;
+            } else {
+                over = mid;
+            }
+        }
+        if fits == 0 && nth > 0 {
+            break;
+        }
+        let rows = fits.max(1);
+        picked.push((i, rows));
+        spent += cost(w.position, rows);
     }
     picked
 }
@@ -377,17 +476,32 @@ mod tests {
         }
     }
 
+    /// Attention that costs nothing: every row costs one.
+    const FREE: RowCost = RowCost {
+        attention_context: usize::MAX,
+    };
+
+    fn waiting(pending: &[usize]) -> Vec<Waiting> {
+        pending
+            .iter()
+            .map(|&pending| Waiting {
+                pending,
+                position: if pending == 1 { 20 } else { 0 },
+            })
+            .collect()
+    }
+
     #[test]
     fn decode_rows_come_first_up_to_the_share_of_the_pipeline() {
         let s = scheduling(64, 256);
         // Sixteen decoding sessions, two stages: eight a micro-batch.
-        let pending = [1; 16];
-        let picked = pick(&pending, 16, 2, true, &s);
+        let all = waiting(&[1; 16]);
+        let picked = pick(&all, 16, 2, true, &s, FREE);
         assert_eq!(picked, (0..8).map(|i| (i, 1)).collect::<Vec<_>>());
         // With eight more in flight, the other eight.
-        assert_eq!(pick(&pending[..8], 16, 2, true, &s).len(), 8);
+        assert_eq!(pick(&all[..8], 16, 2, true, &s, FREE).len(), 8);
         // One stage takes them all.
-        assert_eq!(pick(&pending, 16, 1, true, &s).len(), 16);
+        assert_eq!(pick(&all, 16, 1, true, &s, FREE).len(), 16);
     }
 
     #[test]
@@ -395,30 +509,70 @@ mod tests {
         let s = scheduling(64, 256);
         // A 2,000-token prompt behind four decoding sessions: a chunk of the 60 rows left.
         assert_eq!(
-            pick(&[2000, 1, 1, 1, 1], 5, 1, true, &s),
+            pick(&waiting(&[2000, 1, 1, 1, 1]), 5, 1, true, &s, FREE),
             [(1, 1), (2, 1), (3, 1), (4, 1), (0, 60)]
         );
         // Short prompts share the room; the last one gets what is left, then none.
         assert_eq!(
-            pick(&[1, 30, 30, 30], 4, 1, true, &s),
+            pick(&waiting(&[1, 30, 30, 30]), 4, 1, true, &s, FREE),
             [(0, 1), (1, 30), (2, 30), (3, 3)]
         );
         // Decode rows filling the budget still leave a quarter of it to the first prompt.
         let mut pending = vec![1; 70];
         pending.push(500);
-        let picked = pick(&pending, 71, 1, true, &s);
+        let picked = pick(&waiting(&pending), 71, 1, true, &s, FREE);
         assert_eq!(picked.len(), 71);
         assert_eq!(picked.last(), Some(&(70, 16)));
     }
 
     #[test]
+    fn a_chunk_deep_into_a_long_prompt_gets_fewer_rows() {
+        let s = scheduling(32, 256);
+        let cost = RowCost {
+            attention_context: 400,
+        };
+        let chunk_at = |position: usize| {
+            let mut w = waiting(&[1; 16]);
+            w.push(Waiting {
+                pending: 2000,
+                position,
+            });
+            pick(&w, 17, 1, true, &s, cost).last().copied()
+        };
+        // Sixteen decode rows at position 20 cost 16.8 of 32: 14 rows of the prompt fit.
+        assert_eq!(chunk_at(0), Some((16, 14)));
+        // At position 1,200 a row costs four: three rows.
+        assert_eq!(chunk_at(1200), Some((16, 3)));
+        // A row that costs more than the room left still goes: the prompt never stops.
+        assert_eq!(chunk_at(8000), Some((16, 1)));
+        assert!(cost.rows(1200, 3) <= 15.2 && cost.rows(1200, 4) > 15.2);
+        // With nothing decoding, attention is not counted: whole chunks.
+        let alone = [Waiting {
+            pending: 800,
+            position: 1200,
+        }];
+        assert_eq!(pick(&alone, 1, 1, false, &s, cost), [(0, 256)]);
+    }
+
+    #[test]
     fn with_nothing_decoding_a_step_carries_a_whole_chunk() {
         let s = scheduling(64, 256);
-        assert_eq!(pick(&[2000], 1, 1, false, &s), [(0, 256)]);
-        assert_eq!(pick(&[100, 200], 2, 1, false, &s), [(0, 100), (1, 156)]);
+        assert_eq!(pick(&waiting(&[2000]), 1, 1, false, &s, FREE), [(0, 256)]);
+        assert_eq!(
+            pick(&waiting(&[100, 200]), 2, 1, false, &s, FREE),
+            [(0, 100), (1, 156)]
+        );
         // The budget counts every session's rows, in flight or not.
-        assert_eq!(pick(&[2000], 1, 1, true, &s), [(0, 64)]);
-        assert!(pick(&[], 3, 1, true, &s).is_empty());
+        assert_eq!(pick(&waiting(&[2000]), 1, 1, true, &s, FREE), [(0, 64)]);
+        assert!(pick(&[], 3, 1, true, &s, FREE).is_empty());
+    }
+
+    #[test]
+    fn the_cost_model_follows_the_model_shape() {
+        // SmolLM2-135M: 576 wide, an MLP of 1,536, 9 heads of 64, 3 KV heads.
+        assert_eq!(RowCost::new(576, 1536, 9, 3, 64).attention_context, 384);
+        // Wider heads attend at a higher cost per position.
+        assert!(RowCost::new(640, 2048, 4, 1, 256).attention_context < 384);
     }
 
     #[test]

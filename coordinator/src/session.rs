@@ -132,6 +132,11 @@ impl Session {
         self.decoding.tokens().len() - self.cached
     }
 
+    /// Tokens the workers hold in its caches: where its next rows sit.
+    pub fn position(&self) -> usize {
+        self.cached
+    }
+
     /// Whether the session's next step is one decode row.
     pub fn decoding(&self) -> bool {
         self.pending() == 1

@@ -372,31 +372,88 @@ impl Shard {
                 "the sessions of a step hold {total} rows, its hidden state {rows}"
             )));
         }
-        let mut pass = |x: Tensor| -> Result<Tensor> {
-            let mut x = x;
-            for layer in 0..self.range.len() {
-                let mut segments = layer_segments(sessions, layer);
-                x = match &self.layers {
-                    Layers::Resident(blocks) => blocks[layer].forward(&x, &mut segments)?,
-                    // One layer in use at a time: the guard drops before the next is acquired.
-                    Layers::Managed(manager) => {
-                        manager.acquire(layer)?.forward(&x, &mut segments)?
-                    }
-                };
-            }
-            Ok(x)
-        };
-        // A pass that never waits runs on one of rayon's threads, so each parallel loop in it
-        // forks and joins there, instead of being handed over from this thread, which would
-        // sleep until the loop ends: two context switches per loop, hundreds per token. A shard
-        // that streams layers stays off the pool: its steps may wait for each other's layers,
-        // and a waiting step must not sit under another on one thread's stack.
-        if self.never_waits() {
-            rayon::scope(|_| pass(x.clone()))
-        } else {
-            pass(x.clone())
+        // A pass that never waits runs on rayon's threads, so each parallel loop in it forks
+        // and joins there, instead of being handed over from this thread, which would sleep
+        // until the loop ends: two context switches per loop, hundreds per token. A shard that
+        // streams layers stays off the pool: its steps may wait for each other's layers, and a
+        // waiting step must not sit under another on one thread's stack.
+        if !self.never_waits() {
+            return self.pass(x.clone(), sessions);
         }
+        let threads = rayon::current_num_threads();
+        if threads < 2 || sessions.len() < 2 {
+            return rayon::scope(|_| self.pass(x.clone(), sessions));
+        }
+        // Several sessions: split between the threads, each group running every layer on its
+        // own. A matrix product of a few rows is too short to split well: the second thread,
+        // woken for each of a step's hundreds of products, would arrive when the product is
+        // nearly done. The weights are read once per group, and each row's numbers are the
+        // same in any group.
+        let groups = split_rows(sessions, threads);
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut first = 0;
+        for group in groups {
+            let rows: usize = group.iter().map(|s| s.rows).sum();
+            parts.push((x.narrow(0, first, rows)?, group));
+            first += rows;
+        }
+        use rayon::prelude::*;
+        let outs = parts
+            .into_par_iter()
+            .map(|(x, group)| self.pass(x, group))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&outs, 0)?)
     }
+
+    /// Every layer of the shard over `x`, the rows of `sessions`.
+    fn pass(&self, x: Tensor, sessions: &mut [SessionRows<'_>]) -> Result<Tensor> {
+        let mut x = x;
+        for layer in 0..self.range.len() {
+            let mut segments = layer_segments(sessions, layer);
+            x = match &self.layers {
+                Layers::Resident(blocks) => blocks[layer].forward(&x, &mut segments)?,
+                // One layer in use at a time: the guard drops before the next is acquired.
+                Layers::Managed(manager) => manager.acquire(layer)?.forward(&x, &mut segments)?,
+            };
+        }
+        Ok(x)
+    }
+}
+
+/// `sessions` cut into at most `parts` runs of consecutive sessions with about as many rows
+/// each.
+fn split_rows<'s, 'a>(
+    sessions: &'s mut [SessionRows<'a>],
+    parts: usize,
+) -> Vec<&'s mut [SessionRows<'a>]> {
+    let total: usize = sessions.iter().map(|s| s.rows).sum();
+    let mut groups = Vec::with_capacity(parts);
+    let mut rest = sessions;
+    for part in (1..=parts).rev() {
+        if rest.is_empty() {
+            break;
+        }
+        let left: usize = rest.iter().map(|s| s.rows).sum();
+        let target = left.div_ceil(part).max(1);
+        let mut rows = 0;
+        let mut take = 0;
+        while take < rest.len() && (rows < target || take == 0) {
+            rows += rest[take].rows;
+            take += 1;
+        }
+        let (group, tail) = std::mem::take(&mut rest).split_at_mut(take);
+        groups.push(group);
+        rest = tail;
+    }
+    debug_assert_eq!(
+        groups
+            .iter()
+            .flat_map(|g| g.iter())
+            .map(|s| s.rows)
+            .sum::<usize>(),
+        total
+    );
+    groups
 }
 
 /// Each session's cache of one layer, as that layer's block sees the step.
