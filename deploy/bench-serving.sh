@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Serving benchmark: concurrent streaming clients over the OpenAI-compatible HTTP API
 # (`realm-coordinator bench --concurrency`), against a Realm cluster of processes on loopback in
-# two shapes (1 worker with 2 threads, 2 workers with 1 thread each) and, when LLAMA_CPP_BIN is
+# three shapes (1 worker with 2 threads; 1 worker with 1 thread; 2 workers with 1 thread each,
+# set against the one-thread single worker) and, when LLAMA_CPP_BIN is
 # set, against the reference engine's llama-server driven by the same client with the same
 # prompts. The engines alternate over ROUNDS rounds in the same run; the table gives the medians
 # over rounds, with Realm's aggregate tokens/s over the reference's and Realm's 2 workers over 1.
@@ -97,6 +98,8 @@ for round in $(seq "$rounds"); do
         echo "bench-serving: $(date +%T) round $round: realm" >&2
         "$realm" --threads 2 bench --model "$model" --workers 1 \
             --coordinator-threads "$coordinator_threads" "${load_args[@]}" >"$out/realm1.$round.jsonl"
+        "$realm" --threads 1 bench --model "$model" --workers 1 \
+            --coordinator-threads "$coordinator_threads" "${load_args[@]}" >"$out/realm1x1.$round.jsonl"
         "$realm" --threads 1 bench --model "$model" --workers 2 \
             --coordinator-threads "$coordinator_threads" "${load_args[@]}" >"$out/realm2.$round.jsonl"
     fi
@@ -109,6 +112,7 @@ out, slots = sys.argv[1], sys.argv[2]
 engines = [
     ("reference", f"llama-server -np {slots} -t 2"),
     ("realm1", "realm 1 worker x 2 threads"),
+    ("realm1x1", "realm 1 worker x 1 thread"),
     ("realm2", "realm 2 workers x 1 thread"),
 ]
 rows = {}  # (engine, concurrency) -> list of results over rounds
@@ -135,9 +139,11 @@ long = any(r.get("long_prompt") for results in rows.values() for r in results)
 header = f"{'conc':>4} {'engine':28} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
 if long:
     header += f" {'long TTFT':>10} {'ITL@pf p50':>11} {'ITL@pf p99':>11}"
-header += f" {'x ref':>6} {'x 1 wkr':>8}"
+header += f" {'x ref':>6} {'x alone':>8} {'x 1 wkr':>8}"
 print(header)
 failed = {}
+# Each engine's single stream, for its throughput under load over its own alone.
+alone = {kind: median(rows.get((kind, 1), []), "tokens_per_s") for kind, _ in engines}
 for conc in sorted({c for _, c in rows}):
     tps = {}
     for kind, label in engines:
@@ -155,11 +161,13 @@ for conc in sorted({c for _, c in rows}):
                      f" {fmt(median(results, 'long_prompt', 'itl_p99_ms'), 11)}")
         ref = tps.get("reference")
         ratio = tps[kind] / ref if kind != "reference" and ref else None
-        per_worker = tps[kind] / tps["realm1"] if kind == "realm2" and tps.get("realm1") else None
-        line += f" {fmt(ratio, 6, 2)} {fmt(per_worker, 8, 2)}"
+        per_worker = tps[kind] / tps["realm1x1"] if kind == "realm2" and tps.get("realm1x1") else None
+        over_alone = tps[kind] / alone[kind] if alone.get(kind) else None
+        line += f" {fmt(ratio, 6, 2)} {fmt(over_alone, 8, 2)} {fmt(per_worker, 8, 2)}"
         print(line)
 print("(medians over rounds; times in ms; tok/s: all completion tokens over the wall time;"
-      " x ref: Realm tok/s over llama-server's; x 1 wkr: 2 workers over 1"
+      " x ref: Realm tok/s over llama-server's; x alone: over the same engine's single stream;"
+      " x 1 wkr: 2 workers over 1 worker, one thread each"
       + ("; ITL@pf: the streams' gaps during the long prompt's prefill" if long else "") + ")")
 for label, n in failed.items():
     if n:

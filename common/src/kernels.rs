@@ -39,6 +39,7 @@ pub use interleaved::repacks;
 #[cfg(target_arch = "aarch64")]
 #[allow(unsafe_code)]
 mod neon;
+mod wide;
 
 const QK: usize = 32;
 /// Values in a K-format super-block and in a `Q8_K` activation block.
@@ -414,13 +415,15 @@ enum Storage {
     /// A copy repacked into groups of [`interleaved::ROWS`] rows, in memory of its own
     /// (huge pages where the OS gives them).
     Interleaved(Arc<memmap2::Mmap>),
+    /// As `Interleaved`, in groups of [`wide::ROWS`] rows for AVX-512 VNNI.
+    Wide(Arc<memmap2::Mmap>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
             Self::Owned(v) => v,
-            Self::Interleaved(v) => v,
+            Self::Interleaved(v) | Self::Wide(v) => v,
             Self::Mapped(t) => t.bytes(),
         }
     }
@@ -448,7 +451,11 @@ impl QMatrix {
         if !supported_shape(dtype, cols) || bytes.len() != rows * row_bytes {
             return None;
         }
-        let data = if repacks(dtype, rows) {
+        let data = if wide::used(dtype, rows) {
+            let mut copy = crate::mmap::huge_page_buffer(bytes.len()).ok()?;
+            wide::repack(dtype, rows, row_bytes, bytes, &mut copy, done);
+            Storage::Wide(Arc::new(copy.make_read_only().ok()?))
+        } else if repacks(dtype, rows) {
             let mut copy = crate::mmap::huge_page_buffer(bytes.len()).ok()?;
             interleaved::repack(dtype, rows, row_bytes, bytes, &mut copy, done);
             Storage::Interleaved(Arc::new(copy.make_read_only().ok()?))
@@ -494,6 +501,18 @@ impl QMatrix {
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
+        if let Storage::Wide(bytes) = &self.data {
+            let group_bytes = wide::ROWS * self.row_bytes;
+            let mut acts = self.quantize(x, QK, quantize_row);
+            interleaved::prepare(self.dtype, &mut acts);
+            return self.run_tasks(n, out, wide::ROWS, |first, results| {
+                let first = first / wide::ROWS;
+                for (g, ys) in results.chunks_exact_mut(n * wide::ROWS).enumerate() {
+                    let group = &bytes[(first + g) * group_bytes..][..group_bytes];
+                    wide::group_matmul(self.dtype, group, &acts, ys);
+                }
+            });
+        }
         if let Storage::Interleaved(bytes) = &self.data {
             let group_bytes = interleaved::ROWS * self.row_bytes;
             let mut acts = self.quantize(x, QK, quantize_row);
@@ -578,15 +597,14 @@ impl QMatrix {
                         *y = *r;
                     }
                 }
-                interleaved::ROWS => {
+                unit => {
                     let from = results
                         .chunks_exact(n * unit)
                         .map(|b| &b[t * unit..][..unit]);
-                    for (to, from) in ys.chunks_exact_mut(interleaved::ROWS).zip(from) {
+                    for (to, from) in ys.chunks_exact_mut(unit).zip(from) {
                         to.copy_from_slice(from);
                     }
                 }
-                _ => unreachable!("units are single rows or interleaved groups"),
             });
     }
 }
@@ -1948,6 +1966,58 @@ mod tests {
                         check(&path, &|acts, out| {
                             interleaved::neon::group_matmul(path, dtype, group, acts, out)
                         });
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_wide_layout_computes_the_portable_bits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (rows, cols) = (32, 256);
+        for (dtype, n) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
+            .into_iter()
+            .flat_map(|d| [(d, 1), (d, 2), (d, 3), (d, 17), (d, 33)])
+        {
+            let bytes = random_matrix(dtype, rows, cols, &mut rng);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let m = QMatrix::new(dtype, rows, cols, &bytes).unwrap();
+            if !wide::used(dtype, rows) {
+                // Without AVX-512 VNNI the eight-row layout serves, as every other test checks.
+                assert!(matches!(m.data, Storage::Interleaved(_)));
+                continue;
+            }
+            assert!(matches!(m.data, Storage::Wide(_)));
+            assert!(
+                !wide::used(dtype, rows + 8),
+                "whole groups of sixteen rows only"
+            );
+            let mut got = vec![0.0; n * rows];
+            m.matmul(&x, n, &mut got);
+            assert_near_dequantized(dtype, &bytes, rows, cols, &x, &got);
+
+            // The portable code over the eight-row layout defines the bits.
+            let mut packed = vec![0u8; bytes.len()];
+            interleaved::repack(dtype, rows, m.row_bytes, &bytes, &mut packed, |_| {});
+            let mut acts = m.quantize(&x, QK, quantize_row_portable);
+            interleaved::prepare(dtype, &mut acts);
+            let group_bytes = interleaved::ROWS * m.row_bytes;
+            for (g, group) in packed.chunks_exact(group_bytes).enumerate() {
+                let mut want = vec![0.0; n * interleaved::ROWS];
+                interleaved::group_matmul_portable(dtype, group, &acts, &mut want);
+                for t in 0..n {
+                    for i in 0..interleaved::ROWS {
+                        let (w, r) = (
+                            want[t * interleaved::ROWS + i],
+                            got[t * rows + g * interleaved::ROWS + i],
+                        );
+                        assert_eq!(
+                            w.to_bits(),
+                            r.to_bits(),
+                            "{dtype:?} x {n} [{t}][{}]",
+                            g * 8 + i
+                        );
                     }
                 }
             }
