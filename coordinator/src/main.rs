@@ -530,6 +530,8 @@ fn print_usage(completion: &Completion) {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let guard = args.guard;
+    let scheduling = args.scheduling.scheduling();
+    scheduling.check()?;
     // Checked before binding: an open API is never reachable, not even for a moment.
     for listen in std::iter::once(&args.listen).chain(&args.http_listen) {
         for addr in tokio::net::lookup_host(listen)
@@ -585,7 +587,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             standby: guard.standby,
             tls: worker_tls,
         },
-        scheduling: args.scheduling.scheduling(),
+        scheduling,
         api_keys: guard.api_key,
         max_active: guard.max_active,
         max_queued: guard.max_queued,

@@ -67,10 +67,15 @@ impl Scheduling {
     /// Refuses settings that would stall the scheduler.
     pub fn check(&self) -> Result<()> {
         if self.step_tokens == 0 || self.prefill_chunk == 0 || self.pipeline_depth == Some(0) {
-            return Err(Error::Plan(format!(
-                "step tokens ({}), prefill chunk ({}) and pipeline depth ({:?}) must be at least 1",
-                self.step_tokens, self.prefill_chunk, self.pipeline_depth
-            )));
+            return Err(realm_common::Error::InvalidArgument(format!(
+                "--step-tokens ({}), --prefill-chunk ({}) and --pipeline-depth ({}) must be at \
+                 least 1",
+                self.step_tokens,
+                self.prefill_chunk,
+                self.pipeline_depth
+                    .map_or("one per worker".to_string(), |d| d.to_string())
+            ))
+            .into());
         }
         Ok(())
     }
