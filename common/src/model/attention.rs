@@ -178,11 +178,9 @@ pub(crate) fn attend(
             }
             let mut buf = Vec::new();
             let scores = dot::scores(&query, kv, kv_head, first, p + 1 - first, &mut buf);
-            let mut softmax = dot::OnlineSoftmax::new(head_dim, narrow);
-            for (j, &s) in (first..=p).zip(scores) {
-                softmax.push(s * scale, kv.value(j, kv_head, head_dim));
-            }
-            softmax.finish(out);
+            let scores: Vec<f32> = scores.iter().map(|s| s * scale).collect();
+            let mut steps = Vec::with_capacity(scores.len());
+            dot::softmax_values(&scores, kv, kv_head, first, narrow, out, &mut steps);
         });
     Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
 }

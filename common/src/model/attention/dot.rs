@@ -52,44 +52,50 @@ pub(super) fn scores<'a>(
     &buf[skip..skip + count]
 }
 
-/// One query's softmax-weighted sum of values, built one key at a time.
-pub(super) struct OnlineSoftmax {
-    acc: Vec<f32>,
-    max: f32,
-    sum: f32,
-    /// Round the accumulator to f16 after every step.
+/// One query's softmax-weighted sum of the values of the keys from `first`, scored `scores`
+/// (already scaled), written normalized to `out` (`head_dim` values). `steps` is scratch.
+///
+/// The softmax is online, one key at a time in order: a key scoring a new maximum rescales
+/// what came before by `exp(old - new)` and weighs 1, any other weighs `exp(s - max)`. The
+/// weights and rescales depend on the scores alone, so they are all worked out first; then the
+/// values are summed, `acc = v · weight + acc · rescale` (in f16, rounded after each step, or
+/// f32), with the accumulator in registers over all the keys.
+pub(super) fn softmax_values(
+    scores: &[f32],
+    kv: &LayerKv,
+    head: usize,
+    first: usize,
     narrow: bool,
-}
-
-impl OnlineSoftmax {
-    pub fn new(head_dim: usize, narrow: bool) -> Self {
-        Self {
-            acc: vec![0.0; head_dim],
-            max: f32::NEG_INFINITY,
-            sum: 0.0,
-            narrow,
-        }
-    }
-
-    /// Adds the value `v` of a key scored `s`.
-    pub fn push(&mut self, s: f32, v: &[f16]) {
-        let (rescale, weight) = if s > self.max {
-            let old = self.max;
-            self.max = s;
+    out: &mut [f32],
+    steps: &mut Vec<(f32, f32)>,
+) {
+    steps.clear();
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    for &s in scores {
+        let (rescale, weight) = if s > max {
+            let old = max;
+            max = s;
             ((old - s).exp(), 1.0)
         } else {
-            (1.0, (s - self.max).exp())
+            (1.0, (s - max).exp())
         };
-        accumulate(&mut self.acc, v, rescale, weight, self.narrow);
-        self.sum = self.sum * rescale + weight;
+        sum = sum * rescale + weight;
+        steps.push((rescale, weight));
     }
-
-    /// Writes the normalized result.
-    pub fn finish(&self, out: &mut [f32]) {
-        let inv = if self.sum == 0.0 { 0.0 } else { 1.0 / self.sum };
-        for (o, a) in out.iter_mut().zip(&self.acc) {
-            *o = a * inv;
-        }
+    let head_dim = out.len();
+    let value = |j: usize| kv.value(first + j, head, head_dim);
+    out.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    let done = simd::weighted_sum(out, steps, &value, narrow);
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    // What the registers did not cover (all of it without x86 SIMD), one key at a time.
+    for (j, &(rescale, weight)) in steps.iter().enumerate() {
+        accumulate(&mut out[done..], &value(j)[done..], rescale, weight, narrow);
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for o in out.iter_mut() {
+        *o *= inv;
     }
 }
 
@@ -183,6 +189,93 @@ mod simd {
     pub fn accumulate(acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow: bool) {
         // SAFETY: `available()` checked AVX2, FMA and F16C on this CPU.
         unsafe { accumulate_avx2(acc, v, rescale, weight, narrow) }
+    }
+
+    /// Dimensions whose accumulators one pass over the keys keeps in registers.
+    const DIMS_PER_PASS: usize = 64;
+
+    /// The weighted sum of `value(j)` over `steps` into `acc` (zeros), [`DIMS_PER_PASS`]
+    /// dimensions at a time, the accumulators in registers over every key; the same operations
+    /// as [`super::accumulate_portable`], in the same order. Returns how many leading
+    /// dimensions it covered.
+    pub fn weighted_sum<'a>(
+        acc: &mut [f32],
+        steps: &[(f32, f32)],
+        value: &impl Fn(usize) -> &'a [f16],
+        narrow: bool,
+    ) -> usize {
+        if !available() {
+            return 0;
+        }
+        let covered = acc.len() / DIMS_PER_PASS * DIMS_PER_PASS;
+        for (pass, acc) in acc[..covered].chunks_exact_mut(DIMS_PER_PASS).enumerate() {
+            let at = pass * DIMS_PER_PASS;
+            if crate::kernels::avx512_available() {
+                // SAFETY: checked AVX-512 F (and, by `available()`, F16C) on this CPU.
+                unsafe { weighted_pass_avx512(acc, steps, value, at, narrow) }
+            } else {
+                // SAFETY: `available()` checked AVX2, FMA and F16C on this CPU.
+                unsafe { weighted_pass_avx2(acc, steps, value, at, narrow) }
+            }
+        }
+        covered
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    fn weighted_pass_avx512<'a>(
+        acc: &mut [f32],
+        steps: &[(f32, f32)],
+        value: &impl Fn(usize) -> &'a [f16],
+        at: usize,
+        narrow: bool,
+    ) {
+        const VECTORS: usize = DIMS_PER_PASS / 16;
+        let mut a = [_mm512_setzero_ps(); VECTORS];
+        for (j, &(rescale, weight)) in steps.iter().enumerate() {
+            let v = &value(j)[at..at + DIMS_PER_PASS];
+            let (w, r) = (_mm512_set1_ps(weight), _mm512_set1_ps(rescale));
+            for (k, a) in a.iter_mut().enumerate() {
+                // SAFETY: `v` holds DIMS_PER_PASS f16, sixteen per vector.
+                let v = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(v[16 * k..].as_ptr().cast()) });
+                let mut x = _mm512_add_ps(_mm512_mul_ps(v, w), _mm512_mul_ps(*a, r));
+                if narrow {
+                    x = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+                }
+                *a = x;
+            }
+        }
+        for (k, a) in a.iter().enumerate() {
+            // SAFETY: `acc` holds DIMS_PER_PASS f32, sixteen per vector.
+            unsafe { _mm512_storeu_ps(acc[16 * k..].as_mut_ptr(), *a) };
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn weighted_pass_avx2<'a>(
+        acc: &mut [f32],
+        steps: &[(f32, f32)],
+        value: &impl Fn(usize) -> &'a [f16],
+        at: usize,
+        narrow: bool,
+    ) {
+        const VECTORS: usize = DIMS_PER_PASS / 8;
+        let mut a = [_mm256_setzero_ps(); VECTORS];
+        for (j, &(rescale, weight)) in steps.iter().enumerate() {
+            let v = &value(j)[at..at + DIMS_PER_PASS];
+            let (w, r) = (_mm256_set1_ps(weight), _mm256_set1_ps(rescale));
+            for (k, a) in a.iter_mut().enumerate() {
+                let mut x =
+                    _mm256_add_ps(_mm256_mul_ps(load_f16(v, 8 * k), w), _mm256_mul_ps(*a, r));
+                if narrow {
+                    x = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+                }
+                *a = x;
+            }
+        }
+        for (k, a) in a.iter().enumerate() {
+            // SAFETY: `acc` holds DIMS_PER_PASS f32, eight per vector.
+            unsafe { _mm256_storeu_ps(acc[8 * k..].as_mut_ptr(), *a) };
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -351,6 +444,37 @@ mod tests {
                         s.to_bits(),
                         want.to_bits(),
                         "{head_dim} head {head} key {j}"
+                    );
+                }
+            }
+            // The whole softmax over values against the sequential definition, key by key.
+            let scores: Vec<f32> = (0..len).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+            for narrow in [true, false] {
+                for (head, first) in [(0, 0), (1, 5), (1, 40)] {
+                    let mut got = vec![0.0; head_dim];
+                    let mut steps = Vec::new();
+                    let scores = &scores[first..];
+                    softmax_values(scores, &kv, head, first, narrow, &mut got, &mut steps);
+                    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+                    let mut want = vec![0.0f32; head_dim];
+                    for (j, &s) in scores.iter().enumerate() {
+                        let (rescale, weight) = if s > max {
+                            let old = max;
+                            max = s;
+                            ((old - s).exp(), 1.0)
+                        } else {
+                            (1.0, (s - max).exp())
+                        };
+                        sum = sum * rescale + weight;
+                        let v = kv.value(first + j, head, head_dim);
+                        accumulate_portable(&mut want, v, rescale, weight, narrow);
+                    }
+                    let want: Vec<f32> = want.iter().map(|a| a * (1.0 / sum)).collect();
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{head_dim} {narrow} {head} {first}"
                     );
                 }
             }
