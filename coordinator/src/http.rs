@@ -795,19 +795,19 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         .set_buckets(LATENCY_BUCKETS)
         .and_then(|b| {
             b.set_buckets_for_metric(
-                Matcher::Full(generation::names::STEP_ROWS.to_string()),
+                Matcher::Full(crate::telemetry::names::STEP_ROWS.to_string()),
                 COUNT_BUCKETS,
             )
         })
         .and_then(|b| {
             b.set_buckets_for_metric(
-                Matcher::Full(generation::names::STEP_SESSIONS.to_string()),
+                Matcher::Full(crate::telemetry::names::STEP_SESSIONS.to_string()),
                 COUNT_BUCKETS,
             )
         })
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
-    generation::describe_metrics();
+    crate::telemetry::describe_metrics();
     Ok(INSTALLED.get_or_init(|| handle).clone())
 }
 

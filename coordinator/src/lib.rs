@@ -25,7 +25,7 @@ pub mod service;
 pub mod serving;
 mod session;
 pub mod startup;
-mod step_stream;
+mod telemetry;
 mod topology;
 mod transport;
 

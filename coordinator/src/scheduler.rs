@@ -26,8 +26,8 @@ use tracing::{debug, info, warn};
 
 use crate::batch::{MicroBatch, Returned, Stages};
 use crate::error::{Error, Result};
-use crate::generation::names;
 use crate::session::Session;
+use crate::telemetry::names;
 use crate::topology::{Topology, Workers};
 
 /// Failed steps (each followed by a recovery) a session goes through before its error stands.

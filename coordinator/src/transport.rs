@@ -21,8 +21,10 @@ use tonic::transport::Channel;
 use tracing::trace;
 
 use crate::error::{Error, Result};
-use crate::generation::names;
-use crate::step_stream::StepStreams;
+use crate::telemetry::names;
+
+mod step_stream;
+use step_stream::StepStreams;
 
 /// A worker's gRPC client, sending the cluster token with every call.
 pub type WorkerRpc = WorkerClient<InterceptedService<Channel, Bearer>>;

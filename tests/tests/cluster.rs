@@ -420,3 +420,58 @@ fn worker_with_another_model_is_refused_at_handshake() {
         "{err}"
     );
 }
+
+/// The coordinator's library entry point, as a test or an embedding program runs it: a real
+/// server in this process on port 0 over two in-process workers, serving the gRPC and HTTP APIs
+/// until its shutdown future resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_serves_in_process_on_port_0() {
+    use realm_coordinator::local::LocalWorkers;
+    use realm_coordinator::server::{self, Listeners, ServerConfig};
+
+    let model = model_path(SMOLLM2);
+    let workers = LocalWorkers::start(&model, 2, 1).await.unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let config = ServerConfig::new(model.clone(), workers.urls().to_vec());
+    let (ready, planned) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(
+        config,
+        Listeners {
+            grpc,
+            http: Some(http),
+        },
+        move |cluster| {
+            let _ = ready.send(cluster.plan().to_string());
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    assert_eq!(planned.await.unwrap(), "0-14,15-29");
+
+    let mut c = RealmClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .unwrap();
+    let (_, text, finish) =
+        stream_generate(&mut c, greedy_request("The capital of France is", 8)).await;
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(finish.reason, "length");
+    // The HTTP API is up beside it.
+    let mut socket = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    socket
+        .write_all(b"GET /health HTTP/1.1\r\nhost: realm\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    socket.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+
+    drop(c);
+    stop.send(()).unwrap();
+    server.await.unwrap().expect("the server stops cleanly");
+    workers.stop().await.unwrap();
+}

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::transport::{step_status, WorkerRpc};
+use super::{step_status, WorkerRpc};
 
 /// One open `ForwardStream`: steps go out through `requests`, replies come back on `replies`.
 struct StepStream {
