@@ -47,6 +47,60 @@ const QK_K: usize = 256;
 /// Accumulator lanes: each lane sums four adjacent products of a 32-value block.
 const LANES: usize = 8;
 
+/// Tokens of a several-token product whose accumulators one pass over a group of rows keeps
+/// (on the stack): each group-block of weights is unpacked once per pass.
+const TOKENS_PER_PASS: usize = 16;
+
+/// A pass's accumulators: `room`'s first `n` (at most [`TOKENS_PER_PASS`]), set to `init`; the
+/// rest of the room stays untouched, so a pass of few tokens clears no more than it uses.
+#[allow(unsafe_code)]
+fn pass_accumulators<A: Copy>(
+    room: &mut [std::mem::MaybeUninit<A>; TOKENS_PER_PASS],
+    n: usize,
+    init: A,
+) -> &mut [A] {
+    let used = &mut room[..n];
+    for acc in used.iter_mut() {
+        acc.write(init);
+    }
+    // SAFETY: the first `n` elements were written just above, and `MaybeUninit<A>` has `A`'s
+    // layout.
+    unsafe { std::slice::from_raw_parts_mut(used.as_mut_ptr().cast::<A>(), n) }
+}
+
+/// Walks `bytes` (a matrix in the file's layout) a group of `group_len` bytes at a time for a
+/// repacking into `out` (as long as `bytes`), calling `each(g, group, out_group)` for group `g`,
+/// and telling `done(n)`, every few hundred KiB, that the first `n` bytes of `bytes` will not be
+/// read again.
+fn repack_groups(
+    bytes: &[u8],
+    out: &mut [u8],
+    group_len: usize,
+    mut done: impl FnMut(usize),
+    mut each: impl FnMut(usize, &[u8], &mut [u8]),
+) {
+    const REPORT_EVERY: usize = 256 << 10;
+    assert_eq!(
+        out.len(),
+        bytes.len(),
+        "a repacked copy has the original's size"
+    );
+    let mut reported = 0;
+    for (g, (group, to)) in bytes
+        .chunks_exact(group_len)
+        .zip(out.chunks_exact_mut(group_len))
+        .enumerate()
+    {
+        let consumed = g * group_len;
+        if consumed >= reported + REPORT_EVERY {
+            done(consumed);
+            reported = consumed;
+        }
+        each(g, group, to);
+    }
+    done(bytes.len());
+}
+
 /// Weight formats with a kernel here.
 pub fn supported(dtype: GgmlType) -> bool {
     matches!(

@@ -213,6 +213,20 @@ fn sample(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Layer accesses of a worker's layer manager, every kind (each access is one of them), as
+/// `moved` counts each series.
+fn layer_accesses(moved: &impl Fn(&str) -> f64) -> f64 {
+    [
+        "realm_worker_layer_hits_total",
+        "realm_worker_layer_misses_total",
+        "realm_worker_layer_prefetch_hits_total",
+        "realm_worker_layer_waits_total",
+    ]
+    .iter()
+    .map(|s| moved(s))
+    .sum()
+}
+
 /// The single-process oracle's greedy completion of `prompt` in `max_tokens` tokens.
 fn oracle(prompt: &str, max_tokens: usize) -> (String, usize, usize) {
     let file = GgufFile::open(model_path(SMOLLM2)).expect("open model");
@@ -486,15 +500,7 @@ fn batched_streams_equal_each_stream_alone(
     for (w, before) in cluster.workers.iter().zip(&workers_before) {
         let after = worker_metrics(w);
         let moved = |series: &str| sample(&after, series) - sample(before, series);
-        let accesses = [
-            "realm_worker_layer_hits_total",
-            "realm_worker_layer_misses_total",
-            "realm_worker_layer_prefetch_hits_total",
-            "realm_worker_layer_waits_total",
-        ]
-        .iter()
-        .map(|s| moved(s))
-        .sum::<f64>();
+        let accesses = layer_accesses(&moved);
         let layers = sample(&after, "realm_worker_shard_layers");
         assert_eq!(
             accesses,
@@ -588,15 +594,7 @@ fn metrics_count_a_generation_exactly() {
         let layers = sample(&after, "realm_worker_shard_layers");
         assert!(layers >= 1.0, "{after}");
         // Every step touches every layer of the shard once, and each access is counted once.
-        let accesses = [
-            "realm_worker_layer_hits_total",
-            "realm_worker_layer_misses_total",
-            "realm_worker_layer_prefetch_hits_total",
-            "realm_worker_layer_waits_total",
-        ]
-        .iter()
-        .map(|s| moved(s))
-        .sum::<f64>();
+        let accesses = layer_accesses(&moved);
         assert_eq!(accesses, generated * layers, "{after}");
         let budget = sample(&after, "realm_worker_layer_budget_bytes");
         let resident = sample(&after, "realm_worker_layer_resident_bytes");

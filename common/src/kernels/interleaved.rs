@@ -86,9 +86,8 @@ pub fn repack(
     row_bytes: usize,
     bytes: &[u8],
     out: &mut [u8],
-    mut done: impl FnMut(usize),
+    done: impl FnMut(usize),
 ) {
-    const REPORT_EVERY: usize = 256 << 10;
     let block = dtype.type_size();
     let blocks = row_bytes / block;
     let gb = group_block_bytes(dtype);
@@ -99,20 +98,9 @@ pub fn repack(
         GgmlType::Q5_0 => 6,
         _ => 2,
     };
-    assert_eq!(
-        out.len(),
-        bytes.len(),
-        "a repacked copy has the original's size"
-    );
-    let mut reported = 0;
-    for (g, group) in bytes.chunks_exact(ROWS * row_bytes).enumerate() {
-        let consumed = g * group.len();
-        if consumed >= reported + REPORT_EVERY {
-            done(consumed);
-            reported = consumed;
-        }
+    super::repack_groups(bytes, out, ROWS * row_bytes, done, |_, group, out| {
         for b in 0..blocks {
-            let dst = &mut out[(g * blocks + b) * gb..][..gb];
+            let dst = &mut out[b * gb..][..gb];
             let src = |i: usize| &group[i * row_bytes + b * block..][..block];
             for i in 0..ROWS {
                 dst[2 * i..2 * i + 2].copy_from_slice(&src(i)[..2]);
@@ -141,8 +129,7 @@ pub fn repack(
                 }
             }
         }
-    }
-    done(bytes.len());
+    });
 }
 
 /// The value offset of `dtype`'s quants: taken unsigned, they stand for `q - offset`.
@@ -376,11 +363,9 @@ pub(super) mod simd {
         }
     }
 
-    /// Tokens of a multi-token product whose accumulators one pass over a group keeps: a
-    /// group-block is unpacked once per pass.
-    const TOKENS_PER_PASS: usize = 16;
-
     use std::mem::MaybeUninit;
+
+    use crate::kernels::{pass_accumulators, TOKENS_PER_PASS};
 
     /// Activation bytes `8k..8k + 8` as one 64-bit lane, to broadcast.
     #[inline(always)]
@@ -594,14 +579,8 @@ pub(super) mod simd {
                 .chunks(TOKENS_PER_PASS)
                 .zip(out.chunks_mut(TOKENS_PER_PASS * ROWS))
             {
-                let mut room = [const { MaybeUninit::<Acc>::uninit() }; TOKENS_PER_PASS];
-                for acc in &mut room[..acts.len()] {
-                    acc.write(Acc::new());
-                }
-                // SAFETY: the first `acts.len()` accumulators were written just above.
-                let accs = unsafe {
-                    std::slice::from_raw_parts_mut(room.as_mut_ptr().cast::<Acc>(), acts.len())
-                };
+                let mut room = [const { MaybeUninit::uninit() }; TOKENS_PER_PASS];
+                let accs = pass_accumulators(&mut room, acts.len(), Acc::new());
                 for (b, gb) in group.chunks_exact(gb_bytes).enumerate() {
                     let d = f16s(gb);
                     let dd = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(d));
@@ -801,14 +780,8 @@ pub(super) mod simd {
                 .chunks(TOKENS_PER_PASS)
                 .zip(out.chunks_mut(TOKENS_PER_PASS * ROWS))
             {
-                let mut room = [const { MaybeUninit::<Acc>::uninit() }; TOKENS_PER_PASS];
-                for acc in &mut room[..acts.len()] {
-                    acc.write(Acc::new());
-                }
-                // SAFETY: the first `acts.len()` accumulators were written just above.
-                let accs = unsafe {
-                    std::slice::from_raw_parts_mut(room.as_mut_ptr().cast::<Acc>(), acts.len())
-                };
+                let mut room = [const { MaybeUninit::uninit() }; TOKENS_PER_PASS];
+                let accs = pass_accumulators(&mut room, acts.len(), Acc::new());
                 for (b, gb) in group.chunks_exact(gb_bytes).enumerate() {
                     let d = f16s(gb);
                     let dd = twice.map(|t| _mm256_permutevar8x32_ps(d, t));

@@ -78,9 +78,8 @@ pub fn repack(
     row_bytes: usize,
     bytes: &[u8],
     out: &mut [u8],
-    mut done: impl FnMut(usize),
+    done: impl FnMut(usize),
 ) {
-    const REPORT_EVERY: usize = 256 << 10;
     let Some(l) = layout(dtype) else {
         unreachable!("only formats with a wide layout are repacked into it")
     };
@@ -88,20 +87,9 @@ pub fn repack(
     let blocks = row_bytes / block;
     let gb = group_block_bytes(dtype);
     assert_eq!(bytes.len(), rows * row_bytes);
-    assert_eq!(
-        out.len(),
-        bytes.len(),
-        "a repacked copy has the original's size"
-    );
-    let mut reported = 0;
-    for (g, group) in bytes.chunks_exact(ROWS * row_bytes).enumerate() {
-        let consumed = g * group.len();
-        if consumed >= reported + REPORT_EVERY {
-            done(consumed);
-            reported = consumed;
-        }
+    super::repack_groups(bytes, out, ROWS * row_bytes, done, |_, group, out| {
         for b in 0..blocks {
-            let dst = &mut out[(g * blocks + b) * gb..][..gb];
+            let dst = &mut out[b * gb..][..gb];
             for i in 0..ROWS {
                 let src = &group[i * row_bytes + b * block..][..block];
                 dst[2 * i..2 * i + 2].copy_from_slice(&src[..2]);
@@ -118,8 +106,7 @@ pub fn repack(
                 }
             }
         }
-    }
-    done(bytes.len());
+    });
 }
 
 /// One group's products with every token: `out[t * ROWS + i]` for row `i` of the group.
@@ -134,14 +121,11 @@ mod simd {
     use std::mem::MaybeUninit;
 
     use super::{group_block_bytes, ActBlock, ROWS};
+    use crate::kernels::{pass_accumulators, TOKENS_PER_PASS};
     use crate::quant::GgmlType;
 
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
-
-    /// Tokens of a several-token product whose accumulators one pass over a group keeps: a
-    /// group-block is unpacked once per pass.
-    const TOKENS_PER_PASS: usize = 16;
 
     /// How far ahead of the group-block in use a one-token product asks for weights.
     const PREFETCH_AHEAD: usize = 4096;
@@ -208,14 +192,8 @@ mod simd {
             .zip(out.chunks_mut(TOKENS_PER_PASS * ROWS))
         {
             let n = acts.len();
-            let mut room = [const { MaybeUninit::<[__m512; 2]>::uninit() }; TOKENS_PER_PASS];
-            for acc in &mut room[..n] {
-                acc.write([_mm512_setzero_ps(); 2]);
-            }
-            // SAFETY: the first `n` accumulators were written just above.
-            let accs = unsafe {
-                std::slice::from_raw_parts_mut(room.as_mut_ptr().cast::<[__m512; 2]>(), n)
-            };
+            let mut room = [const { MaybeUninit::uninit() }; TOKENS_PER_PASS];
+            let accs = pass_accumulators(&mut room, n, [_mm512_setzero_ps(); 2]);
             for (b, gb) in group.chunks_exact(gb_bytes).enumerate() {
                 if decode {
                     prefetch_ahead(gb);
