@@ -28,7 +28,7 @@ use crate::topology::Workers;
 
 pub use crate::session::{Delta, Generation};
 pub use crate::topology::{ClusterOptions, REALM_VERSION};
-pub use crate::transport::{Hop, HopStats, WorkerSummary};
+pub use crate::transport::{Hop, HopStats, Liveness, WorkerSummary};
 
 /// The coordinator's model, the workers and the scheduler that drives them.
 ///
@@ -43,6 +43,8 @@ pub struct Cluster {
     scheduling: Scheduling,
     inbox: Inbox,
     scheduler: JoinHandle<()>,
+    /// Checks the workers' health in the background; stopped with the cluster.
+    health_checks: Option<JoinHandle<()>>,
     sessions_started: AtomicU64,
 }
 
@@ -87,6 +89,7 @@ impl Cluster {
         )
         .await?;
         let workers = Arc::new(workers);
+        let health_checks = workers.watch();
         let stages = Arc::new(Stages {
             embedding: Arc::clone(&model.embedding),
             head: Arc::clone(&model.head),
@@ -103,6 +106,7 @@ impl Cluster {
             scheduling,
             inbox,
             scheduler,
+            health_checks,
             sessions_started: AtomicU64::new(0),
         })
     }
@@ -202,11 +206,18 @@ impl Cluster {
     /// Stops taking generations and waits until those in flight have ended.
     pub async fn shutdown(self) {
         let Self {
-            inbox, scheduler, ..
+            inbox,
+            scheduler,
+            health_checks,
+            ..
         } = self;
         drop(inbox);
         if let Err(e) = scheduler.await {
             info!(error = %e, "the scheduler did not finish cleanly");
+        }
+        // Checked until the last generation ended: a worker may hang while they drain.
+        if let Some(checks) = health_checks {
+            checks.abort();
         }
     }
 }

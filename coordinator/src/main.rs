@@ -20,7 +20,7 @@ use realm_common::wire::WireDType;
 use realm_coordinator::bench::{
     bench_one, load_model, BenchConfig, BenchResult, BudgetSpec, MemoryConfig,
 };
-use realm_coordinator::cluster::ClusterOptions;
+use realm_coordinator::cluster::{ClusterOptions, Liveness};
 use realm_coordinator::local::LocalWorkers;
 use realm_coordinator::progress;
 use realm_coordinator::scheduler::{self, Scheduling};
@@ -244,6 +244,14 @@ struct GuardArgs {
     /// A standby worker that takes over the layers of a worker that dies (repeatable).
     #[arg(long, value_name = "URL")]
     standby: Vec<String>,
+    /// How often every worker's gRPC health is checked, each check answered within the same
+    /// time (0: no checks). A worker that misses 3 in a row counts as hung: its steps fail and
+    /// its layers fail over as a dead worker's, about 3 intervals after it stopped answering.
+    #[arg(long, env = "REALM_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    health_interval_ms: u64,
+    /// The longest a worker's part of one step may take before the step fails over.
+    #[arg(long, env = "REALM_STEP_TIMEOUT_SECS", default_value_t = 60)]
+    step_timeout_secs: u64,
     /// Generations running at once.
     #[arg(long, default_value_t = realm_coordinator::admission::DEFAULT_MAX_ACTIVE)]
     max_active: usize,
@@ -532,6 +540,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let guard = args.guard;
     let scheduling = args.scheduling.scheduling();
     scheduling.check()?;
+    anyhow::ensure!(
+        guard.step_timeout_secs > 0,
+        "--step-timeout-secs must be at least 1"
+    );
+    let liveness = Liveness {
+        health_interval: (guard.health_interval_ms > 0)
+            .then(|| Duration::from_millis(guard.health_interval_ms)),
+        step_timeout: Duration::from_secs(guard.step_timeout_secs),
+    };
     // Checked before binding: an open API is never reachable, not even for a moment.
     for listen in std::iter::once(&args.listen).chain(&args.http_listen) {
         for addr in tokio::net::lookup_host(listen)
@@ -586,6 +603,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             token: guard.cluster_token,
             standby: guard.standby,
             tls: worker_tls,
+            liveness,
         },
         scheduling,
         api_keys: guard.api_key,

@@ -378,6 +378,18 @@ fn spawn_end(
 }
 
 async fn end_everywhere(workers: Vec<WorkerLink>, session: String, request_id: Option<RequestId>) {
+    // Hung workers are told in the background: waiting for them would hold up the end of the
+    // generation by the whole timeout.
+    let (hung, workers): (Vec<WorkerLink>, Vec<WorkerLink>) =
+        workers.into_iter().partition(WorkerLink::hung);
+    if !hung.is_empty() {
+        tokio::spawn(end_on(hung, session.clone(), request_id.clone()).in_current_span());
+    }
+    end_on(workers, session, request_id).await;
+}
+
+/// Ends `session` on `workers`, waiting for each at most [`END_SESSION_TIMEOUT`].
+async fn end_on(workers: Vec<WorkerLink>, session: String, request_id: Option<RequestId>) {
     let mut calls = JoinSet::new();
     for w in workers {
         let request = request_id::tagged(

@@ -14,13 +14,12 @@ use realm_common::auth::{Bearer, Secret};
 use realm_common::tls::ClientTls;
 use realm_common::wire::ModelIdentity;
 use realm_proto::pb;
-use realm_proto::pb::worker_client::WorkerClient;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::net::{connect_worker, normalize_url, MAX_MESSAGE_BYTES};
 use crate::plan::{Plan, PlanSpec};
-use crate::transport::{WorkerLink, WorkerRpc, WorkerSummary};
+use crate::transport::{Liveness, WorkerClients, WorkerLink, WorkerSummary};
 
 /// Realm's release version, which workers must share.
 pub const REALM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -41,6 +40,8 @@ pub struct ClusterOptions {
     /// TLS for `https://` workers: the CA to trust and, for mutual TLS, this coordinator's
     /// certificate.
     pub tls: Option<ClientTls>,
+    /// How a worker that stops answering is caught.
+    pub liveness: Liveness,
 }
 
 /// The workers running the layers now.
@@ -66,6 +67,7 @@ pub(crate) struct Workers {
     tls: Option<ClientTls>,
     identity: ModelIdentity,
     n_layers: usize,
+    liveness: Liveness,
 }
 
 /// Runs `futures` concurrently; their results in the order given.
@@ -113,6 +115,7 @@ impl Workers {
         let workers = assign_all(
             found.into_iter().zip(plan.ranges().iter().copied()),
             identity,
+            &options.liveness,
         )
         .await?;
 
@@ -142,6 +145,7 @@ impl Workers {
             tls: options.tls,
             identity: identity.clone(),
             n_layers,
+            liveness: options.liveness,
         })
     }
 
@@ -195,8 +199,15 @@ impl Workers {
         if current.generation != seen.generation {
             return Ok(current);
         }
-        // Which workers still hold the layers they were given?
-        let healthy = in_order(current.workers.iter().map(holds_shard)).await;
+        // Which workers still hold the layers they were given? One that missed its health
+        // checks is not asked: it would not answer.
+        let healthy = in_order(
+            current
+                .workers
+                .iter()
+                .map(|w| async move { !w.hung() && holds_shard(w).await }),
+        )
+        .await;
         if healthy.iter().all(|&h| h) {
             debug!("every worker holds its layers; the step is retried");
             return Ok(current);
@@ -220,11 +231,17 @@ impl Workers {
             .filter(|(_, &h)| h)
             .map(|(w, _)| w.url.as_str())
             .collect();
+        // A hung worker would not answer the handshake either.
+        let hung: Vec<&str> = lost
+            .iter()
+            .filter(|w| w.hung())
+            .map(|w| w.url.as_str())
+            .collect();
         let tls = self.tls.as_ref();
-        let mut spares: Vec<(WorkerRpc, WorkerSummary)> = in_order(
+        let mut spares: Vec<(WorkerClients, WorkerSummary)> = in_order(
             self.known
                 .iter()
-                .filter(|url| !serving.contains(&url.as_str()))
+                .filter(|url| !serving.contains(&url.as_str()) && !hung.contains(&url.as_str()))
                 .map(|url| {
                     tokio::time::timeout(PROBE_TIMEOUT, handshake(url, self.bearer.clone(), tls))
                 }),
@@ -234,56 +251,58 @@ impl Workers {
         .filter_map(|found| found.ok()?.ok())
         .collect();
 
-        let placed: Vec<((WorkerRpc, WorkerSummary), realm_common::model::LayerRange)> =
-            if spares.len() >= lost.len() {
-                // Each lost range goes to a spare; the others keep theirs, and their caches.
-                current
-                    .workers
-                    .iter()
-                    .zip(&healthy)
-                    .map(|(w, &h)| {
-                        let worker = if h {
-                            (w.client.clone(), w.summary.clone())
-                        } else {
-                            let pick = spares.iter().position(|(_, s)| s.url == w.url).unwrap_or(0);
-                            spares.remove(pick)
-                        };
-                        (worker, w.range)
-                    })
-                    .collect()
-            } else {
-                // Too few spares: spread every layer over the workers left, where their memory
-                // allows.
-                let mut left: Vec<(WorkerRpc, WorkerSummary)> = current
-                    .workers
-                    .iter()
-                    .zip(&healthy)
-                    .filter(|(_, &h)| h)
-                    .map(|(w, _)| (w.client.clone(), w.summary.clone()))
-                    .collect();
-                left.append(&mut spares);
-                if left.is_empty() {
-                    return Err(self.no_capacity("no worker is reachable"));
+        let placed: Vec<(
+            (WorkerClients, WorkerSummary),
+            realm_common::model::LayerRange,
+        )> = if spares.len() >= lost.len() {
+            // Each lost range goes to a spare; the others keep theirs, and their caches.
+            current
+                .workers
+                .iter()
+                .zip(&healthy)
+                .map(|(w, &h)| {
+                    let worker = if h {
+                        (w.clients(), w.summary.clone())
+                    } else {
+                        let pick = spares.iter().position(|(_, s)| s.url == w.url).unwrap_or(0);
+                        spares.remove(pick)
+                    };
+                    (worker, w.range)
+                })
+                .collect()
+        } else {
+            // Too few spares: spread every layer over the workers left, where their memory
+            // allows.
+            let mut left: Vec<(WorkerClients, WorkerSummary)> = current
+                .workers
+                .iter()
+                .zip(&healthy)
+                .filter(|(_, &h)| h)
+                .map(|(w, _)| (w.clients(), w.summary.clone()))
+                .collect();
+            left.append(&mut spares);
+            if left.is_empty() {
+                return Err(self.no_capacity("no worker is reachable"));
+            }
+            let memory: Vec<u64> = left.iter().map(|(_, s)| s.memory_available_bytes).collect();
+            let plan =
+                Plan::auto(self.n_layers, &memory).map_err(|e| self.no_capacity(&e.to_string()))?;
+            let layer_bytes = self.identity.file_bytes / self.n_layers.max(1) as u64;
+            for ((_, summary), range) in left.iter().zip(plan.ranges()) {
+                let needed = layer_bytes * range.len() as u64;
+                if needed > summary.memory_available_bytes {
+                    return Err(self.no_capacity(&format!(
+                        "worker {} has {} MiB available, layers {range} need about {} MiB",
+                        summary.url,
+                        summary.memory_available_bytes >> 20,
+                        needed >> 20
+                    )));
                 }
-                let memory: Vec<u64> = left.iter().map(|(_, s)| s.memory_available_bytes).collect();
-                let plan = Plan::auto(self.n_layers, &memory)
-                    .map_err(|e| self.no_capacity(&e.to_string()))?;
-                let layer_bytes = self.identity.file_bytes / self.n_layers.max(1) as u64;
-                for ((_, summary), range) in left.iter().zip(plan.ranges()) {
-                    let needed = layer_bytes * range.len() as u64;
-                    if needed > summary.memory_available_bytes {
-                        return Err(self.no_capacity(&format!(
-                            "worker {} has {} MiB available, layers {range} need about {} MiB",
-                            summary.url,
-                            summary.memory_available_bytes >> 20,
-                            needed >> 20
-                        )));
-                    }
-                }
-                left.into_iter()
-                    .zip(plan.ranges().iter().copied())
-                    .collect()
-            };
+            }
+            left.into_iter()
+                .zip(plan.ranges().iter().copied())
+                .collect()
+        };
         // Workers that keep their layers keep their links (step streams, caches): assigning
         // them again would drop their sessions.
         let kept: Vec<Option<WorkerLink>> = placed
@@ -297,12 +316,15 @@ impl Workers {
                     .map(|(w, _)| w.clone())
             })
             .collect();
-        let identity = &self.identity;
+        let (identity, liveness) = (&self.identity, &self.liveness);
         let links = in_order(placed.into_iter().zip(kept).map(
-            |(((client, summary), range), kept)| async move {
+            |(((clients, summary), range), kept)| async move {
                 match kept {
                     Some(link) => Ok(link),
-                    None => assign(WorkerLink::new(client, summary, range), identity).await,
+                    None => {
+                        let link = WorkerLink::new(clients, summary, range, liveness);
+                        assign(link, identity).await
+                    }
                 }
             },
         ))
@@ -328,6 +350,25 @@ impl Workers {
         Ok(next)
     }
 
+    /// Checks the health of every worker of the topology in force, every
+    /// [`Liveness::health_interval`], until the workers are dropped; `None` when health checks
+    /// are off.
+    pub fn watch(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let interval = self.liveness.health_interval?;
+        let workers = Arc::downgrade(self);
+        Some(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(topology) = workers.upgrade().map(|w| w.current()) else {
+                    return;
+                };
+                join_all(topology.workers.iter().map(|w| w.check_health(interval))).await;
+            }
+        }))
+    }
+
     fn no_capacity(&self, why: &str) -> Error {
         Error::NoCapacity(format!(
             "a worker was lost and its layers cannot be placed ({why}); start a worker at one of \
@@ -339,11 +380,17 @@ impl Workers {
 
 /// Assigns each worker its range, concurrently; the links in the order given.
 async fn assign_all(
-    placed: impl Iterator<Item = ((WorkerRpc, WorkerSummary), realm_common::model::LayerRange)>,
+    placed: impl Iterator<
+        Item = (
+            (WorkerClients, WorkerSummary),
+            realm_common::model::LayerRange,
+        ),
+    >,
     identity: &ModelIdentity,
+    liveness: &Liveness,
 ) -> Result<Vec<WorkerLink>> {
-    in_order(placed.map(|((client, summary), range)| {
-        assign(WorkerLink::new(client, summary, range), identity)
+    in_order(placed.map(|((clients, summary), range)| {
+        assign(WorkerLink::new(clients, summary, range, liveness), identity)
     }))
     .await
     .into_iter()
@@ -371,11 +418,10 @@ async fn handshake(
     raw_url: &str,
     bearer: Bearer,
     tls: Option<&ClientTls>,
-) -> Result<(WorkerRpc, WorkerSummary)> {
+) -> Result<(WorkerClients, WorkerSummary)> {
     let (url, channel) = connect_worker(raw_url, tls).await?;
-    let mut client = WorkerClient::with_interceptor(channel, bearer)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let clients = WorkerClients::new(channel, bearer, MAX_MESSAGE_BYTES);
+    let mut client = clients.worker.clone();
     let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, client.info(pb::InfoRequest {})).await
     {
         Ok(Ok(reply)) => reply.into_inner(),
@@ -419,7 +465,7 @@ async fn handshake(
         memory_mb = summary.memory_available_bytes >> 20,
         "worker connected"
     );
-    Ok((client, summary))
+    Ok((clients, summary))
 }
 
 /// Refuses a worker of another Realm or protocol version.

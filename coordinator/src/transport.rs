@@ -6,7 +6,14 @@
 //! micro-batch at a time for this coordinator: each link has a turn, taken in arrival order, so
 //! micro-batches pass through a worker in the order they reach it, as stages of a pipeline do,
 //! instead of splitting its cores between them.
+//!
+//! A worker that stops answering (stopped, or its machine frozen: the socket stays open and
+//! nothing replies) is caught two ways: the coordinator checks every worker's gRPC health in the
+//! background ([`WorkerLink::check_health`]), and a worker that misses [`HEALTH_MISSES`] checks
+//! in a row fails the steps waiting on it; a step that outlasts [`Liveness::step_timeout`] fails
+//! too. Either way the scheduler fails over as for a dead worker.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,9 +23,13 @@ use realm_common::runtime::INLINE_TOKENS;
 use realm_common::wire::WireDType;
 use realm_proto::pb;
 use realm_proto::pb::worker_client::WorkerClient;
+use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tracing::trace;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tracing::{trace, warn};
 
 use crate::error::{Error, Result};
 use crate::telemetry::names;
@@ -28,6 +39,65 @@ use step_stream::StepStreams;
 
 /// A worker's gRPC client, sending the cluster token with every call.
 pub type WorkerRpc = WorkerClient<InterceptedService<Channel, Bearer>>;
+/// The same worker's gRPC health client.
+pub type HealthRpc = HealthClient<InterceptedService<Channel, Bearer>>;
+
+/// Health checks missed in a row after which a worker counts as hung.
+pub const HEALTH_MISSES: u32 = 3;
+
+/// How the coordinator notices a worker that stops answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// How often every worker's health is checked, each check answered within the same time;
+    /// `None` checks none. A hung worker is caught after about [`HEALTH_MISSES`] intervals.
+    pub health_interval: Option<Duration>,
+    /// The longest a worker's part of one step may take (waiting for its turn included).
+    pub step_timeout: Duration,
+}
+
+/// Health checks every second, when not configured.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest step, when not configured: far beyond any step's work (a prompt chunk with
+/// layers loaded from disk takes seconds), it catches what health checks cannot, a worker that
+/// answers them but never finishes a step.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            health_interval: Some(DEFAULT_HEALTH_INTERVAL),
+            step_timeout: DEFAULT_STEP_TIMEOUT,
+        }
+    }
+}
+
+/// Clients of one worker: its service and its health.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerClients {
+    pub worker: WorkerRpc,
+    pub health: HealthRpc,
+}
+
+impl WorkerClients {
+    pub fn new(channel: Channel, bearer: Bearer, max_message_bytes: usize) -> Self {
+        Self {
+            worker: WorkerClient::with_interceptor(channel.clone(), bearer.clone())
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+            health: HealthClient::with_interceptor(channel, bearer),
+        }
+    }
+}
+
+/// What the health checks of one worker found, shared by the clones of its link.
+#[derive(Debug, Default)]
+struct Watch {
+    /// Checks missed in a row.
+    misses: AtomicU32,
+    /// Woken, for every step waiting on the worker, by each check missed from the
+    /// [`HEALTH_MISSES`]th on.
+    hung: Notify,
+}
 
 /// What a worker reported in its handshake.
 #[derive(Debug, Clone)]
@@ -45,14 +115,17 @@ pub(crate) struct WorkerLink {
     /// Normalized `http://host:port`.
     pub url: String,
     pub client: WorkerRpc,
+    health: HealthRpc,
     pub range: LayerRange,
     pub summary: WorkerSummary,
+    step_timeout: Duration,
     /// This worker's series of the forward-latency histogram, looked up once rather than per hop.
     forward_latency: metrics::Histogram,
     /// The step streams to this worker that are between steps.
     streams: Arc<StepStreams>,
     /// Held by the micro-batch this worker is running.
     turn: Arc<tokio::sync::Mutex<()>>,
+    watch: Arc<Watch>,
 }
 
 /// A worker's reply to one step: the rows of the sessions that ran, and the sessions it refused.
@@ -65,18 +138,67 @@ pub(crate) struct StepReply {
 }
 
 impl WorkerLink {
-    pub fn new(client: WorkerRpc, summary: WorkerSummary, range: LayerRange) -> Self {
+    pub fn new(
+        clients: WorkerClients,
+        summary: WorkerSummary,
+        range: LayerRange,
+        liveness: &Liveness,
+    ) -> Self {
         let forward_latency =
             metrics::histogram!(names::WORKER_FORWARD, "worker" => summary.url.clone());
         Self {
             url: summary.url.clone(),
-            client,
+            client: clients.worker,
+            health: clients.health,
             range,
             summary,
+            step_timeout: liveness.step_timeout,
             forward_latency,
             streams: Arc::default(),
             turn: Arc::default(),
+            watch: Arc::default(),
         }
+    }
+
+    /// The worker's clients, for a link of it to other layers.
+    pub fn clients(&self) -> WorkerClients {
+        WorkerClients {
+            worker: self.client.clone(),
+            health: self.health.clone(),
+        }
+    }
+
+    /// Checks the worker's health, waiting at most `deadline` for its answer. From the
+    /// [`HEALTH_MISSES`]th check missed in a row (no answer, or not serving) the worker counts as
+    /// hung, and every check missed fails the steps waiting on it.
+    pub async fn check_health(&self, deadline: Duration) {
+        let mut health = self.health.clone();
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let serving = matches!(
+            tokio::time::timeout(deadline, health.check(request)).await,
+            Ok(Ok(reply)) if reply.get_ref().status() == ServingStatus::Serving
+        );
+        if serving {
+            if self.watch.misses.swap(0, Ordering::Relaxed) >= HEALTH_MISSES {
+                warn!(worker = %self.url, "worker answers its health checks again");
+            }
+            return;
+        }
+        let misses = self.watch.misses.fetch_add(1, Ordering::Relaxed) + 1;
+        if misses >= HEALTH_MISSES {
+            if misses == HEALTH_MISSES {
+                warn!(worker = %self.url, layers = %self.range, misses, "worker stopped answering its health checks");
+            }
+            self.watch.hung.notify_waiters();
+        }
+    }
+
+    /// Whether the worker missed its last [`HEALTH_MISSES`] health checks, or a step outlasted
+    /// its deadline since it last answered one.
+    pub fn hung(&self) -> bool {
+        self.watch.misses.load(Ordering::Relaxed) >= HEALTH_MISSES
     }
 
     /// Runs one step of `sessions` over `hidden` (their rows) on this worker, once its turn
@@ -94,12 +216,31 @@ impl WorkerLink {
             layers: Some(self.range.into()),
             sessions,
         };
-        let turn = self.turn.lock().await;
-        let sent = Instant::now();
-        let reply = self
-            .forward(request, rows)
-            .await
-            .map_err(|status| self.failed(status))?;
+        // Created before the hung check: a check missed from here on wakes it.
+        let hung = self.watch.hung.notified();
+        if self.hung() {
+            return Err(self.failed(not_answering()));
+        }
+        let run = async {
+            let turn = self.turn.lock().await;
+            let sent = Instant::now();
+            let reply = self.forward(request, rows).await;
+            (turn, sent, reply)
+        };
+        let (turn, sent, reply) = tokio::select! {
+            done = tokio::time::timeout(self.step_timeout, run) => done.map_err(|_| {
+                // It counts as hung until it answers a health check again.
+                self.watch.misses.fetch_max(HEALTH_MISSES, Ordering::Relaxed);
+                self.watch.hung.notify_waiters();
+                warn!(worker = %self.url, layers = %self.range, timeout = ?self.step_timeout, "a step outlasted its deadline");
+                self.failed(tonic::Status::deadline_exceeded(format!(
+                    "no reply to a step within {:?} (--step-timeout-secs)",
+                    self.step_timeout
+                )))
+            })?,
+            () = hung => return Err(self.failed(not_answering())),
+        };
+        let reply = reply.map_err(|status| self.failed(status))?;
         let hop = Hop {
             round_trip: sent.elapsed(),
             compute: Duration::from_micros(reply.compute_us),
@@ -161,6 +302,13 @@ impl WorkerLink {
             problem,
         }
     }
+}
+
+/// Why a step on a hung worker failed.
+fn not_answering() -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "the worker missed {HEALTH_MISSES} health checks in a row"
+    ))
 }
 
 /// The status a refused session's or a failed step's [`pb::StepError`] stands for. A code out of

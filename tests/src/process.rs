@@ -11,6 +11,8 @@ pub struct Process {
     pub child: Child,
     /// The `host:port` it announced.
     pub addr: String,
+    /// What else it announced serving before, as `(what, host:port)` (e.g. `("http", ...)`).
+    pub serving: Vec<(String, String)>,
 }
 
 impl Process {
@@ -49,19 +51,30 @@ pub fn start_with(bin: &str, args: &[&str], env: &[(&str, &str)], stderr: Stdio)
     let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin}: {e}"));
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let prefix = format!("{bin} listening on ");
-    let Some(addr) = line.trim().strip_prefix(&prefix) else {
-        let status = child.wait().ok();
-        panic!("{bin} did not start (status {status:?}), printed {line:?}");
-    };
-    Process {
-        addr: addr.to_string(),
-        child,
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut serving = Vec::new();
+    loop {
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            [b, "listening", "on", addr] if b == bin => {
+                return Process {
+                    addr: addr.to_string(),
+                    child,
+                    serving,
+                }
+            }
+            [b, "serving", what, "on", addr] if b == bin => {
+                serving.push((what.to_string(), addr.to_string()))
+            }
+            _ => {
+                let status = child.wait().ok();
+                panic!("{bin} did not start (status {status:?}), printed {line:?}");
+            }
+        }
     }
 }
 
