@@ -2026,6 +2026,33 @@ mod tests {
         }
     }
 
+    /// Under an emulated CPU, `deploy/test-arm.sh` names the NEON paths it must offer
+    /// (`REALM_EXPECT_NEON_PATHS`, e.g. `dotprod,neon`): a path the bit-for-bit tests skip
+    /// because the CPU lacks it would otherwise pass unseen.
+    #[test]
+    #[cfg(target_arch = "aarch64")]
+    fn the_emulated_cpu_runs_the_expected_neon_paths() {
+        let Ok(expected) = std::env::var("REALM_EXPECT_NEON_PATHS") else {
+            return;
+        };
+        let expected: Vec<&str> = expected.split(',').map(str::trim).collect();
+        for (path, name) in [(neon::Path::Dotprod, "dotprod"), (neon::Path::Neon, "neon")] {
+            assert_eq!(
+                path.available(),
+                expected.contains(&name),
+                "{name}: expected paths {expected:?}"
+            );
+        }
+        let best = if expected.contains(&"dotprod") {
+            Some(neon::Path::Dotprod)
+        } else if expected.contains(&"neon") {
+            Some(neon::Path::Neon)
+        } else {
+            None
+        };
+        assert_eq!(neon::Path::best(), best, "the path products take");
+    }
+
     #[test]
     fn the_wide_layout_computes_the_portable_bits() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);

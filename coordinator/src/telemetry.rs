@@ -65,4 +65,15 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Round trip of one worker's part of one step, by worker"
     );
+    // Counters are shown from the start, at 0: a scraper sees every series before it moves.
+    for api in APIS {
+        metrics::counter!(names::REQUESTS, "api" => api).increment(0);
+        metrics::counter!(names::REQUEST_ERRORS, "api" => api).increment(0);
+    }
+    metrics::counter!(names::PROMPT_TOKENS).increment(0);
+    metrics::counter!(names::GENERATED_TOKENS).increment(0);
+    metrics::gauge!(names::ACTIVE_SESSIONS).increment(0.0);
 }
+
+/// The `api` label's values: the gRPC API and the HTTP API's two generation endpoints.
+pub const APIS: [&str; 3] = ["grpc", "completions", "chat"];

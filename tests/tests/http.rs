@@ -202,15 +202,27 @@ fn curl(url: &str, body: Option<&str>, headers: &[&str]) -> Reply {
     }
 }
 
-/// The value of one sample (`name` or `name{labels}`) in Prometheus text; 0 when absent.
-fn sample(text: &str, series: &str) -> f64 {
+/// The value of one sample (`name` or `name{labels}`) in Prometheus text, if present.
+fn find_sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
             let (key, value) = l.rsplit_once(' ')?;
             (key == series).then(|| value.parse::<f64>().expect("sample value"))
         })
-        .unwrap_or(0.0)
+}
+
+/// The value of one sample. A series that is absent fails the test: a renamed metric must not
+/// read as 0.
+fn sample(text: &str, series: &str) -> f64 {
+    find_sample(text, series)
+        .unwrap_or_else(|| panic!("no series {series} in the metrics:\n{text}"))
+}
+
+/// As [`sample`], in metrics read before the requests a test makes: a counter the process has
+/// not counted anything on yet may be absent, and reads as 0.
+fn sample_before(text: &str, series: &str) -> f64 {
+    find_sample(text, series).unwrap_or(0.0)
 }
 
 /// Layer accesses of a worker's layer manager, every kind (each access is one of them), as
@@ -488,7 +500,7 @@ fn batched_streams_equal_each_stream_alone(
     }
     // The steps carried many sessions each: sixteen decoding streams over a two-stage
     // pipeline make micro-batches of about eight.
-    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    let moved = |series: &str| sample(&after, series) - sample_before(&before, series);
     let steps = moved("realm_step_sessions_count");
     let sessions = moved("realm_step_sessions_sum");
     assert!(steps > 0.0, "{after}");
@@ -499,7 +511,7 @@ fn batched_streams_equal_each_stream_alone(
     assert!(moved("realm_queue_wait_seconds_count") >= 16.0, "{after}");
     for (w, before) in cluster.workers.iter().zip(&workers_before) {
         let after = worker_metrics(w);
-        let moved = |series: &str| sample(&after, series) - sample(before, series);
+        let moved = |series: &str| sample(&after, series) - sample_before(before, series);
         let accesses = layer_accesses(&moved);
         let layers = sample(&after, "realm_worker_shard_layers");
         assert_eq!(
@@ -555,7 +567,7 @@ fn metrics_count_a_generation_exactly() {
     assert_eq!(generated, 6.0);
     let after = coordinator_metrics();
 
-    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    let moved = |series: &str| sample(&after, series) - sample_before(&before, series);
     assert_eq!(moved(r#"realm_requests_total{api="completions"}"#), 1.0);
     assert_eq!(
         moved(r#"realm_request_errors_total{api="completions"}"#),
@@ -578,7 +590,7 @@ fn metrics_count_a_generation_exactly() {
 
     for (i, (w, before)) in cluster.workers.iter().zip(&workers_before).enumerate() {
         let after = worker_metrics(w);
-        let moved = |series: &str| sample(&after, series) - sample(before, series);
+        let moved = |series: &str| sample(&after, series) - sample_before(before, series);
         assert_eq!(moved("realm_worker_forwards_total"), generated, "{after}");
         assert_eq!(
             moved("realm_worker_forward_compute_seconds_count"),

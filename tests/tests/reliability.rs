@@ -153,7 +153,8 @@ fn log_file(dir: &tempfile::TempDir, name: &str) -> (PathBuf, Stdio) {
 async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
     let model = smollm2();
     let logs = tempfile::tempdir().unwrap();
-    let debug = [("REALM_CLUSTER_TOKEN", TOKEN), ("REALM_LOG", "debug")];
+    // The most verbose logs: every line a request, a hop or a handshake writes.
+    let debug = [("REALM_CLUSTER_TOKEN", TOKEN), ("REALM_LOG", "trace")];
     let (worker_log, stderr) = log_file(&logs, "worker.log");
     let m = model.to_str().unwrap();
     let worker = start_with(
@@ -211,7 +212,7 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
 
     // With the token it serves; its own API wants a key.
     let (coordinator_log, stderr) = log_file(&logs, "coordinator.log");
-    let args = coordinator_args(&model, &[&worker], &[]);
+    let args = coordinator_args(&model, &[&worker], &["--http-listen", "127.0.0.1:0"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let coordinator = start_with(
         "realm-coordinator",
@@ -219,10 +220,36 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
         &[
             ("REALM_CLUSTER_TOKEN", TOKEN),
             ("REALM_API_KEY", KEY),
-            ("REALM_LOG", "debug"),
+            ("REALM_LOG", "trace"),
         ],
         stderr,
     );
+    // The HTTP API wants the key on /v1/*; its health and metrics stay open for probes and
+    // scrapers.
+    let http = &coordinator
+        .serving
+        .iter()
+        .find(|(what, _)| what == "HTTP")
+        .expect("the coordinator serves HTTP")
+        .1;
+    let completion = r#"{"prompt": "Hello", "max_tokens": 2}"#;
+    for (path, body) in [
+        ("/v1/completions", Some(completion)),
+        ("/v1/chat/completions", Some(r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#)),
+        ("/v1/models", None),
+    ] {
+        for key in [None, Some("wrong-key")] {
+            assert_eq!(
+                http_status(http, path, key, body),
+                401,
+                "{path} with key {key:?}"
+            );
+        }
+        assert_eq!(http_status(http, path, Some(KEY), body), 200, "{path}");
+    }
+    for open in ["/health", "/metrics"] {
+        assert_eq!(http_status(http, open, None, None), 200, "{open}");
+    }
     for key in [None, Some("wrong-key")] {
         let status = generate(&mut client(&coordinator, key).await, greedy(PROMPT, 2))
             .await
@@ -263,6 +290,24 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
             log.display()
         );
     }
+}
+
+/// The HTTP status of a request to `path` on `addr`, with `key` as its bearer token, POSTing
+/// `body` as JSON if given.
+fn http_status(addr: &str, path: &str, key: Option<&str>, body: Option<&str>) -> u16 {
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "60"]);
+    if let Some(key) = key {
+        curl.args(["-H", &format!("Authorization: Bearer {key}")]);
+    }
+    if let Some(body) = body {
+        curl.args(["-H", "Content-Type: application/json", "-d", body]);
+    }
+    let out = curl.arg(format!("http://{addr}{path}")).output().expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl printed {:?}", out.stdout))
 }
 
 #[test]
