@@ -51,33 +51,52 @@ fn byte_alphabet() -> &'static ByteAlphabet {
     })
 }
 
-/// The merge table and word splitting of a byte-level BPE vocabulary.
+/// Options of a BPE vocabulary besides its merges.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BpeOptions {
+    pub pre: PreTokenizer,
+    /// A word that is a token as a whole becomes that token without merging (Llama 3).
+    pub ignore_merges: bool,
+}
+
+/// The merge table and word splitting of a BPE vocabulary.
 #[derive(Debug)]
 pub(crate) struct Bpe {
-    /// `"left right"` (the merge's own spelling) to its rank; lower ranks merge first. The
-    /// byte-level alphabet has no space, so the first space always separates the two sides.
-    ranks: HashMap<String, u32>,
-    pre: PreTokenizer,
+    /// The merge's own spelling `"left right"` to its rank (lower ranks merge first) and the
+    /// length of its left side: the first space after the first byte separates the sides.
+    ranks: HashMap<String, (u32, usize)>,
+    options: BpeOptions,
 }
 
 impl Bpe {
-    pub(crate) fn new(merges: &[&str], pre: PreTokenizer) -> Self {
+    pub(crate) fn new(merges: &[&str], options: BpeOptions) -> Self {
         let mut ranks = HashMap::with_capacity(merges.len());
         for (rank, merge) in merges.iter().enumerate() {
-            // Lookups spell the key as `left + " " + right` with space-free sides, so an entry
-            // without a separating space simply never matches. The first of duplicates wins.
+            // An entry without a separating space never matches; the first of duplicates wins.
+            let Some(split) = merge.bytes().skip(1).position(|b| b == b' ').map(|i| i + 1) else {
+                continue;
+            };
             let rank = u32::try_from(rank).unwrap_or(u32::MAX);
-            ranks.entry((*merge).to_string()).or_insert(rank);
+            ranks.entry((*merge).to_string()).or_insert((rank, split));
         }
-        Self { ranks, pre }
+        Self { ranks, options }
     }
 
     pub(crate) fn encode(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
         let mut session = Session::default();
         let mut spelled = String::new();
-        for word in self.pre.split(text) {
+        for word in self.options.pre.split(text) {
             spelled.clear();
             spelled.extend(word.bytes().map(byte_to_char));
+            if let Some(id) = self
+                .options
+                .ignore_merges
+                .then(|| vocab.id(&spelled))
+                .flatten()
+            {
+                out.push(id);
+                continue;
+            }
             session.merge(self, &spelled);
             for (start, len) in session.pieces() {
                 let piece = &spelled[start..start + len];
@@ -101,7 +120,10 @@ impl Bpe {
         key.push_str(left);
         key.push(' ');
         key.push_str(right);
-        self.ranks.get(key.as_str()).copied()
+        self.ranks
+            .get(key.as_str())
+            .filter(|&&(_, split)| split == left.len())
+            .map(|&(rank, _)| rank)
     }
 }
 
@@ -219,9 +241,19 @@ mod tests {
         assert_eq!(char_to_byte('日'), None);
     }
 
+    fn bpe(merges: &[&str]) -> Bpe {
+        Bpe::new(
+            merges,
+            BpeOptions {
+                pre: PreTokenizer::Gpt2,
+                ignore_merges: false,
+            },
+        )
+    }
+
     #[test]
     fn merges_lowest_rank_first() {
-        let bpe = Bpe::new(&["b c", "a b", "a bc"], PreTokenizer::Gpt2);
+        let bpe = bpe(&["b c", "a b", "a bc"]);
         let mut session = Session::default();
         session.merge(&bpe, "abcab");
         let pieces: Vec<_> = session.pieces().map(|(s, l)| &"abcab"[s..s + l]).collect();
@@ -230,10 +262,48 @@ mod tests {
 
     #[test]
     fn ties_go_to_the_leftmost_pair() {
-        let bpe = Bpe::new(&["a a"], PreTokenizer::Gpt2);
+        let bpe = bpe(&["a a"]);
         let mut session = Session::default();
         session.merge(&bpe, "aaa");
         let pieces: Vec<_> = session.pieces().map(|(s, l)| &"aaa"[s..s + l]).collect();
         assert_eq!(pieces, ["aa", "a"]);
+    }
+
+    #[test]
+    fn sides_split_at_the_first_space_after_the_first_byte() {
+        // " a b" merges " a" with "b"; "a b c" merges "a" with "b c", never "a b" with "c".
+        let bpe = bpe(&[" a b", "a b c", "é x"]);
+        let mut key = String::new();
+        assert_eq!(bpe.rank(&mut key, " a", "b"), Some(0));
+        assert_eq!(bpe.rank(&mut key, "a", "b c"), Some(1));
+        assert_eq!(bpe.rank(&mut key, "a b", "c"), None);
+        // The first byte is skipped, not the first character.
+        assert_eq!(bpe.rank(&mut key, "é", "x"), Some(2));
+    }
+
+    fn vocab(texts: &[&str]) -> Vocab {
+        let n = texts.len();
+        Vocab::new(
+            texts,
+            vec![0.0; n],
+            vec![super::super::vocab::attr::NORMAL; n],
+        )
+        .expect("vocab")
+    }
+
+    #[test]
+    fn whole_words_skip_merging_when_asked() {
+        let v = vocab(&["a", "b", "c", "abc", "ab"]);
+        let mut options = BpeOptions {
+            pre: PreTokenizer::Gpt2,
+            ignore_merges: false,
+        };
+        let mut out = Vec::new();
+        Bpe::new(&["a b"], options).encode(&v, "abc", &mut out);
+        assert_eq!(out, [4, 2]);
+        options.ignore_merges = true;
+        out.clear();
+        Bpe::new(&["a b"], options).encode(&v, "abc", &mut out);
+        assert_eq!(out, [3]);
     }
 }

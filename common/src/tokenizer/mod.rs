@@ -1,7 +1,9 @@
 //! Tokenizers built from GGUF metadata.
 //!
 //! Two tokenizer models are supported: byte-level BPE (`tokenizer.ggml.model = "gpt2"`, e.g.
-//! SmolLM2) and SentencePiece-style BPE with byte fallback (`"llama"`, e.g. Gemma 3). Encoding
+//! SmolLM2, Llama 3, Qwen 2) with the pre-tokenizer the vocabulary names (`tokenizer.ggml.pre`,
+//! see [`pretokenize`]) and SentencePiece-style BPE with byte fallback (`"llama"`, e.g. Gemma 3).
+//! A model or pre-tokenizer not listed here is an error naming it, never a fallback. Encoding
 //! first cuts special tokens out of the text ([`special`]), then hands each remaining fragment to
 //! the model ([`bpe`] or [`spm`]). Token ids are identical to the reference implementation's for
 //! the same GGUF file, including its rules for which tokens are special, which end generation,
@@ -14,6 +16,7 @@ mod decoder;
 mod pretokenize;
 mod special;
 mod spm;
+mod unicode;
 mod vocab;
 
 use std::fmt;
@@ -22,6 +25,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
+use bpe::BpeOptions;
 pub use decoder::StreamDecoder;
 use pretokenize::PreTokenizer;
 use special::{Fragment, SpecialTokens};
@@ -209,16 +213,32 @@ impl Tokenizer {
         let mut vocab = load_vocab(file)?;
         let n_tokens = vocab.len();
 
+        let mut add_bos_default = is_spm;
         let (model, clean_spaces) = if is_spm {
             vocab.resolve_byte_tokens();
             (Model::Spm, false)
         } else {
-            let pre = file.get(KEY_PRE).and_then(|v| v.as_str()).unwrap_or("");
-            let (pre_tokenizer, clean_spaces) = bpe_pre_tokenizer(pre)?;
+            let pre = match file.get(KEY_PRE) {
+                Some(value) => value.as_str().ok_or_else(|| Error::Metadata {
+                    key: KEY_PRE.to_string(),
+                    problem: "expected a string".to_string(),
+                })?,
+                None => {
+                    return Err(Error::Unsupported(format!(
+                        "a BPE vocabulary without a pre-tokenizer ({KEY_PRE})"
+                    )))
+                }
+            };
+            let spec = bpe_pre_tokenizer(pre)?;
+            add_bos_default = spec.add_bos;
             let merges = file.get_str_array(KEY_MERGES)?;
+            let options = BpeOptions {
+                pre: spec.pre,
+                ignore_merges: spec.ignore_merges,
+            };
             (
-                Model::Bpe(bpe::Bpe::new(&merges, pre_tokenizer)),
-                clean_spaces,
+                Model::Bpe(bpe::Bpe::new(&merges, options)),
+                spec.clean_spaces,
             )
         };
 
@@ -260,7 +280,7 @@ impl Tokenizer {
                 Some(_) => file.get_bool(key),
             }
         };
-        let add_bos = flag(KEY_ADD_BOS, is_spm)?;
+        let add_bos = flag(KEY_ADD_BOS, add_bos_default)?;
         let add_eos = flag(KEY_ADD_EOS, false)?;
         let add_space_prefix = flag(KEY_ADD_SPACE_PREFIX, is_spm)?;
 
@@ -591,19 +611,124 @@ fn load_vocab(file: &GgufFile) -> Result<Vocab> {
     Vocab::new(&tokens, scores, attrs)
 }
 
-/// The pre-tokenizer of a byte-level BPE vocabulary and whether decoding cleans up spaces.
-fn bpe_pre_tokenizer(pre: &str) -> Result<(PreTokenizer, bool)> {
-    Ok(match pre {
-        "smollm" | "command-r" => (PreTokenizer::IsolatedDigitsGpt2, false),
-        "starcoder" | "refact" | "codeshell" => (PreTokenizer::IsolatedDigitsGpt2, true),
-        "gpt-2" | "phi-2" | "mpt" | "olmo" => (PreTokenizer::Gpt2, true),
-        other => {
-            return Err(Error::Unsupported(format!(
-                "BPE pre-tokenizer `{other}` (supported: smollm, starcoder, refact, command-r, \
-                 codeshell, gpt-2, phi-2, mpt, olmo)"
-            )))
+/// What a byte-level BPE vocabulary's pre-tokenizer name implies.
+#[derive(Debug, Clone, Copy)]
+struct PreSpec {
+    pre: PreTokenizer,
+    /// Decoding removes spaces before punctuation.
+    clean_spaces: bool,
+    /// A word that is a token as a whole skips merging.
+    ignore_merges: bool,
+    /// BOS is added unless the file says otherwise.
+    add_bos: bool,
+}
+
+impl PreSpec {
+    const fn new(pre: PreTokenizer, clean_spaces: bool) -> Self {
+        Self {
+            pre,
+            clean_spaces,
+            ignore_merges: false,
+            add_bos: false,
         }
-    })
+    }
+}
+
+/// The pre-tokenizer names this crate implements, with what each implies, as the reference
+/// defines them.
+const BPE_PRE_TOKENIZERS: &[(&[&str], PreSpec)] = &[
+    (
+        &[
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+        ],
+        PreSpec {
+            pre: PreTokenizer::Llama3,
+            clean_spaces: true,
+            ignore_merges: true,
+            add_bos: true,
+        },
+    ),
+    (
+        &["dbrx", "smaug-bpe"],
+        PreSpec::new(PreTokenizer::Llama3, true),
+    ),
+    (
+        &[
+            "qwen2",
+            "deepseek-r1-qwen",
+            "kormo",
+            "f2llmv2",
+            "hunyuan",
+            "solar-open",
+            "grok-2",
+        ],
+        PreSpec::new(PreTokenizer::Qwen2, false),
+    ),
+    (
+        &["stablelm2", "megrez"],
+        PreSpec::new(PreTokenizer::Qwen2, true),
+    ),
+    (&["qwen35"], PreSpec::new(PreTokenizer::Qwen35, false)),
+    (
+        &["deepseek-llm"],
+        PreSpec::new(PreTokenizer::DeepseekLlm, false),
+    ),
+    (
+        &["deepseek-coder"],
+        PreSpec::new(PreTokenizer::DeepseekCoder, false),
+    ),
+    (&["falcon"], PreSpec::new(PreTokenizer::Falcon, true)),
+    (
+        &[
+            "gpt-2", "phi-2", "mpt", "olmo", "jais", "gigachat", "a.x-4.0", "mellum", "exaone4",
+        ],
+        PreSpec::new(PreTokenizer::Gpt2, true),
+    ),
+    (
+        &["trillion", "granite-docling"],
+        PreSpec::new(PreTokenizer::Gpt2, false),
+    ),
+    (
+        &[
+            "starcoder",
+            "refact",
+            "codeshell",
+            "exaone",
+            "minerva-7b",
+            "mellum2",
+        ],
+        PreSpec::new(PreTokenizer::IsolatedDigitsGpt2, true),
+    ),
+    (
+        &["smollm", "command-r"],
+        PreSpec::new(PreTokenizer::IsolatedDigitsGpt2, false),
+    ),
+];
+
+/// The pre-tokenizer of a byte-level BPE vocabulary, by its `tokenizer.ggml.pre` name.
+fn bpe_pre_tokenizer(name: &str) -> Result<PreSpec> {
+    BPE_PRE_TOKENIZERS
+        .iter()
+        .find(|(names, _)| names.contains(&name))
+        .map(|&(_, spec)| spec)
+        .ok_or_else(|| {
+            let supported: Vec<&str> = BPE_PRE_TOKENIZERS
+                .iter()
+                .flat_map(|(names, _)| names.iter().copied())
+                .collect();
+            Error::Unsupported(format!(
+                "BPE pre-tokenizer `{name}` (supported: {})",
+                supported.join(", ")
+            ))
+        })
 }
 
 /// Decodes a token spelled in the byte-level alphabet. A character outside the alphabet (which
@@ -645,6 +770,32 @@ mod tests {
         fn shareable<T: Clone + Send + Sync + fmt::Debug>() {}
         shareable::<Tokenizer>();
         shareable::<StreamDecoder>();
+    }
+
+    #[test]
+    fn unsupported_pre_tokenizers_are_named() {
+        for name in [
+            "llama-bpe",
+            "qwen35",
+            "deepseek-llm",
+            "falcon",
+            "smollm",
+            "gpt-2",
+        ] {
+            assert!(bpe_pre_tokenizer(name).is_ok(), "{name}");
+        }
+        let e = bpe_pre_tokenizer("chameleon").expect_err("chameleon is not supported");
+        assert!(e.to_string().contains("`chameleon`"), "{e}");
+        assert!(e.to_string().contains("llama-bpe"), "{e}");
+        // Every name appears once.
+        let mut names: Vec<&str> = BPE_PRE_TOKENIZERS
+            .iter()
+            .flat_map(|(names, _)| names.iter().copied())
+            .collect();
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n);
     }
 
     #[test]
