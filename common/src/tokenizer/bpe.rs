@@ -1,12 +1,15 @@
-//! Byte-level BPE (the `gpt2` tokenizer model).
+//! BPE over pre-tokenized words (the `gpt2` and `gemma4` tokenizer models).
 //!
-//! Text is cut into words by the pre-tokenizer, each word's UTF-8 bytes are spelled with the
-//! byte-to-character alphabet (printable bytes stand for themselves, the rest map to U+0100 and
-//! up), and adjacent symbols are merged lowest-rank first, the leftmost pair winning ties. A
-//! final symbol that is not a token falls back to its single-byte tokens.
+//! Text is cut into words by the pre-tokenizer and each word is spelled as symbols: byte-level
+//! vocabularies (GPT-2 style) spell a word's UTF-8 bytes with the byte-to-character alphabet
+//! (printable bytes stand for themselves, the rest map to U+0100 and up), SentencePiece-style
+//! ones (Gemma 4) spell it as its own characters, spaces already written as `▁`. Adjacent symbols
+//! are merged lowest-rank first, the leftmost pair winning ties. A final symbol that is not a
+//! token falls back to its bytes' tokens (single alphabet characters, or `<0xNN>`).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
+use std::fmt::Write as _;
 
 use super::pretokenize::PreTokenizer;
 use super::{Symbol, Vocab};
@@ -51,12 +54,24 @@ fn byte_alphabet() -> &'static ByteAlphabet {
     })
 }
 
+/// How the words of a vocabulary are spelled as symbols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Spelling {
+    /// Each UTF-8 byte as one character of the byte-level alphabet.
+    ByteLevel,
+    /// The text's own characters; bytes missing from the vocabulary become `<0xNN>` tokens.
+    Raw,
+}
+
 /// Options of a BPE vocabulary besides its merges.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BpeOptions {
     pub pre: PreTokenizer,
+    pub spelling: Spelling,
     /// A word that is a token as a whole becomes that token without merging (Llama 3).
     pub ignore_merges: bool,
+    /// A word of line feeds alone that is a token becomes that token without merging (Gemma 4).
+    pub whole_newlines: bool,
 }
 
 /// The merge table and word splitting of a BPE vocabulary.
@@ -84,32 +99,50 @@ impl Bpe {
 
     pub(crate) fn encode(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
         let mut session = Session::default();
-        let mut spelled = String::new();
+        let mut buffer = String::new();
         for word in self.options.pre.split(text) {
-            spelled.clear();
-            spelled.extend(word.bytes().map(byte_to_char));
-            if let Some(id) = self
-                .options
-                .ignore_merges
-                .then(|| vocab.id(&spelled))
-                .flatten()
-            {
+            let spelled: &str = match self.options.spelling {
+                Spelling::ByteLevel => {
+                    buffer.clear();
+                    buffer.extend(word.bytes().map(byte_to_char));
+                    &buffer
+                }
+                Spelling::Raw => word,
+            };
+            let whole = self.options.ignore_merges
+                || (self.options.whole_newlines && spelled.bytes().all(|b| b == b'\n'));
+            if let Some(id) = whole.then(|| vocab.id(spelled)).flatten() {
                 out.push(id);
                 continue;
             }
-            session.merge(self, &spelled);
+            session.merge(self, spelled);
             for (start, len) in session.pieces() {
                 let piece = &spelled[start..start + len];
                 match vocab.id(piece) {
                     Some(id) => out.push(id),
-                    None => {
-                        // Only single bytes of the spelled piece can be tokens here.
-                        for i in 0..piece.len() {
-                            if let Some(id) = piece.get(i..i + 1).and_then(|b| vocab.id(b)) {
-                                out.push(id);
-                            }
-                        }
+                    None => self.push_bytes(vocab, piece, out),
+                }
+            }
+        }
+    }
+
+    /// The byte tokens of a piece that is not a token itself; bytes without one are dropped.
+    fn push_bytes(&self, vocab: &Vocab, piece: &str, out: &mut Vec<u32>) {
+        match self.options.spelling {
+            // Only single bytes of the spelled piece can be tokens here.
+            Spelling::ByteLevel => {
+                for i in 0..piece.len() {
+                    if let Some(id) = piece.get(i..i + 1).and_then(|b| vocab.id(b)) {
+                        out.push(id);
                     }
+                }
+            }
+            Spelling::Raw => {
+                let mut name = String::with_capacity(6);
+                for byte in piece.bytes() {
+                    name.clear();
+                    let _ = write!(name, "<0x{byte:02X}>");
+                    out.extend(vocab.id(&name));
                 }
             }
         }
@@ -246,7 +279,9 @@ mod tests {
             merges,
             BpeOptions {
                 pre: PreTokenizer::Gpt2,
+                spelling: Spelling::ByteLevel,
                 ignore_merges: false,
+                whole_newlines: false,
             },
         )
     }
@@ -296,7 +331,9 @@ mod tests {
         let v = vocab(&["a", "b", "c", "abc", "ab"]);
         let mut options = BpeOptions {
             pre: PreTokenizer::Gpt2,
+            spelling: Spelling::ByteLevel,
             ignore_merges: false,
+            whole_newlines: false,
         };
         let mut out = Vec::new();
         Bpe::new(&["a b"], options).encode(&v, "abc", &mut out);
@@ -305,5 +342,24 @@ mod tests {
         out.clear();
         Bpe::new(&["a b"], options).encode(&v, "abc", &mut out);
         assert_eq!(out, [3]);
+    }
+
+    #[test]
+    fn raw_spelling_keeps_newline_runs_and_falls_back_to_byte_tokens() {
+        let v = vocab(&["a", "b", "ab", "\n", "\n\n\n", "<0xC3>", "<0xA9>"]);
+        let mut options = BpeOptions {
+            pre: PreTokenizer::Newlines,
+            spelling: Spelling::Raw,
+            ignore_merges: false,
+            whole_newlines: true,
+        };
+        let mut out = Vec::new();
+        Bpe::new(&["a b"], options).encode(&v, "ab\n\n\né", &mut out);
+        assert_eq!(out, [2, 4, 5, 6]);
+        // Without the rule, the line feeds stay apart: no merge joins them.
+        options.whole_newlines = false;
+        out.clear();
+        Bpe::new(&["a b"], options).encode(&v, "ab\n\n\n", &mut out);
+        assert_eq!(out, [2, 3, 3, 3]);
     }
 }

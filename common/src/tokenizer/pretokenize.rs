@@ -39,6 +39,9 @@ pub(crate) enum PreTokenizer {
     DeepseekCoder,
     /// Falcon: punctuation runs, then the GPT-2 pattern, then ASCII digits in threes.
     Falcon,
+    /// `[^\n]+|[\n]+`: runs of line feeds and runs of everything else (Gemma 4, whose BPE runs on
+    /// the whole text).
+    Newlines,
 }
 
 /// One pattern of a pre-tokenizer.
@@ -66,6 +69,8 @@ enum Pattern {
     SpacedRun(Class),
     /// `[0-9][0-9][0-9]`
     ThreeDigits,
+    /// `[^\n]+|[\n]+`
+    NewlineRuns,
 }
 
 /// A character class of a pattern.
@@ -129,6 +134,7 @@ impl PreTokenizer {
                 Stage::Gpt2,
                 Matches(ThreeDigits),
             ],
+            PreTokenizer::Newlines => &[Matches(NewlineRuns)],
         }
     }
 
@@ -447,6 +453,14 @@ impl Pattern {
             Pattern::ThreeDigits => (pos + 3 <= end
                 && (pos..pos + 3).all(|i| text.char(i).is_ascii_digit()))
             .then_some(3),
+            Pattern::NewlineRuns => {
+                let newline = text.char(pos) == '\n';
+                Some(
+                    (pos..end)
+                        .take_while(|&i| (text.char(i) == '\n') == newline)
+                        .count(),
+                )
+            }
         }
     }
 }
@@ -663,5 +677,11 @@ mod tests {
         let falcon = |t| split(PreTokenizer::Falcon, t);
         assert_eq!(falcon("x+=1234567;"), ["x", "+=", "123", "456", "7", ";"]);
         assert_eq!(falcon("a 12345b"), ["a", " ", "123", "45", "b"]);
+    }
+
+    #[test]
+    fn newline_runs() {
+        let newlines = |t| split(PreTokenizer::Newlines, t);
+        assert_eq!(newlines("a b\n\nc\n"), ["a b", "\n\n", "c", "\n"]);
     }
 }

@@ -1,10 +1,12 @@
 //! Code point properties as the reference tokenizer sees them: general category (reduced to the
-//! seven classes that pre-tokenizer patterns name) and the White_Space property.
+//! seven classes that pre-tokenizer patterns name), the White_Space property, the simple
+//! lowercase mapping and the first code point of the canonical decomposition.
 //!
 //! The reference tables were generated from Unicode 15.1, so every property here is restricted
-//! to code points assigned by 15.1: a character added later is unassigned, exactly as the
-//! reference treats it. The category tables come from `regex-syntax`, intersected with
-//! `\p{Age=V15_1}`.
+//! to code points assigned by 15.1: a character added later is unassigned, with no case mapping
+//! and no decomposition, exactly as the reference treats it. The category tables come from
+//! `regex-syntax` (intersected with `\p{Age=V15_1}`), case mappings from the standard library and
+//! decompositions from `unicode-normalization`; both are stable for characters already assigned.
 
 use std::cmp::Ordering;
 use std::sync::OnceLock;
@@ -88,6 +90,32 @@ const ASCII: [CharInfo; 128] = {
     }
     table
 };
+
+/// The simple lowercase mapping of `c` (one code point; `c` itself where it has none).
+pub(crate) fn to_lower(c: char) -> char {
+    if c.is_ascii() {
+        return c.to_ascii_lowercase();
+    }
+    if category_of(c) == Category::Unassigned {
+        return c;
+    }
+    // The full mapping differs from the simple one only for U+0130, whose full lowercase
+    // "i\u{307}" starts with its simple one, 'i'.
+    c.to_lowercase().next().unwrap_or(c)
+}
+
+/// The first code point of the canonical decomposition of `c` (its base letter, for an accented
+/// letter), or `c` itself.
+pub(crate) fn decomposed_base(c: char) -> char {
+    if c.is_ascii() || category_of(c) == Category::Unassigned {
+        return c;
+    }
+    let mut first = None;
+    unicode_normalization::char::decompose_canonical(c, |d| {
+        first.get_or_insert(d);
+    });
+    first.unwrap_or(c)
+}
 
 fn category_of(c: char) -> Category {
     let ranges = &category_table().ranges;
@@ -201,5 +229,17 @@ mod tests {
         for c in ['\u{1c}', '\u{200b}', 'x'] {
             assert!(!CharInfo::of(c).space, "{c:?}");
         }
+    }
+
+    #[test]
+    fn case_and_decomposition() {
+        assert_eq!(to_lower('Ä'), 'ä');
+        assert_eq!(to_lower('\u{130}'), 'i');
+        assert_eq!(to_lower('ß'), 'ß');
+        assert_eq!(decomposed_base('Ä'), 'A');
+        assert_eq!(decomposed_base('ǖ'), 'u');
+        // Hangul syllables decompose into their leading consonant first.
+        assert_eq!(decomposed_base('가'), '\u{1100}');
+        assert_eq!(decomposed_base('x'), 'x');
     }
 }
