@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prepares a fresh machine for Realm: checks the toolchain, fetches the project models and
-# prepares what the HTTP API tests need (a Python environment with `openai`, curl).
+# Prepares a fresh machine for Realm: checks the toolchain, fetches the project models and the
+# tokenizer test vocabularies, and prepares what the HTTP API tests need (a Python environment
+# with `openai`, curl).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -18,5 +19,7 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 
 "$root/deploy/fetch-models.sh"
+# The reference tokenizer test suite (tests/tests/vocab_suite.rs).
+"$root/deploy/fetch-vocabs.sh"
 # The HTTP API tests drive Realm with the official `openai` Python package and curl.
 "$root/tests/python/setup.sh"

@@ -1,12 +1,15 @@
-//! Byte-level BPE (the `gpt2` tokenizer model).
+//! BPE over pre-tokenized words (the `gpt2` and `gemma4` tokenizer models).
 //!
-//! Text is cut into words by the pre-tokenizer, each word's UTF-8 bytes are spelled with the
-//! byte-to-character alphabet (printable bytes stand for themselves, the rest map to U+0100 and
-//! up), and adjacent symbols are merged lowest-rank first, the leftmost pair winning ties. A
-//! final symbol that is not a token falls back to its single-byte tokens.
+//! Text is cut into words by the pre-tokenizer and each word is spelled as symbols: byte-level
+//! vocabularies (GPT-2 style) spell a word's UTF-8 bytes with the byte-to-character alphabet
+//! (printable bytes stand for themselves, the rest map to U+0100 and up), SentencePiece-style
+//! ones (Gemma 4) spell it as its own characters, spaces already written as `▁`. Adjacent symbols
+//! are merged lowest-rank first, the leftmost pair winning ties. A final symbol that is not a
+//! token falls back to its bytes' tokens (single alphabet characters, or `<0xNN>`).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
+use std::fmt::Write as _;
 
 use super::pretokenize::PreTokenizer;
 use super::{Symbol, Vocab};
@@ -51,46 +54,95 @@ fn byte_alphabet() -> &'static ByteAlphabet {
     })
 }
 
-/// The merge table and word splitting of a byte-level BPE vocabulary.
+/// How the words of a vocabulary are spelled as symbols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Spelling {
+    /// Each UTF-8 byte as one character of the byte-level alphabet.
+    ByteLevel,
+    /// The text's own characters; bytes missing from the vocabulary become `<0xNN>` tokens.
+    Raw,
+}
+
+/// Options of a BPE vocabulary besides its merges.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BpeOptions {
+    pub pre: PreTokenizer,
+    pub spelling: Spelling,
+    /// A word that is a token as a whole becomes that token without merging (Llama 3).
+    pub ignore_merges: bool,
+    /// A word of line feeds alone that is a token becomes that token without merging (Gemma 4).
+    pub whole_newlines: bool,
+}
+
+/// The merge table and word splitting of a BPE vocabulary.
 #[derive(Debug)]
 pub(crate) struct Bpe {
-    /// `"left right"` (the merge's own spelling) to its rank; lower ranks merge first. The
-    /// byte-level alphabet has no space, so the first space always separates the two sides.
-    ranks: HashMap<String, u32>,
-    pre: PreTokenizer,
+    /// The merge's own spelling `"left right"` to its rank (lower ranks merge first) and the
+    /// length of its left side: the first space after the first byte separates the sides.
+    ranks: HashMap<String, (u32, usize)>,
+    options: BpeOptions,
 }
 
 impl Bpe {
-    pub(crate) fn new(merges: &[&str], pre: PreTokenizer) -> Self {
+    pub(crate) fn new(merges: &[&str], options: BpeOptions) -> Self {
         let mut ranks = HashMap::with_capacity(merges.len());
         for (rank, merge) in merges.iter().enumerate() {
-            // Lookups spell the key as `left + " " + right` with space-free sides, so an entry
-            // without a separating space simply never matches. The first of duplicates wins.
+            // An entry without a separating space never matches; the first of duplicates wins.
+            let Some(split) = merge.bytes().skip(1).position(|b| b == b' ').map(|i| i + 1) else {
+                continue;
+            };
             let rank = u32::try_from(rank).unwrap_or(u32::MAX);
-            ranks.entry((*merge).to_string()).or_insert(rank);
+            ranks.entry((*merge).to_string()).or_insert((rank, split));
         }
-        Self { ranks, pre }
+        Self { ranks, options }
     }
 
     pub(crate) fn encode(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
         let mut session = Session::default();
-        let mut spelled = String::new();
-        for word in self.pre.split(text) {
-            spelled.clear();
-            spelled.extend(word.bytes().map(byte_to_char));
-            session.merge(self, &spelled);
+        let mut buffer = String::new();
+        for word in self.options.pre.split(text) {
+            let spelled: &str = match self.options.spelling {
+                Spelling::ByteLevel => {
+                    buffer.clear();
+                    buffer.extend(word.bytes().map(byte_to_char));
+                    &buffer
+                }
+                Spelling::Raw => word,
+            };
+            let whole = self.options.ignore_merges
+                || (self.options.whole_newlines && spelled.bytes().all(|b| b == b'\n'));
+            if let Some(id) = whole.then(|| vocab.id(spelled)).flatten() {
+                out.push(id);
+                continue;
+            }
+            session.merge(self, spelled);
             for (start, len) in session.pieces() {
                 let piece = &spelled[start..start + len];
                 match vocab.id(piece) {
                     Some(id) => out.push(id),
-                    None => {
-                        // Only single bytes of the spelled piece can be tokens here.
-                        for i in 0..piece.len() {
-                            if let Some(id) = piece.get(i..i + 1).and_then(|b| vocab.id(b)) {
-                                out.push(id);
-                            }
-                        }
+                    None => self.push_bytes(vocab, piece, out),
+                }
+            }
+        }
+    }
+
+    /// The byte tokens of a piece that is not a token itself; bytes without one are dropped.
+    fn push_bytes(&self, vocab: &Vocab, piece: &str, out: &mut Vec<u32>) {
+        match self.options.spelling {
+            // Only single bytes of the spelled piece can be tokens here.
+            Spelling::ByteLevel => {
+                for i in 0..piece.len() {
+                    if let Some(id) = piece.get(i..i + 1).and_then(|b| vocab.id(b)) {
+                        out.push(id);
                     }
+                }
+            }
+            Spelling::Raw => {
+                let mut name = String::with_capacity(6);
+                for byte in piece.bytes() {
+                    name.clear();
+                    let _ = write!(name, "<0x{byte:02X}>");
+                    out.extend(vocab.id(&name));
                 }
             }
         }
@@ -101,7 +153,10 @@ impl Bpe {
         key.push_str(left);
         key.push(' ');
         key.push_str(right);
-        self.ranks.get(key.as_str()).copied()
+        self.ranks
+            .get(key.as_str())
+            .filter(|&&(_, split)| split == left.len())
+            .map(|&(rank, _)| rank)
     }
 }
 
@@ -219,9 +274,21 @@ mod tests {
         assert_eq!(char_to_byte('日'), None);
     }
 
+    fn bpe(merges: &[&str]) -> Bpe {
+        Bpe::new(
+            merges,
+            BpeOptions {
+                pre: PreTokenizer::Gpt2,
+                spelling: Spelling::ByteLevel,
+                ignore_merges: false,
+                whole_newlines: false,
+            },
+        )
+    }
+
     #[test]
     fn merges_lowest_rank_first() {
-        let bpe = Bpe::new(&["b c", "a b", "a bc"], PreTokenizer::Gpt2);
+        let bpe = bpe(&["b c", "a b", "a bc"]);
         let mut session = Session::default();
         session.merge(&bpe, "abcab");
         let pieces: Vec<_> = session.pieces().map(|(s, l)| &"abcab"[s..s + l]).collect();
@@ -230,10 +297,69 @@ mod tests {
 
     #[test]
     fn ties_go_to_the_leftmost_pair() {
-        let bpe = Bpe::new(&["a a"], PreTokenizer::Gpt2);
+        let bpe = bpe(&["a a"]);
         let mut session = Session::default();
         session.merge(&bpe, "aaa");
         let pieces: Vec<_> = session.pieces().map(|(s, l)| &"aaa"[s..s + l]).collect();
         assert_eq!(pieces, ["aa", "a"]);
+    }
+
+    #[test]
+    fn sides_split_at_the_first_space_after_the_first_byte() {
+        // " a b" merges " a" with "b"; "a b c" merges "a" with "b c", never "a b" with "c".
+        let bpe = bpe(&[" a b", "a b c", "é x"]);
+        let mut key = String::new();
+        assert_eq!(bpe.rank(&mut key, " a", "b"), Some(0));
+        assert_eq!(bpe.rank(&mut key, "a", "b c"), Some(1));
+        assert_eq!(bpe.rank(&mut key, "a b", "c"), None);
+        // The first byte is skipped, not the first character.
+        assert_eq!(bpe.rank(&mut key, "é", "x"), Some(2));
+    }
+
+    fn vocab(texts: &[&str]) -> Vocab {
+        let n = texts.len();
+        Vocab::new(
+            texts,
+            vec![0.0; n],
+            vec![super::super::vocab::attr::NORMAL; n],
+        )
+        .expect("vocab")
+    }
+
+    #[test]
+    fn whole_words_skip_merging_when_asked() {
+        let v = vocab(&["a", "b", "c", "abc", "ab"]);
+        let mut options = BpeOptions {
+            pre: PreTokenizer::Gpt2,
+            spelling: Spelling::ByteLevel,
+            ignore_merges: false,
+            whole_newlines: false,
+        };
+        let mut out = Vec::new();
+        Bpe::new(&["a b"], options).encode(&v, "abc", &mut out);
+        assert_eq!(out, [4, 2]);
+        options.ignore_merges = true;
+        out.clear();
+        Bpe::new(&["a b"], options).encode(&v, "abc", &mut out);
+        assert_eq!(out, [3]);
+    }
+
+    #[test]
+    fn raw_spelling_keeps_newline_runs_and_falls_back_to_byte_tokens() {
+        let v = vocab(&["a", "b", "ab", "\n", "\n\n\n", "<0xC3>", "<0xA9>"]);
+        let mut options = BpeOptions {
+            pre: PreTokenizer::Newlines,
+            spelling: Spelling::Raw,
+            ignore_merges: false,
+            whole_newlines: true,
+        };
+        let mut out = Vec::new();
+        Bpe::new(&["a b"], options).encode(&v, "ab\n\n\né", &mut out);
+        assert_eq!(out, [2, 4, 5, 6]);
+        // Without the rule, the line feeds stay apart: no merge joins them.
+        options.whole_newlines = false;
+        out.clear();
+        Bpe::new(&["a b"], options).encode(&v, "ab\n\n\n", &mut out);
+        assert_eq!(out, [2, 3, 3, 3]);
     }
 }

@@ -1,11 +1,14 @@
 //! Tokenizers built from GGUF metadata.
 //!
-//! Two tokenizer models are supported: byte-level BPE (`tokenizer.ggml.model = "gpt2"`, e.g.
-//! SmolLM2) and SentencePiece-style BPE with byte fallback (`"llama"`, e.g. Gemma 3). Encoding
-//! first cuts special tokens out of the text ([`special`]), then hands each remaining fragment to
-//! the model ([`bpe`] or [`spm`]). Token ids are identical to the reference implementation's for
-//! the same GGUF file, including its rules for which tokens are special, which end generation,
-//! and how tokens render back to bytes.
+//! Four tokenizer models are supported (`tokenizer.ggml.model`): byte-level BPE (`"gpt2"`, e.g.
+//! SmolLM2, Llama 3, Qwen 2) with the pre-tokenizer the vocabulary names
+//! (`tokenizer.ggml.pre`, see [`pretokenize`]); SentencePiece-style BPE with byte fallback
+//! (`"llama"`, e.g. Gemma 3); BPE over raw characters with `▁` for spaces (`"gemma4"`); and
+//! WordPiece (`"bert"`). Encoding first cuts special tokens out of the text ([`special`]), then
+//! hands each remaining fragment to the model ([`bpe`], [`spm`] or [`wpm`]). Token ids are
+//! identical to the reference implementation's for the same GGUF file, including its rules for
+//! which tokens are special, which end generation, and how tokens render back to bytes. A model
+//! or pre-tokenizer not listed here is an error naming it, never a fallback.
 //!
 //! A [`Tokenizer`] is immutable and cheap to clone (the vocabulary is shared).
 
@@ -14,7 +17,9 @@ mod decoder;
 mod pretokenize;
 mod special;
 mod spm;
+mod unicode;
 mod vocab;
+mod wpm;
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
+use bpe::{BpeOptions, Spelling};
 pub use decoder::StreamDecoder;
 use pretokenize::PreTokenizer;
 use special::{Fragment, SpecialTokens};
@@ -55,6 +61,15 @@ const KEY_FIM_SEP: &str = "tokenizer.ggml.fim_sep_token_id";
 const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 const KEY_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
 const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+const KEY_UNKNOWN: &str = "tokenizer.ggml.unknown_token_id";
+// Sic: the key is spelled this way.
+const KEY_SEPARATOR: &str = "tokenizer.ggml.seperator_token_id";
+const KEY_LOWERCASE: &str = "tokenizer.ggml.normalizer.lowercase";
+const KEY_STRIP_ACCENTS: &str = "tokenizer.ggml.normalizer.strip_accents";
+
+/// BERT's `[UNK]` and `[SEP]`, for WordPiece files that name none.
+const WPM_UNKNOWN: u32 = 100;
+const WPM_SEPARATOR: u32 = 102;
 
 /// Texts that mark a token as end-of-turn when the file names none.
 const EOT_TEXTS: &[&str] = &[
@@ -141,12 +156,54 @@ const EOG_TEXTS: &[&str] = &[
 const ALWAYS_RENDERED_TEXTS: &[&str] =
     &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
 
+/// A tokenizer model (`tokenizer.ggml.model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `gpt2`: byte-level BPE.
+    Bpe,
+    /// `llama`: SentencePiece-style BPE with byte fallback.
+    Spm,
+    /// `gemma4`: BPE over raw characters, spaces written as `▁`.
+    Gemma4,
+    /// `bert`: WordPiece.
+    Wpm,
+}
+
+impl Kind {
+    fn of(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gpt2" => Kind::Bpe,
+            "llama" => Kind::Spm,
+            "gemma4" => Kind::Gemma4,
+            "bert" => Kind::Wpm,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "tokenizer model `{other}` (supported: gpt2, llama, gemma4, bert)"
+                )))
+            }
+        })
+    }
+
+    /// The BOS and EOS ids a file of this model gets unless it names its own.
+    fn default_bos_eos(self) -> (Option<u32>, Option<u32>) {
+        match self {
+            Kind::Bpe => (Some(11), Some(11)),
+            Kind::Spm => (Some(1), Some(2)),
+            Kind::Gemma4 => (None, None),
+            // BERT's [CLS] opens a sequence; [SEP] closes it and there is no EOS.
+            Kind::Wpm => (Some(101), None),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Model {
-    /// Byte-level BPE.
+    /// BPE over pre-tokenized words (`gpt2`, `gemma4`).
     Bpe(bpe::Bpe),
     /// SentencePiece-style BPE with byte fallback.
     Spm,
+    /// WordPiece.
+    Wpm(wpm::WpmOptions),
 }
 
 struct Inner {
@@ -155,12 +212,16 @@ struct Inner {
     specials: SpecialTokens,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// The token that closes a sequence after its text (WordPiece's `[SEP]`).
+    sep: Option<u32>,
     /// Sorted ids of the end-of-generation tokens.
     eog: Vec<u32>,
     add_bos: bool,
     add_eos: bool,
     add_space_prefix: bool,
-    /// Remove spaces before punctuation when decoding (set per pre-tokenizer).
+    /// Spaces are written as `▁` in token texts (SentencePiece-style vocabularies).
+    escaped_spaces: bool,
+    /// Remove spaces before punctuation when decoding (set per model and pre-tokenizer).
     clean_spaces: bool,
 }
 
@@ -179,6 +240,7 @@ impl fmt::Debug for Tokenizer {
                 &match i.model {
                     Model::Bpe(_) => "bpe",
                     Model::Spm => "spm",
+                    Model::Wpm(_) => "wpm",
                 },
             )
             .field("vocab_size", &i.vocab.len())
@@ -195,36 +257,12 @@ impl fmt::Debug for Tokenizer {
 impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let kind = file.get_str(KEY_MODEL)?;
-        let is_spm = match kind {
-            "llama" => true,
-            "gpt2" => false,
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "tokenizer model `{other}` (supported: gpt2, llama)"
-                )))
-            }
-        };
+        let kind = Kind::of(file.get_str(KEY_MODEL)?)?;
 
         let mut vocab = load_vocab(file)?;
         let n_tokens = vocab.len();
 
-        let (model, clean_spaces) = if is_spm {
-            vocab.resolve_byte_tokens();
-            (Model::Spm, false)
-        } else {
-            let pre = file.get(KEY_PRE).and_then(|v| v.as_str()).unwrap_or("");
-            let (pre_tokenizer, clean_spaces) = bpe_pre_tokenizer(pre)?;
-            let merges = file.get_str_array(KEY_MERGES)?;
-            (
-                Model::Bpe(bpe::Bpe::new(&merges, pre_tokenizer)),
-                clean_spaces,
-            )
-        };
-
-        // Defaults that the file's keys override.
         let in_range = |id: u32| (id as usize) < n_tokens;
-        let (default_bos, default_eos) = if is_spm { (1, 2) } else { (11, 11) };
         let key_id = |key: &str| -> Result<Option<u32>> {
             let Some(value) = file.get(key) else {
                 return Ok(None);
@@ -243,8 +281,81 @@ impl Tokenizer {
             }
             Ok(found)
         };
-        let bos = key_id(KEY_BOS)?.or(Some(default_bos).filter(|&id| in_range(id)));
-        let eos = key_id(KEY_EOS)?.or(Some(default_eos).filter(|&id| in_range(id)));
+
+        let flag = |key: &str, default: bool| -> Result<bool> {
+            match file.get(key) {
+                None => Ok(default),
+                Some(_) => file.get_bool(key),
+            }
+        };
+
+        // What the model (and for byte-level BPE, the pre-tokenizer) implies, before the
+        // file's own flags.
+        let mut add_bos_default = matches!(kind, Kind::Spm | Kind::Wpm | Kind::Gemma4);
+        let (model, clean_spaces) = match kind {
+            Kind::Spm => {
+                vocab.resolve_byte_tokens();
+                (Model::Spm, false)
+            }
+            Kind::Bpe => {
+                let pre = match file.get(KEY_PRE) {
+                    Some(value) => value.as_str().ok_or_else(|| Error::Metadata {
+                        key: KEY_PRE.to_string(),
+                        problem: "expected a string".to_string(),
+                    })?,
+                    None => {
+                        return Err(Error::Unsupported(format!(
+                            "a BPE vocabulary without a pre-tokenizer ({KEY_PRE})"
+                        )))
+                    }
+                };
+                let spec = bpe_pre_tokenizer(pre)?;
+                add_bos_default = spec.add_bos;
+                let merges = file.get_str_array(KEY_MERGES)?;
+                let options = BpeOptions {
+                    pre: spec.pre,
+                    spelling: Spelling::ByteLevel,
+                    ignore_merges: spec.ignore_merges,
+                    whole_newlines: false,
+                };
+                (
+                    Model::Bpe(bpe::Bpe::new(&merges, options)),
+                    spec.clean_spaces,
+                )
+            }
+            Kind::Gemma4 => {
+                let merges = file.get_str_array(KEY_MERGES)?;
+                let options = BpeOptions {
+                    pre: PreTokenizer::Newlines,
+                    spelling: Spelling::Raw,
+                    ignore_merges: false,
+                    whole_newlines: true,
+                };
+                (Model::Bpe(bpe::Bpe::new(&merges, options)), true)
+            }
+            Kind::Wpm => {
+                let lowercase = flag(KEY_LOWERCASE, true)?;
+                let unknown = key_id(KEY_UNKNOWN)?
+                    .or(Some(WPM_UNKNOWN).filter(|&id| in_range(id)))
+                    .ok_or_else(|| {
+                        Error::Tokenizer(
+                            "the WordPiece vocabulary names no unknown token".to_string(),
+                        )
+                    })?;
+                let options = wpm::WpmOptions {
+                    lowercase,
+                    strip_accents: flag(KEY_STRIP_ACCENTS, lowercase)?,
+                    unknown,
+                };
+                (Model::Wpm(options), true)
+            }
+        };
+
+        // Defaults that the file's keys override.
+        let (default_bos, default_eos) = kind.default_bos_eos();
+
+        let bos = key_id(KEY_BOS)?.or(default_bos.filter(|&id| in_range(id)));
+        let eos = key_id(KEY_EOS)?.or(default_eos.filter(|&id| in_range(id)));
         let eot = key_id(KEY_EOT)?;
         let eom = key_id(KEY_EOM)?;
         let fim_pre = keys_id(&KEY_FIM_PRE)?;
@@ -254,15 +365,28 @@ impl Tokenizer {
         let fim_rep = key_id(KEY_FIM_REP)?;
         let fim_sep = key_id(KEY_FIM_SEP)?;
 
-        let flag = |key: &str, default: bool| -> Result<bool> {
-            match file.get(key) {
-                None => Ok(default),
-                Some(_) => file.get_bool(key),
-            }
+        let sep = match kind {
+            Kind::Wpm => Some(
+                key_id(KEY_SEPARATOR)?
+                    .or(Some(WPM_SEPARATOR).filter(|&id| in_range(id)))
+                    .ok_or_else(|| {
+                        Error::Tokenizer(
+                            "the WordPiece vocabulary names no separator token".to_string(),
+                        )
+                    })?,
+            ),
+            Kind::Bpe | Kind::Spm | Kind::Gemma4 => None,
         };
-        let add_bos = flag(KEY_ADD_BOS, is_spm)?;
-        let add_eos = flag(KEY_ADD_EOS, false)?;
-        let add_space_prefix = flag(KEY_ADD_SPACE_PREFIX, is_spm)?;
+
+        // WordPiece always opens a sequence with [CLS]; Gemma 4 always with BOS whatever its
+        // file says, as the reference does.
+        let add_bos = match kind {
+            Kind::Wpm | Kind::Gemma4 => true,
+            Kind::Bpe | Kind::Spm => flag(KEY_ADD_BOS, add_bos_default)?,
+        };
+        let add_eos = kind != Kind::Wpm && flag(KEY_ADD_EOS, false)?;
+        let add_space_prefix = flag(KEY_ADD_SPACE_PREFIX, kind == Kind::Spm)?;
+        let escaped_spaces = matches!(kind, Kind::Spm | Kind::Gemma4 | Kind::Wpm);
 
         let eog = end_of_generation(
             &mut vocab,
@@ -310,10 +434,12 @@ impl Tokenizer {
                 specials,
                 bos,
                 eos,
+                sep,
                 eog,
                 add_bos,
                 add_eos,
                 add_space_prefix,
+                escaped_spaces,
                 clean_spaces,
             }),
         })
@@ -322,9 +448,10 @@ impl Tokenizer {
     /// Token ids of `text`.
     ///
     /// `add_special` prepends BOS when the model's `add_bos_token` says so (and appends EOS if
-    /// `add_eos_token` does). With `parse_special`, special tokens written in the text (control
-    /// and user-defined, e.g. `<|im_start|>`, `<bos>`) become their ids; without it only
-    /// user-defined tokens do, and control-token text is tokenized as plain text.
+    /// `add_eos_token` does; WordPiece appends its separator). With `parse_special`, special
+    /// tokens written in the text (control and user-defined, e.g. `<|im_start|>`, `<bos>`)
+    /// become their ids; without it only user-defined tokens do, and control-token text is
+    /// tokenized as plain text.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
         let i = &*self.inner;
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
@@ -335,10 +462,26 @@ impl Tokenizer {
         let fragments = i.specials.partition(text, parse_special);
         match &i.model {
             Model::Bpe(bpe) => {
+                let mut escaped = String::new();
                 for fragment in fragments {
                     match fragment {
                         Fragment::Token(id) => out.push(id),
+                        Fragment::Text(range) if i.escaped_spaces => {
+                            escaped.clear();
+                            spm::push_escaped(&mut escaped, &text[range]);
+                            bpe.encode(&i.vocab, &escaped, &mut out);
+                        }
                         Fragment::Text(range) => bpe.encode(&i.vocab, &text[range], &mut out),
+                    }
+                }
+            }
+            Model::Wpm(options) => {
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Token(id) => out.push(id),
+                        Fragment::Text(range) => {
+                            wpm::encode(&i.vocab, *options, &text[range], &mut out)
+                        }
                     }
                 }
             }
@@ -357,9 +500,7 @@ impl Tokenizer {
                             if i.add_space_prefix && after_special {
                                 escaped.push(spm::SPACE_MARK);
                             }
-                            for c in text[range].chars() {
-                                escaped.push(if c == ' ' { spm::SPACE_MARK } else { c });
-                            }
+                            spm::push_escaped(&mut escaped, &text[range]);
                             spm::encode(&i.vocab, &escaped, &mut out)?;
                             after_special = false;
                         }
@@ -370,6 +511,9 @@ impl Tokenizer {
 
         if add_special && i.add_eos {
             out.extend(i.eos);
+        }
+        if add_special {
+            out.extend(i.sep);
         }
         Ok(out)
     }
@@ -433,9 +577,10 @@ impl Tokenizer {
             return Ok(text.as_bytes().to_vec());
         }
         if a & attr::NORMAL != 0 {
-            return Ok(match i.model {
-                Model::Spm => text.replace(spm::SPACE_MARK, " ").into_bytes(),
-                Model::Bpe(_) => decode_byte_level(text),
+            return Ok(if i.escaped_spaces {
+                text.replace(spm::SPACE_MARK, " ").into_bytes()
+            } else {
+                decode_byte_level(text)
             });
         }
         if a & attr::BYTE != 0 {
@@ -452,10 +597,16 @@ impl Tokenizer {
     /// encoder added it; the vocabularies that ask for it also get spaces before punctuation
     /// removed. Invalid UTF-8 becomes U+FFFD, decided only on the whole text.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.decode_with(ids, false)
+    }
+
+    /// [`decode`](Self::decode), with control and unknown tokens rendered as their text when
+    /// `render_special`.
+    pub fn decode_with(&self, ids: &[u32], render_special: bool) -> Result<String> {
         let i = &*self.inner;
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         for (n, &id) in ids.iter().enumerate() {
-            let piece = self.token_bytes(id, false)?;
+            let piece = self.token_bytes(id, render_special)?;
             let piece = match piece.split_first() {
                 Some((b' ', rest)) if n == 0 && i.add_space_prefix => rest,
                 _ => &piece[..],
@@ -591,19 +742,124 @@ fn load_vocab(file: &GgufFile) -> Result<Vocab> {
     Vocab::new(&tokens, scores, attrs)
 }
 
-/// The pre-tokenizer of a byte-level BPE vocabulary and whether decoding cleans up spaces.
-fn bpe_pre_tokenizer(pre: &str) -> Result<(PreTokenizer, bool)> {
-    Ok(match pre {
-        "smollm" | "command-r" => (PreTokenizer::IsolatedDigitsGpt2, false),
-        "starcoder" | "refact" | "codeshell" => (PreTokenizer::IsolatedDigitsGpt2, true),
-        "gpt-2" | "phi-2" | "mpt" | "olmo" => (PreTokenizer::Gpt2, true),
-        other => {
-            return Err(Error::Unsupported(format!(
-                "BPE pre-tokenizer `{other}` (supported: smollm, starcoder, refact, command-r, \
-                 codeshell, gpt-2, phi-2, mpt, olmo)"
-            )))
+/// What a byte-level BPE vocabulary's pre-tokenizer name implies.
+#[derive(Debug, Clone, Copy)]
+struct PreSpec {
+    pre: PreTokenizer,
+    /// Decoding removes spaces before punctuation.
+    clean_spaces: bool,
+    /// A word that is a token as a whole skips merging.
+    ignore_merges: bool,
+    /// BOS is added unless the file says otherwise.
+    add_bos: bool,
+}
+
+impl PreSpec {
+    const fn new(pre: PreTokenizer, clean_spaces: bool) -> Self {
+        Self {
+            pre,
+            clean_spaces,
+            ignore_merges: false,
+            add_bos: false,
         }
-    })
+    }
+}
+
+/// The pre-tokenizer names this crate implements, with what each implies, as the reference
+/// defines them.
+const BPE_PRE_TOKENIZERS: &[(&[&str], PreSpec)] = &[
+    (
+        &[
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+        ],
+        PreSpec {
+            pre: PreTokenizer::Llama3,
+            clean_spaces: true,
+            ignore_merges: true,
+            add_bos: true,
+        },
+    ),
+    (
+        &["dbrx", "smaug-bpe"],
+        PreSpec::new(PreTokenizer::Llama3, true),
+    ),
+    (
+        &[
+            "qwen2",
+            "deepseek-r1-qwen",
+            "kormo",
+            "f2llmv2",
+            "hunyuan",
+            "solar-open",
+            "grok-2",
+        ],
+        PreSpec::new(PreTokenizer::Qwen2, false),
+    ),
+    (
+        &["stablelm2", "megrez"],
+        PreSpec::new(PreTokenizer::Qwen2, true),
+    ),
+    (&["qwen35"], PreSpec::new(PreTokenizer::Qwen35, false)),
+    (
+        &["deepseek-llm"],
+        PreSpec::new(PreTokenizer::DeepseekLlm, false),
+    ),
+    (
+        &["deepseek-coder"],
+        PreSpec::new(PreTokenizer::DeepseekCoder, false),
+    ),
+    (&["falcon"], PreSpec::new(PreTokenizer::Falcon, true)),
+    (
+        &[
+            "gpt-2", "phi-2", "mpt", "olmo", "jais", "gigachat", "a.x-4.0", "mellum", "exaone4",
+        ],
+        PreSpec::new(PreTokenizer::Gpt2, true),
+    ),
+    (
+        &["trillion", "granite-docling"],
+        PreSpec::new(PreTokenizer::Gpt2, false),
+    ),
+    (
+        &[
+            "starcoder",
+            "refact",
+            "codeshell",
+            "exaone",
+            "minerva-7b",
+            "mellum2",
+        ],
+        PreSpec::new(PreTokenizer::IsolatedDigitsGpt2, true),
+    ),
+    (
+        &["smollm", "command-r"],
+        PreSpec::new(PreTokenizer::IsolatedDigitsGpt2, false),
+    ),
+];
+
+/// The pre-tokenizer of a byte-level BPE vocabulary, by its `tokenizer.ggml.pre` name.
+fn bpe_pre_tokenizer(name: &str) -> Result<PreSpec> {
+    BPE_PRE_TOKENIZERS
+        .iter()
+        .find(|(names, _)| names.contains(&name))
+        .map(|&(_, spec)| spec)
+        .ok_or_else(|| {
+            let supported: Vec<&str> = BPE_PRE_TOKENIZERS
+                .iter()
+                .flat_map(|(names, _)| names.iter().copied())
+                .collect();
+            Error::Unsupported(format!(
+                "BPE pre-tokenizer `{name}` (supported: {})",
+                supported.join(", ")
+            ))
+        })
 }
 
 /// Decodes a token spelled in the byte-level alphabet. A character outside the alphabet (which
@@ -645,6 +901,34 @@ mod tests {
         fn shareable<T: Clone + Send + Sync + fmt::Debug>() {}
         shareable::<Tokenizer>();
         shareable::<StreamDecoder>();
+    }
+
+    #[test]
+    fn unsupported_models_and_pre_tokenizers_are_named() {
+        let e = Kind::of("t5").expect_err("t5 is not supported");
+        assert!(e.to_string().contains("`t5`"), "{e}");
+        for name in [
+            "llama-bpe",
+            "qwen35",
+            "deepseek-llm",
+            "falcon",
+            "smollm",
+            "gpt-2",
+        ] {
+            assert!(bpe_pre_tokenizer(name).is_ok(), "{name}");
+        }
+        let e = bpe_pre_tokenizer("chameleon").expect_err("chameleon is not supported");
+        assert!(e.to_string().contains("`chameleon`"), "{e}");
+        assert!(e.to_string().contains("llama-bpe"), "{e}");
+        // Every name appears once.
+        let mut names: Vec<&str> = BPE_PRE_TOKENIZERS
+            .iter()
+            .flat_map(|(names, _)| names.iter().copied())
+            .collect();
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n);
     }
 
     #[test]

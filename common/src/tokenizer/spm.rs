@@ -14,6 +14,11 @@ use crate::error::{Error, Result};
 /// The character SentencePiece writes for a space.
 pub(crate) const SPACE_MARK: char = '\u{2581}';
 
+/// Appends `text` to `out` with every space written as `▁`.
+pub(crate) fn push_escaped(out: &mut String, text: &str) {
+    out.extend(text.chars().map(|c| if c == ' ' { SPACE_MARK } else { c }));
+}
+
 /// Tokenizes one fragment of text that has already had its spaces escaped to `▁`.
 pub(crate) fn encode(vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<()> {
     let count = text.chars().count();

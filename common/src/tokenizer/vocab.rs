@@ -45,6 +45,8 @@ pub(crate) struct Vocab {
     shift: u32,
     /// Byte-fallback token of each byte (SentencePiece vocabularies).
     byte_tokens: [Option<u32>; 256],
+    /// The length in bytes of the longest token text.
+    longest: usize,
 }
 
 const EMPTY: u32 = u32::MAX;
@@ -59,12 +61,15 @@ impl Vocab {
         }
         let mut buffer = String::with_capacity(texts.iter().map(|t| t.len()).sum());
         let mut ends = Vec::with_capacity(n);
+        let mut longest = 0;
         for (id, text) in texts.iter().enumerate() {
+            let start = buffer.len();
             if text.is_empty() {
                 buffer.push_str(&format!("[EMPTY_{id}]"));
             } else {
                 buffer.push_str(text);
             }
+            longest = longest.max(buffer.len() - start);
             ends.push(buffer.len());
         }
 
@@ -77,6 +82,7 @@ impl Vocab {
             slots: vec![EMPTY; 1 << bits],
             shift: 64 - bits,
             byte_tokens: [None; 256],
+            longest,
         };
         for id in 0..n as u32 {
             let text = vocab.text_unchecked(id);
@@ -112,6 +118,11 @@ impl Vocab {
                 _ => slot = (slot + 1) & mask,
             }
         }
+    }
+
+    /// The length in bytes of the longest token text.
+    pub(crate) fn longest_text(&self) -> usize {
+        self.longest
     }
 
     pub(crate) fn text(&self, id: u32) -> Option<&str> {
