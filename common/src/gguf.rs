@@ -157,24 +157,43 @@ pub struct GgufFile {
     map: Arc<MappedFile>,
     pub version: u32,
     pub alignment: u64,
-    pub metadata: BTreeMap<String, Value>,
-    pub tensors: BTreeMap<String, TensorInfo>,
+    /// Shared by the clones of the file: a vocabulary's metadata runs to tens of MB.
+    pub metadata: Arc<BTreeMap<String, Value>>,
+    pub tensors: Arc<BTreeMap<String, TensorInfo>>,
     header_len: usize,
 }
 
+/// Metadata keys of the tokenizer's vocabulary: its tokens, scores, types and merges, which
+/// only a tokenizer reads.
+const VOCABULARY_KEYS: [&str; 4] = [
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+];
+
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        Self::open_keeping(path.as_ref(), &|_| true)
+    }
+
+    /// Opens the file for running its blocks alone: the vocabulary's metadata (tens of MB for
+    /// a 262k-token vocabulary) is checked like the rest but not kept.
+    pub fn open_without_vocabulary(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_keeping(path.as_ref(), &|key| !VOCABULARY_KEYS.contains(&key))
+    }
+
+    fn open_keeping(path: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Self> {
         let map = Arc::new(MappedFile::open(path)?);
-        let header = Header::parse(map.bytes())
+        let header = Header::parse(map.bytes(), keep)
             .map_err(|e| Error::Gguf(format!("{}: {e}", path.display())))?;
         Ok(Self {
             path: path.to_path_buf(),
             map,
             version: header.version,
             alignment: header.alignment,
-            metadata: header.metadata,
-            tensors: header.tensors,
+            metadata: Arc::new(header.metadata),
+            tensors: Arc::new(header.tensors),
             header_len: header.len,
         })
     }
@@ -395,7 +414,9 @@ struct Header {
 }
 
 impl Header {
-    fn parse(bytes: &[u8]) -> Parse<Self> {
+    /// Parses the header, keeping the metadata entries whose key `keep` accepts (every entry is
+    /// checked).
+    fn parse(bytes: &[u8], keep: &dyn Fn(&str) -> bool) -> Parse<Self> {
         let mut r = Reader {
             bytes,
             pos: 0,
@@ -432,8 +453,9 @@ impl Header {
             let what = || format!("`{key}`");
             let ty = r.u32(&|| format!("type of `{key}`"))?;
             r.spend_values(1, &what)?;
-            let value = r.value(ty, &what, 0)?;
-            if metadata.insert(key.clone(), value).is_some() {
+            let kept = keep(&key);
+            let value = r.value(ty, &what, 0, kept)?;
+            if kept && metadata.insert(key.clone(), value).is_some() {
                 return Err(format!("duplicate metadata key `{key}`"));
             }
         }
@@ -585,16 +607,23 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self, what: What) -> Parse<String> {
+        Ok(self.str(what)?.to_string())
+    }
+
+    /// A string, borrowed from the file's bytes.
+    fn str(&mut self, what: What) -> Parse<&'a str> {
         let length = || format!("length of {}", what());
         let len = self.u64(&length)?;
         self.check_count(len, 1, &length)?;
         let at = self.pos;
         let raw = self.take(len, what)?;
-        String::from_utf8(raw.to_vec())
+        std::str::from_utf8(raw)
             .map_err(|_| format!("{} at offset {at} is not valid UTF-8", what()))
     }
 
-    fn value(&mut self, ty: u32, what: What, depth: usize) -> Parse<Value> {
+    /// The value of type `ty` at the cursor; with `keep` false it is checked and passed over,
+    /// and what comes back holds none of its strings or elements.
+    fn value(&mut self, ty: u32, what: What, depth: usize, keep: bool) -> Parse<Value> {
         Ok(match ty {
             TYPE_U8 => Value::U8(u8::from_le_bytes(self.array(what)?)),
             TYPE_I8 => Value::I8(i8::from_le_bytes(self.array(what)?)),
@@ -608,7 +637,11 @@ impl<'a> Reader<'a> {
                 [1] => Value::Bool(true),
                 [b] => return Err(format!("{} holds bool byte {b}, not 0 or 1", what())),
             },
-            TYPE_STRING => Value::String(self.string(what)?),
+            TYPE_STRING if keep => Value::String(self.string(what)?),
+            TYPE_STRING => {
+                self.str(what)?;
+                Value::String(String::new())
+            }
             TYPE_ARRAY => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return Err(format!(
@@ -625,10 +658,14 @@ impl<'a> Reader<'a> {
                 self.check_count(count, min_size, &length)?;
                 self.spend_values(count, &length)?;
                 // Both checks above bound `count` by the bytes left, so the allocation is backed.
-                let mut items = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+                let capacity = if keep { count } else { 0 };
+                let mut items = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
                 for i in 0..count {
                     let element = || format!("element {i} of {}", what());
-                    items.push(self.value(elem_ty, &element, depth + 1)?);
+                    let item = self.value(elem_ty, &element, depth + 1, keep)?;
+                    if keep {
+                        items.push(item);
+                    }
                 }
                 Value::Array(items)
             }
@@ -880,7 +917,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
-            assert_eq!(file.metadata, want);
+            assert_eq!(*file.metadata, want);
 
             let a = file.tensor_info("a").unwrap();
             assert_eq!(a.dims, vec![4, 2]);

@@ -7,6 +7,7 @@ use std::io::Write;
 
 use candle_core::Device;
 use realm_common::gguf::{GgufFile, TensorInfo};
+use realm_common::model::ModelConfig;
 use realm_common::quant::{load_matmul, load_qtensor, GgmlType};
 use realm_common::Error;
 use realm_tests::{model_path, GEMMA3, SMOLLM2};
@@ -133,6 +134,32 @@ fn gemma3_metadata() {
 
 /// Every tensor lies in the file, aligned, sized by its type, without overlapping another; the
 /// data section is used up to its last byte.
+/// A worker's view of a file: everything but the vocabulary's tokens, scores, types and merges,
+/// which no block reads; the same header, tensors and model configuration.
+#[test]
+fn a_file_opens_without_its_vocabulary() {
+    for name in [SMOLLM2, GEMMA3] {
+        let full = open(name);
+        let blocks = GgufFile::open_without_vocabulary(model_path(name)).unwrap();
+        assert!(full.get("tokenizer.ggml.tokens").is_some());
+        assert!(blocks.get("tokenizer.ggml.tokens").is_none(), "{name}");
+        assert!(blocks.get("tokenizer.ggml.scores").is_none());
+        assert!(blocks.get("tokenizer.ggml.merges").is_none());
+        let kept: Vec<&String> = full
+            .metadata
+            .keys()
+            .filter(|k| blocks.metadata.contains_key(*k))
+            .collect();
+        assert!(kept.len() >= full.metadata.len() - 4, "{name}: {kept:?}");
+        assert_eq!(blocks.header_sha256(), full.header_sha256());
+        assert_eq!(blocks.tensors, full.tensors);
+        assert_eq!(
+            format!("{:?}", ModelConfig::from_gguf(&blocks).unwrap()),
+            format!("{:?}", ModelConfig::from_gguf(&full).unwrap())
+        );
+    }
+}
+
 #[test]
 fn tensor_bytes_in_range() {
     for name in [SMOLLM2, GEMMA3] {

@@ -204,12 +204,10 @@ fn curl(url: &str, body: Option<&str>, headers: &[&str]) -> Reply {
 
 /// The value of one sample (`name` or `name{labels}`) in Prometheus text, if present.
 fn find_sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            (key == series).then(|| value.parse::<f64>().expect("sample value"))
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == series).then(|| value.parse::<f64>().expect("sample value"))
+    })
 }
 
 /// The value of one sample. A series that is absent fails the test: a renamed metric must not

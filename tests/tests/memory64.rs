@@ -327,3 +327,121 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// A `realm-worker` process's resident memory from `/proc`: (VmRSS, VmHWM) in bytes.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// What the test allows a worker beyond its baseline, its budget and its KV caches.
+const WORKER_SLACK: u64 = 16 << 20;
+
+/// A real worker process with a Memory64 budget, driven by a real coordinator through a greedy
+/// generation: its peak RSS (VmHWM from `/proc`) stays within the RSS it had before it got a
+/// shard, plus the budget, plus the session's KV cache, plus [`WORKER_SLACK`]. Returns the
+/// baseline and the peak.
+async fn worker_peak_within_budget(model: &Path, budget: u64) -> (u64, u64) {
+    use realm_tests::process::start;
+    let m = model.to_str().unwrap();
+    let budget_arg = budget.to_string();
+    let worker = start(
+        "realm-worker",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            m,
+            "--memory-budget",
+            &budget_arg,
+        ],
+        &[],
+    );
+    // Settled: the listening line comes once the file is open and checked.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (baseline, _) = rss(worker.child.id());
+    let coordinator = start(
+        "realm-coordinator",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            m,
+            "--worker",
+            &worker.url(),
+        ],
+        &[],
+    );
+    let mut client = pb::realm_client::RealmClient::connect(coordinator.url())
+        .await
+        .unwrap();
+    let prompt = "Once upon a time, in a small village at the edge of a forest,";
+    let max_tokens = 48;
+    let mut stream = client
+        .generate(pb::GenerateRequest {
+            prompt: prompt.to_string(),
+            max_tokens,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut usage = None;
+    while let Some(msg) = stream.message().await.unwrap() {
+        usage = msg.finish.and_then(|f| f.usage).or(usage);
+    }
+    let usage = usage.expect("usage");
+    let (_, peak) = rss(worker.child.id());
+
+    let file = GgufFile::open(model).unwrap();
+    let config = ModelConfig::from_gguf(&file).unwrap();
+    let tokens = u64::from(usage.prompt_tokens + usage.generated_tokens);
+    // Keys and values in f16 for every layer; a growing vector may hold twice what it uses.
+    let kv =
+        2 * tokens * config.n_layers as u64 * 2 * (config.n_kv_heads * config.head_dim) as u64 * 2;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "{}: worker RSS before its shard {:.1} MiB, peak {:.1} MiB (budget {:.1} MiB, KV at most {:.1} MiB)",
+        model.display(),
+        mib(baseline),
+        mib(peak),
+        mib(budget),
+        mib(kv)
+    );
+    assert!(
+        peak <= baseline + budget + kv + WORKER_SLACK,
+        "{}: peak RSS {:.1} MiB exceeds {:.1} MiB before the shard + budget {:.1} + KV {:.1} + {:.0}",
+        model.display(),
+        mib(peak),
+        mib(baseline),
+        mib(budget),
+        mib(kv),
+        mib(WORKER_SLACK)
+    );
+    (baseline, peak)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_processes_stay_within_their_budgets() {
+    // The project models, each under a budget of a fraction of its layers.
+    worker_peak_within_budget(&model_path(SMOLLM2), 8 << 20).await;
+    worker_peak_within_budget(&model_path(GEMMA3), 6 << 20).await;
+    // A synthetic model about five times larger than its budget.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("synthetic-large.gguf");
+    let spec = SyntheticSpec::small(12, 768, SyntheticDType::Q8_0);
+    write_llama(&path, &spec).expect("write synthetic model");
+    let budget = 24 << 20;
+    assert!(spec.weight_bytes() > 4 * budget, "{}", spec.weight_bytes());
+    worker_peak_within_budget(&path, budget).await;
+}

@@ -235,7 +235,10 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
     let completion = r#"{"prompt": "Hello", "max_tokens": 2}"#;
     for (path, body) in [
         ("/v1/completions", Some(completion)),
-        ("/v1/chat/completions", Some(r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#)),
+        (
+            "/v1/chat/completions",
+            Some(r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#),
+        ),
         ("/v1/models", None),
     ] {
         for key in [None, Some("wrong-key")] {
@@ -296,14 +299,25 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
 /// `body` as JSON if given.
 fn http_status(addr: &str, path: &str, key: Option<&str>, body: Option<&str>) -> u16 {
     let mut curl = Command::new("curl");
-    curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "60"]);
+    curl.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "60",
+    ]);
     if let Some(key) = key {
         curl.args(["-H", &format!("Authorization: Bearer {key}")]);
     }
     if let Some(body) = body {
         curl.args(["-H", "Content-Type: application/json", "-d", body]);
     }
-    let out = curl.arg(format!("http://{addr}{path}")).output().expect("run curl");
+    let out = curl
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("run curl");
     String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()

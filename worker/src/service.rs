@@ -75,7 +75,7 @@ struct Loaded {
 impl WorkerState {
     /// Opens and checks the model file; loads no weights.
     pub fn open(worker: &WorkerConfig, max_kv_bytes: Option<u64>) -> realm_common::Result<Self> {
-        let file = GgufFile::open(&worker.model)?;
+        let file = GgufFile::open_without_vocabulary(&worker.model)?;
         let config = ModelConfig::from_gguf(&file)?;
         let identity = ModelIdentity::of(&file, &config);
         Ok(Self {
