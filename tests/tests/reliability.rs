@@ -946,3 +946,86 @@ async fn a_hung_worker_is_caught_by_the_step_deadline() {
     )
     .await;
 }
+
+/// Eight streams running through a worker that is killed: all eight go on, each with the text it
+/// reads undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_streams_survive_their_worker() {
+    let model = smollm2();
+    let workers: Vec<Process> = (0..3).map(|_| start_worker(&model, &[], &[])).collect();
+    let standby = start_worker(&model, &[], &[]);
+    let refs: Vec<&Process> = workers.iter().collect();
+    let coordinator = start_coordinator(&model, &refs, &["--standby", &standby.addr], &[]);
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Story number {i}: once upon a time,"))
+        .collect();
+    let undisturbed = futures_util::future::join_all(
+        prompts
+            .iter()
+            .map(|p| stream_text(Api::Grpc, &coordinator, p, TOKENS, None, || {})),
+    )
+    .await;
+
+    let pid = workers[1].child.id();
+    let streams = prompts.iter().enumerate().map(|(i, p)| {
+        let at = (i == 0).then_some(KillAt::Chunks(KILL_AFTER));
+        stream_text(Api::Grpc, &coordinator, p, TOKENS, at, move || {
+            signal(pid, "-KILL")
+        })
+    });
+    let disturbed = futures_util::future::join_all(streams).await;
+    for ((prompt, (want, _)), (got, _)) in prompts.iter().zip(&undisturbed).zip(&disturbed) {
+        assert_eq!(got, want, "{prompt}");
+    }
+    let mut c = client(&coordinator, None).await;
+    let now = plan(&mut c).await;
+    assert_eq!(now[1], format!("{} 10-19", standby.url()), "{now:?}");
+}
+
+/// The coordinator killed while workers run: its client gets a clear error, never a hang; a new
+/// coordinator re-assigns the workers, which free the old sessions, and serves the same text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_takes_over_the_workers() {
+    let model = smollm2();
+    let workers: Vec<Process> = (0..2).map(|_| start_worker(&model, &[], &[])).collect();
+    let refs: Vec<&Process> = workers.iter().collect();
+    let mut first = start_coordinator(&model, &refs, &[], &[]);
+    let (undisturbed, _) = stream_text(Api::Grpc, &first, PROMPT, TOKENS, None, || {}).await;
+
+    let mut c = client(&first, None).await;
+    let mut stream = c.generate(greedy(PROMPT, 200)).await.unwrap().into_inner();
+    let mut chunks = 0;
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.message()).await {
+            Err(_) => panic!("the stream hangs after its coordinator died"),
+            Ok(Ok(Some(_))) => {
+                chunks += 1;
+                if chunks == KILL_AFTER {
+                    first.kill();
+                }
+            }
+            Ok(Ok(None)) => panic!("the stream finished as if nothing happened"),
+            Ok(Err(status)) => break status,
+        }
+    };
+    assert!(chunks >= KILL_AFTER, "{ended:?}");
+    assert!(
+        matches!(
+            ended.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal
+        ),
+        "{ended:?}"
+    );
+    let second = start_coordinator(&model, &refs, &[], &[]);
+    for w in &workers {
+        let mut client = worker_client(w, None).await;
+        let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(
+            info.active_sessions, 0,
+            "re-assigned, the worker freed the old sessions"
+        );
+        assert_eq!(info.kv_cache_bytes, 0);
+    }
+    let (text, _) = stream_text(Api::Grpc, &second, PROMPT, TOKENS, None, || {}).await;
+    assert_eq!(text, undisturbed);
+}
