@@ -1029,3 +1029,80 @@ async fn a_restarted_coordinator_takes_over_the_workers() {
     let (text, _) = stream_text(Api::Grpc, &second, PROMPT, TOKENS, None, || {}).await;
     assert_eq!(text, undisturbed);
 }
+
+/// A worker killed during a long prompt's prefill comes back on its address while the
+/// coordinator replays the prompt over the workers left: the stream still reads the undisturbed
+/// text, and the worker that came back serves the next failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_comes_back_during_a_replay() {
+    let model = smollm2();
+    let mut workers: Vec<Process> = (0..3).map(|_| start_worker(&model, &[], &[])).collect();
+    let refs: Vec<&Process> = workers.iter().collect();
+    let logs = tempfile::tempdir().unwrap();
+    let (log, stderr) = log_file(&logs, "coordinator.log");
+    let args = coordinator_args(&model, &refs, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let coordinator = start_with("realm-coordinator", &args, &[], stderr);
+    let long = long_prompt();
+    let (undisturbed, _) = stream_text(Api::Grpc, &coordinator, &long, 16, None, || {}).await;
+
+    let (pid, addr) = (workers[1].child.id(), workers[1].addr.clone());
+    let back = {
+        let (model, addr) = (model.clone(), addr.clone());
+        tokio::spawn(async move {
+            // Once the replay over the two workers left is under way.
+            tokio::time::sleep(PREFILL_KILL_DELAY * 3).await;
+            tokio::task::spawn_blocking(move || start_worker_at(&model, &addr, &[], &[]))
+                .await
+                .unwrap()
+        })
+    };
+    let (text, _) = stream_text(
+        Api::Grpc,
+        &coordinator,
+        &long,
+        16,
+        Some(KillAt::Sent(PREFILL_KILL_DELAY)),
+        move || signal(pid, "-KILL"),
+    )
+    .await;
+    assert_eq!(
+        text, undisturbed,
+        "the text after a kill and a return mid-replay"
+    );
+    workers[1].kill();
+    workers[1] = back.await.unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("layers re-planned"), "{logged}");
+
+    // The worker that came back is a spare: the next worker lost hands it its layers.
+    let mut c = client(&coordinator, None).await;
+    let before = plan(&mut c).await;
+    let victim = workers
+        .iter()
+        .position(|w| before.iter().any(|p| p.starts_with(&w.url())) && w.addr != addr)
+        .expect("a worker of the plan");
+    let pid = workers[victim].child.id();
+    let (text, _) = stream_text(
+        Api::Grpc,
+        &coordinator,
+        PROMPT,
+        TOKENS,
+        Some(KillAt::Chunks(KILL_AFTER)),
+        move || signal(pid, "-KILL"),
+    )
+    .await;
+    let (alone, _) = {
+        let fresh = start_worker(&model, &[], &[]);
+        let c2 = start_coordinator(&model, &[&fresh], &[], &[]);
+        stream_text(Api::Grpc, &c2, PROMPT, TOKENS, None, || {}).await
+    };
+    assert_eq!(text, alone);
+    let after = plan(&mut c).await;
+    assert!(
+        after
+            .iter()
+            .any(|p| p.starts_with(&format!("http://{addr}"))),
+        "the worker that came back serves again: {after:?}"
+    );
+}
