@@ -43,8 +43,6 @@ pub struct Cluster {
     scheduling: Scheduling,
     inbox: Inbox,
     scheduler: JoinHandle<()>,
-    /// Checks the workers' health in the background; stopped with the cluster.
-    health_checks: Option<JoinHandle<()>>,
     sessions_started: AtomicU64,
 }
 
@@ -89,7 +87,7 @@ impl Cluster {
         )
         .await?;
         let workers = Arc::new(workers);
-        let health_checks = workers.watch();
+        workers.watch();
         let stages = Arc::new(Stages {
             embedding: Arc::clone(&model.embedding),
             head: Arc::clone(&model.head),
@@ -106,7 +104,6 @@ impl Cluster {
             scheduling,
             inbox,
             scheduler,
-            health_checks,
             sessions_started: AtomicU64::new(0),
         })
     }
@@ -206,18 +203,11 @@ impl Cluster {
     /// Stops taking generations and waits until those in flight have ended.
     pub async fn shutdown(self) {
         let Self {
-            inbox,
-            scheduler,
-            health_checks,
-            ..
+            inbox, scheduler, ..
         } = self;
         drop(inbox);
         if let Err(e) = scheduler.await {
             info!(error = %e, "the scheduler did not finish cleanly");
-        }
-        // Checked until the last generation ended: a worker may hang while they drain.
-        if let Some(checks) = health_checks {
-            checks.abort();
         }
     }
 }

@@ -403,8 +403,8 @@ enum Endpoint {
 impl Endpoint {
     fn api(self) -> &'static str {
         match self {
-            Self::Completions => "completions",
-            Self::Chat => "chat",
+            Self::Completions => crate::telemetry::api::COMPLETIONS,
+            Self::Chat => crate::telemetry::api::CHAT,
         }
     }
 }

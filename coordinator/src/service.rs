@@ -98,7 +98,7 @@ impl RealmService {
 }
 
 /// The `api` label of this service's requests in the metrics.
-const API: &str = "grpc";
+const API: &str = crate::telemetry::api::GRPC;
 
 /// An empty `requested` means the only model; anything else must be its id.
 fn check_model(requested: &str, served: &str) -> Result<()> {

@@ -66,7 +66,7 @@ pub fn describe_metrics() {
         "Round trip of one worker's part of one step, by worker"
     );
     // Counters are shown from the start, at 0: a scraper sees every series before it moves.
-    for api in APIS {
+    for api in api::ALL {
         metrics::counter!(names::REQUESTS, "api" => api).increment(0);
         metrics::counter!(names::REQUEST_ERRORS, "api" => api).increment(0);
     }
@@ -76,4 +76,9 @@ pub fn describe_metrics() {
 }
 
 /// The `api` label's values: the gRPC API and the HTTP API's two generation endpoints.
-pub const APIS: [&str; 3] = ["grpc", "completions", "chat"];
+pub mod api {
+    pub const GRPC: &str = "grpc";
+    pub const COMPLETIONS: &str = "completions";
+    pub const CHAT: &str = "chat";
+    pub const ALL: [&str; 3] = [GRPC, COMPLETIONS, CHAT];
+}

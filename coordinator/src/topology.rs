@@ -70,6 +70,9 @@ pub(crate) struct Workers {
     liveness: Liveness,
 }
 
+/// A worker found by a handshake: its clients and what it reported.
+type Found = (WorkerClients, WorkerSummary);
+
 /// Runs `futures` concurrently; their results in the order given.
 async fn in_order<T>(futures: impl IntoIterator<Item = impl Future<Output = T>>) -> Vec<T> {
     join_all(futures).await
@@ -238,7 +241,7 @@ impl Workers {
             .map(|w| w.url.as_str())
             .collect();
         let tls = self.tls.as_ref();
-        let mut spares: Vec<(WorkerClients, WorkerSummary)> = in_order(
+        let mut spares: Vec<Found> = in_order(
             self.known
                 .iter()
                 .filter(|url| !serving.contains(&url.as_str()) && !hung.contains(&url.as_str()))
@@ -251,10 +254,7 @@ impl Workers {
         .filter_map(|found| found.ok()?.ok())
         .collect();
 
-        let placed: Vec<(
-            (WorkerClients, WorkerSummary),
-            realm_common::model::LayerRange,
-        )> = if spares.len() >= lost.len() {
+        let placed: Vec<(Found, realm_common::model::LayerRange)> = if spares.len() >= lost.len() {
             // Each lost range goes to a spare; the others keep theirs, and their caches.
             current
                 .workers
@@ -273,7 +273,7 @@ impl Workers {
         } else {
             // Too few spares: spread every layer over the workers left, where their memory
             // allows.
-            let mut left: Vec<(WorkerClients, WorkerSummary)> = current
+            let mut left: Vec<Found> = current
                 .workers
                 .iter()
                 .zip(&healthy)
@@ -351,12 +351,13 @@ impl Workers {
     }
 
     /// Checks the health of every worker of the topology in force, every
-    /// [`Liveness::health_interval`], until the workers are dropped; `None` when health checks
-    /// are off.
-    pub fn watch(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        let interval = self.liveness.health_interval?;
+    /// [`Liveness::health_interval`] (if any), in the background until the workers are dropped.
+    pub fn watch(self: &Arc<Self>) {
+        let Some(interval) = self.liveness.health_interval else {
+            return;
+        };
         let workers = Arc::downgrade(self);
-        Some(tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -366,7 +367,7 @@ impl Workers {
                 };
                 join_all(topology.workers.iter().map(|w| w.check_health(interval))).await;
             }
-        }))
+        });
     }
 
     fn no_capacity(&self, why: &str) -> Error {
@@ -414,11 +415,7 @@ async fn holds_shard(w: &WorkerLink) -> bool {
 }
 
 /// Connects to a worker and checks its versions.
-async fn handshake(
-    raw_url: &str,
-    bearer: Bearer,
-    tls: Option<&ClientTls>,
-) -> Result<(WorkerClients, WorkerSummary)> {
+async fn handshake(raw_url: &str, bearer: Bearer, tls: Option<&ClientTls>) -> Result<Found> {
     let (url, channel) = connect_worker(raw_url, tls).await?;
     let clients = WorkerClients::new(channel, bearer, MAX_MESSAGE_BYTES);
     let mut client = clients.worker.clone();

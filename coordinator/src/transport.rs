@@ -307,7 +307,8 @@ impl WorkerLink {
 /// Why a step on a hung worker failed.
 fn not_answering() -> tonic::Status {
     tonic::Status::unavailable(format!(
-        "the worker missed {HEALTH_MISSES} health checks in a row"
+        "the worker stopped answering ({HEALTH_MISSES} health checks missed in a row, or a step \
+         past its deadline)"
     ))
 }
 

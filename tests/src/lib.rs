@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub mod http;
 pub mod process;
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -25,6 +25,15 @@ impl Process {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// The `host:port` it announced serving `what` on (e.g. `"HTTP"`).
+    pub fn served(&self, what: &str) -> &str {
+        self.serving
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, addr)| addr.as_str())
+            .unwrap_or_else(|| panic!("it announced no {what} address: {:?}", self.serving))
+    }
 }
 
 impl Drop for Process {

@@ -13,6 +13,7 @@ use realm_common::auth::{Bearer, Secret};
 use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
 use realm_proto::pb::worker_client::WorkerClient;
+use realm_tests::http::curl;
 use realm_tests::process::{start, start_with, Process};
 use realm_tests::*;
 use tonic::service::interceptor::InterceptedService;
@@ -226,12 +227,7 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
     );
     // The HTTP API wants the key on /v1/*; its health and metrics stay open for probes and
     // scrapers.
-    let http = &coordinator
-        .serving
-        .iter()
-        .find(|(what, _)| what == "HTTP")
-        .expect("the coordinator serves HTTP")
-        .1;
+    let http = coordinator.served("HTTP");
     let completion = r#"{"prompt": "Hello", "max_tokens": 2}"#;
     for (path, body) in [
         ("/v1/completions", Some(completion)),
@@ -298,30 +294,9 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
 /// The HTTP status of a request to `path` on `addr`, with `key` as its bearer token, POSTing
 /// `body` as JSON if given.
 fn http_status(addr: &str, path: &str, key: Option<&str>, body: Option<&str>) -> u16 {
-    let mut curl = Command::new("curl");
-    curl.args([
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "60",
-    ]);
-    if let Some(key) = key {
-        curl.args(["-H", &format!("Authorization: Bearer {key}")]);
-    }
-    if let Some(body) = body {
-        curl.args(["-H", "Content-Type: application/json", "-d", body]);
-    }
-    let out = curl
-        .arg(format!("http://{addr}{path}"))
-        .output()
-        .expect("run curl");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("curl printed {:?}", out.stdout))
+    let auth = key.map(|k| format!("Authorization: Bearer {k}"));
+    let headers: Vec<&str> = auth.iter().map(String::as_str).collect();
+    curl(&format!("http://{addr}{path}"), body, &headers).status
 }
 
 #[test]
@@ -527,11 +502,7 @@ async fn survive_a_kill(
     let victim_pid = workers[victim].child.id();
     let got = generate_then(&mut c, greedy(PROMPT, TOKENS), KILL_AFTER, || {
         // SIGKILL: no goodbye, the process is gone mid-step.
-        let status = Command::new("kill")
-            .args(["-KILL", &victim_pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        signal(victim_pid, "-KILL")
     })
     .await
     .expect("the stream survives the dead worker");
@@ -584,10 +555,7 @@ async fn without_capacity_streams_end_unavailable_and_a_restarted_worker_rejoins
 
     let pid = worker.child.id();
     let status = generate_then(&mut c, greedy(PROMPT, TOKENS), KILL_AFTER, || {
-        Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .unwrap();
+        signal(pid, "-KILL")
     })
     .await
     .unwrap_err();
@@ -614,15 +582,9 @@ async fn sigterm_drains_the_streams_in_flight() {
     let mut c = client(&coordinator, None).await;
     let undisturbed = generate(&mut c, greedy(PROMPT, TOKENS)).await.unwrap();
     let pid = coordinator.child.id();
-    let got = generate_then(&mut c, greedy(PROMPT, TOKENS), 2, || {
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    })
-    .await
-    .expect("the stream in flight completes");
+    let got = generate_then(&mut c, greedy(PROMPT, TOKENS), 2, || signal(pid, "-TERM"))
+        .await
+        .expect("the stream in flight completes");
     assert_eq!(got, undisturbed);
     // Then the coordinator exits by itself, successfully.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -705,15 +667,7 @@ async fn stream_text(
             (text, first.unwrap_or_default())
         }
         Api::Sse => {
-            let url = format!(
-                "http://{}/v1/completions",
-                coordinator
-                    .serving
-                    .iter()
-                    .find(|(what, _)| what == "HTTP")
-                    .expect("the coordinator serves HTTP")
-                    .1
-            );
+            let url = format!("http://{}/v1/completions", coordinator.served("HTTP"));
             let body = serde_json::json!({
                 "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true,
             })
