@@ -144,7 +144,11 @@ fn prompt_longer_than_context_is_refused() {
 
 #[test]
 fn serve_refuses_a_step_budget_that_would_stall_it() {
-    for (flag, value) in [("--step-tokens", "0"), ("--pipeline-depth", "0")] {
+    for (flag, value) in [
+        ("--step-tokens", "0"),
+        ("--pipeline-depth", "0"),
+        ("--step-timeout-secs", "0"),
+    ] {
         let o = coordinator(&["serve", "--worker", "127.0.0.1:1", flag, value]);
         assert!(!o.status.success(), "{flag} {value}");
         assert!(stderr(&o).contains("must be at least 1"), "{}", stderr(&o));
