@@ -547,10 +547,10 @@ mod tests {
     /// from `Info`, with the hit rates the layer manager's policy fixes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn budgets_report_the_layer_managers_hit_rate() {
-        use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
+        use realm_common::synthetic::{self, SyntheticDType, SyntheticSpec};
 
         let path = std::env::temp_dir().join(format!("realm-bench-{}.gguf", std::process::id()));
-        write_llama(&path, &SyntheticSpec::small(4, 64, SyntheticDType::Q8_0)).expect("write");
+        synthetic::write(&path, &SyntheticSpec::small(4, 64, SyntheticDType::Q8_0)).expect("write");
         let run = |budget: BudgetSpec| {
             let config = BenchConfig {
                 model: path.clone(),

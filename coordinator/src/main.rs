@@ -14,7 +14,7 @@ use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{Completion, Decoding, GenerationParams, DEFAULT_MAX_TOKENS};
 use realm_common::logging::LogFormat;
 use realm_common::sampling::SamplingParams;
-use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
+use realm_common::synthetic::{self, SyntheticArch, SyntheticDType, SyntheticSpec};
 use realm_common::tls::ClientTls;
 use realm_common::wire::WireDType;
 use realm_coordinator::bench::{
@@ -334,28 +334,41 @@ struct SynthArgs {
     /// Where to write the GGUF file.
     #[arg(long)]
     out: PathBuf,
+    /// Architecture: llama, llama3 (rope_freqs, 128-dimension heads), mixtral (llama with
+    /// experts), qwen2, qwen3, qwen3moe, phi3 or gemma2. Without shape flags, the small model
+    /// of the agreement fixtures.
+    #[arg(long, value_parser = parse_synthetic_arch)]
+    arch: Option<SyntheticArch>,
     /// Transformer blocks.
-    #[arg(long, default_value_t = 4)]
-    layers: usize,
-    /// Hidden width (a multiple of 32 and of --heads, into even head dimensions).
-    #[arg(long, default_value_t = 256)]
-    d_model: usize,
-    /// MLP width (a multiple of 32); default 4 × --d-model.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Hidden width (a multiple of 32, of 256 for q4_k_m).
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// MLP width (each expert's, with experts); default 4 × --d-model for llama.
     #[arg(long)]
     ffn: Option<usize>,
     /// Attention heads.
-    #[arg(long, default_value_t = 4)]
-    heads: usize,
+    #[arg(long)]
+    heads: Option<usize>,
     /// Key/value heads (divide --heads).
-    #[arg(long, default_value_t = 2)]
-    kv_heads: usize,
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Dimensions per head; default --d-model / --heads.
+    #[arg(long)]
+    head_dim: Option<usize>,
+    /// Experts per block and experts per token (architectures with experts).
+    #[arg(long)]
+    experts: Option<usize>,
+    #[arg(long)]
+    experts_used: Option<usize>,
     /// Vocabulary size (at least 257: 256 bytes and <|endoftext|>).
-    #[arg(long, default_value_t = 512)]
-    vocab: usize,
+    #[arg(long)]
+    vocab: Option<usize>,
     /// Context length the model declares.
-    #[arg(long, default_value_t = 2048)]
-    context: usize,
-    /// Weight format of the matrices: q4_0 or q8_0.
+    #[arg(long)]
+    context: Option<usize>,
+    /// Weight format of the matrices: q4_0, q8_0 or q4_k_m.
     #[arg(long, default_value = "q8_0", value_parser = parse_synthetic_dtype)]
     dtype: SyntheticDType,
     /// Seed of the random weights (the same spec and seed give the same file).
@@ -364,11 +377,11 @@ struct SynthArgs {
 }
 
 fn parse_synthetic_dtype(s: &str) -> Result<SyntheticDType, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "q4_0" => Ok(SyntheticDType::Q4_0),
-        "q8_0" => Ok(SyntheticDType::Q8_0),
-        other => Err(format!("dtype `{other}` (supported: q4_0, q8_0)")),
-    }
+    SyntheticDType::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_synthetic_arch(s: &str) -> Result<SyntheticArch, String> {
+    SyntheticArch::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -796,18 +809,32 @@ fn serving_bench(args: BenchArgs, threads: usize) -> anyhow::Result<()> {
 }
 
 fn synth(args: SynthArgs) -> anyhow::Result<()> {
-    let spec = SyntheticSpec {
-        n_layers: args.layers,
-        d_model: args.d_model,
-        ffn_dim: args.ffn.unwrap_or(4 * args.d_model),
-        n_heads: args.heads,
-        n_kv_heads: args.kv_heads,
-        vocab: args.vocab,
-        context_length: args.context,
-        dtype: args.dtype,
-        seed: args.seed,
+    let base = match args.arch {
+        Some(arch) => SyntheticSpec::fixture(arch, args.dtype),
+        None => SyntheticSpec {
+            vocab: 512,
+            ..SyntheticSpec::small(4, 256, args.dtype)
+        },
     };
-    write_llama(&args.out, &spec)
+    let d_model = args.d_model.unwrap_or(base.d_model);
+    let spec = SyntheticSpec {
+        n_layers: args.layers.unwrap_or(base.n_layers),
+        d_model,
+        ffn_dim: args.ffn.unwrap_or(match args.arch {
+            None => 4 * d_model,
+            Some(_) => base.ffn_dim,
+        }),
+        n_heads: args.heads.unwrap_or(base.n_heads),
+        n_kv_heads: args.kv_heads.unwrap_or(base.n_kv_heads),
+        head_dim: args.head_dim.unwrap_or(base.head_dim),
+        experts: args.experts.unwrap_or(base.experts),
+        experts_used: args.experts_used.unwrap_or(base.experts_used),
+        vocab: args.vocab.unwrap_or(base.vocab),
+        context_length: args.context.unwrap_or(base.context_length),
+        seed: args.seed,
+        ..base
+    };
+    synthetic::write(&args.out, &spec)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     let bytes = std::fs::metadata(&args.out)
         .with_context(|| format!("cannot read {}", args.out.display()))?

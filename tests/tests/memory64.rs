@@ -13,7 +13,7 @@ use realm_common::kv::SessionKv;
 use realm_common::model::{
     layer_bytes, Embedding, Head, LayerBudget, LayerRange, LayerStats, ModelConfig, Shard,
 };
-use realm_common::synthetic::{write_llama, SyntheticDType, SyntheticSpec};
+use realm_common::synthetic::{self, SyntheticDType, SyntheticSpec};
 use realm_common::wire::{Activations, ModelIdentity, WireDType};
 use realm_proto::pb;
 use realm_proto::pb::worker_client::WorkerClient;
@@ -154,7 +154,7 @@ fn gemma3_budgets_give_the_resident_output() {
 
 fn synthetic(dir: &Path, dtype: SyntheticDType) -> std::path::PathBuf {
     let path = dir.join(format!("synthetic-{dtype:?}.gguf"));
-    write_llama(&path, &SyntheticSpec::small(8, 256, dtype)).expect("write synthetic model");
+    synthetic::write(&path, &SyntheticSpec::small(8, 256, dtype)).expect("write synthetic model");
     path
 }
 
@@ -440,7 +440,7 @@ async fn worker_processes_stay_within_their_budgets() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("synthetic-large.gguf");
     let spec = SyntheticSpec::small(12, 768, SyntheticDType::Q8_0);
-    write_llama(&path, &spec).expect("write synthetic model");
+    synthetic::write(&path, &spec).expect("write synthetic model");
     let budget = 24 << 20;
     assert!(spec.weight_bytes() > 4 * budget, "{}", spec.weight_bytes());
     worker_peak_within_budget(&path, budget).await;

@@ -6,37 +6,47 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+pub(crate) use super::config::RopeStyle;
 use crate::error::{Error, Result};
 use crate::kv::LayerKv;
 
 mod dot;
 
-/// How a block's rotary embedding pairs dimensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RopeStyle {
-    /// Adjacent pairs `(2i, 2i+1)`: GGUF llama weights are permuted for this layout.
-    Interleaved,
-    /// Halves `(i, i + d/2)`.
-    Neox,
-}
-
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
     pub style: RopeStyle,
-    /// `base^(-2i/d)` for `i` in `0..d/2`.
+    /// `base^(-2i/d) / factor_i` for `i` in `0..d/2`.
     inv_freq: Vec<f32>,
     position_scale: f32,
+    /// A factor on every sine and cosine (1 for none).
+    magnitude: f32,
 }
 
 impl Rope {
-    pub fn new(style: RopeStyle, head_dim: usize, base: f32, position_scale: f32) -> Self {
+    /// A rotation whose pair `i` turns `factors[i]` times slower (Llama 3's and Phi-3's
+    /// frequency factors), with sines and cosines multiplied by `magnitude`.
+    pub fn new(
+        style: RopeStyle,
+        head_dim: usize,
+        base: f32,
+        position_scale: f32,
+        factors: Option<&[f32]>,
+        magnitude: f32,
+    ) -> Self {
         let inv_freq = (0..head_dim / 2)
-            .map(|i| base.powf(-2.0 * i as f32 / head_dim as f32))
+            .map(|i| {
+                let f = base.powf(-2.0 * i as f32 / head_dim as f32);
+                match factors {
+                    Some(factors) => f / factors[i],
+                    None => f,
+                }
+            })
             .collect();
         Self {
             style,
             inv_freq,
             position_scale,
+            magnitude,
         }
     }
 
@@ -50,8 +60,8 @@ impl Rope {
             let p = p as f32 * self.position_scale;
             for &f in &self.inv_freq {
                 let (s, c) = (p * f).sin_cos();
-                cos.push(c);
-                sin.push(s);
+                cos.push(c * self.magnitude);
+                sin.push(s * self.magnitude);
             }
         }
         let cos = Tensor::from_vec(cos, (n, half), device)?;
@@ -116,6 +126,7 @@ pub(crate) fn positions(segments: &[Segment<'_>]) -> Vec<usize> {
 /// rows (already rotated), which `segments` divide among the sessions in row order; each
 /// segment's keys and values are appended to its cache first. A row at position `p` sees its
 /// session's cached positions `j <= p`, and with a `window` only those with `p - j < window`.
+/// Scores are `scale · q·k`, passed through `c · tanh(s / c)` with a `softcap` `c`.
 /// Returns `[n, n_heads * head_dim]`.
 ///
 /// One pass per query with an online softmax, rescaled whenever a new maximum score appears, in
@@ -128,6 +139,7 @@ pub(crate) fn attend(
     segments: &mut [Segment<'_>],
     window: Option<usize>,
     scale: f64,
+    softcap: Option<f32>,
 ) -> Result<Tensor> {
     let (n_heads, n, head_dim) = q.dims3()?;
     let n_kv_heads = k.dims()[0];
@@ -178,7 +190,13 @@ pub(crate) fn attend(
             }
             let mut buf = Vec::new();
             let scores = dot::scores(&query, kv, kv_head, first, p + 1 - first, &mut buf);
-            let scores: Vec<f32> = scores.iter().map(|s| s * scale).collect();
+            let scores: Vec<f32> = match softcap {
+                None => scores.iter().map(|s| s * scale).collect(),
+                Some(cap) => scores
+                    .iter()
+                    .map(|s| (s * scale * cap.recip()).tanh() * cap)
+                    .collect(),
+            };
             let mut steps = Vec::with_capacity(scores.len());
             dot::softmax_values(&scores, kv, kv_head, first, narrow, out, &mut steps);
         });

@@ -1,29 +1,188 @@
 //! Model hyper-parameters read from GGUF metadata, with the GGUF key names in one place.
+//!
+//! Loading honours every tensor and metadata key that changes the math of the architectures
+//! Realm runs, or refuses the file naming what it does not support: a tensor Realm would not
+//! read (a shared expert, a scale tensor, a bias the architecture has no place for) or a key
+//! with a value Realm does not implement (YaRN RoPE scaling, partial rotary dimensions, a
+//! sigmoid expert router) is an error, never silently ignored.
 
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, Value};
 
 const KEY_ARCHITECTURE: &str = "general.architecture";
-/// Gemma 3 alternates five sliding-window layers with one global layer.
-const GEMMA3_SWA_PATTERN: usize = 6;
-/// Gemma 3's local (sliding-window) layers use their own RoPE base.
-const GEMMA3_ROPE_BASE_LOCAL: f32 = 10_000.0;
 const DEFAULT_ROPE_BASE: f32 = 10_000.0;
 const DEFAULT_RMS_EPS: f32 = 1e-5;
+/// Gemma 2's sliding window where the file does not say.
+const GEMMA2_DEFAULT_WINDOW: usize = 4096;
+/// Gemma 3's local (sliding-window) layers use their own RoPE base.
+const GEMMA3_ROPE_BASE_LOCAL: f32 = 10_000.0;
+/// The expert router's gating function as GGUF numbers it: softmax.
+const GATING_SOFTMAX: usize = 1;
+
+/// Global tensors: the embedding table, the final norm and head, RoPE frequency factors.
+pub(crate) mod tensors {
+    pub const TOKEN_EMBD: &str = "token_embd.weight";
+    pub const OUTPUT_NORM: &str = "output_norm.weight";
+    pub const OUTPUT: &str = "output.weight";
+    pub const OUTPUT_BIAS: &str = "output.bias";
+    /// Llama 3.1+ RoPE frequency factors (one per rotated pair).
+    pub const ROPE_FREQS: &str = "rope_freqs.weight";
+    /// Phi-3 LongRoPE factors, for contexts beyond the original length and within it.
+    pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
+    pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
+    Qwen2,
+    Qwen3,
+    Qwen3Moe,
+    Phi3,
+    Gemma2,
     Gemma3,
 }
 
 impl Architecture {
+    const ALL: [Self; 7] = [
+        Self::Llama,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Qwen3Moe,
+        Self::Phi3,
+        Self::Gemma2,
+        Self::Gemma3,
+    ];
+
     pub fn gguf_name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Qwen3Moe => "qwen3moe",
+            Self::Phi3 => "phi3",
+            Self::Gemma2 => "gemma2",
             Self::Gemma3 => "gemma3",
         }
     }
+
+    pub fn from_gguf_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.gguf_name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|a| a.gguf_name()).collect();
+                Error::Unsupported(format!(
+                    "architecture `{name}` (Realm runs {})",
+                    known.join(", ")
+                ))
+            })
+    }
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
+    }
+
+    /// Block tensors (names under `blk.{i}.`) this architecture may carry; the blocks read
+    /// every one that is present.
+    fn block_tensors(self) -> Vec<&'static str> {
+        use super::block::names::*;
+        let mut names = vec![
+            ATTN_NORM,
+            ATTN_Q,
+            ATTN_K,
+            ATTN_V,
+            ATTN_Q_BIAS,
+            ATTN_K_BIAS,
+            ATTN_V_BIAS,
+            ATTN_QKV,
+            ATTN_QKV_BIAS,
+            ATTN_OUTPUT,
+            FFN_NORM,
+        ];
+        match self {
+            Self::Llama => names.extend([
+                ATTN_OUTPUT_BIAS,
+                FFN_GATE,
+                FFN_UP,
+                FFN_DOWN,
+                FFN_GATE_BIAS,
+                FFN_UP_BIAS,
+                FFN_DOWN_BIAS,
+                FFN_GATE_INP,
+                FFN_GATE_EXPS,
+                FFN_UP_EXPS,
+                FFN_DOWN_EXPS,
+            ]),
+            Self::Qwen2 => names.extend([FFN_GATE, FFN_UP, FFN_DOWN]),
+            Self::Qwen3 => names.extend([ATTN_Q_NORM, ATTN_K_NORM, FFN_GATE, FFN_UP, FFN_DOWN]),
+            Self::Qwen3Moe => names.extend([
+                ATTN_Q_NORM,
+                ATTN_K_NORM,
+                FFN_GATE_INP,
+                FFN_GATE_EXPS,
+                FFN_UP_EXPS,
+                FFN_DOWN_EXPS,
+            ]),
+            Self::Phi3 => names.extend([FFN_UP, FFN_DOWN]),
+            Self::Gemma2 => {
+                names.extend([POST_ATTN_NORM, FFN_GATE, FFN_UP, FFN_DOWN, POST_FFN_NORM])
+            }
+            Self::Gemma3 => names.extend([
+                ATTN_Q_NORM,
+                ATTN_K_NORM,
+                POST_ATTN_NORM,
+                FFN_GATE,
+                FFN_UP,
+                FFN_DOWN,
+                POST_FFN_NORM,
+            ]),
+        }
+        names
+    }
+
+    /// Global tensors this architecture may carry besides the embedding table and final norm.
+    fn global_tensors(self) -> &'static [&'static str] {
+        use tensors::*;
+        match self {
+            Self::Llama => &[OUTPUT, ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT],
+            Self::Qwen2 => &[OUTPUT, OUTPUT_BIAS],
+            Self::Phi3 => &[OUTPUT, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT],
+            Self::Gemma2 => &[],
+            Self::Qwen3 | Self::Qwen3Moe | Self::Gemma3 => &[OUTPUT],
+        }
+    }
+}
+
+/// How a block's rotary embedding pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)`: GGUF llama weights are permuted for this layout.
+    Interleaved,
+    /// Halves `(i, i + d/2)`.
+    Neox,
+}
+
+/// The nonlinearity of a block's gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(gate) * up` (SwiGLU).
+    Silu,
+    /// `gelu(gate) * up`, GELU in its tanh form (GeGLU).
+    Gelu,
+}
+
+/// A mixture-of-experts MLP: a softmax router picks `used` of `count` experts per token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Experts {
+    pub count: usize,
+    pub used: usize,
+    /// Each expert's MLP width.
+    pub ffn_dim: usize,
+    /// Whether the chosen experts' weights are divided by their sum.
+    pub normalize: bool,
+    /// A factor on the experts' weights (1 for none).
+    pub scale: f32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,83 +196,285 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub context_length: usize,
     pub rms_eps: f64,
+    pub rope_style: RopeStyle,
     /// RoPE base of global-attention layers.
     pub rope_base: f32,
     /// RoPE base of sliding-window layers (equal to `rope_base` where there are none).
     pub rope_base_local: f32,
     /// Linear RoPE scaling of global layers: positions are multiplied by this.
     pub rope_position_scale: f32,
+    /// The global tensor of per-pair RoPE frequency divisors the blocks use, if any (Llama 3's
+    /// `rope_freqs`, Phi-3's long or short factors by the context length).
+    pub rope_factors: Option<&'static str>,
+    /// A factor on RoPE's sines and cosines (Phi-3 LongRoPE's attention factor), 1 for none.
+    pub rope_attn_factor: f32,
     /// Sliding-window size in tokens, for architectures with local layers.
     pub sliding_window: Option<usize>,
+    /// Which layers attend through the window.
+    sliding_layers: Vec<bool>,
     pub embedding_scale: f64,
     pub attention_scale: f64,
+    /// Whether the queries are multiplied by `attention_scale` before they meet the keys (so
+    /// they are rounded scaled), rather than the scores after.
+    pub scale_queries: bool,
+    /// Gemma 2: attention scores pass through `c · tanh(s / c)`.
+    pub attention_softcap: Option<f32>,
+    /// Gemma 2: logits pass through `c · tanh(l / c)`.
+    pub final_softcap: Option<f32>,
+    /// RMS norms on every query and key head before RoPE (Qwen 3, Gemma 3).
+    pub qk_norm: bool,
+    /// Norms after attention and after the MLP too (Gemma).
+    pub sandwich_norms: bool,
+    pub activation: Activation,
+    /// Phi-3: the MLP's gate and up projections are one matrix, gate rows first.
+    pub fused_gate_up: bool,
+    pub experts: Option<Experts>,
 }
 
 impl ModelConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch_name = file.get_str(KEY_ARCHITECTURE)?;
-        let architecture = match arch_name {
-            "llama" => Architecture::Llama,
-            "gemma3" => Architecture::Gemma3,
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "architecture `{other}` (Realm runs llama and gemma3)"
-                )))
+        let architecture = Architecture::from_gguf_name(arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let has = |k: &str| file.get(&key(k)).is_some();
+        let optional_usize = |k: &str| -> Result<Option<usize>> {
+            if has(k) {
+                file.get_usize(&key(k)).map(Some)
+            } else {
+                Ok(None)
             }
         };
-        let key = |k: &str| format!("{arch_name}.{k}");
+        let optional_f32 = |k: &str| -> Result<Option<f32>> {
+            if has(k) {
+                file.get_f32(&key(k)).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let unsupported = |what: String| -> Result<Self> {
+            Err(Error::Unsupported(format!("{arch_name}: {what}")))
+        };
+
         let n_layers = file.get_usize(&key("block_count"))?;
         let d_model = file.get_usize(&key("embedding_length"))?;
         let ffn_dim = file.get_usize(&key("feed_forward_length"))?;
         let n_heads = file.get_usize(&key("attention.head_count"))?;
-        let n_kv_heads = match file.get(&key("attention.head_count_kv")) {
-            Some(_) => file.get_usize(&key("attention.head_count_kv"))?,
-            None => n_heads,
-        };
+        let n_kv_heads = optional_usize("attention.head_count_kv")?.unwrap_or(n_heads);
         if n_layers == 0
             || d_model == 0
             || n_heads == 0
             || n_kv_heads == 0
             || n_heads % n_kv_heads != 0
         {
-            return Err(Error::Unsupported(format!(
+            return unsupported(format!(
                 "inconsistent shape: {n_layers} layers, d_model {d_model}, {n_heads} heads, {n_kv_heads} KV heads"
-            )));
+            ));
         }
-        let head_dim = match file.get(&key("attention.key_length")) {
-            Some(_) => file.get_usize(&key("attention.key_length"))?,
-            None => d_model / n_heads,
-        };
+        let head_dim = optional_usize("attention.key_length")?.unwrap_or(d_model / n_heads);
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(Error::Unsupported(format!(
-                "head dimension {head_dim} must be even"
-            )));
+            return unsupported(format!("head dimension {head_dim} must be even"));
+        }
+        if let Some(v) = optional_usize("attention.value_length")? {
+            if v != head_dim {
+                return unsupported(format!(
+                    "value heads of {v} dimensions beside key heads of {head_dim}"
+                ));
+            }
+        }
+        if let Some(rot) = optional_usize("rope.dimension_count")? {
+            if rot != head_dim {
+                return unsupported(format!(
+                    "RoPE on {rot} of {head_dim} head dimensions (partial rotary embeddings)"
+                ));
+            }
         }
         let context_length = file.get_usize(&key("context_length"))?;
-        let optional_f32 = |k: &str, default: f32| -> Result<f32> {
-            match file.get(&key(k)) {
-                Some(_) => file.get_f32(&key(k)),
-                None => Ok(default),
+        let rms_eps = optional_f32("attention.layer_norm_rms_epsilon")?.unwrap_or(DEFAULT_RMS_EPS);
+        let rope_base = optional_f32("rope.freq_base")?.unwrap_or(DEFAULT_ROPE_BASE);
+
+        // RoPE scaling and frequency factors.
+        let has_tensor = |name: &str| file.tensors.contains_key(name);
+        let scaling = file
+            .get(&key("rope.scaling.type"))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| Error::Metadata {
+                        key: key("rope.scaling.type"),
+                        problem: "not a string".to_string(),
+                    })
+                    .map(str::to_string)
+            })
+            .transpose()?;
+        let factor = optional_f32("rope.scaling.factor")?.filter(|&f| f != 0.0);
+        let mut rope_position_scale = 1.0;
+        let mut rope_factors = None;
+        match scaling.as_deref() {
+            None | Some("none") => {}
+            Some("linear") => rope_position_scale = 1.0 / factor.unwrap_or(1.0),
+            Some("longrope") => {}
+            Some(other) => return unsupported(format!("RoPE scaling `{other}`")),
+        }
+        let longrope =
+            has_tensor(tensors::ROPE_FACTORS_LONG) || has_tensor(tensors::ROPE_FACTORS_SHORT);
+        if has_tensor(tensors::ROPE_FREQS) {
+            if longrope {
+                return unsupported("both rope_freqs and LongRoPE factors".to_string());
+            }
+            rope_factors = Some(tensors::ROPE_FREQS);
+        } else if longrope {
+            // The long factors serve a context beyond the original training length.
+            let original =
+                optional_usize("rope.scaling.original_context_length")?.unwrap_or(context_length);
+            rope_factors = Some(if context_length > original {
+                tensors::ROPE_FACTORS_LONG
+            } else {
+                tensors::ROPE_FACTORS_SHORT
+            });
+        } else if scaling.as_deref() == Some("longrope") {
+            return unsupported("LongRoPE scaling without its factor tensors".to_string());
+        }
+        if let Some(name) = rope_factors {
+            let info = file.tensor_info(name)?;
+            if info.dims != [head_dim as u64 / 2] {
+                return Err(Error::Tensor {
+                    name: name.to_string(),
+                    problem: format!(
+                        "expected {} factors, found dimensions {:?}",
+                        head_dim / 2,
+                        info.dims
+                    ),
+                });
+            }
+        }
+        let rope_attn_factor = optional_f32("rope.scaling.attn_factor")?.unwrap_or(1.0);
+
+        // Sliding windows.
+        let (sliding_window, pattern) = match architecture {
+            Architecture::Gemma2 => (
+                Some(optional_usize("attention.sliding_window")?.unwrap_or(GEMMA2_DEFAULT_WINDOW)),
+                2,
+            ),
+            Architecture::Gemma3 => (
+                optional_usize("attention.sliding_window")?.filter(|&w| w > 0),
+                6,
+            ),
+            // The reference engines run Phi-3 and the others without a window, whatever the
+            // file says (Phi-3's window is known to be set wrongly by the converters).
+            _ => (None, 1),
+        };
+        let sliding_layers = match (
+            sliding_window,
+            file.get(&key("attention.sliding_window_pattern")),
+        ) {
+            (None, _) => vec![false; n_layers],
+            (Some(_), Some(value)) if value.as_i64().is_none() => {
+                let pattern_key = key("attention.sliding_window_pattern");
+                let flags = file
+                    .get_array(&pattern_key)?
+                    .iter()
+                    .map(|v| match v {
+                        Value::Bool(b) => Some(*b),
+                        v => v.as_i64().map(|i| i != 0),
+                    })
+                    .collect::<Option<Vec<bool>>>()
+                    .ok_or_else(|| Error::Metadata {
+                        key: pattern_key,
+                        problem: "not an array of flags".to_string(),
+                    })?;
+                if flags.len() != n_layers {
+                    return unsupported(format!(
+                        "a sliding-window pattern of {} layers for {n_layers}",
+                        flags.len()
+                    ));
+                }
+                flags
+            }
+            (Some(_), value) => {
+                let pattern = match value {
+                    Some(_) => file.get_usize(&key("attention.sliding_window_pattern"))?,
+                    None => pattern,
+                };
+                if pattern == 0 {
+                    return unsupported("a sliding-window pattern of 0".to_string());
+                }
+                (0..n_layers).map(|l| l % pattern < pattern - 1).collect()
             }
         };
-        let rms_eps = optional_f32("attention.layer_norm_rms_epsilon", DEFAULT_RMS_EPS)? as f64;
-        let rope_base = optional_f32("rope.freq_base", DEFAULT_ROPE_BASE)?;
-        let rope_position_scale = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str())
-        {
-            None | Some("none") => 1.0,
-            Some("linear") => 1.0 / optional_f32("rope.scaling.factor", 1.0)?,
-            Some(other) => return Err(Error::Unsupported(format!("RoPE scaling `{other}`"))),
+        let rope_base_local = match architecture {
+            Architecture::Gemma3 => {
+                optional_f32("rope.freq_base_swa")?.unwrap_or(GEMMA3_ROPE_BASE_LOCAL)
+            }
+            _ => optional_f32("rope.freq_base_swa")?.unwrap_or(rope_base),
         };
 
-        let (rope_base_local, sliding_window, embedding_scale) = match architecture {
-            Architecture::Llama => (rope_base, None, 1.0),
-            Architecture::Gemma3 => (
-                optional_f32("rope.freq_base_swa", GEMMA3_ROPE_BASE_LOCAL)?,
-                Some(file.get_usize(&key("attention.sliding_window"))?),
-                (d_model as f64).sqrt(),
-            ),
+        // Attention.
+        let attention_scale = match architecture {
+            Architecture::Llama => match optional_f32("attention.scale")? {
+                Some(s) if s != 0.0 => s as f64,
+                _ => 1.0 / (head_dim as f64).sqrt(),
+            },
+            // Gemma's 27B model scales by the width per head rather than the head size.
+            Architecture::Gemma2 if n_layers == 46 => 1.0 / ((d_model / n_heads) as f64).sqrt(),
+            Architecture::Gemma3 if n_layers == 62 => 1.0 / ((d_model / n_heads) as f64).sqrt(),
+            _ => 1.0 / (head_dim as f64).sqrt(),
         };
-        Ok(Self {
+        let attention_softcap = match architecture {
+            Architecture::Gemma2 => optional_f32("attn_logit_softcapping")?.filter(|&c| c != 0.0),
+            _ => None,
+        };
+        let final_softcap = if architecture.is_gemma() {
+            optional_f32("final_logit_softcapping")?.filter(|&c| c != 0.0)
+        } else {
+            None
+        };
+
+        // Mixture of experts.
+        let expert_count = optional_usize("expert_count")?.unwrap_or(0);
+        let experts = match (architecture, expert_count) {
+            (Architecture::Llama, 0) => None,
+            (Architecture::Llama | Architecture::Qwen3Moe, count) => {
+                if count == 0 {
+                    return unsupported("no experts".to_string());
+                }
+                let used = optional_usize("expert_used_count")?.unwrap_or(0);
+                if used == 0 || used > count {
+                    return unsupported(format!("{used} experts used of {count}"));
+                }
+                if optional_usize("expert_shared_count")?.unwrap_or(0) > 0 {
+                    return unsupported("shared experts".to_string());
+                }
+                if let Some(gating) = optional_usize("expert_gating_func")? {
+                    if gating != GATING_SOFTMAX {
+                        return unsupported(format!(
+                            "expert gating function {gating} (Realm routes by softmax)"
+                        ));
+                    }
+                }
+                let expert_ffn = match architecture {
+                    Architecture::Qwen3Moe => {
+                        optional_usize("expert_feed_forward_length")?.unwrap_or(ffn_dim / used)
+                    }
+                    _ => ffn_dim,
+                };
+                Some(Experts {
+                    count,
+                    used,
+                    ffn_dim: expert_ffn,
+                    normalize: true,
+                    scale: optional_f32("expert_weights_scale")?
+                        .filter(|&s| s != 0.0)
+                        .unwrap_or(1.0),
+                })
+            }
+            (_, 0) => None,
+            (_, count) => {
+                return unsupported(format!(
+                    "{count} experts (Realm runs experts in llama and qwen3moe files)"
+                ))
+            }
+        };
+
+        let config = Self {
             architecture,
             n_layers,
             d_model,
@@ -122,19 +483,76 @@ impl ModelConfig {
             n_kv_heads,
             head_dim,
             context_length,
-            rms_eps,
+            rms_eps: rms_eps as f64,
+            rope_style: match architecture {
+                Architecture::Llama => RopeStyle::Interleaved,
+                _ => RopeStyle::Neox,
+            },
             rope_base,
             rope_base_local,
             rope_position_scale,
+            rope_factors,
+            rope_attn_factor,
             sliding_window,
-            embedding_scale,
-            attention_scale: 1.0 / (head_dim as f64).sqrt(),
-        })
+            sliding_layers,
+            embedding_scale: if architecture.is_gemma() {
+                (d_model as f64).sqrt()
+            } else {
+                1.0
+            },
+            attention_scale,
+            scale_queries: matches!(
+                architecture,
+                Architecture::Phi3 | Architecture::Gemma2 | Architecture::Gemma3
+            ),
+            attention_softcap,
+            final_softcap,
+            qk_norm: matches!(
+                architecture,
+                Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
+            ),
+            sandwich_norms: architecture.is_gemma(),
+            activation: if architecture.is_gemma() {
+                Activation::Gelu
+            } else {
+                Activation::Silu
+            },
+            fused_gate_up: architecture == Architecture::Phi3,
+            experts,
+        };
+        config.check_tensors(file)?;
+        Ok(config)
     }
 
-    /// Whether `layer` attends through a sliding window (Gemma 3's local layers).
+    /// Refuses a file holding a tensor Realm would not read: its math would be silently wrong.
+    fn check_tensors(&self, file: &GgufFile) -> Result<()> {
+        let block = self.architecture.block_tensors();
+        let global = self.architecture.global_tensors();
+        for name in file.tensors.keys() {
+            let known = match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+                Some((layer, rest)) => {
+                    layer.parse::<usize>().is_ok_and(|l| l < self.n_layers) && block.contains(&rest)
+                }
+                None => {
+                    name == tensors::TOKEN_EMBD
+                        || name == tensors::OUTPUT_NORM
+                        || global.contains(&name.as_str())
+                }
+            };
+            if !known {
+                return Err(Error::Unsupported(format!(
+                    "tensor `{name}`: Realm's {} blocks have no use for it, and running \
+                     without it would give wrong answers",
+                    self.architecture.gguf_name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `layer` attends through a sliding window.
     pub fn is_sliding(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && layer % GEMMA3_SWA_PATTERN < GEMMA3_SWA_PATTERN - 1
+        self.sliding_window.is_some() && self.sliding_layers.get(layer).copied().unwrap_or(false)
     }
 
     /// Checks that `n_new` tokens after `position` cached ones fit the context window.

@@ -71,12 +71,54 @@ pub(crate) fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// `silu(gate) · up`, SiLU being `x / (1 + e^-x)`: the gated MLP of llama blocks.
+/// `silu(gate) · up`, SiLU being `x / (1 + e^-x)`: the gated MLP of llama-like blocks.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     combine(gate, up, "cannot gate tensors", |g, u| {
         for (g, u) in g.iter_mut().zip(u) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
+    })
+}
+
+/// `gelu(gate) * up`, GELU in its tanh form evaluated on the f16-rounded input and rounded to
+/// f16 (saturating to 0 and identity beyond ±10), the precision the reference engines tabulate
+/// it at. Exact f32 GELU moves gemma3's perplexity by about 1% against them. Since it depends
+/// on the f16 input alone, it is tabulated once for all 65,536 of them, as f32. The inputs are
+/// rounded to f16 a slice at a time (one instruction per eight where the CPU has F16C) and the
+/// slices share the kernels' threads.
+pub(crate) fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+
+    let table = gelu_table();
+    combine(gate, up, "cannot gate tensors", |g, u| {
+        let mut bits = [half::f16::ZERO; SLICE];
+        let bits = &mut bits[..g.len()];
+        bits.convert_from_f32_slice(g);
+        for ((x, &u), b) in g.iter_mut().zip(u).zip(bits.iter()) {
+            *x = if *x <= -10.0 {
+                0.0
+            } else if *x >= 10.0 {
+                *x * u
+            } else {
+                table[b.to_bits() as usize] * u
+            };
+        }
+    })
+}
+
+/// GELU (tanh form) of every f16, rounded to f16 (and held as f32), indexed by the input's bits.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        const COEF_A: f32 = 0.044_715;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = half::f16::from_bits(bits).to_f32();
+                let gelu = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
+                half::f16::from_f32(gelu).to_f32()
+            })
+            .collect()
     })
 }
 

@@ -6,11 +6,11 @@
 //! that session, so many sessions run through the same weights at once.
 
 mod attention;
+mod block;
 pub mod config;
 mod elementwise;
-mod gemma3;
+mod experts;
 mod layers;
-mod llama;
 mod norm;
 
 use candle_core::quantized::QMatMul;
@@ -20,17 +20,14 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::kernels::{self, QMatrix};
 use crate::kv::SessionKv;
-use crate::quant::{load_matmul, qtensor_from_bytes};
+use crate::quant::{load_qtensor, qtensor_from_bytes};
+use config::tensors::{OUTPUT, OUTPUT_BIAS, OUTPUT_NORM, TOKEN_EMBD};
 use norm::rms_norm;
 
 pub use attention::{Precision, Segment};
 pub use config::{Architecture, ModelConfig};
 use layers::LayerManager;
 pub use layers::{layer_bytes, LayerBudget, LayerStats};
-
-const TOKEN_EMBD: &str = "token_embd.weight";
-const OUTPUT_NORM: &str = "output_norm.weight";
-const OUTPUT: &str = "output.weight";
 
 /// A contiguous, non-empty range of transformer blocks `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,8 +89,18 @@ pub(crate) fn borrows_mapping(info: &TensorInfo, device: &Device) -> bool {
 
 impl Linear {
     pub fn load(file: &GgufFile, name: &str, device: &Device) -> Result<Self> {
-        let info = file.tensor_info(name)?;
-        if device.is_cpu() && info.dims.len() == 2 {
+        Self::from_info(file, file.tensor_info(name)?, device)
+    }
+
+    /// The matrix `info` describes (a tensor of `file`, or a slice of one).
+    pub fn from_info(file: &GgufFile, info: &TensorInfo, device: &Device) -> Result<Self> {
+        if info.dims.len() != 2 {
+            return Err(Error::Tensor {
+                name: info.name.clone(),
+                problem: format!("expected a matrix, found dimensions {:?}", info.dims),
+            });
+        }
+        if device.is_cpu() {
             let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
             if borrows_mapping(info, device) {
                 if let Some(m) = QMatrix::mapped(info.dtype, rows, cols, file.tensor_data(info)?) {
@@ -112,7 +119,31 @@ impl Linear {
                 }
             }
         }
-        Ok(Self::Candle(load_matmul(file, name, device)?))
+        Ok(Self::Candle(QMatMul::from_qtensor(load_qtensor(
+            file, info, device,
+        )?)?))
+    }
+
+    /// Outputs per input row.
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Realm(m) => m.rows(),
+            Self::Candle(m) => match m {
+                QMatMul::QTensor(t) => t.shape().dims()[0],
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
+            },
+        }
+    }
+
+    /// Values per input row.
+    pub fn cols(&self) -> usize {
+        match self {
+            Self::Realm(m) => m.cols(),
+            Self::Candle(m) => match m {
+                QMatMul::QTensor(t) => t.shape().dims()[1],
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[1],
+            },
+        }
     }
 
     /// `x` is `[n, cols]`; returns `[n, rows]`.
@@ -149,10 +180,9 @@ fn load_block(
     layer: usize,
     device: &Device,
 ) -> Result<Box<dyn Block>> {
-    Ok(match config.architecture {
-        Architecture::Llama => Box::new(llama::LlamaBlock::load(file, config, layer, device)?),
-        Architecture::Gemma3 => Box::new(gemma3::Gemma3Block::load(file, config, layer, device)?),
-    })
+    Ok(Box::new(block::DecoderBlock::load(
+        file, config, layer, device,
+    )?))
 }
 
 /// Token embeddings. The table stays quantized in the file mapping; a lookup dequantizes only
@@ -225,6 +255,9 @@ impl Embedding {
 pub struct Head {
     norm: Tensor,
     output: Linear,
+    bias: Option<Tensor>,
+    /// Gemma 2: logits pass through `c · tanh(l / c)`.
+    softcap: Option<f32>,
     eps: f64,
 }
 
@@ -236,9 +269,17 @@ impl Head {
         } else {
             TOKEN_EMBD
         };
+        let output = Linear::load(file, output_name, device)?;
+        let bias = if file.tensors.contains_key(OUTPUT_BIAS) {
+            Some(load_vector(file, OUTPUT_BIAS, output.rows(), device)?)
+        } else {
+            None
+        };
         Ok(Self {
             norm: load_vector(file, OUTPUT_NORM, config.d_model, device)?,
-            output: Linear::load(file, output_name, device)?,
+            output,
+            bias,
+            softcap: config.final_softcap,
             eps: config.rms_eps,
         })
     }
@@ -246,7 +287,14 @@ impl Head {
     /// Logits `[n, vocab]` for every row of `x` (`[n, d_model]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = rms_norm(&x.contiguous()?, &self.norm, self.eps)?;
-        self.output.forward(&x)
+        let mut logits = self.output.forward(&x)?;
+        if let Some(bias) = &self.bias {
+            logits = logits.broadcast_add(bias)?;
+        }
+        if let Some(cap) = self.softcap {
+            logits = ((logits * cap.recip() as f64)?.tanh()? * cap as f64)?;
+        }
+        Ok(logits)
     }
 }
 

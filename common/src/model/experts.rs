@@ -1,0 +1,188 @@
+//! A mixture-of-experts MLP, as Mixtral-style llama files and Qwen 3 MoE store it: a router
+//! matrix (`ffn_gate_inp`, `[d_model → experts]`) and each projection of every expert in one
+//! three-dimensional tensor (`ffn_{gate,up,down}_exps`, experts outermost).
+//!
+//! Per token the router's logits go through a softmax, the `used` most probable experts run
+//! (each a gated MLP computed by Realm's quantized kernels straight from its slice of the
+//! tensor), their weights are renormalized to sum to one, and their outputs are summed, in the
+//! order of their rank, weighted. The rows of a step are grouped by expert, so each expert's
+//! weights are read once per step however many tokens chose it.
+
+use candle_core::{Device, Tensor};
+
+use super::block::gated;
+use super::block::names::{FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_GATE_INP, FFN_UP_EXPS};
+use super::config::{Activation, Experts};
+use super::Linear;
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, TensorInfo};
+
+/// The smallest weight sum the renormalization divides by (the reference engines' floor, the
+/// smallest normal f16).
+const MIN_WEIGHT_SUM: f32 = half::f16::MIN_POSITIVE.to_f32_const();
+
+#[derive(Debug)]
+struct Expert {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug)]
+pub(super) struct MixtureOfExperts {
+    router: Linear,
+    experts: Vec<Expert>,
+    used: usize,
+    normalize: bool,
+    scale: f32,
+    activation: Activation,
+}
+
+impl MixtureOfExperts {
+    pub fn load(
+        file: &GgufFile,
+        layer: usize,
+        d_model: usize,
+        config: &Experts,
+        activation: Activation,
+        device: &Device,
+    ) -> Result<Self> {
+        let name = |n: &str| format!("blk.{layer}.{n}");
+        let router = Linear::load(file, &name(FFN_GATE_INP), device)?;
+        if router.rows() != config.count || router.cols() != d_model {
+            return Err(Error::Tensor {
+                name: name(FFN_GATE_INP),
+                problem: format!(
+                    "routes {} inputs to {} experts, the model has d_model {d_model} and {} experts",
+                    router.cols(),
+                    router.rows(),
+                    config.count
+                ),
+            });
+        }
+        let f = config.ffn_dim;
+        let gate = expert_slices(file, &name(FFN_GATE_EXPS), d_model, f, config.count)?;
+        let up = expert_slices(file, &name(FFN_UP_EXPS), d_model, f, config.count)?;
+        let down = expert_slices(file, &name(FFN_DOWN_EXPS), f, d_model, config.count)?;
+        let experts = gate
+            .iter()
+            .zip(&up)
+            .zip(&down)
+            .map(|((g, u), d)| {
+                Ok(Expert {
+                    gate: Linear::from_info(file, g, device)?,
+                    up: Linear::from_info(file, u, device)?,
+                    down: Linear::from_info(file, d, device)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            router,
+            experts,
+            used: config.used,
+            normalize: config.normalize,
+            scale: config.scale,
+            activation,
+        })
+    }
+
+    /// `x` is `[n, d_model]`; returns `[n, d_model]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let logits = self.router.forward(x)?.to_vec2::<f32>()?;
+        // Each row's chosen experts and their weights, in rank order.
+        let choices: Vec<Vec<(usize, f32)>> = logits.iter().map(|l| self.route(l)).collect();
+        // Each expert's rows: (row, rank).
+        let mut assigned: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.experts.len()];
+        for (row, chosen) in choices.iter().enumerate() {
+            for (rank, &(expert, _)) in chosen.iter().enumerate() {
+                assigned[expert].push((row, rank));
+            }
+        }
+        // Weighted outputs per (row, rank), summed in rank order below.
+        let mut parts = vec![0f32; n * self.used * d];
+        for (expert, rows) in self.experts.iter().zip(&assigned) {
+            if rows.is_empty() {
+                continue;
+            }
+            let index: Vec<u32> = rows.iter().map(|&(row, _)| row as u32).collect();
+            let index = Tensor::from_vec(index, rows.len(), x.device())?;
+            let input = x.index_select(&index, 0)?;
+            let hidden = gated(
+                self.activation,
+                &expert.gate.forward(&input)?,
+                &expert.up.forward(&input)?,
+            )?;
+            let out = expert.down.forward(&hidden)?.to_vec2::<f32>()?;
+            for (&(row, rank), y) in rows.iter().zip(&out) {
+                let w = choices[row][rank].1;
+                let part = &mut parts[(row * self.used + rank) * d..][..d];
+                for (p, v) in part.iter_mut().zip(y) {
+                    *p = v * w;
+                }
+            }
+        }
+        let mut out = vec![0f32; n * d];
+        for (row, sum) in out.chunks_exact_mut(d).enumerate() {
+            let row_parts = &parts[row * self.used * d..][..self.used * d];
+            sum.copy_from_slice(&row_parts[..d]);
+            for part in row_parts.chunks_exact(d).skip(1) {
+                sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+            }
+        }
+        Ok(Tensor::from_vec(out, (n, d), x.device())?)
+    }
+
+    /// The `used` experts of one token, most probable first, with their weights.
+    fn route(&self, logits: &[f32]) -> Vec<(usize, f32)> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+        let sum: f64 = exps.iter().map(|&e| e as f64).sum();
+        let inv = (1.0 / sum) as f32;
+        let probs: Vec<f32> = exps.iter().map(|e| e * inv).collect();
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let mut chosen: Vec<(usize, f32)> =
+            order[..self.used].iter().map(|&e| (e, probs[e])).collect();
+        if self.normalize {
+            let total = chosen.iter().map(|&(_, w)| w as f64).sum::<f64>() as f32;
+            let total = total.max(MIN_WEIGHT_SUM);
+            chosen.iter_mut().for_each(|(_, w)| *w /= total);
+        }
+        if self.scale != 1.0 {
+            chosen.iter_mut().for_each(|(_, w)| *w *= self.scale);
+        }
+        chosen
+    }
+}
+
+/// The `count` `[rows, cols]` matrices of a three-dimensional expert tensor, each as the
+/// tensor info of its slice of the file.
+fn expert_slices(
+    file: &GgufFile,
+    name: &str,
+    cols: usize,
+    rows: usize,
+    count: usize,
+) -> Result<Vec<TensorInfo>> {
+    let info = file.tensor_info(name)?;
+    if info.dims != [cols as u64, rows as u64, count as u64] {
+        return Err(Error::Tensor {
+            name: name.to_string(),
+            problem: format!(
+                "expected dimensions [{cols}, {rows}, {count}], found {:?}",
+                info.dims
+            ),
+        });
+    }
+    let bytes = info.size / count as u64;
+    Ok((0..count)
+        .map(|e| TensorInfo {
+            name: format!("{name}[{e}]"),
+            dims: vec![cols as u64, rows as u64],
+            dtype: info.dtype,
+            offset: info.offset + e as u64 * bytes,
+            size: bytes,
+        })
+        .collect())
+}
