@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub mod agreement;
 pub mod http;
 pub mod process;
 

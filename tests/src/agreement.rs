@@ -1,0 +1,193 @@
+//! Teacher-forced agreement of a Realm model with llama.cpp's next-token logprobs, recorded in
+//! a fixture by `deploy/reference-logprobs.py` (its docstring describes the format).
+//!
+//! The fixture's tokens are fed in one forward pass; at each position Realm's top-1 token is
+//! compared with llama.cpp's, and Realm's logprob of llama.cpp's top token with llama.cpp's.
+
+use std::path::Path;
+
+use realm_common::model::Model;
+use serde_json::Value;
+
+/// One fixture read: the tokens, llama.cpp's top-K per position, and how well llama.cpp agrees
+/// with itself across its own settings.
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    /// The GGUF file name the fixture was made with.
+    pub model: String,
+    pub tokens: Vec<u32>,
+    /// `top[i]`: `(token, logprob)` of the token after `tokens[..=i]`, best first.
+    pub top: Vec<Vec<(u32, f64)>>,
+    /// The lowest top-1 agreement of llama.cpp's other settings with the reference one.
+    pub self_agreement: f64,
+    /// The largest mean |Δ logprob of the top token| among those settings.
+    pub self_mean_abs_delta: f64,
+    /// llama.cpp's other settings, for the report.
+    pub settings: Vec<Setting>,
+}
+
+/// One of llama.cpp's other settings and how it agrees with the reference one.
+#[derive(Debug, Clone)]
+pub struct Setting {
+    pub name: String,
+    pub top1_agreement: f64,
+    pub mean_abs_delta: f64,
+    /// Its top-1 token at every position.
+    pub top1: Vec<u32>,
+}
+
+impl Fixture {
+    pub fn read(path: &Path) -> Self {
+        let text =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let json: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let field = |name: &str| -> &Value {
+            json.get(name)
+                .unwrap_or_else(|| panic!("{}: no `{name}`", path.display()))
+        };
+        let id = |v: &Value| v.as_u64().expect("token id") as u32;
+        let number = |v: &Value| v.as_f64().expect("number");
+        let tokens: Vec<u32> = field("tokens")
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .map(id)
+            .collect();
+        let top: Vec<Vec<(u32, f64)>> = field("top")
+            .as_array()
+            .expect("top")
+            .iter()
+            .map(|row| {
+                row.as_array()
+                    .expect("a position's top-K")
+                    .iter()
+                    .map(|pair| (id(&pair[0]), number(&pair[1])))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            tokens.len(),
+            top.len(),
+            "{}: one top-K per token",
+            path.display()
+        );
+        assert!(
+            top.iter().all(|row| row.len() >= 2),
+            "{}: every position needs a top-2",
+            path.display()
+        );
+        let agreement = field("self_agreement");
+        let settings = agreement["settings"]
+            .as_array()
+            .expect("settings")
+            .iter()
+            .map(|s| Setting {
+                name: s["name"].as_str().expect("name").to_string(),
+                top1_agreement: number(&s["top1_agreement"]),
+                mean_abs_delta: number(&s["mean_abs_delta_top_logprob"]),
+                top1: s["top1"].as_array().expect("top1").iter().map(id).collect(),
+            })
+            .collect();
+        Self {
+            model: field("model").as_str().expect("model").to_string(),
+            tokens,
+            top,
+            self_agreement: number(&agreement["min_top1_agreement"]),
+            self_mean_abs_delta: number(&agreement["max_mean_abs_delta_top_logprob"]),
+            settings,
+        }
+    }
+}
+
+/// How Realm's next-token distributions compare with a fixture's.
+#[derive(Debug, Clone)]
+pub struct Agreement {
+    /// Positions where Realm's top-1 token is llama.cpp's.
+    pub agree: usize,
+    pub total: usize,
+    /// Mean over positions of |Realm's − llama.cpp's logprob of llama.cpp's top token|.
+    pub mean_abs_delta: f64,
+    /// Positions where Realm's top-1 token is not even in llama.cpp's top 2.
+    pub outside_top2: usize,
+    /// The positions where the top-1 tokens differ.
+    pub disagreements: Vec<usize>,
+    /// Realm's top-1 agreement with each of llama.cpp's other settings, in the fixture's order.
+    pub with_settings: Vec<f64>,
+}
+
+/// How the fixture's tokens are fed to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feeding {
+    /// All at once, as a prompt: one forward pass returning every position's logits.
+    OnePass,
+    /// One token per step, as in decoding (and as llama.cpp's reference run fed them).
+    TokenByToken,
+}
+
+impl Agreement {
+    pub fn rate(&self) -> f64 {
+        self.agree as f64 / self.total as f64
+    }
+}
+
+/// Runs `model` teacher-forced over the fixture's tokens and compares each position's
+/// next-token distribution with llama.cpp's top-K.
+pub fn agreement(model: &Model, fixture: &Fixture, feeding: Feeding) -> Agreement {
+    let mut kv = model.new_session_kv();
+    let rows: Vec<Vec<f32>> = match feeding {
+        Feeding::OnePass => model
+            .forward(&fixture.tokens, &mut kv, true)
+            .and_then(|logits| Ok(logits.to_vec2()?))
+            .expect("forward pass"),
+        Feeding::TokenByToken => fixture
+            .tokens
+            .iter()
+            .map(|&t| {
+                model
+                    .forward(&[t], &mut kv, false)
+                    .and_then(|logits| Ok(logits.squeeze(0)?.to_vec1()?))
+                    .expect("decode step")
+            })
+            .collect(),
+    };
+    let mut result = Agreement {
+        agree: 0,
+        total: rows.len(),
+        mean_abs_delta: 0.0,
+        outside_top2: 0,
+        disagreements: Vec::new(),
+        with_settings: vec![0.0; fixture.settings.len()],
+    };
+    let mut delta_sum = 0.0;
+    for (position, (row, top)) in rows.iter().zip(&fixture.top).enumerate() {
+        let best = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .expect("a non-empty vocabulary");
+        for (agree, setting) in result.with_settings.iter_mut().zip(&fixture.settings) {
+            *agree += f64::from(u8::from(setting.top1[position] == best)) / rows.len() as f64;
+        }
+        let (reference, reference_logprob) = top[0];
+        if best == reference {
+            result.agree += 1;
+        } else {
+            result.disagreements.push(position);
+            if best != top[1].0 {
+                result.outside_top2 += 1;
+            }
+        }
+        delta_sum += (log_softmax_at(row, reference as usize) - reference_logprob).abs();
+    }
+    result.mean_abs_delta = delta_sum / result.total as f64;
+    result
+}
+
+/// `log(softmax(row)[index])`, in f64.
+fn log_softmax_at(row: &[f32], index: usize) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    row[index] as f64 - max - sum.ln()
+}
