@@ -7,7 +7,8 @@
 #   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin deploy/bench-vs-reference.sh
 #
 # Environment: THREADS (2), ROUNDS (2: each engine runs this many times, interleaved; the best
-# run counts), WORKERS (Realm's worker counts, "0,2").
+# run counts), WORKERS (Realm's worker counts, "0,2"), MODELS (GGUF files, space-separated; the
+# two project models by default).
 #
 # Where the folder also holds ggml-rpc-server, the reference runs a second way too: its layers
 # split over two RPC servers on loopback (one thread each), the counterpart of Realm's two
@@ -37,7 +38,8 @@ if [[ -x "$bin/ggml-rpc-server" ]]; then
     sleep 1
 fi
 
-for model in models/SmolLM2-135M-Instruct.Q4_1.gguf models/gemma-3-270m-q4_k_m.gguf; do
+models="${MODELS:-models/SmolLM2-135M-Instruct.Q4_1.gguf models/gemma-3-270m-q4_k_m.gguf}"
+for model in $models; do
     [[ -f "$model" ]] || { echo "bench-vs-reference: $model missing: run deploy/fetch-models.sh" >&2; exit 1; }
     name="$(basename "$model" .gguf)"
     for round in $(seq "$rounds"); do

@@ -203,14 +203,14 @@ class Server:
         return [(p["id"], p["logprob"]) for p in probs], evaluated
 
 
-def run_setting(bin_dir, model, tokens, top, setting):
+def run_setting(bin_dir, model, tokens, top, setting, ctx=None):
     """Per position, the top-K of `setting`, and the server command it ran.
 
     With a `step` of S > 1 every position is the last of a batch of S new tokens (or of the
     whole prompt for the first S): pass r evaluates the prompt up to position r from scratch,
     then extends it S tokens at a time through the prompt cache.
     """
-    n_ctx = max(256, 64 * math.ceil((len(tokens) + 16) / 64))
+    n_ctx = ctx or max(256, 64 * math.ceil((len(tokens) + 16) / 64))
     step = setting["step"]
     with Server(bin_dir, model, n_ctx, setting["flash_attn"]) as server:
         tops = [None] * len(tokens)
@@ -243,7 +243,7 @@ def compare(reference, other):
     return agree / len(reference), sum(deltas) / len(deltas), max(deltas)
 
 
-def make_fixture(bin_dir, model, out, positions, top, text=None, tokens_file=None):
+def make_fixture(bin_dir, model, out, positions, top, text=None, tokens_file=None, ctx=None):
     if not os.path.isfile(model):
         fail(f"{model}: no such model file")
     version, commit = llama_cpp_version(bin_dir)
@@ -267,7 +267,7 @@ def make_fixture(bin_dir, model, out, positions, top, text=None, tokens_file=Non
     for setting in SETTINGS:
         print(f"  {setting['name']}: {positions} requests", file=sys.stderr, flush=True)
         started = time.time()
-        runs[setting["name"]] = run_setting(bin_dir, model, tokens, top, setting)
+        runs[setting["name"]] = run_setting(bin_dir, model, tokens, top, setting, ctx)
         print(f"    {time.time() - started:.1f} s", file=sys.stderr, flush=True)
 
     reference_name = SETTINGS[0]["name"]
@@ -290,6 +290,7 @@ def make_fixture(bin_dir, model, out, positions, top, text=None, tokens_file=Non
     invocation = ["deploy/reference-logprobs.py", "--model", os.path.basename(model)]
     invocation += ["--tokens", source["tokens_file"]] if tokens_file else ["--text", source["text_file"]]
     invocation += ["--out", os.path.relpath(out, REPO), "--positions", str(positions), "--top", str(top)]
+    invocation += ["--ctx", str(ctx)] if ctx else []
     fixture = {
         "about": (
             "llama.cpp's teacher-forced next-token top-K logprobs (softmax of the raw logits over "
@@ -340,6 +341,15 @@ def format_fixture(fixture):
     return text + "\n"
 
 
+def write_synthetic(path, spec):
+    """Writes the synthetic model `spec` ({"arch", "dtype"}) with Realm's own writer, which the
+    agreement test runs again: the same bytes."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    command = ["cargo", "run", "--quiet", "--release", "--bin", "realm-coordinator", "--", "synth",
+               "--arch", spec["arch"], "--dtype", spec["dtype"], "--out", path]
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="GGUF model file")
@@ -348,6 +358,12 @@ def main():
     parser.add_argument("--out", help="fixture to write")
     parser.add_argument("--positions", type=int, default=200)
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument(
+        "--ctx",
+        type=int,
+        help="llama-server's context (default: just enough for the tokens); it decides, e.g., "
+        "which of Phi-3's LongRoPE factor tables applies",
+    )
     parser.add_argument("--all", action="store_true", help=f"regenerate every fixture of {os.path.relpath(MANIFEST, REPO)}")
     args = parser.parse_args()
 
@@ -362,6 +378,8 @@ def main():
         for entry in entries:
             model = entry["model"]
             model = os.path.join(models_dir, model[len("models/"):]) if model.startswith("models/") else os.path.join(REPO, model)
+            if "synthetic" in entry:
+                write_synthetic(model, entry["synthetic"])
             resolve = lambda key: os.path.join(REPO, entry[key]) if entry.get(key) else None
             print(f"{entry['out']}:", file=sys.stderr)
             make_fixture(
@@ -372,11 +390,12 @@ def main():
                 entry.get("top", 10),
                 text=resolve("text"),
                 tokens_file=resolve("tokens"),
+                ctx=entry.get("ctx"),
             )
         return
     if not (args.model and args.out and (args.text or args.tokens)):
         parser.error("--model, --out and --text or --tokens are required (or --all)")
-    make_fixture(bin_dir, args.model, args.out, args.positions, args.top, args.text, args.tokens)
+    make_fixture(bin_dir, args.model, args.out, args.positions, args.top, args.text, args.tokens, args.ctx)
 
 
 if __name__ == "__main__":

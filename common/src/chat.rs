@@ -6,9 +6,10 @@
 //! pycompat, and a `raise_exception` function). The variables are `messages`,
 //! `add_generation_prompt`, `bos_token` and `eos_token`.
 //!
-//! A model without a template gets a built-in one chosen by `general.architecture`: Gemma 3's turn
-//! format for `gemma3`, ChatML for a model whose vocabulary has the ChatML markers, and otherwise
-//! an error, because guessing a format the model never saw produces fluent nonsense.
+//! A model without a template gets a built-in one chosen by `general.architecture`: Gemma's turn
+//! format for `gemma3` and `gemma2`, ChatML for a model whose vocabulary has the ChatML markers,
+//! and otherwise an error, because guessing a format the model never saw produces fluent
+//! nonsense.
 //!
 //! Templates that begin with `{{ bos_token }}` put the BOS text into the rendered prompt. A caller
 //! that encodes such a prompt must not add a second BOS: see [`ChatTemplate::starts_with_bos`].
@@ -154,7 +155,7 @@ impl ChatTemplate {
             )
         } else {
             let arch = file.get_str(KEY_ARCHITECTURE).unwrap_or("unknown");
-            if arch == "gemma3" {
+            if arch == "gemma3" || arch == "gemma2" {
                 (GEMMA3_TEMPLATE.to_string(), TemplateOrigin::Gemma3)
             } else if has_chatml_markers(file) {
                 (CHATML_TEMPLATE.to_string(), TemplateOrigin::ChatMl)

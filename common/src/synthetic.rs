@@ -10,8 +10,8 @@
 //! Each carries a minimal byte-level BPE tokenizer (`gpt2`, pre-tokenizer `gpt-2`): one token
 //! per byte, no merges, an `<|endoftext|>` control token as BOS and EOS, and unused padding
 //! tokens up to the vocabulary size, so the coordinator and the single-process path run them
-//! like any model. The head's rows of the tokens past the bytes are zero, so greedy generation
-//! emits bytes and never stops before its token budget.
+//! like any model. The head's rows of the tokens past ASCII are zero, so greedy generation
+//! emits ASCII and never stops before its token budget.
 //!
 //! The file is written as it is generated, tensor by tensor, so a multi-gigabyte model needs
 //! only one tensor's worth of memory. The same spec and seed always give the same bytes.
@@ -38,6 +38,8 @@ const TYPE_ARRAY: u32 = 9;
 
 /// Tokens of the synthetic tokenizer: one per byte, then this control token (BOS and EOS).
 const BYTE_TOKENS: usize = 256;
+/// The byte tokens a synthetic model predicts: ASCII.
+const ASCII_TOKENS: usize = 128;
 const END_OF_TEXT: &str = "<|endoftext|>";
 const EMBEDDING: &str = "token_embd.weight";
 /// GGUF token types.
@@ -717,9 +719,7 @@ fn tensor_values(spec: &SyntheticSpec, t: &TensorSpec, rng: &mut StdRng) -> Vec<
         Role::Matrix { gain } => uniform(rng, n, gain / fan_in.sqrt()),
         Role::Embedding => {
             // Gemma scales embeddings by √d_model: its rows are that much smaller. The head
-            // of a tied model reads them too: zero rows give `<|endoftext|>` and the padding a
-            // logit of 0, below the largest of 256 random byte logits, so greedy generation
-            // never ends early (benchmarks get the tokens they ask for) and prints bytes.
+            // of a tied model reads them too (see `Role::Output`).
             let std = if spec.arch.is_gemma() {
                 1.0 / fan_in.sqrt()
             } else {
@@ -727,13 +727,18 @@ fn tensor_values(spec: &SyntheticSpec, t: &TensorSpec, rng: &mut StdRng) -> Vec<
             };
             let mut v = uniform(rng, n, std);
             if spec.arch.is_gemma() {
-                v[BYTE_TOKENS * t.dims[0] as usize..].fill(0.0);
+                v[ASCII_TOKENS * t.dims[0] as usize..].fill(0.0);
             }
             v
         }
         Role::Output => {
+            // Zero rows give the bytes past ASCII, `<|endoftext|>` and the padding a logit of
+            // 0, below the largest of 128 random ASCII logits: greedy generation never ends
+            // early (benchmarks get the tokens they ask for) and prints ASCII text, which
+            // every engine returns token by token (a byte inside a UTF-8 character is held
+            // back until the character completes).
             let mut v = uniform(rng, n, LOGIT_SCALE / fan_in.sqrt());
-            v[BYTE_TOKENS * t.dims[0] as usize..].fill(0.0);
+            v[ASCII_TOKENS * t.dims[0] as usize..].fill(0.0);
             v
         }
         Role::Norm { centre } => (0..n)
@@ -1034,7 +1039,7 @@ mod tests {
             c.usage.generated_tokens, 8,
             "greedy never picks <|endoftext|>"
         );
-        assert!(c.tokens.iter().all(|&t| t < 256), "{:?}", c.tokens);
+        assert!(c.tokens.iter().all(|&t| t < 128), "{:?}", c.tokens);
         // Greedy is deterministic: the same prompt picks the same token again.
         let again = generate(&model, &tokenizer, ids, &params, |_| {}).expect("generate");
         assert_eq!(again.tokens, c.tokens);

@@ -147,7 +147,11 @@ fn single_process(model: &Path) -> Vec<Vec<u32>> {
 }
 
 async fn cluster_equals_single_process(model_file: &str) {
-    let model = model_path(model_file);
+    cluster_equals_single_process_at(&model_path(model_file), model_file).await
+}
+
+async fn cluster_equals_single_process_at(model: &Path, model_file: &str) {
+    let model = model.to_path_buf();
     let want = single_process(&model);
     let workers: Vec<Process> = (0..3).map(|_| start_worker(&model)).collect();
     for k in 1..=3 {
@@ -212,6 +216,27 @@ async fn smollm2_through_1_2_3_workers_equals_single_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemma3_through_1_2_3_workers_equals_single_process() {
     cluster_equals_single_process(GEMMA3).await;
+}
+
+/// Architectures with more parts than the project models: a mixture of experts (its router
+/// and expert slices sharded like any block's tensors, each token routed the same way whatever
+/// shares its step), Gemma 2's alternating windows and soft caps (the final one in the
+/// coordinator's head).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_architectures_through_1_2_3_workers_equal_single_process() {
+    use realm_common::synthetic::{self, SyntheticArch, SyntheticDType, SyntheticSpec};
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [
+        SyntheticArch::Mixtral,
+        SyntheticArch::Gemma2,
+        SyntheticArch::Phi3,
+    ] {
+        let name = format!("{}-q4_k_m.gguf", arch.name());
+        let path = dir.path().join(&name);
+        let spec = SyntheticSpec::fixture(arch, SyntheticDType::Q4KM);
+        synthetic::write(&path, &spec).unwrap();
+        cluster_equals_single_process_at(&path, &name).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

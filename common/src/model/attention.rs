@@ -12,19 +12,31 @@ use crate::kv::LayerKv;
 
 mod dot;
 
+/// A rotary embedding, computed as the reference engine computes it, bit for bit: the angle of
+/// pair `i` at position `p` is `p · θ^i` with `θ = base^(-2/d)`, the power built up by one f32
+/// multiplication per pair (not `base^(-2i/d)` directly), divided by the pair's frequency factor
+/// (Llama 3's `rope_freqs`, Phi-3's LongRoPE), scaled by the linear position scale; its sine and
+/// cosine in f32, times a magnitude (LongRoPE's attention factor); each rotated value a fused
+/// multiply-add, `x₀·cos − x₁·sin` as `fma(x₀, cos, −(x₁·sin))`. Queries and keys are rounded to
+/// f16 after this: an angle or a product a bit off flips that rounding in a few values per token,
+/// which moves the answers as far from the reference as a missing feature would at near-ties.
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
     pub style: RopeStyle,
-    /// `base^(-2i/d) / factor_i` for `i` in `0..d/2`.
-    inv_freq: Vec<f32>,
+    /// `base^(-2/d)`: the ratio of the angles of consecutive pairs.
+    theta_scale: f32,
+    /// Per-pair divisors of the angle, if any.
+    factors: Option<Vec<f32>>,
+    /// Pairs rotated: `head_dim / 2`.
+    pairs: usize,
     position_scale: f32,
     /// A factor on every sine and cosine (1 for none).
     magnitude: f32,
 }
 
 impl Rope {
-    /// A rotation whose pair `i` turns `factors[i]` times slower (Llama 3's and Phi-3's
-    /// frequency factors), with sines and cosines multiplied by `magnitude`.
+    /// A rotation whose pair `i` turns `factors[i]` times slower, with sines and cosines
+    /// multiplied by `magnitude`. `factors` holds `head_dim / 2` values.
     pub fn new(
         style: RopeStyle,
         head_dim: usize,
@@ -33,45 +45,60 @@ impl Rope {
         factors: Option<&[f32]>,
         magnitude: f32,
     ) -> Self {
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| {
-                let f = base.powf(-2.0 * i as f32 / head_dim as f32);
-                match factors {
-                    Some(factors) => f / factors[i],
-                    None => f,
-                }
-            })
-            .collect();
         Self {
             style,
-            inv_freq,
+            theta_scale: base.powf(-2.0 / head_dim as f32),
+            factors: factors.map(<[f32]>::to_vec),
+            pairs: head_dim / 2,
             position_scale,
             magnitude,
         }
     }
 
+    /// `(cos, sin)` of every pair's angle at `position`, in pair order.
+    fn angles(&self, position: usize) -> impl Iterator<Item = (f32, f32)> + '_ {
+        let mut theta = position as f32;
+        (0..self.pairs).map(move |i| {
+            let extrapolated = match &self.factors {
+                Some(f) => theta / f[i],
+                None => theta,
+            };
+            let angle = self.position_scale * extrapolated;
+            theta *= self.theta_scale;
+            (angle.cos() * self.magnitude, angle.sin() * self.magnitude)
+        })
+    }
+
     /// Rotates `x` (`[heads, n_tokens, head_dim]`), token `i` sitting at `positions[i]`.
     pub fn apply(&self, x: &Tensor, positions: &[usize], device: &Device) -> Result<Tensor> {
-        let n = positions.len();
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for &p in positions {
-            let p = p as f32 * self.position_scale;
-            for &f in &self.inv_freq {
-                let (s, c) = (p * f).sin_cos();
-                cos.push(c * self.magnitude);
-                sin.push(s * self.magnitude);
-            }
+        let (_, n, head_dim) = x.dims3()?;
+        if n != positions.len() || head_dim != 2 * self.pairs {
+            return Err(Error::InvalidArgument(format!(
+                "cannot rotate shape {:?} at {} positions with {} pairs",
+                x.dims(),
+                positions.len(),
+                self.pairs
+            )));
         }
-        let cos = Tensor::from_vec(cos, (n, half), device)?;
-        let sin = Tensor::from_vec(sin, (n, half), device)?;
-        let x = x.unsqueeze(0)?.contiguous()?;
-        let out = match self.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
-            RopeStyle::Neox => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
-        };
-        Ok(out.squeeze(0)?)
+        let table: Vec<(f32, f32)> = positions.iter().flat_map(|&p| self.angles(p)).collect();
+        let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+        let (pairs, style) = (self.pairs, self.style);
+        values
+            .par_chunks_exact_mut(head_dim)
+            .enumerate()
+            .for_each(|(row, x)| {
+                let angles = &table[(row % n) * pairs..][..pairs];
+                for (i, &(cos, sin)) in angles.iter().enumerate() {
+                    let (a, b) = match style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + pairs),
+                    };
+                    let (x0, x1) = (x[a], x[b]);
+                    x[a] = x0.mul_add(cos, -(x1 * sin));
+                    x[b] = x0.mul_add(sin, x1 * cos);
+                }
+            });
+        Ok(Tensor::from_vec(values, x.shape().clone(), device)?)
     }
 }
 

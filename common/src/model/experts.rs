@@ -16,6 +16,7 @@ use super::config::{Activation, Experts};
 use super::Linear;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
+use crate::quant::load_qtensor;
 
 /// The smallest weight sum the renormalization divides by (the reference engines' floor, the
 /// smallest normal f16).
@@ -28,9 +29,34 @@ struct Expert {
     down: Linear,
 }
 
+/// The router's matrix `[experts, d_model]` in f32. Each token's logits are computed on their
+/// own, in one fixed order (f64 sums), so a token routes the same way whatever else is in its
+/// step: a batched matrix product may sum in another order for another number of rows, and a
+/// near-tie between two experts would then go either way.
+#[derive(Debug)]
+struct Router {
+    weights: Vec<f32>,
+    experts: usize,
+    d_model: usize,
+}
+
+impl Router {
+    fn logits(&self, x: &[f32]) -> Vec<f32> {
+        self.weights
+            .chunks_exact(self.d_model)
+            .map(|w| {
+                w.iter()
+                    .zip(x)
+                    .map(|(&w, &x)| f64::from(w * x))
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct MixtureOfExperts {
-    router: Linear,
+    router: Router,
     experts: Vec<Expert>,
     used: usize,
     normalize: bool,
@@ -48,18 +74,25 @@ impl MixtureOfExperts {
         device: &Device,
     ) -> Result<Self> {
         let name = |n: &str| format!("blk.{layer}.{n}");
-        let router = Linear::load(file, &name(FFN_GATE_INP), device)?;
-        if router.rows() != config.count || router.cols() != d_model {
+        let info = file.tensor_info(&name(FFN_GATE_INP))?;
+        if info.dims != [d_model as u64, config.count as u64] {
             return Err(Error::Tensor {
                 name: name(FFN_GATE_INP),
                 problem: format!(
-                    "routes {} inputs to {} experts, the model has d_model {d_model} and {} experts",
-                    router.cols(),
-                    router.rows(),
-                    config.count
+                    "dimensions {:?}, where the model routes d_model {d_model} to {} experts",
+                    info.dims, config.count
                 ),
             });
         }
+        let weights = load_qtensor(file, info, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let router = Router {
+            weights,
+            experts: config.count,
+            d_model,
+        };
         let f = config.ffn_dim;
         let gate = expert_slices(file, &name(FFN_GATE_EXPS), d_model, f, config.count)?;
         let up = expert_slices(file, &name(FFN_UP_EXPS), d_model, f, config.count)?;
@@ -89,11 +122,14 @@ impl MixtureOfExperts {
     /// `x` is `[n, d_model]`; returns `[n, d_model]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
-        let logits = self.router.forward(x)?.to_vec2::<f32>()?;
+        let rows = x.to_vec2::<f32>()?;
         // Each row's chosen experts and their weights, in rank order.
-        let choices: Vec<Vec<(usize, f32)>> = logits.iter().map(|l| self.route(l)).collect();
+        let choices: Vec<Vec<(usize, f32)>> = rows
+            .iter()
+            .map(|row| self.route(&self.router.logits(row)))
+            .collect();
         // Each expert's rows: (row, rank).
-        let mut assigned: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.experts.len()];
+        let mut assigned: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.router.experts];
         for (row, chosen) in choices.iter().enumerate() {
             for (rank, &(expert, _)) in chosen.iter().enumerate() {
                 assigned[expert].push((row, rank));

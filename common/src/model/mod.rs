@@ -135,17 +135,6 @@ impl Linear {
         }
     }
 
-    /// Values per input row.
-    pub fn cols(&self) -> usize {
-        match self {
-            Self::Realm(m) => m.cols(),
-            Self::Candle(m) => match m {
-                QMatMul::QTensor(t) => t.shape().dims()[1],
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[1],
-            },
-        }
-    }
-
     /// `x` is `[n, cols]`; returns `[n, rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

@@ -1,7 +1,9 @@
-//! RMS normalization: each row divided by `sqrt(mean(x²) + eps)`, then scaled by the weight.
+//! RMS normalization: each row multiplied by `1 / sqrt(mean(x²) + eps)`, then by the weight.
 //! The rounding of the normalized activations decides which way 8-bit activation quantization
-//! rounds downstream, so this order of operations is fixed and tested by greedy agreement with
-//! the reference outputs.
+//! rounds downstream: one value rounded differently moves a product by ~1e-3 of its size, and
+//! those steps add up over a deep model. So the operations are the reference's, in its order:
+//! squares rounded to f32 and summed in f64, the mean rounded to f32, its reciprocal root in
+//! f32, and each value scaled by it, then by the weight. This gives the reference's bits.
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -22,10 +24,11 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
     let eps = eps as f32;
     // Rows are independent: a prefill's spread over the threads.
     values.par_chunks_exact_mut(width).for_each(|row| {
-        let sum: f32 = row.iter().map(|&v| v * v).sum();
-        let rms = (sum / width as f32 + eps).sqrt();
+        let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+        let mean = (sum / width as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
         for (v, w) in row.iter_mut().zip(&w) {
-            *v = *v / rms * w;
+            *v = *v * scale * w;
         }
     });
     Ok(Tensor::from_vec(values, x.shape().clone(), x.device())?)
