@@ -411,10 +411,61 @@ fn logprobs_are_the_model_s(cluster: &TestCluster, r: &Value) {
         }
     }
 
+    // A character split over tokens: SmolLM2 writes " 🌟" as " \xf0\x9f", "\x8c", "\x9f". The
+    // tokens' bytes join to the text; the tokens that begin the character begin where it does.
+    let split = "My favourite emojis are 😀 and";
+    let (entries, text) = runtime.block_on(async {
+        use realm_proto::pb;
+        let grpc = cluster.coordinator.addr("listening");
+        let mut client = pb::realm_client::RealmClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connect");
+        let request = pb::GenerateRequest {
+            prompt: split.to_string(),
+            max_tokens: 4,
+            logprobs: true,
+            ..Default::default()
+        };
+        let mut stream = client
+            .generate(request)
+            .await
+            .expect("generate")
+            .into_inner();
+        let (mut entries, mut text) = (Vec::new(), String::new());
+        while let Some(message) = stream.message().await.expect("a message") {
+            entries.extend(message.logprobs);
+            text.push_str(&message.text);
+        }
+        (entries, text)
+    });
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.bytes.clone()).collect();
+    assert_eq!(bytes, text.as_bytes(), "{entries:?}");
+    assert!(
+        entries
+            .iter()
+            .any(|e| std::str::from_utf8(&e.bytes).is_err()),
+        "no token holds part of a character: {text:?}"
+    );
+    let url = format!("{}/v1/completions", cluster.http());
+    let body = serde_json::json!({
+        "prompt": split, "max_tokens": 4, "temperature": 0, "logprobs": 0,
+    });
+    let whole = curl(&url, Some(&body.to_string()), &[]).json();
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["text"], text.as_str());
+    assert_eq!(
+        choice["logprobs"]["tokens"],
+        serde_json::json!([" \\xf0\\x9f", "\\x8c", "\\x9f", "."]),
+        "{whole}"
+    );
+    assert_eq!(
+        choice["logprobs"]["text_offset"],
+        serde_json::json!([0, 1, 1, 2])
+    );
+
     // Stop strings: "." ends the text before the second token; "ar" cuts into " Paris", which
     // keeps the bytes before the cut, streamed or not.
     assert_eq!(r["stopped"]["tokens"], serde_json::json!([" Paris"]));
-    let url = format!("{}/v1/completions", cluster.http());
     let body = r#"{"prompt":"The capital of France is","max_tokens":4,"temperature":0,
                    "logprobs":1,"stop":"ar""#;
     let whole = curl(&url, Some(&format!("{body}}}")), &[]).json();
