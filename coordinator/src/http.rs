@@ -12,8 +12,8 @@
 //! Sampling follows the OpenAI defaults (`temperature` 1, `top_p` 1); `max_tokens` defaults to
 //! Realm's [`DEFAULT_MAX_TOKENS`]. Realm's own `top_k`, `min_p` and `repetition_penalty` are
 //! accepted too. Every field of a request is honoured, refused with a 400 that names it, or (a
-//! few that change nothing Realm does, like `user`) accepted and ignored: [`SHARED_FIELDS`],
-//! [`COMPLETION_FIELDS`] and [`CHAT_FIELDS`] say which; a field Realm does not know is refused.
+//! few that change nothing Realm does, like `user`) accepted and ignored: `SHARED_FIELDS`,
+//! `COMPLETION_FIELDS` and `CHAT_FIELDS` say which; a field Realm does not know is refused.
 //!
 //! Log-probabilities (`logprobs`) come in OpenAI's two shapes: the legacy completions' `tokens`,
 //! `token_logprobs`, `top_logprobs` and `text_offset` lists, and chat's `content` entries with
@@ -652,7 +652,8 @@ impl Sampling {
         let count = |v: &Value, max: usize| v.as_u64().filter(|&n| n <= max as u64);
         match endpoint {
             Endpoint::Completions => match &self.logprobs {
-                None => Ok(None),
+                // Asks for none, as some clients write it.
+                None | Some(Value::Bool(false)) => Ok(None),
                 Some(v) => match count(v, MAX_COMPLETION_LOGPROBS) {
                     Some(n) => Ok(Some(n as usize)),
                     None => Err(ApiError::invalid(
@@ -1436,6 +1437,7 @@ mod tests {
         let asked = |endpoint, json: &str| sampling(json).logprobs(endpoint);
         use Endpoint::{Chat, Completions};
         assert_eq!(asked(Completions, "{}").unwrap(), None);
+        assert_eq!(asked(Completions, r#"{"logprobs":false}"#).unwrap(), None);
         assert_eq!(asked(Completions, r#"{"logprobs":0}"#).unwrap(), Some(0));
         assert_eq!(asked(Completions, r#"{"logprobs":5}"#).unwrap(), Some(5));
         assert_eq!(asked(Chat, r#"{"logprobs":false}"#).unwrap(), None);
