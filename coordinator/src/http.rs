@@ -286,6 +286,8 @@ struct Sampling {
     stream_options: Option<StreamOptions>,
     top_k: Option<u32>,
     min_p: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     repetition_penalty: Option<f32>,
     /// `/v1/completions`: how many alternatives to report; chat: `true` to report.
     logprobs: Option<Value>,
@@ -372,20 +374,8 @@ const SHARED_FIELDS: &[(&str, Policy)] = &[
     ("top_k", Honoured),
     ("min_p", Honoured),
     ("repetition_penalty", Honoured),
-    (
-        "presence_penalty",
-        Refused {
-            harmless: is_zero,
-            why: "Realm has no presence penalty (its `repetition_penalty` penalises repeats)",
-        },
-    ),
-    (
-        "frequency_penalty",
-        Refused {
-            harmless: is_zero,
-            why: "Realm has no frequency penalty (its `repetition_penalty` penalises repeats)",
-        },
-    ),
+    ("presence_penalty", Honoured),
+    ("frequency_penalty", Honoured),
     (
         "logit_bias",
         Refused {
@@ -559,10 +549,6 @@ fn check_field(endpoint: Endpoint, field: &str, value: &Value) -> Result<(), Api
     }
 }
 
-fn is_zero(v: &Value) -> bool {
-    v.as_f64() == Some(0.0)
-}
-
 fn is_one(v: &Value) -> bool {
     v.as_f64() == Some(1.0)
 }
@@ -634,16 +620,20 @@ impl Sampling {
             top_k: self.top_k.unwrap_or(0),
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             seed: self.seed,
             stop,
             ..Default::default()
         };
-        let mut params = generation_params(&request)?;
-        if let Some(min_p) = self.min_p {
-            params.sampling.min_p = min_p;
-            params.sampling.validate().map_err(Error::from)?;
-        }
-        Ok(params)
+        let checked = generation_params(&request).and_then(|mut params| {
+            if let Some(min_p) = self.min_p {
+                params.sampling.min_p = min_p;
+                params.sampling.validate()?;
+            }
+            Ok(params)
+        });
+        checked.map_err(|e| named(e.into()))
     }
 
     /// How many alternatives to report with each token's log-probability, if `endpoint`'s
@@ -703,6 +693,27 @@ impl Sampling {
             .as_ref()
             .is_some_and(|o| o.include_usage)
     }
+}
+
+/// The sampling fields whose checks say `<field> must ...`.
+const CHECKED_FIELDS: &[&str] = &[
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+];
+
+/// `e` with the field its message is about as its `param`.
+fn named(mut e: ApiError) -> ApiError {
+    if e.param.is_none() {
+        e.param = CHECKED_FIELDS
+            .iter()
+            .find(|f| e.message.contains(&format!("{f} must")))
+            .map(|f| f.to_string());
+    }
+    e
 }
 
 /// A chat message's text: a string, or the concatenated text parts of a list of parts.
@@ -1368,8 +1379,11 @@ mod tests {
         for (json, param) in [
             (r#"{"n":2}"#, Some("n")),
             (r#"{"max_tokens":0}"#, Some("max_tokens")),
-            (r#"{"temperature":-1}"#, None),
-            (r#"{"top_p":0}"#, None),
+            (r#"{"temperature":-1}"#, Some("temperature")),
+            (r#"{"top_p":0}"#, Some("top_p")),
+            (r#"{"min_p":2}"#, Some("min_p")),
+            (r#"{"presence_penalty":2.5}"#, Some("presence_penalty")),
+            (r#"{"frequency_penalty":-3}"#, Some("frequency_penalty")),
         ] {
             let e = sampling(json).params().unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{json}");
@@ -1411,7 +1425,6 @@ mod tests {
             assert!(check(endpoint, json).is_ok(), "{json}");
         }
         for (endpoint, json, field) in [
-            (Chat, r#"{"presence_penalty":0.5}"#, "presence_penalty"),
             (Chat, r#"{"logit_bias":{"50256":-100}}"#, "logit_bias"),
             (Chat, r#"{"tools":[{"type":"function"}]}"#, "tools"),
             (Chat, r#"{"tool_choice":"required"}"#, "tool_choice"),

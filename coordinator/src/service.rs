@@ -127,6 +127,8 @@ pub fn generation_params(req: &pb::GenerateRequest) -> Result<GenerationParams> 
         top_k: req.top_k as usize,
         top_p: req.top_p.unwrap_or(1.0),
         repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
         seed: req.seed,
         ..SamplingParams::default()
     };
@@ -432,6 +434,14 @@ mod tests {
             },
             pb::GenerateRequest {
                 stop: vec![String::new()],
+                ..request()
+            },
+            pb::GenerateRequest {
+                presence_penalty: Some(-2.5),
+                ..request()
+            },
+            pb::GenerateRequest {
+                frequency_penalty: Some(f32::INFINITY),
                 ..request()
             },
         ];

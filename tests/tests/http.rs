@@ -561,7 +561,13 @@ fn errors_have_the_openai_shape_and_status() {
             format!(r#"{{"messages":{user},"temperature":-1}}"#),
             400,
             None,
+            Some("temperature"),
+        ),
+        (
+            format!(r#"{{"messages":{user},"presence_penalty":2.5}}"#),
+            400,
             None,
+            Some("presence_penalty"),
         ),
         (
             format!(r#"{{"messages":{user},"n":2}}"#),
@@ -590,8 +596,6 @@ fn errors_have_the_openai_shape_and_status() {
     ];
     // Fields Realm does not honour are refused by name, never ignored.
     let refused = [
-        r#""presence_penalty":0.5"#,
-        r#""frequency_penalty":1"#,
         r#""logit_bias":{"9":5}"#,
         r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
         r#""tool_choice":"required""#,
@@ -667,6 +671,25 @@ fn errors_have_the_openai_shape_and_status() {
     ] {
         let reply = curl(url, Some(&body), &[]);
         assert_eq!(reply.status, 200, "{body}: {}", reply.body);
+    }
+    // The presence and frequency penalties are honoured: the greedy text repeats "\n" unless
+    // they keep it from it.
+    let greedy = |extra: &str| {
+        let body = format!(
+            r#"{{"prompt":"The capital of France is","max_tokens":8,"temperature":0{extra}}}"#
+        );
+        let reply = curl(&completions, Some(&body), &[]);
+        assert_eq!(reply.status, 200, "{body}: {}", reply.body);
+        reply.json()["choices"][0]["text"]
+            .as_str()
+            .expect("text")
+            .to_string()
+    };
+    let plain = greedy("");
+    assert!(plain.starts_with(" Paris.\n\n"), "{plain:?}");
+    for penalty in [r#","presence_penalty":2"#, r#","frequency_penalty":2"#] {
+        let penalised = greedy(penalty);
+        assert!(!penalised.contains("\n\n"), "{penalty}: {penalised:?}");
     }
     let missing = curl(&format!("{base}/v2/nothing"), None, &[]);
     assert_eq!(missing.status, 404);

@@ -275,6 +275,7 @@ async fn generate(mut client: Client, args: GenerateArgs) -> Result<(), Failure>
         stop: args.stop,
         logprobs: args.logprobs.is_some(),
         top_logprobs: args.logprobs.unwrap_or(0),
+        ..Default::default()
     };
     let mut stream = client.generate(request).await?.into_inner();
     let mut stdout = std::io::stdout().lock();
