@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::logprobs::{self, TokenLogprob, Trail, MAX_TOP_LOGPROBS};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
@@ -58,6 +59,9 @@ pub struct Step {
     /// Text that became final with this token (possibly empty).
     pub text: String,
     pub finish: Option<FinishReason>,
+    /// When the generation reports log-probabilities: the entries of the tokens whose text went
+    /// out with this step's `text` (see [`crate::logprobs::Trail`]), which may trail `token`.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// The text side of one generation.
@@ -71,6 +75,19 @@ pub struct Decoding {
     prompt_len: usize,
     max_tokens: usize,
     context_length: usize,
+    /// Set when the request asked for log-probabilities; nothing is computed otherwise.
+    logprobs: Option<Logprobs>,
+}
+
+/// The log-probability side of a generation that reports them.
+#[derive(Debug)]
+struct Logprobs {
+    /// Alternatives reported at each position.
+    top: usize,
+    trail: Trail,
+    /// Bytes of text given out so far.
+    given: usize,
+    scratch: Vec<(u32, f32)>,
 }
 
 impl Decoding {
@@ -103,7 +120,25 @@ impl Decoding {
             history: prompt,
             max_tokens: params.max_tokens,
             context_length,
+            logprobs: None,
         })
+    }
+
+    /// Reports each token's log-probability and the `top` most likely tokens at its position
+    /// (at most [`MAX_TOP_LOGPROBS`]) with the text of each step.
+    pub fn report_logprobs(&mut self, top: usize) -> Result<()> {
+        if top > MAX_TOP_LOGPROBS {
+            return Err(Error::InvalidArgument(format!(
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {top}"
+            )));
+        }
+        self.logprobs = Some(Logprobs {
+            top,
+            trail: Trail::default(),
+            given: 0,
+            scratch: Vec::new(),
+        });
+        Ok(())
     }
 
     pub fn prompt(&self) -> &[u32] {
@@ -124,37 +159,74 @@ impl Decoding {
     pub fn step(&mut self, tokenizer: &Tokenizer, logits: &[f32]) -> Result<Step> {
         let token = self.sampler.sample(logits, &self.history)?;
         self.history.push(token);
+        let entry = match &mut self.logprobs {
+            Some(lp) => {
+                let (logprob, top) = logprobs::of_logits(logits, token, lp.top, &mut lp.scratch);
+                Some(TokenLogprob {
+                    token,
+                    logprob,
+                    bytes: tokenizer.token_bytes(token, false)?,
+                    offset: 0,
+                    top,
+                })
+            }
+            None => None,
+        };
         if tokenizer.is_end_of_generation(token) {
-            let text = self.flush();
+            // Its own text is not returned, so neither is its entry.
+            let (text, stopped) = self.flush();
+            let logprobs = self.give(&text, Some(stopped));
             return Ok(Step {
                 token,
                 text,
                 finish: Some(FinishReason::Stop),
+                logprobs,
             });
         }
         let piece = self.decoder.push(tokenizer, token)?;
+        if let (Some(lp), Some(entry)) = (&mut self.logprobs, entry) {
+            lp.trail.push(entry, piece.len());
+        }
         let outcome = self.stops.push(&piece);
         if outcome.stopped() {
+            let logprobs = self.give(&outcome.text, Some(true));
             return Ok(Step {
                 token,
                 text: outcome.text,
                 finish: Some(FinishReason::Stop),
+                logprobs,
             });
         }
         let mut text = outcome.text;
         let full =
             self.generated().len() >= self.max_tokens || self.history.len() >= self.context_length;
-        let finish = if full {
-            text.push_str(&self.flush());
-            Some(FinishReason::Length)
+        let (finish, end) = if full {
+            let (tail, stopped) = self.flush();
+            text.push_str(&tail);
+            (Some(FinishReason::Length), Some(stopped))
         } else {
-            None
+            (None, None)
         };
+        let logprobs = self.give(&text, end);
         Ok(Step {
             token,
             text,
             finish,
+            logprobs,
         })
+    }
+
+    /// The entries of the tokens whose text is out once `text` goes out; `end` is set at the
+    /// end of the generation, to whether a stop string cut the text.
+    fn give(&mut self, text: &str, end: Option<bool>) -> Vec<TokenLogprob> {
+        let Some(lp) = &mut self.logprobs else {
+            return Vec::new();
+        };
+        lp.given += text.len();
+        match end {
+            None => lp.trail.release(lp.given),
+            Some(stopped) => lp.trail.finish(stopped.then_some(lp.given)),
+        }
     }
 
     /// The finished generation: its tokens, `text`, why it ended and how long it took.
@@ -178,14 +250,19 @@ impl Decoding {
         }
     }
 
-    /// Releases text held back for a possible stop string or an unfinished character.
-    fn flush(&mut self) -> String {
+    /// Releases text held back for a possible stop string or an unfinished character, and
+    /// whether a stop string cut it.
+    fn flush(&mut self) -> (String, bool) {
         let tail = self.decoder.finish();
+        if let Some(lp) = &mut self.logprobs {
+            lp.trail.extend_last(tail.len());
+        }
         let mut text = self.stops.push(&tail).text;
-        if !self.stops.is_stopped() {
+        let stopped = self.stops.is_stopped();
+        if !stopped {
             text.push_str(&self.stops.finish());
         }
-        text
+        (text, stopped)
     }
 }
 

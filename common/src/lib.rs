@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod kv;
 pub mod logging;
+pub mod logprobs;
 mod mmap;
 pub mod model;
 pub mod perplexity;

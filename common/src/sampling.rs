@@ -1,13 +1,15 @@
 //! Token sampling: turns the logits of the last position into the next token id.
 //!
-//! The chain is the usual one of GGUF engines: a repetition penalty over the recent history,
-//! then either greedy argmax (temperature 0) or top-k → top-p → min-p → temperature → softmax →
+//! The chain is the usual one of GGUF engines: a repetition penalty over the recent history and
+//! OpenAI's presence and frequency penalties over the tokens generated so far, then either greedy argmax (temperature 0) or top-k → top-p → min-p → temperature → softmax →
 //! a draw from a seeded RNG. Top-p and min-p look at the probabilities *before* temperature, as
 //! is usual, so temperature only reshapes the distribution among the survivors.
 //!
 //! A [`Sampler`] belongs to one generation: it owns the RNG (the same seed and the same logits give
 //! the same tokens) and scratch buffers reused from step to step, so sampling a vocabulary of a
 //! quarter of a million entries does not allocate on every token.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,6 +28,8 @@ pub const DEFAULT_MIN_P: f32 = 0.0;
 pub const DEFAULT_REPETITION_PENALTY: f32 = 1.0;
 /// The customary default window for the repetition penalty.
 pub const DEFAULT_REPEAT_LAST_N: usize = 64;
+/// The presence and frequency penalties' bound either way, as OpenAI's.
+pub const MAX_OCCURRENCE_PENALTY: f32 = 2.0;
 
 /// Top-p without top-k first tries this many best candidates before sorting the whole
 /// vocabulary: with any peaked distribution the nucleus is far smaller.
@@ -48,6 +52,12 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many of the last tokens of the history the penalty looks at; 0 disables the penalty.
     pub repeat_last_n: usize,
+    /// Subtracted once from the logit of each token generated so far (OpenAI's
+    /// `presence_penalty`); in `[-2, 2]`, 0 disables.
+    pub presence_penalty: f32,
+    /// Subtracted from the logit of each token generated so far once per time it was generated
+    /// (OpenAI's `frequency_penalty`); in `[-2, 2]`, 0 disables.
+    pub frequency_penalty: f32,
     /// Seed of the RNG; `None` seeds from the operating system.
     pub seed: Option<u64>,
 }
@@ -61,6 +71,8 @@ impl Default for SamplingParams {
             min_p: DEFAULT_MIN_P,
             repetition_penalty: DEFAULT_REPETITION_PENALTY,
             repeat_last_n: DEFAULT_REPEAT_LAST_N,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
         }
     }
@@ -99,11 +111,27 @@ impl SamplingParams {
                 self.repetition_penalty
             ));
         }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if value.is_nan() || value.abs() > MAX_OCCURRENCE_PENALTY {
+                return invalid(format!(
+                    "{name} must be in [-{MAX_OCCURRENCE_PENALTY}, {MAX_OCCURRENCE_PENALTY}], got \
+                     {value}"
+                ));
+            }
+        }
         Ok(())
     }
 
     fn penalty_active(&self) -> bool {
         self.repetition_penalty != 1.0 && self.repeat_last_n > 0
+    }
+
+    /// Whether the presence or frequency penalty is on.
+    fn occurrence_penalty_active(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
 
@@ -118,6 +146,8 @@ pub struct Sampler {
     recent: Vec<u32>,
     /// `(token id, logit)` of the tokens still in the running; then their probabilities.
     candidates: Vec<(u32, f32)>,
+    /// How often each token was generated; kept only for the presence and frequency penalties.
+    generated: HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -134,6 +164,7 @@ impl Sampler {
             penalized: Vec::new(),
             recent: Vec::new(),
             candidates: Vec::new(),
+            generated: HashMap::new(),
         })
     }
 
@@ -143,8 +174,17 @@ impl Sampler {
 
     /// Picks the next token from `logits`, the scores of the last position (one per vocabulary
     /// entry). `history` is every token so far, prompt and generated, for the repetition penalty;
-    /// ids outside the vocabulary are ignored. NaN logits count as impossible tokens.
+    /// ids outside the vocabulary are ignored. NaN logits count as impossible tokens. The token
+    /// returned counts as generated, for the presence and frequency penalties.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        let token = self.choose(logits, history)?;
+        if self.params.occurrence_penalty_active() {
+            *self.generated.entry(token).or_insert(0) += 1;
+        }
+        Ok(token)
+    }
+
+    fn choose(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::InvalidArgument(
                 "cannot sample from an empty logits vector".to_string(),
@@ -157,7 +197,7 @@ impl Sampler {
             )));
         }
 
-        let logits = if self.params.penalty_active() {
+        let logits = if self.params.penalty_active() || self.params.occurrence_penalty_active() {
             self.apply_penalty(logits, history);
             &self.penalized[..]
         } else {
@@ -236,16 +276,29 @@ impl Sampler {
     }
 
     /// Fills `self.penalized` with `logits`, penalising each distinct token among the last
-    /// `repeat_last_n` of `history` once.
+    /// `repeat_last_n` of `history` once, then each generated token by its occurrences.
     fn apply_penalty(&mut self, logits: &[f32], history: &[u32]) {
+        self.penalized.clear();
+        self.penalized.extend_from_slice(logits);
+        if self.params.penalty_active() {
+            self.apply_repetition_penalty(history);
+        }
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        for (&id, &n) in &self.generated {
+            if let Some(l) = self.penalized.get_mut(id as usize) {
+                *l -= presence + frequency * n as f32;
+            }
+        }
+    }
+
+    /// Penalises each distinct token among the last `repeat_last_n` of `history` once.
+    fn apply_repetition_penalty(&mut self, history: &[u32]) {
         let window = &history[history.len().saturating_sub(self.params.repeat_last_n)..];
         self.recent.clear();
         self.recent.extend_from_slice(window);
         self.recent.sort_unstable();
         self.recent.dedup();
 
-        self.penalized.clear();
-        self.penalized.extend_from_slice(logits);
         let penalty = self.params.repetition_penalty;
         for &id in &self.recent {
             if let Some(l) = self.penalized.get_mut(id as usize) {
@@ -454,6 +507,37 @@ mod tests {
     }
 
     #[test]
+    fn presence_and_frequency_penalties_demote_generated_tokens() {
+        let logits = [1.0, 2.0, 1.5];
+        let run = |params: SamplingParams| {
+            let mut s = sampler(params);
+            // The history (a prompt full of token 1) does not count: only what was generated.
+            (0..4)
+                .map(|_| s.sample(&logits, &[1, 1, 1]).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(SamplingParams::greedy()), [1, 1, 1, 1]);
+        // Once generated, token 1 is at 2.0 - 0.6 = 1.4 < 1.5; then token 2 at 0.9.
+        let presence = SamplingParams {
+            presence_penalty: 0.6,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(run(presence), [1, 2, 1, 1]);
+        // 2.0 - 0.3 = 1.7 still wins; 2.0 - 0.6 = 1.4 no longer; 1.5 - 0.3 = 1.2 < 1.4.
+        let frequency = SamplingParams {
+            frequency_penalty: 0.3,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(run(frequency), [1, 1, 2, 1]);
+        // Negative values encourage repeats.
+        let encourage = SamplingParams {
+            presence_penalty: -2.0,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(run(encourage), [1, 1, 1, 1]);
+    }
+
+    #[test]
     fn repetition_penalty_only_sees_the_window() {
         let logits = [1.0, 2.0, 1.8];
         let mut s = sampler(SamplingParams {
@@ -603,6 +687,20 @@ mod tests {
                     ..Default::default()
                 },
                 "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: f32::NAN,
+                    ..Default::default()
+                },
+                "frequency_penalty",
             ),
         ];
         for (params, field) in cases {

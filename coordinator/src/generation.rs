@@ -50,6 +50,9 @@ pub struct Job {
     pub id: RequestId,
     /// Which API the request came through, for the metrics' `api` label.
     pub api: &'static str,
+    /// Report log-probabilities, with this many alternatives at each position; `None` computes
+    /// none.
+    pub logprobs: Option<usize>,
 }
 
 /// Counts a request of `api` refused before its generation could start.
@@ -72,6 +75,7 @@ pub fn start(
         received,
         id,
         api,
+        logprobs,
     } = job;
     let context = cluster.model().config.context_length;
     if params.max_tokens > context {
@@ -82,7 +86,13 @@ pub fn start(
         ))
         .into());
     }
-    let decoding = match cluster.decoding(tokens, &params) {
+    let decoding = cluster.decoding(tokens, &params).and_then(|mut d| {
+        if let Some(top) = logprobs {
+            d.report_logprobs(top)?;
+        }
+        Ok(d)
+    });
+    let decoding = match decoding {
         Ok(d) => d,
         Err(e) => {
             count_refused(api);

@@ -10,7 +10,15 @@
 //! overloaded, 503 when a worker is unavailable).
 //!
 //! Sampling follows the OpenAI defaults (`temperature` 1, `top_p` 1); `max_tokens` defaults to
-//! Realm's [`DEFAULT_MAX_TOKENS`]. Realm's own `top_k` and `repetition_penalty` are accepted too.
+//! Realm's [`DEFAULT_MAX_TOKENS`]. Realm's own `top_k`, `min_p` and `repetition_penalty` are
+//! accepted too. Every field of a request is honoured, refused with a 400 that names it, or (a
+//! few that change nothing Realm does, like `user`) accepted and ignored: `SHARED_FIELDS`,
+//! `COMPLETION_FIELDS` and `CHAT_FIELDS` say which; a field Realm does not know is refused.
+//!
+//! Log-probabilities (`logprobs`) come in OpenAI's two shapes: the legacy completions' `tokens`,
+//! `token_logprobs`, `top_logprobs` and `text_offset` lists, and chat's `content` entries with
+//! `bytes`. They cover exactly the tokens whose text is returned (see [`realm_common::logprobs`]);
+//! streamed, each chunk carries the entries of the tokens whose text it carries.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,9 +38,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use realm_common::auth::{RequireBearer, Secret};
 use realm_common::chat::ChatMessage;
 use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
+use realm_common::logprobs::{token_string, TokenLogprob, MAX_TOP_LOGPROBS};
+use realm_common::tokenizer::Tokenizer;
 use realm_proto::pb;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -47,6 +57,14 @@ use crate::service::generation_params;
 
 /// Temperature when a request gives none, as in the OpenAI API.
 const DEFAULT_TEMPERATURE: f32 = 1.0;
+
+/// The most alternatives `/v1/completions` reports per token (`logprobs`), as OpenAI's legacy
+/// completions; chat's `top_logprobs` goes to [`MAX_TOP_LOGPROBS`].
+const MAX_COMPLETION_LOGPROBS: usize = 5;
+
+/// What the API logs in place of a log-probability JSON cannot hold (an impossible token's -inf),
+/// as OpenAI does for a very unlikely token.
+const UNLIKELY_LOGPROB: f64 = -9999.0;
 
 /// Who may use the HTTP API, how many generations it runs, and what `/metrics` renders.
 #[derive(Clone)]
@@ -131,16 +149,16 @@ pub async fn serve(
 pub struct ApiError {
     status: StatusCode,
     message: String,
-    param: Option<&'static str>,
+    param: Option<String>,
     code: Option<&'static str>,
 }
 
 impl ApiError {
-    fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+    fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
-            param,
+            param: param.map(str::to_string),
             code: None,
         }
     }
@@ -169,7 +187,7 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (param, code) = match &e {
-            Error::UnknownModel { .. } => (Some("model"), Some("model_not_found")),
+            Error::UnknownModel { .. } => (Some("model".to_string()), Some("model_not_found")),
             Error::Model(realm_common::Error::ContextOverflow { .. }) => {
                 (None, Some("context_length_exceeded"))
             }
@@ -241,9 +259,13 @@ enum Prompt {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
+    /// OpenAI pads chunks to hide their sizes; Realm sends none to pad, so this changes nothing.
+    #[serde(default, rename = "include_obfuscation")]
+    _include_obfuscation: Option<bool>,
 }
 
 /// The sampling fields both endpoints share.
@@ -263,7 +285,14 @@ struct Sampling {
     stream: bool,
     stream_options: Option<StreamOptions>,
     top_k: Option<u32>,
+    min_p: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     repetition_penalty: Option<f32>,
+    /// `/v1/completions`: how many alternatives to report; chat: `true` to report.
+    logprobs: Option<Value>,
+    /// Chat: how many alternatives to report with `logprobs: true`.
+    top_logprobs: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,18 +314,287 @@ struct RequestMessage {
     role: String,
     #[serde(default)]
     content: Value,
+    /// A participant's name: accepted and ignored, as the chat templates have no place for it.
+    #[serde(default, rename = "name")]
+    _name: Option<String>,
+    /// Every other field (`tool_calls`, `tool_call_id`, `audio`, ...): refused when set.
+    #[serde(flatten)]
+    other: Map<String, Value>,
 }
 
-/// Parses a JSON body, refusing it in the OpenAI shape (axum's own rejection is plain text).
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("the request body is not valid: {e}"), None))
+/// Parses a JSON body for `endpoint`, refusing it in the OpenAI shape (axum's own rejection is
+/// plain text), and any field Realm would not honour (see [`policy`]).
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes, endpoint: Endpoint) -> Result<T, ApiError> {
+    let invalid = |e: serde_json::Error| {
+        ApiError::invalid(format!("the request body is not valid: {e}"), None)
+    };
+    let value: Value = serde_json::from_slice(body).map_err(invalid)?;
+    let Value::Object(fields) = &value else {
+        return Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
+    };
+    for (field, value) in fields {
+        check_field(endpoint, field, value)?;
+    }
+    serde_json::from_value(value).map_err(invalid)
+}
+
+/// What the HTTP API does with a request field.
+#[derive(Clone, Copy)]
+enum Policy {
+    /// Honoured; its value is checked where it is read.
+    Honoured,
+    /// Accepted and ignored: it would change nothing Realm does.
+    Ignored,
+    /// Refused (400, naming it) unless its value asks for nothing (`harmless`); `why` ends the
+    /// message.
+    Refused {
+        harmless: fn(&Value) -> bool,
+        why: &'static str,
+    },
+}
+
+use Policy::{Honoured, Ignored, Refused};
+
+/// The fields of both endpoints (README: "Request fields").
+const SHARED_FIELDS: &[(&str, Policy)] = &[
+    ("model", Honoured),
+    ("max_tokens", Honoured),
+    ("max_completion_tokens", Honoured),
+    ("temperature", Honoured),
+    ("top_p", Honoured),
+    ("n", Honoured),
+    ("stream", Honoured),
+    ("stream_options", Honoured),
+    ("stop", Honoured),
+    ("seed", Honoured),
+    ("logprobs", Honoured),
+    ("top_k", Honoured),
+    ("min_p", Honoured),
+    ("repetition_penalty", Honoured),
+    ("presence_penalty", Honoured),
+    ("frequency_penalty", Honoured),
+    (
+        "logit_bias",
+        Refused {
+            harmless: is_empty,
+            why: "Realm does not bias logits",
+        },
+    ),
+    (
+        "store",
+        Refused {
+            harmless: is_false,
+            why: "Realm stores no completions",
+        },
+    ),
+    ("user", Ignored),
+    ("safety_identifier", Ignored),
+    ("metadata", Ignored),
+    ("service_tier", Ignored),
+    ("prompt_cache_key", Ignored),
+];
+
+/// The fields of `/v1/completions` alone.
+const COMPLETION_FIELDS: &[(&str, Policy)] = &[
+    ("prompt", Honoured),
+    (
+        "echo",
+        Refused {
+            harmless: is_false,
+            why: "Realm does not return the prompt with the completion",
+        },
+    ),
+    (
+        "best_of",
+        Refused {
+            harmless: is_one,
+            why: "Realm generates one completion per request; best_of must be 1",
+        },
+    ),
+    (
+        "suffix",
+        Refused {
+            harmless: is_empty,
+            why: "Realm does not complete text with a suffix (no fill-in-the-middle)",
+        },
+    ),
+    (
+        "top_logprobs",
+        Refused {
+            harmless: never,
+            why: "on /v1/completions, `logprobs: N` asks for the N most likely tokens",
+        },
+    ),
+];
+
+/// The fields of `/v1/chat/completions` alone.
+const CHAT_FIELDS: &[(&str, Policy)] = &[
+    ("messages", Honoured),
+    ("top_logprobs", Honoured),
+    (
+        "response_format",
+        Refused {
+            harmless: is_text_format,
+            why: "Realm generates free text only; response_format must be {\"type\": \"text\"}",
+        },
+    ),
+    (
+        "tools",
+        Refused {
+            harmless: is_empty,
+            why: "Realm does not call tools",
+        },
+    ),
+    (
+        "tool_choice",
+        Refused {
+            harmless: is_none_or_auto,
+            why: "Realm does not call tools",
+        },
+    ),
+    ("parallel_tool_calls", Ignored),
+    (
+        "functions",
+        Refused {
+            harmless: is_empty,
+            why: "Realm does not call functions",
+        },
+    ),
+    (
+        "function_call",
+        Refused {
+            harmless: is_none_or_auto,
+            why: "Realm does not call functions",
+        },
+    ),
+    (
+        "modalities",
+        Refused {
+            harmless: is_text_only,
+            why: "Realm generates text only",
+        },
+    ),
+    (
+        "audio",
+        Refused {
+            harmless: never,
+            why: "Realm generates text only",
+        },
+    ),
+    (
+        "prediction",
+        Refused {
+            harmless: never,
+            why: "Realm has no predicted outputs",
+        },
+    ),
+    (
+        "reasoning_effort",
+        Refused {
+            harmless: never,
+            why: "Realm's models have no reasoning settings",
+        },
+    ),
+    (
+        "verbosity",
+        Refused {
+            harmless: never,
+            why: "Realm's models have no verbosity setting",
+        },
+    ),
+    (
+        "web_search_options",
+        Refused {
+            harmless: never,
+            why: "Realm does not search the web",
+        },
+    ),
+];
+
+/// What `endpoint` does with `field`; `None` for a field it does not know.
+fn policy(endpoint: Endpoint, field: &str) -> Option<Policy> {
+    let own = match endpoint {
+        Endpoint::Completions => COMPLETION_FIELDS,
+        Endpoint::Chat => CHAT_FIELDS,
+    };
+    SHARED_FIELDS
+        .iter()
+        .chain(own)
+        .find(|(name, _)| *name == field)
+        .map(|(_, policy)| *policy)
+}
+
+/// Refuses `field` if `endpoint` would not honour its `value`. A null value is an absent field.
+fn check_field(endpoint: Endpoint, field: &str, value: &Value) -> Result<(), ApiError> {
+    if value.is_null() {
+        return Ok(());
+    }
+    match policy(endpoint, field) {
+        Some(Honoured | Ignored) => Ok(()),
+        Some(Refused { harmless, .. }) if harmless(value) => Ok(()),
+        Some(Refused { why, .. }) => Err(ApiError::invalid(
+            format!("`{field}` is not supported: {why}"),
+            Some(field),
+        )),
+        None => Err(ApiError::invalid(
+            format!(
+                "unknown parameter `{field}`: Realm refuses the fields it does not know rather \
+                 than ignore them"
+            ),
+            Some(field),
+        )),
+    }
+}
+
+fn is_one(v: &Value) -> bool {
+    v.as_f64() == Some(1.0)
+}
+
+fn is_false(v: &Value) -> bool {
+    v == &Value::Bool(false)
+}
+
+/// An empty object, list or string.
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => s.is_empty(),
+        _ => false,
+    }
+}
+
+fn is_none_or_auto(v: &Value) -> bool {
+    matches!(v.as_str(), Some("none" | "auto"))
+}
+
+fn is_text_format(v: &Value) -> bool {
+    v.get("type").and_then(Value::as_str) == Some("text")
+        && v.as_object().is_some_and(|o| o.len() == 1)
+}
+
+fn is_text_only(v: &Value) -> bool {
+    v.as_array()
+        .is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text")))
+}
+
+fn never(_: &Value) -> bool {
+    false
 }
 
 impl Sampling {
     /// The request as a gRPC `GenerateRequest` (without prompt), so both APIs check parameters
     /// the same way.
     fn params(&self) -> Result<GenerationParams, ApiError> {
+        if self.stream_options.is_some() && !self.stream {
+            return Err(ApiError::invalid(
+                "stream_options is only allowed with \"stream\": true",
+                Some("stream_options"),
+            ));
+        }
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid(
                 "n must be 1: Realm generates one choice per request",
@@ -322,11 +620,72 @@ impl Sampling {
             top_k: self.top_k.unwrap_or(0),
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             seed: self.seed,
             stop,
             ..Default::default()
         };
-        generation_params(&request).map_err(ApiError::from)
+        let checked = generation_params(&request).and_then(|mut params| {
+            if let Some(min_p) = self.min_p {
+                params.sampling.min_p = min_p;
+                params.sampling.validate()?;
+            }
+            Ok(params)
+        });
+        checked.map_err(|e| named(e.into()))
+    }
+
+    /// How many alternatives to report with each token's log-probability, if `endpoint`'s
+    /// request asks for log-probabilities.
+    fn logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+        let count = |v: &Value, max: usize| v.as_u64().filter(|&n| n <= max as u64);
+        match endpoint {
+            Endpoint::Completions => match &self.logprobs {
+                // Asks for none, as some clients write it.
+                None | Some(Value::Bool(false)) => Ok(None),
+                Some(v) => match count(v, MAX_COMPLETION_LOGPROBS) {
+                    Some(n) => Ok(Some(n as usize)),
+                    None => Err(ApiError::invalid(
+                        format!(
+                            "logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS} on \
+                             /v1/completions: how many of the most likely tokens to report \
+                             beside the chosen one"
+                        ),
+                        Some("logprobs"),
+                    )),
+                },
+            },
+            Endpoint::Chat => {
+                let on = match &self.logprobs {
+                    None => false,
+                    Some(Value::Bool(on)) => *on,
+                    Some(_) => {
+                        return Err(ApiError::invalid(
+                            "logprobs must be true or false on /v1/chat/completions \
+                             (top_logprobs says how many of the most likely tokens to report)",
+                            Some("logprobs"),
+                        ))
+                    }
+                };
+                let top = match &self.top_logprobs {
+                    None => None,
+                    Some(v) => Some(count(v, MAX_TOP_LOGPROBS).ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}"),
+                            Some("top_logprobs"),
+                        )
+                    })?),
+                };
+                if top.is_some() && !on {
+                    return Err(ApiError::invalid(
+                        "top_logprobs needs \"logprobs\": true",
+                        Some("top_logprobs"),
+                    ));
+                }
+                Ok(on.then_some(top.unwrap_or(0) as usize))
+            }
+        }
     }
 
     fn include_usage(&self) -> bool {
@@ -334,6 +693,27 @@ impl Sampling {
             .as_ref()
             .is_some_and(|o| o.include_usage)
     }
+}
+
+/// The sampling fields whose checks say `<field> must ...`.
+const CHECKED_FIELDS: &[&str] = &[
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+];
+
+/// `e` with the field its message is about as its `param`.
+fn named(mut e: ApiError) -> ApiError {
+    if e.param.is_none() {
+        e.param = CHECKED_FIELDS
+            .iter()
+            .find(|f| e.message.contains(&format!("{f} must")))
+            .map(|f| f.to_string());
+    }
+    e
 }
 
 /// A chat message's text: a string, or the concatenated text parts of a list of parts.
@@ -385,6 +765,15 @@ fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, ApiErr
                     ))
                 }
             };
+            if let Some((field, _)) = m.other.iter().find(|(_, v)| !v.is_null()) {
+                return Err(ApiError::invalid(
+                    format!(
+                        "messages[{i}].{field} is not supported: Realm's messages have a role, \
+                         content and (ignored) name"
+                    ),
+                    Some("messages"),
+                ));
+            }
             Ok(ChatMessage::new(role, message_text(&m.content, i)?))
         })
         .collect()
@@ -414,8 +803,9 @@ async fn completions(State(state): State<AppState>, headers: HeaderMap, body: By
     let id = request_id_of(&headers);
     let span = id.span();
     let parsed = span.in_scope(|| {
-        let req = parse::<CompletionRequest>(&body)?;
+        let req = parse::<CompletionRequest>(&body, Endpoint::Completions)?;
         let params = req.sampling.params()?;
+        let logprobs = req.sampling.logprobs(Endpoint::Completions)?;
         check_model(&state.cluster, &req.sampling.model)?;
         let model = state.cluster.model();
         let tokens = match &req.prompt {
@@ -444,6 +834,7 @@ async fn completions(State(state): State<AppState>, headers: HeaderMap, body: By
             sampling: req.sampling,
             params,
             tokens,
+            logprobs,
         })
     });
     respond(state, Endpoint::Completions, received, id, parsed)
@@ -460,8 +851,9 @@ async fn chat_completions(
     let id = request_id_of(&headers);
     let span = id.span();
     let parsed = span.in_scope(|| {
-        let req = parse::<ChatRequest>(&body)?;
+        let req = parse::<ChatRequest>(&body, Endpoint::Chat)?;
         let params = req.sampling.params()?;
+        let logprobs = req.sampling.logprobs(Endpoint::Chat)?;
         check_model(&state.cluster, &req.sampling.model)?;
         let messages = chat_messages(&req.messages)?;
         let tokens = state
@@ -473,6 +865,7 @@ async fn chat_completions(
             sampling: req.sampling,
             params,
             tokens,
+            logprobs,
         })
     });
     respond(state, Endpoint::Chat, received, id, parsed)
@@ -485,6 +878,8 @@ struct Parsed {
     sampling: Sampling,
     params: GenerationParams,
     tokens: Vec<u32>,
+    /// Alternatives per token when log-probabilities are asked for.
+    logprobs: Option<usize>,
 }
 
 fn check_model(cluster: &Cluster, requested: &str) -> Result<(), ApiError> {
@@ -526,6 +921,7 @@ async fn respond(
         sampling,
         params,
         tokens,
+        logprobs,
     } = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -539,6 +935,7 @@ async fn respond(
         received,
         id: id.clone(),
         api,
+        logprobs,
     };
     let slot = match state.admission.admit().await {
         Ok(slot) => slot,
@@ -557,6 +954,7 @@ async fn respond(
         id: format!("{}-{id}", endpoint.id_prefix()),
         created: unix_seconds(),
         model: state.cluster.model().id.clone(),
+        tokenizer: logprobs.map(|_| state.cluster.model().tokenizer.clone()),
     };
     let response = if sampling.stream {
         stream_response(reply, events, sampling.include_usage()).into_response()
@@ -576,10 +974,17 @@ fn with_request_id(mut response: Response, id: &RequestId) -> Response {
 /// A non-streamed answer: the whole generation, then one JSON body.
 async fn whole_response(reply: Reply, mut events: mpsc::UnboundedReceiver<Event>) -> Response {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(event) = events.recv().await {
         match event {
-            Event::Delta(delta) => text.push_str(&delta.text),
-            Event::Done(done) => return reply.whole(&text, &done).into_response(),
+            Event::Delta(delta) => {
+                text.push_str(&delta.text);
+                logprobs.extend(delta.logprobs);
+            }
+            Event::Done(done) => {
+                let logprobs = reply.logprobs(&logprobs, &text, &mut CharOffsets::default());
+                return reply.whole(&text, logprobs, &done).into_response();
+            }
             Event::Failed(e) => return ApiError::from(e).into_response(),
         }
     }
@@ -595,6 +1000,8 @@ struct Reply {
     id: String,
     created: u64,
     model: String,
+    /// Set when the request asked for log-probabilities: names the alternatives.
+    tokenizer: Option<Tokenizer>,
 }
 
 impl Endpoint {
@@ -615,18 +1022,125 @@ fn usage_json(done: &Done) -> Value {
     })
 }
 
+/// A log-probability as JSON, which has no infinities: an impossible token's is
+/// [`UNLIKELY_LOGPROB`].
+fn logprob_json(logprob: f32) -> Value {
+    let logprob = f64::from(logprob);
+    json!(if logprob.is_finite() {
+        logprob
+    } else {
+        UNLIKELY_LOGPROB
+    })
+}
+
+/// Character offsets of byte offsets into a text that only grows, asked in increasing order
+/// (the tokens' `text_offset` is in characters, as Python indexes the text).
+#[derive(Debug, Default)]
+struct CharOffsets {
+    byte: usize,
+    chars: usize,
+}
+
+impl CharOffsets {
+    /// Characters of `text` that begin before byte `at`.
+    fn at(&mut self, text: &str, at: usize) -> usize {
+        if at < self.byte {
+            *self = Self::default();
+        }
+        while self.byte < at {
+            match text.get(self.byte..).and_then(|rest| rest.chars().next()) {
+                Some(c) => {
+                    self.byte += c.len_utf8();
+                    self.chars += 1;
+                }
+                None => break,
+            }
+        }
+        self.chars
+    }
+}
+
 impl Reply {
+    /// The bytes that name an alternative token: control tokens as their text.
+    fn alternative(&self, tokenizer: &Tokenizer, token: u32) -> Vec<u8> {
+        tokenizer.token_bytes(token, true).unwrap_or_default()
+    }
+
+    /// A choice's `logprobs` for the tokens of `entries`, whose text ends `text` (the text
+    /// generated so far); null when the request asked for none.
+    fn logprobs(&self, entries: &[TokenLogprob], text: &str, offsets: &mut CharOffsets) -> Value {
+        let Some(tokenizer) = &self.tokenizer else {
+            return Value::Null;
+        };
+        match self.endpoint {
+            Endpoint::Completions => {
+                let mut tokens = Vec::with_capacity(entries.len());
+                let mut token_logprobs = Vec::with_capacity(entries.len());
+                let mut top_logprobs = Vec::with_capacity(entries.len());
+                let mut text_offset = Vec::with_capacity(entries.len());
+                for e in entries {
+                    let token = token_string(&e.bytes);
+                    // The alternatives and the chosen token (OpenAI: up to `logprobs` + 1
+                    // entries); a token string two alternatives share keeps the likelier.
+                    let mut top = Map::new();
+                    for t in &e.top {
+                        top.entry(token_string(&self.alternative(tokenizer, t.token)))
+                            .or_insert_with(|| logprob_json(t.logprob));
+                    }
+                    top.entry(token.clone())
+                        .or_insert_with(|| logprob_json(e.logprob));
+                    tokens.push(Value::String(token));
+                    token_logprobs.push(logprob_json(e.logprob));
+                    top_logprobs.push(Value::Object(top));
+                    text_offset.push(offsets.at(text, e.offset));
+                }
+                json!({
+                    "tokens": tokens,
+                    "token_logprobs": token_logprobs,
+                    "top_logprobs": top_logprobs,
+                    "text_offset": text_offset,
+                })
+            }
+            Endpoint::Chat => {
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let top: Vec<Value> = e
+                            .top
+                            .iter()
+                            .map(|t| {
+                                let bytes = self.alternative(tokenizer, t.token);
+                                json!({
+                                    "token": token_string(&bytes),
+                                    "logprob": logprob_json(t.logprob),
+                                    "bytes": bytes,
+                                })
+                            })
+                            .collect();
+                        json!({
+                            "token": token_string(&e.bytes),
+                            "logprob": logprob_json(e.logprob),
+                            "bytes": e.bytes,
+                            "top_logprobs": top,
+                        })
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+        }
+    }
+
     /// The non-streamed body.
-    fn whole(&self, text: &str, done: &Done) -> Json<Value> {
+    fn whole(&self, text: &str, logprobs: Value, done: &Done) -> Json<Value> {
         let finish = done.completion.finish.as_str();
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish,
             }),
             Endpoint::Chat => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }),
         };
@@ -643,12 +1157,19 @@ impl Reply {
         }))
     }
 
-    /// One streamed chunk: `text` with `finish` (if the last), or the usage chunk.
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>, usage: Option<Value>) -> Value {
+    /// One streamed chunk: `text` with its `logprobs` and `finish` (if the last), or the usage
+    /// chunk.
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        logprobs: Value,
+        finish: Option<&str>,
+        usage: Option<Value>,
+    ) -> Value {
         let choices = match (self.endpoint, text) {
             (_, None) => json!([]),
             (Endpoint::Completions, Some(text)) => json!([{
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish,
             }]),
             (Endpoint::Chat, Some(text)) => {
                 let delta = if finish.is_some() && text.is_empty() {
@@ -656,7 +1177,7 @@ impl Reply {
                 } else {
                     json!({"content": text})
                 };
-                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
+                json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
             }
         };
         let mut chunk = json!({
@@ -677,7 +1198,7 @@ impl Reply {
 
     /// The chat stream's first chunk, which names the role.
     fn role_chunk(&self) -> Value {
-        let mut chunk = self.chunk(Some(""), None, None);
+        let mut chunk = self.chunk(Some(""), Value::Null, None, None);
         chunk["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
         chunk
     }
@@ -687,8 +1208,9 @@ fn sse(value: &Value) -> Result<SseEvent, Infallible> {
     Ok(SseEvent::default().data(value.to_string()))
 }
 
-/// The streamed answer: a chunk per token with text, a last chunk with the finish reason, the
-/// usage chunk if asked for, then `[DONE]`. A failure part-way is an error object, then `[DONE]`.
+/// The streamed answer: a chunk per token with text (and the log-probabilities of its tokens),
+/// a last chunk with the finish reason, the usage chunk if asked for, then `[DONE]`. A failure
+/// part-way is an error object, then `[DONE]`.
 fn stream_response(
     reply: Reply,
     events: mpsc::UnboundedReceiver<Event>,
@@ -701,15 +1223,32 @@ fn stream_response(
     };
     let chunks = {
         let reply = Arc::clone(&reply);
+        // The text so far, for the completions' `text_offset`.
+        let mut text = String::new();
+        let mut offsets = CharOffsets::default();
         tokio_stream::wrappers::UnboundedReceiverStream::new(events).flat_map(move |event| {
             let out: Vec<Result<SseEvent, Infallible>> = match event {
-                Event::Delta(delta) if delta.text.is_empty() => Vec::new(),
-                Event::Delta(delta) => vec![sse(&reply.chunk(Some(&delta.text), None, None))],
+                Event::Delta(delta) if delta.text.is_empty() && delta.logprobs.is_empty() => {
+                    Vec::new()
+                }
+                Event::Delta(delta) => {
+                    if reply.tokenizer.is_some() {
+                        text.push_str(&delta.text);
+                    }
+                    let logprobs = reply.logprobs(&delta.logprobs, &text, &mut offsets);
+                    vec![sse(&reply.chunk(Some(&delta.text), logprobs, None, None))]
+                }
                 Event::Done(done) => {
                     let finish = done.completion.finish.as_str();
-                    let mut out = vec![sse(&reply.chunk(Some(""), Some(finish), None))];
+                    let mut out =
+                        vec![sse(&reply.chunk(Some(""), Value::Null, Some(finish), None))];
                     if include_usage {
-                        out.push(sse(&reply.chunk(None, None, Some(usage_json(&done)))));
+                        out.push(sse(&reply.chunk(
+                            None,
+                            Value::Null,
+                            None,
+                            Some(usage_json(&done)),
+                        )));
                     }
                     out
                 }
@@ -840,13 +1379,116 @@ mod tests {
         for (json, param) in [
             (r#"{"n":2}"#, Some("n")),
             (r#"{"max_tokens":0}"#, Some("max_tokens")),
-            (r#"{"temperature":-1}"#, None),
-            (r#"{"top_p":0}"#, None),
+            (r#"{"temperature":-1}"#, Some("temperature")),
+            (r#"{"top_p":0}"#, Some("top_p")),
+            (r#"{"min_p":2}"#, Some("min_p")),
+            (r#"{"presence_penalty":2.5}"#, Some("presence_penalty")),
+            (r#"{"frequency_penalty":-3}"#, Some("frequency_penalty")),
         ] {
             let e = sampling(json).params().unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{json}");
-            assert_eq!(e.param, param, "{json}");
+            assert_eq!(e.param.as_deref(), param, "{json}");
         }
+    }
+
+    #[test]
+    fn every_field_is_honoured_ignored_or_refused_by_name() {
+        let check = |endpoint, json: &str| {
+            parse::<Value>(&Bytes::from(json.to_string()), endpoint).map_err(|e| {
+                assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                e.param.expect("the refusal names the field")
+            })
+        };
+        use Endpoint::{Chat, Completions};
+        for (endpoint, json) in [
+            (
+                Chat,
+                r#"{"user":"u","parallel_tool_calls":true,"service_tier":"auto"}"#,
+            ),
+            (
+                Chat,
+                r#"{"presence_penalty":0,"frequency_penalty":0.0,"logit_bias":{}}"#,
+            ),
+            (
+                Chat,
+                r#"{"tools":[],"tool_choice":"none","response_format":{"type":"text"}}"#,
+            ),
+            (
+                Chat,
+                r#"{"modalities":["text"],"store":false,"audio":null}"#,
+            ),
+            (
+                Completions,
+                r#"{"echo":false,"best_of":1,"suffix":"","n":1}"#,
+            ),
+        ] {
+            assert!(check(endpoint, json).is_ok(), "{json}");
+        }
+        for (endpoint, json, field) in [
+            (Chat, r#"{"logit_bias":{"50256":-100}}"#, "logit_bias"),
+            (Chat, r#"{"tools":[{"type":"function"}]}"#, "tools"),
+            (Chat, r#"{"tool_choice":"required"}"#, "tool_choice"),
+            (
+                Chat,
+                r#"{"response_format":{"type":"json_object"}}"#,
+                "response_format",
+            ),
+            (Chat, r#"{"reasoning_effort":"low"}"#, "reasoning_effort"),
+            (Chat, r#"{"echo":true}"#, "echo"),
+            (Completions, r#"{"echo":true}"#, "echo"),
+            (Completions, r#"{"best_of":2}"#, "best_of"),
+            (Completions, r#"{"suffix":"end"}"#, "suffix"),
+            (Completions, r#"{"top_logprobs":2}"#, "top_logprobs"),
+            (Completions, r#"{"n_probs":2}"#, "n_probs"),
+        ] {
+            assert_eq!(check(endpoint, json).unwrap_err(), field, "{json}");
+        }
+    }
+
+    #[test]
+    fn logprobs_take_each_endpoint_s_shape() {
+        let asked = |endpoint, json: &str| sampling(json).logprobs(endpoint);
+        use Endpoint::{Chat, Completions};
+        assert_eq!(asked(Completions, "{}").unwrap(), None);
+        assert_eq!(asked(Completions, r#"{"logprobs":false}"#).unwrap(), None);
+        assert_eq!(asked(Completions, r#"{"logprobs":0}"#).unwrap(), Some(0));
+        assert_eq!(asked(Completions, r#"{"logprobs":5}"#).unwrap(), Some(5));
+        assert_eq!(asked(Chat, r#"{"logprobs":false}"#).unwrap(), None);
+        assert_eq!(asked(Chat, r#"{"logprobs":true}"#).unwrap(), Some(0));
+        assert_eq!(
+            asked(Chat, r#"{"logprobs":true,"top_logprobs":20}"#).unwrap(),
+            Some(20)
+        );
+        for (endpoint, json, field) in [
+            (Completions, r#"{"logprobs":6}"#, "logprobs"),
+            (Completions, r#"{"logprobs":true}"#, "logprobs"),
+            (Chat, r#"{"logprobs":2}"#, "logprobs"),
+            (
+                Chat,
+                r#"{"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
+            (Chat, r#"{"top_logprobs":2}"#, "top_logprobs"),
+        ] {
+            let e = asked(endpoint, json).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(field), "{json}");
+        }
+    }
+
+    #[test]
+    fn text_offsets_count_characters() {
+        let mut offsets = CharOffsets::default();
+        let text = "a€b";
+        assert_eq!(offsets.at(text, 0), 0);
+        assert_eq!(offsets.at(text, 1), 1);
+        assert_eq!(offsets.at(text, 4), 2);
+        assert_eq!(offsets.at(text, 1), 1, "asked again from the start");
+        assert_eq!(
+            offsets.at(text, 2),
+            2,
+            "inside a character: after it begins"
+        );
+        assert_eq!(offsets.at(text, 9), 3);
     }
 
     #[test]
@@ -869,6 +1511,22 @@ mod tests {
             .message
             .contains("text parts"));
         assert!(chat_messages(&[]).unwrap_err().message.contains("empty"));
+
+        let named: Vec<RequestMessage> = serde_json::from_str(
+            r#"[{"role":"user","content":"Hi","name":"ann","tool_calls":null}]"#,
+        )
+        .unwrap();
+        assert_eq!(chat_messages(&named).unwrap(), [ChatMessage::user("Hi")]);
+        let tool: Vec<RequestMessage> = serde_json::from_str(
+            r#"[{"role":"assistant","content":"","tool_calls":[{"id":"1"}]}]"#,
+        )
+        .unwrap();
+        let e = chat_messages(&tool).unwrap_err();
+        assert!(
+            e.message.contains("messages[0].tool_calls"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

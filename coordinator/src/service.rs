@@ -14,8 +14,10 @@ use std::time::Instant;
 use realm_common::auth::{RequireBearer, Secret};
 use realm_common::chat::DEFAULT_SYSTEM_PROMPT;
 use realm_common::generate::{GenerationParams, DEFAULT_MAX_TOKENS};
+use realm_common::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
 use realm_common::sampling::SamplingParams;
 use realm_common::stop::StopMatcher;
+use realm_common::tokenizer::Tokenizer;
 use realm_proto::pb;
 use realm_proto::pb::realm_server::{Realm, RealmServer};
 use tokio::net::TcpListener;
@@ -93,6 +95,7 @@ impl RealmService {
             received,
             id,
             api: API,
+            logprobs: logprobs_of(req)?,
         })
     }
 }
@@ -124,6 +127,8 @@ pub fn generation_params(req: &pb::GenerateRequest) -> Result<GenerationParams> 
         top_k: req.top_k as usize,
         top_p: req.top_p.unwrap_or(1.0),
         repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
         seed: req.seed,
         ..SamplingParams::default()
     };
@@ -134,6 +139,40 @@ pub fn generation_params(req: &pb::GenerateRequest) -> Result<GenerationParams> 
         sampling,
         stop: req.stop.clone(),
     })
+}
+
+/// How many alternatives a request's log-probabilities report, if it asks for them.
+fn logprobs_of(req: &pb::GenerateRequest) -> Result<Option<usize>> {
+    let top = req.top_logprobs as usize;
+    let invalid = |m: String| Err(realm_common::Error::InvalidArgument(m).into());
+    if top > MAX_TOP_LOGPROBS {
+        return invalid(format!(
+            "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {top}"
+        ));
+    }
+    if !req.logprobs && top > 0 {
+        return invalid("top_logprobs needs logprobs".to_string());
+    }
+    Ok(req.logprobs.then_some(top))
+}
+
+/// The wire form of a token's log-probability; alternatives are named by their bytes, control
+/// tokens by their text.
+pub fn wire_logprob(tokenizer: &Tokenizer, entry: &TokenLogprob) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        token_id: entry.token,
+        bytes: entry.bytes.clone(),
+        logprob: entry.logprob,
+        top_logprobs: entry
+            .top
+            .iter()
+            .map(|t| pb::TopLogprob {
+                token_id: t.token,
+                bytes: tokenizer.token_bytes(t.token, true).unwrap_or_default(),
+                logprob: t.logprob,
+            })
+            .collect(),
+    }
 }
 
 /// The system message of a chat request: unset is Realm's default, empty is none.
@@ -166,11 +205,17 @@ impl Realm for RealmService {
         // Checked before queueing, so a bad request never waits for a slot.
         let slot = self.admission.admit().await.inspect_err(refused)?;
         let events = span.in_scope(|| generation::start(&self.cluster, job, slot))?;
-        let stream = UnboundedReceiverStream::new(events).map(|event| match event {
+        let tokenizer = self.cluster.model().tokenizer.clone();
+        let stream = UnboundedReceiverStream::new(events).map(move |event| match event {
             Event::Delta(delta) => Ok(pb::GenerateResponse {
                 text: delta.text,
                 token_ids: vec![delta.token],
                 finish: None,
+                logprobs: delta
+                    .logprobs
+                    .iter()
+                    .map(|e| wire_logprob(&tokenizer, e))
+                    .collect(),
             }),
             Event::Done(done) => {
                 let c = &done.completion;
@@ -186,6 +231,7 @@ impl Realm for RealmService {
                             tokens_per_second: c.usage.decode_tokens_per_second(),
                         }),
                     }),
+                    logprobs: Vec::new(),
                 })
             }
             Event::Failed(e) => Err(Status::from(e)),
@@ -390,6 +436,14 @@ mod tests {
                 stop: vec![String::new()],
                 ..request()
             },
+            pb::GenerateRequest {
+                presence_penalty: Some(-2.5),
+                ..request()
+            },
+            pb::GenerateRequest {
+                frequency_penalty: Some(f32::INFINITY),
+                ..request()
+            },
         ];
         for req in bad {
             assert_eq!(
@@ -397,6 +451,31 @@ mod tests {
                 Code::InvalidArgument,
                 "{req:?}"
             );
+        }
+    }
+
+    #[test]
+    fn logprobs_are_asked_for_within_bounds() {
+        assert_eq!(logprobs_of(&request()).unwrap(), None);
+        let asked = pb::GenerateRequest {
+            logprobs: true,
+            top_logprobs: 5,
+            ..request()
+        };
+        assert_eq!(logprobs_of(&asked).unwrap(), Some(5));
+        for bad in [
+            pb::GenerateRequest {
+                top_logprobs: 2,
+                ..request()
+            },
+            pb::GenerateRequest {
+                top_logprobs: 21,
+                ..asked.clone()
+            },
+        ] {
+            let status = Status::from(logprobs_of(&bad).unwrap_err());
+            assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+            assert!(status.message().contains("top_logprobs"), "{status}");
         }
     }
 

@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use realm_common::generate::{Completion, Decoding, FinishReason};
+use realm_common::logprobs::TokenLogprob;
 use realm_common::tokenizer::Tokenizer;
 use realm_proto::pb;
 use tokio::sync::mpsc;
@@ -25,11 +26,14 @@ use crate::transport::{Hop, HopStats, WorkerLink};
 const END_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What one generated token added to the output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Delta {
     pub token: u32,
     /// Text that became final with this token (may be empty).
     pub text: String,
+    /// When the generation reports log-probabilities: the entries of the tokens whose text is
+    /// `text` (they can trail `token`: text held back goes out later, with its tokens).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// A finished distributed generation.
@@ -230,6 +234,7 @@ impl Session {
         let delta = Delta {
             token: step.token,
             text: step.text,
+            logprobs: step.logprobs,
         };
         if self.events.send(SessionEvent::Delta(delta)).is_err() {
             return Ok(false);

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use candle_core::Device;
 use realm_common::generate::{generate, GenerationParams};
 use realm_common::gguf::GgufFile;
+use realm_common::logprobs::token_string;
 use realm_common::model::Model;
 use realm_common::sampling::SamplingParams;
 use realm_common::tokenizer::Tokenizer;
@@ -206,6 +207,57 @@ fn oracle(prompt: &str, max_tokens: usize) -> (String, usize, usize) {
     (c.text, c.usage.prompt_tokens, c.usage.generated_tokens)
 }
 
+/// One generated token as the single-process model sees it: its text (as the APIs write it),
+/// its log-probability and the `top` most likely tokens with theirs.
+struct OracleToken {
+    token: String,
+    logprob: f64,
+    top: Vec<(String, f64)>,
+}
+
+/// The single-process model's greedy tokens for `prompt`, each with the log-softmax of the
+/// logits at its position (computed here, in f64, apart from Realm's own code).
+fn oracle_logprobs(prompt: &str, max_tokens: usize, top: usize) -> Vec<OracleToken> {
+    let file = GgufFile::open(model_path(SMOLLM2)).expect("open model");
+    let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
+    let model = Model::load(&file, &Device::Cpu).expect("load model");
+    let mut input = tokenizer.encode(prompt, true, true).expect("encode");
+    let mut kv = model.new_session_kv();
+    let text = |id: usize, special: bool| {
+        token_string(&tokenizer.token_bytes(id as u32, special).expect("token"))
+    };
+    let mut out = Vec::new();
+    for _ in 0..max_tokens {
+        let logits: Vec<f32> = model
+            .forward(&input, &mut kv, false)
+            .and_then(|l| Ok(l.squeeze(0)?.to_vec1()?))
+            .expect("forward");
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_z = max
+            + logits
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let chosen = order[0];
+        out.push(OracleToken {
+            token: text(chosen, false),
+            logprob: logits[chosen] as f64 - log_z,
+            top: order[..top]
+                .iter()
+                .map(|&i| (text(i, true), logits[i] as f64 - log_z))
+                .collect(),
+        });
+        input = vec![chosen as u32];
+    }
+    out
+}
+
+/// Realm's logprobs and the single-process model's agree within this.
+const LOGPROB_TOLERANCE: f64 = 1e-3;
+
 fn python() -> PathBuf {
     let venv = std::env::var_os("REALM_PYTHON_VENV")
         .map(PathBuf::from)
@@ -283,6 +335,212 @@ fn openai_client_drives_a_two_worker_cluster() {
     assert!(stopped_text.contains("Paris"), "{stopped_text:?}");
 
     assert_eq!(r["unknown_model"]["status"], 404, "{}", r["unknown_model"]);
+
+    logprobs_are_the_model_s(&cluster, &r["logprobs"]);
+    models_report_their_architecture(&cluster);
+}
+
+/// The logprobs the openai client read (it checked their shape and consistency itself): those
+/// of the greedy completion are the single-process model's log-softmax, gRPC `Generate` gives
+/// the same, and a stop string inside a token keeps the logprobs of the text before it.
+fn logprobs_are_the_model_s(cluster: &TestCluster, r: &Value) {
+    let c = &r["completion"];
+    let tokens = c["tokens"].as_array().expect("tokens");
+    let oracle = oracle_logprobs("The capital of France is", tokens.len(), 3);
+    let mut worst = 0.0f64;
+    for (i, want) in oracle.iter().enumerate() {
+        assert_eq!(tokens[i], want.token.as_str(), "token {i}: {c}");
+        let got = c["token_logprobs"][i].as_f64().expect("logprob");
+        worst = worst.max((got - want.logprob).abs());
+        let top = c["top_logprobs"][i].as_object().expect("top logprobs");
+        // The chosen token is the likeliest: with it, the three alternatives.
+        assert_eq!(top.len(), 3, "{top:?}");
+        for (token, logprob) in &want.top {
+            let got = top[token.as_str()]
+                .as_f64()
+                .expect("an alternative's logprob");
+            worst = worst.max((got - logprob).abs());
+        }
+    }
+    eprintln!("logprobs: largest difference from the single-process model {worst:.2e}");
+    assert!(worst < LOGPROB_TOLERANCE, "{worst}");
+
+    // gRPC: the same tokens, logprobs and alternatives.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let entries = runtime.block_on(async {
+        use realm_proto::pb;
+        let grpc = cluster.coordinator.addr("listening");
+        let mut client = pb::realm_client::RealmClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connect");
+        let request = pb::GenerateRequest {
+            prompt: "The capital of France is".to_string(),
+            max_tokens: tokens.len() as u32,
+            logprobs: true,
+            top_logprobs: 3,
+            ..Default::default()
+        };
+        let mut stream = client
+            .generate(request)
+            .await
+            .expect("generate")
+            .into_inner();
+        let mut entries = Vec::new();
+        while let Some(message) = stream.message().await.expect("a message") {
+            entries.extend(message.logprobs);
+        }
+        entries
+    });
+    assert_eq!(entries.len(), tokens.len());
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(token_string(&e.bytes), tokens[i].as_str().unwrap());
+        // Equal as the f32 they are (serde_json may read the JSON's f64 one unit off).
+        let http = c["token_logprobs"][i].as_f64().unwrap() as f32;
+        assert_eq!(e.logprob, http, "{i}: {e:?}");
+        assert_eq!(e.top_logprobs.len(), 3);
+        for t in &e.top_logprobs {
+            let http = &c["top_logprobs"][i][token_string(&t.bytes)];
+            assert_eq!(
+                Some(t.logprob),
+                http.as_f64().map(|l| l as f32),
+                "{i}: {t:?}"
+            );
+        }
+    }
+
+    // A character split over tokens: SmolLM2 writes " 🌟" as " \xf0\x9f", "\x8c", "\x9f". The
+    // tokens' bytes join to the text; the tokens that begin the character begin where it does.
+    let split = "My favourite emojis are 😀 and";
+    let (entries, text) = runtime.block_on(async {
+        use realm_proto::pb;
+        let grpc = cluster.coordinator.addr("listening");
+        let mut client = pb::realm_client::RealmClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connect");
+        let request = pb::GenerateRequest {
+            prompt: split.to_string(),
+            max_tokens: 4,
+            logprobs: true,
+            ..Default::default()
+        };
+        let mut stream = client
+            .generate(request)
+            .await
+            .expect("generate")
+            .into_inner();
+        let (mut entries, mut text) = (Vec::new(), String::new());
+        while let Some(message) = stream.message().await.expect("a message") {
+            entries.extend(message.logprobs);
+            text.push_str(&message.text);
+        }
+        (entries, text)
+    });
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.bytes.clone()).collect();
+    assert_eq!(bytes, text.as_bytes(), "{entries:?}");
+    assert!(
+        entries
+            .iter()
+            .any(|e| std::str::from_utf8(&e.bytes).is_err()),
+        "no token holds part of a character: {text:?}"
+    );
+    let url = format!("{}/v1/completions", cluster.http());
+    let body = serde_json::json!({
+        "prompt": split, "max_tokens": 4, "temperature": 0, "logprobs": 0,
+    });
+    let whole = curl(&url, Some(&body.to_string()), &[]).json();
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["text"], text.as_str());
+    assert_eq!(
+        choice["logprobs"]["tokens"],
+        serde_json::json!([" \\xf0\\x9f", "\\x8c", "\\x9f", "."]),
+        "{whole}"
+    );
+    assert_eq!(
+        choice["logprobs"]["text_offset"],
+        serde_json::json!([0, 1, 1, 2])
+    );
+
+    // Stop strings: "." ends the text before the second token; "ar" cuts into " Paris", which
+    // keeps the bytes before the cut, streamed or not.
+    assert_eq!(r["stopped"]["tokens"], serde_json::json!([" Paris"]));
+    let body = r#"{"prompt":"The capital of France is","max_tokens":4,"temperature":0,
+                   "logprobs":1,"stop":"ar""#;
+    let whole = curl(&url, Some(&format!("{body}}}")), &[]).json();
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["text"], " P", "{whole}");
+    assert_eq!(choice["logprobs"]["tokens"], serde_json::json!([" P"]));
+    assert_eq!(choice["logprobs"]["text_offset"], serde_json::json!([0]));
+    assert_eq!(
+        choice["logprobs"]["token_logprobs"][0],
+        c["token_logprobs"][0]
+    );
+    let streamed = curl(&url, Some(&format!(r#"{body},"stream":true}}"#)), &[]).body;
+    let chunks: Vec<Value> = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("a JSON chunk"))
+        .collect();
+    let streamed_tokens: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["tokens"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(streamed_tokens, [" P"], "{streamed}");
+}
+
+/// `/v1/models`, `ListModels` and `realm models` name the model's architecture.
+fn models_report_their_architecture(cluster: &TestCluster) {
+    let models = curl(&format!("{}/v1/models", cluster.http()), None, &[]).json();
+    let model = &models["data"][0];
+    assert_eq!(model["id"], "SmolLM2-135M-Instruct.Q4_1", "{models}");
+    assert_eq!(model["object"], "model");
+    assert_eq!(model["architecture"], "llama", "{models}");
+    let one = curl(
+        &format!("{}/v1/models/SmolLM2-135M-Instruct.Q4_1", cluster.http()),
+        None,
+        &[],
+    )
+    .json();
+    assert_eq!(one["architecture"], "llama", "{one}");
+
+    let out = Command::new(binary("realm"))
+        .args([
+            "--coordinator",
+            cluster.coordinator.addr("listening"),
+            "models",
+        ])
+        .output()
+        .expect("run realm models");
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = line.trim_end().split('\t').collect();
+    assert_eq!(
+        fields[..2],
+        ["SmolLM2-135M-Instruct.Q4_1", "llama"],
+        "{line}"
+    );
+
+    // And `realm generate --logprobs` prints each token's line to stderr.
+    let out = Command::new(binary("realm"))
+        .args([
+            "--coordinator",
+            cluster.coordinator.addr("listening"),
+            "generate",
+        ])
+        .args(["--prompt", "The capital of France is", "--max-tokens", "2"])
+        .args(["--logprobs", "2"])
+        .output()
+        .expect("run realm generate");
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().expect("a logprob line");
+    assert!(first.contains("\" Paris\""), "{stderr}");
+    assert_eq!(first.split('\t').count(), 4, "{first:?}");
 }
 
 #[test]
@@ -303,7 +561,13 @@ fn errors_have_the_openai_shape_and_status() {
             format!(r#"{{"messages":{user},"temperature":-1}}"#),
             400,
             None,
+            Some("temperature"),
+        ),
+        (
+            format!(r#"{{"messages":{user},"presence_penalty":2.5}}"#),
+            400,
             None,
+            Some("presence_penalty"),
         ),
         (
             format!(r#"{{"messages":{user},"n":2}}"#),
@@ -330,15 +594,102 @@ fn errors_have_the_openai_shape_and_status() {
             Some("max_tokens"),
         ),
     ];
-    for (body, status, code, param) in cases {
-        let reply = curl(&chat, Some(&body), &[]);
+    // Fields Realm does not honour are refused by name, never ignored.
+    let refused = [
+        r#""logit_bias":{"9":5}"#,
+        r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+        r#""tool_choice":"required""#,
+        r#""functions":[{"name":"f"}]"#,
+        r#""response_format":{"type":"json_object"}"#,
+        r#""store":true"#,
+        r#""top_logprobs":2"#,
+        r#""logprobs":3"#,
+        r#""stream_options":{"include_usage":true}"#,
+        r#""n_probs":3"#,
+    ]
+    .map(|field| {
+        let name = field[1..].split('"').next().unwrap().to_string();
+        (
+            format!(r#"{{"messages":{user},{field}}}"#),
+            400,
+            None,
+            Some(name),
+        )
+    });
+    let cases = cases
+        .into_iter()
+        .map(|(body, status, code, param)| (body, status, code, param.map(str::to_string)))
+        .chain(refused)
+        .map(|(body, status, code, param)| (chat.clone(), body, status, code, param));
+    let completions = format!("{base}/v1/completions");
+    let refused_completions = [
+        (r#""echo":true"#, "echo"),
+        (r#""best_of":3"#, "best_of"),
+        (r#""suffix":" end.""#, "suffix"),
+        (r#""logprobs":6"#, "logprobs"),
+        (r#""logprobs":true"#, "logprobs"),
+        (r#""top_logprobs":1"#, "top_logprobs"),
+    ]
+    .map(|(field, name)| {
+        (
+            completions.clone(),
+            format!(r#"{{"prompt":"Hi",{field}}}"#),
+            400,
+            None,
+            Some(name.to_string()),
+        )
+    });
+    for (url, body, status, code, param) in cases.chain(refused_completions) {
+        let reply = curl(&url, Some(&body), &[]);
         assert_eq!(reply.status, status, "{body}: {}", reply.body);
         let error = &reply.json()["error"];
         let kind = error["type"].as_str().expect("error type");
         assert_eq!(kind, "invalid_request_error", "{body}: {error}");
         assert!(!error["message"].as_str().unwrap().is_empty());
         assert_eq!(error["code"].as_str(), code, "{body}: {error}");
-        assert_eq!(error["param"].as_str(), param, "{body}: {error}");
+        assert_eq!(error["param"].as_str(), param.as_deref(), "{body}: {error}");
+        if let Some(param) = param {
+            let message = error["message"].as_str().unwrap();
+            assert!(message.contains(&param), "{body}: {message}");
+        }
+    }
+    // Fields that ask for nothing, or change nothing Realm does, are accepted.
+    for (url, body) in [
+        (
+            &chat,
+            format!(
+                r#"{{"messages":{user},"max_tokens":1,"user":"u1","presence_penalty":0,
+                    "logit_bias":{{}},"tools":[],"tool_choice":"none","parallel_tool_calls":false,
+                    "response_format":{{"type":"text"}},"n":1,"logprobs":false,"seed":null}}"#
+            ),
+        ),
+        (
+            &completions,
+            r#"{"prompt":"Hi","max_tokens":1,"echo":false,"best_of":1,"suffix":null,"user":"u1"}"#
+                .to_string(),
+        ),
+    ] {
+        let reply = curl(url, Some(&body), &[]);
+        assert_eq!(reply.status, 200, "{body}: {}", reply.body);
+    }
+    // The presence and frequency penalties are honoured: the greedy text repeats "\n" unless
+    // they keep it from it.
+    let greedy = |extra: &str| {
+        let body = format!(
+            r#"{{"prompt":"The capital of France is","max_tokens":8,"temperature":0{extra}}}"#
+        );
+        let reply = curl(&completions, Some(&body), &[]);
+        assert_eq!(reply.status, 200, "{body}: {}", reply.body);
+        reply.json()["choices"][0]["text"]
+            .as_str()
+            .expect("text")
+            .to_string()
+    };
+    let plain = greedy("");
+    assert!(plain.starts_with(" Paris.\n\n"), "{plain:?}");
+    for penalty in [r#","presence_penalty":2"#, r#","frequency_penalty":2"#] {
+        let penalised = greedy(penalty);
+        assert!(!penalised.contains("\n\n"), "{penalty}: {penalised:?}");
     }
     let missing = curl(&format!("{base}/v2/nothing"), None, &[]);
     assert_eq!(missing.status, 404);

@@ -124,6 +124,10 @@ struct GenerateArgs {
     /// Stop before this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Print each generated token's log-probability and the N most likely tokens at its
+    /// position (0 to 20) to stderr, one line per token.
+    #[arg(long, value_name = "N")]
+    logprobs: Option<u32>,
 }
 
 #[derive(Args)]
@@ -269,12 +273,18 @@ async fn generate(mut client: Client, args: GenerateArgs) -> Result<(), Failure>
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         stop: args.stop,
+        logprobs: args.logprobs.is_some(),
+        top_logprobs: args.logprobs.unwrap_or(0),
+        ..Default::default()
     };
     let mut stream = client.generate(request).await?.into_inner();
     let mut stdout = std::io::stdout().lock();
     while let Some(message) = stream.message().await? {
         stdout.write_all(message.text.as_bytes())?;
         stdout.flush()?;
+        for entry in &message.logprobs {
+            eprintln!("{}", logprob_line(entry));
+        }
         if let Some(finish) = message.finish {
             writeln!(stdout)?;
             let u = finish.usage.unwrap_or_default();
@@ -293,6 +303,17 @@ async fn generate(mut client: Client, args: GenerateArgs) -> Result<(), Failure>
     Err(Failure(
         "the stream ended without a finish message".to_string(),
     ))
+}
+
+/// One token's log-probability as `realm generate --logprobs` prints it: the logprob, the
+/// token (quoted, bytes that are not UTF-8 as `\xNN`) and its alternatives.
+fn logprob_line(entry: &pb::TokenLogprob) -> String {
+    use realm_common::logprobs::token_string;
+    let mut line = format!("{:>9.4}\t{:?}", entry.logprob, token_string(&entry.bytes));
+    for t in &entry.top_logprobs {
+        line.push_str(&format!("\t{:?} {:.4}", token_string(&t.bytes), t.logprob));
+    }
+    line
 }
 
 async fn load(client: Client, args: LoadArgs) -> Result<(), Failure> {
