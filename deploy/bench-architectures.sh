@@ -27,7 +27,7 @@ for arch in ${ARCHS:-llama3 mixtral qwen2 qwen3 qwen3moe phi3 gemma2}; do
     synth "$arch-q4_k_m" --arch "$arch" --dtype q4_k_m
 done
 synth "llama-7b-widths-${LAYERS_7B:-8}l-q4_k_m" --arch llama --dtype q4_k_m --layers "${LAYERS_7B:-8}" \
-    --d-model 4096 --heads 32 --kv-heads 32 --ffn 11008 --vocab 32000 --context 4096
+    --d-model 4096 --heads 32 --kv-heads 32 --head-dim 128 --ffn 11008 --vocab 32000 --context 4096
 synth "mixtral-8x-1024-q4_k_m" --arch mixtral --dtype q4_k_m --layers 8 --d-model 1024 --heads 16 \
     --kv-heads 4 --head-dim 64 --ffn 3584 --experts 8 --experts-used 2 --vocab 32000
 MODELS="${models[*]}" WORKERS="${WORKERS:-0}" exec "$root/deploy/bench-vs-reference.sh"

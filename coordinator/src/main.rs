@@ -354,7 +354,8 @@ struct SynthArgs {
     /// Key/value heads (divide --heads).
     #[arg(long)]
     kv_heads: Option<usize>,
-    /// Dimensions per head; default --d-model / --heads.
+    /// Dimensions per head; default --d-model / --heads (the architecture's fixture model's
+    /// without --d-model and --heads).
     #[arg(long)]
     head_dim: Option<usize>,
     /// Experts per block and experts per token (architectures with experts).
@@ -826,7 +827,14 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         }),
         n_heads: args.heads.unwrap_or(base.n_heads),
         n_kv_heads: args.kv_heads.unwrap_or(base.n_kv_heads),
-        head_dim: args.head_dim.unwrap_or(base.head_dim),
+        // A new width or head count without --head-dim divides the width evenly.
+        head_dim: args
+            .head_dim
+            .unwrap_or(if args.d_model.is_some() || args.heads.is_some() {
+                0
+            } else {
+                base.head_dim
+            }),
         experts: args.experts.unwrap_or(base.experts),
         experts_used: args.experts_used.unwrap_or(base.experts_used),
         vocab: args.vocab.unwrap_or(base.vocab),
