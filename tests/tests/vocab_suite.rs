@@ -219,3 +219,25 @@ fn llama_spm_round_trips_tokens_and_code_points() {
     }
     assert!(checked > 400_000, "only {checked} code points checked");
 }
+
+/// The reference strips the whitespace after Phi-3's special tokens (all but `<unk>`, `<s>` and
+/// `<|endoftext|>`) when it parses them; the suite's vectors parse none. Ids from
+/// `llama-tokenize -m models/vocab/ggml-vocab-phi-3.gguf -p TEXT --ids` (special tokens parsed).
+#[test]
+fn phi3_special_tokens_take_the_whitespace_after_them() {
+    let tok = tokenizer("phi-3");
+    let cases: [(&str, &[u32]); 3] = [
+        (
+            "<|user|>\n  Hello there<|end|>\n\n<|assistant|>\t Hi",
+            &[1, 32010, 15043, 727, 32007, 32001, 6324],
+        ),
+        (
+            "a<|endoftext|>  b </s>  c<s>  d",
+            &[1, 263, 32000, 259, 289, 29871, 2, 274, 1, 259, 270],
+        ),
+        ("<|system|> \r\n x<|end|>", &[1, 32006, 921, 32007]),
+    ];
+    for (text, want) in cases {
+        assert_eq!(tok.encode(text, true, true).unwrap(), want, "{text:?}");
+    }
+}

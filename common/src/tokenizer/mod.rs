@@ -30,9 +30,10 @@ use crate::gguf::GgufFile;
 use bpe::{BpeOptions, Spelling};
 pub use decoder::StreamDecoder;
 use pretokenize::PreTokenizer;
-use special::{Fragment, SpecialTokens};
+use special::{Fragment, Special, SpecialTokens};
 use vocab::{attr, Vocab};
 
+const KEY_NAME: &str = "general.name";
 const KEY_MODEL: &str = "tokenizer.ggml.model";
 const KEY_PRE: &str = "tokenizer.ggml.pre";
 const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
@@ -403,14 +404,28 @@ impl Tokenizer {
             },
         );
 
+        // The reference strips the whitespace after Phi-3's special tokens (all but the three
+        // below), recognizing Phi-3 by the model's name.
+        let name = file
+            .get(KEY_NAME)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_lowercase();
+        let phi3 = name.contains("phi-3") || name.contains("phi3");
         let specials = SpecialTokens::new(
             (0..n_tokens)
                 .filter_map(|i| {
                     let a = vocab.attrs[i];
                     (a & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0).then(|| {
-                        let always = a & (attr::CONTROL | attr::UNKNOWN) == 0;
                         let id = i as u32;
-                        (id, vocab.text(id).unwrap_or_default().to_string(), always)
+                        let text = vocab.text(id).unwrap_or_default().to_string();
+                        Special {
+                            id,
+                            always: a & (attr::CONTROL | attr::UNKNOWN) == 0,
+                            rstrip: phi3
+                                && !["<unk>", "<s>", "<|endoftext|>"].contains(&text.as_str()),
+                            text,
+                        }
                     })
                 })
                 .collect(),

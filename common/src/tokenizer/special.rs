@@ -13,23 +13,34 @@ pub(crate) enum Fragment {
     Token(u32),
 }
 
+/// A special token as the partition matches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Special {
+    pub id: u32,
+    pub text: String,
+    /// A user-defined token, matched even when special-token parsing is off.
+    pub always: bool,
+    /// The whitespace after the token is dropped (Phi-3's special tokens, as the reference
+    /// tokenizes them).
+    pub rstrip: bool,
+}
+
 /// The special tokens a text can contain, in matching order.
 #[derive(Debug, Default)]
 pub(crate) struct SpecialTokens {
-    /// `(id, text, always)`, longest text first (ties by id). `always` marks user-defined tokens,
-    /// which are matched even when special-token parsing is off.
-    tokens: Vec<(u32, String, bool)>,
+    /// Longest text first (ties by id).
+    tokens: Vec<Special>,
     /// All token texts, to find in one pass which tokens occur in a text at all.
     trie: Trie,
 }
 
 impl SpecialTokens {
-    pub(crate) fn new(mut tokens: Vec<(u32, String, bool)>) -> Self {
-        tokens.retain(|(_, text, _)| !text.is_empty());
-        tokens.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+    pub(crate) fn new(mut tokens: Vec<Special>) -> Self {
+        tokens.retain(|t| !t.text.is_empty());
+        tokens.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
         let mut trie = Trie::default();
-        for (index, (_, text, _)) in tokens.iter().enumerate() {
-            trie.insert(text.as_bytes(), index);
+        for (index, t) in tokens.iter().enumerate() {
+            trie.insert(t.text.as_bytes(), index);
         }
         Self { tokens, trie }
     }
@@ -43,10 +54,11 @@ impl SpecialTokens {
 
         // Fragments are substrings of `text`, so a token absent from `text` matches nowhere.
         let occurs = self.trie.occurring(text.as_bytes(), self.tokens.len());
-        for ((id, token, always), _) in self.tokens.iter().zip(&occurs).filter(|(_, &o)| o) {
-            if !(parse_special || *always) {
+        for (special, _) in self.tokens.iter().zip(&occurs).filter(|(_, &o)| o) {
+            if !(parse_special || special.always) {
                 continue;
             }
+            let token = special.text.as_str();
             let mut next = Vec::with_capacity(fragments.len() + 2);
             for fragment in fragments {
                 let Fragment::Text(range) = fragment else {
@@ -54,13 +66,24 @@ impl SpecialTokens {
                     continue;
                 };
                 let mut at = range.start;
-                for (offset, _) in text[range.clone()].match_indices(token.as_str()) {
+                for (offset, _) in text[range.clone()].match_indices(token) {
                     let start = range.start + offset;
+                    if start < at {
+                        // Inside whitespace the token before took.
+                        continue;
+                    }
                     if start > at {
                         next.push(Fragment::Text(at..start));
                     }
-                    next.push(Fragment::Token(*id));
+                    next.push(Fragment::Token(special.id));
                     at = start + token.len();
+                    if special.rstrip {
+                        // C's isspace: space, \t, \n, \v, \f, \r.
+                        while at < range.end && matches!(text.as_bytes()[at], b' ' | b'\t'..=b'\r')
+                        {
+                            at += 1;
+                        }
+                    }
                 }
                 if at < range.end {
                     next.push(Fragment::Text(at..range.end));
@@ -146,12 +169,39 @@ mod tests {
     use super::*;
 
     fn specials() -> SpecialTokens {
+        let special = |id, text: &str, always| Special {
+            id,
+            text: text.to_string(),
+            always,
+            rstrip: false,
+        };
         SpecialTokens::new(vec![
-            (1, "<s>".into(), false),
-            (2, "<s><s>".into(), false),
-            (3, "  ".into(), true),
-            (4, "   ".into(), true),
+            special(1, "<s>", false),
+            special(2, "<s><s>", false),
+            special(3, "  ", true),
+            special(4, "   ", true),
         ])
+    }
+
+    #[test]
+    fn a_token_that_strips_takes_the_whitespace_after_it() {
+        let specials = SpecialTokens::new(vec![Special {
+            id: 7,
+            text: "<|end|>".to_string(),
+            always: false,
+            rstrip: true,
+        }]);
+        let text = "a<|end|> \r\n\tb<|end|><|end|>  ";
+        assert_eq!(
+            specials.partition(text, true),
+            vec![
+                Fragment::Text(0..1),
+                Fragment::Token(7),
+                Fragment::Text(12..13),
+                Fragment::Token(7),
+                Fragment::Token(7),
+            ]
+        );
     }
 
     fn show(text: &str, fragments: &[Fragment]) -> Vec<String> {
