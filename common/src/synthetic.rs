@@ -1200,6 +1200,22 @@ mod tests {
         };
         let e = refusal(SyntheticArch::Qwen3Moe, &sigmoid);
         assert!(e.contains("gating function 2"), "{e}");
+        // Experts without their count, and a dense MLP beside experts.
+        let uncounted = |_: &mut Vec<TensorSpec>, m: &mut Vec<(String, Meta)>| {
+            m.retain(|(k, _)| !k.starts_with("llama.expert_"))
+        };
+        let e = refusal(SyntheticArch::Mixtral, &uncounted);
+        assert!(e.contains("expert_count"), "{e}");
+        let dense_beside = |t: &mut Vec<TensorSpec>, _: &mut Vec<(String, Meta)>| {
+            t.push(TensorSpec {
+                name: "blk.2.ffn_gate.weight".to_string(),
+                dims: vec![256, 256],
+                format: Format::Q8_0,
+                role: Role::Matrix { gain: 1.0 },
+            })
+        };
+        let e = refusal(SyntheticArch::Mixtral, &dense_beside);
+        assert!(e.contains("blk.2.ffn_gate.weight"), "{e}");
         let unknown = |_: &mut Vec<TensorSpec>, m: &mut Vec<(String, Meta)>| {
             set(m, "general.architecture", Meta::Str("mamba".into()))
         };

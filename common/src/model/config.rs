@@ -83,9 +83,9 @@ impl Architecture {
         matches!(self, Self::Gemma2 | Self::Gemma3)
     }
 
-    /// Block tensors (names under `blk.{i}.`) this architecture may carry; the blocks read
-    /// every one that is present.
-    fn block_tensors(self) -> Vec<&'static str> {
+    /// Block tensors (names under `blk.{i}.`) this architecture may carry, with experts or
+    /// without; the blocks read every one that is present.
+    fn block_tensors(self, experts: bool) -> Vec<&'static str> {
         use super::block::names::*;
         let mut names = vec![
             ATTN_NORM,
@@ -101,6 +101,13 @@ impl Architecture {
             FFN_NORM,
         ];
         match self {
+            Self::Llama if experts => names.extend([
+                ATTN_OUTPUT_BIAS,
+                FFN_GATE_INP,
+                FFN_GATE_EXPS,
+                FFN_UP_EXPS,
+                FFN_DOWN_EXPS,
+            ]),
             Self::Llama => names.extend([
                 ATTN_OUTPUT_BIAS,
                 FFN_GATE,
@@ -109,10 +116,6 @@ impl Architecture {
                 FFN_GATE_BIAS,
                 FFN_UP_BIAS,
                 FFN_DOWN_BIAS,
-                FFN_GATE_INP,
-                FFN_GATE_EXPS,
-                FFN_UP_EXPS,
-                FFN_DOWN_EXPS,
             ]),
             Self::Qwen2 => names.extend([FFN_GATE, FFN_UP, FFN_DOWN]),
             Self::Qwen3 => names.extend([ATTN_Q_NORM, ATTN_K_NORM, FFN_GATE, FFN_UP, FFN_DOWN]),
@@ -526,7 +529,7 @@ impl ModelConfig {
 
     /// Refuses a file holding a tensor Realm would not read: its math would be silently wrong.
     fn check_tensors(&self, file: &GgufFile) -> Result<()> {
-        let block = self.architecture.block_tensors();
+        let block = self.architecture.block_tensors(self.experts.is_some());
         let global = self.architecture.global_tensors();
         for name in file.tensors.keys() {
             let known = match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
@@ -539,6 +542,14 @@ impl ModelConfig {
                         || global.contains(&name.as_str())
                 }
             };
+            if !known && self.experts.is_none() && name.contains("_exps.") {
+                return Err(Error::Unsupported(format!(
+                    "tensor `{name}`: expert tensors in a {} file that declares no \
+                     `{}.expert_count`",
+                    self.architecture.gguf_name(),
+                    self.architecture.gguf_name()
+                )));
+            }
             if !known {
                 return Err(Error::Unsupported(format!(
                     "tensor `{name}`: Realm's {} blocks have no use for it, and running \
