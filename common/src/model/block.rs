@@ -14,44 +14,14 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::{attend, positions, split_heads, Rope, Segment};
+use super::config::block_tensors::*;
 use super::config::{Activation, ModelConfig};
-use super::elementwise::{add, geglu, swiglu};
+use super::elementwise::{add, gated};
 use super::experts::MixtureOfExperts;
 use super::norm::rms_norm;
 use super::{load_vector, Block, Linear};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-
-/// Names of a block's tensors, under `blk.{i}.`.
-pub(crate) mod names {
-    pub const ATTN_NORM: &str = "attn_norm.weight";
-    pub const ATTN_Q: &str = "attn_q.weight";
-    pub const ATTN_K: &str = "attn_k.weight";
-    pub const ATTN_V: &str = "attn_v.weight";
-    pub const ATTN_Q_BIAS: &str = "attn_q.bias";
-    pub const ATTN_K_BIAS: &str = "attn_k.bias";
-    pub const ATTN_V_BIAS: &str = "attn_v.bias";
-    pub const ATTN_QKV: &str = "attn_qkv.weight";
-    pub const ATTN_QKV_BIAS: &str = "attn_qkv.bias";
-    pub const ATTN_Q_NORM: &str = "attn_q_norm.weight";
-    pub const ATTN_K_NORM: &str = "attn_k_norm.weight";
-    pub const ATTN_OUTPUT: &str = "attn_output.weight";
-    pub const ATTN_OUTPUT_BIAS: &str = "attn_output.bias";
-    pub const POST_ATTN_NORM: &str = "post_attention_norm.weight";
-    pub const FFN_NORM: &str = "ffn_norm.weight";
-    pub const FFN_GATE: &str = "ffn_gate.weight";
-    pub const FFN_UP: &str = "ffn_up.weight";
-    pub const FFN_DOWN: &str = "ffn_down.weight";
-    pub const FFN_GATE_BIAS: &str = "ffn_gate.bias";
-    pub const FFN_UP_BIAS: &str = "ffn_up.bias";
-    pub const FFN_DOWN_BIAS: &str = "ffn_down.bias";
-    pub const POST_FFN_NORM: &str = "post_ffw_norm.weight";
-    pub const FFN_GATE_INP: &str = "ffn_gate_inp.weight";
-    pub const FFN_GATE_EXPS: &str = "ffn_gate_exps.weight";
-    pub const FFN_UP_EXPS: &str = "ffn_up_exps.weight";
-    pub const FFN_DOWN_EXPS: &str = "ffn_down_exps.weight";
-}
-use names::*;
 
 /// A matrix with an optional bias: `x @ W^T + b`.
 #[derive(Debug)]
@@ -277,14 +247,6 @@ impl DecoderBlock {
                     .contiguous()?)
             }
         }
-    }
-}
-
-/// `act(gate) · up`.
-pub(super) fn gated(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    match activation {
-        Activation::Silu => swiglu(gate, up),
-        Activation::Gelu => geglu(gate, up),
     }
 }
 

@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::config::Activation;
 use crate::error::{Error, Result};
 
 /// Values per slice handed to a thread: enough to amortize a task, few enough to spread a
@@ -78,6 +79,14 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
     })
+}
+
+/// `act(gate) · up`.
+pub(crate) fn gated(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    match activation {
+        Activation::Silu => swiglu(gate, up),
+        Activation::Gelu => geglu(gate, up),
+    }
 }
 
 /// `gelu(gate) * up`, GELU in its tanh form evaluated on the f16-rounded input and rounded to

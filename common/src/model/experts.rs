@@ -10,9 +10,9 @@
 
 use candle_core::{Device, Tensor};
 
-use super::block::gated;
-use super::block::names::{FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_GATE_INP, FFN_UP_EXPS};
+use super::config::block_tensors::{FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_GATE_INP, FFN_UP_EXPS};
 use super::config::{Activation, Experts};
+use super::elementwise::gated;
 use super::Linear;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
