@@ -373,14 +373,27 @@ const Q6_K_SIZE: usize = 210;
 /// their low four bits in the nibbles of bytes 8..12 and their top two in the spare bits above.
 #[inline(always)]
 fn q4_k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 63;
-        m[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-    (sc, m)
+    // Four bytes at a time: scales 0..4 and minimums 0..4 are the low six bits of bytes 0..4 and
+    // 4..8; scales and minimums 4..8 take their low four bits from the nibbles of bytes 8..12
+    // and their top two from the top bits of bytes 0..4 and 4..8.
+    const SIX: u32 = 0x3f3f_3f3f;
+    const NIBBLE: u32 = 0x0f0f_0f0f;
+    const TWO: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (first, second, third) = (word(0), word(1), word(2));
+    let halves = |low: u32, high: u32| {
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&low.to_le_bytes());
+        out[4..].copy_from_slice(&high.to_le_bytes());
+        out
+    };
+    (
+        halves(first & SIX, (third & NIBBLE) | ((first >> 6) & TWO) << 4),
+        halves(
+            second & SIX,
+            ((third >> 4) & NIBBLE) | ((second >> 6) & TWO) << 4,
+        ),
+    )
 }
 
 /// `Σ m[sub] · Σ activations of sub` in integers: what the minimums take off a super-block.
@@ -726,7 +739,7 @@ fn dot_rows_k(
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{hsum, q4_k_min_sum, q4_k_scales, ActBlock, KBlock, LANES, Q4_K_SIZE, Q6_K_SIZE};
+    use super::{hsum, q4_k_scales, ActBlock, KBlock, LANES, Q4_K_SIZE, Q6_K_SIZE};
     use crate::quant::GgmlType;
 
     pub fn available() -> bool {
@@ -1640,11 +1653,23 @@ mod simd {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_q4_k(row: &[u8], act: &[KBlock]) -> f32 {
         let low = _mm256_set1_epi8(0x0F);
+        // Shuffles that spread 16-bit lane `s` of the scales over a whole vector.
+        let spread: [__m256i; 8] =
+            std::array::from_fn(|s| _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16));
         let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
         for (block, a) in row.chunks_exact(Q4_K_SIZE).zip(act) {
             let d = f16_at(block, 0) * a.d;
             let dmin = f16_at(block, 2) * a.d;
             let (sc, m) = q4_k_scales(&block[4..16]);
+            // SAFETY: `sc` and `m` are 8 bytes, `bsums` 16 i16 (32 bytes).
+            let (scales, mins, bsums) = unsafe {
+                (
+                    _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr().cast())),
+                    _mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr().cast())),
+                    _mm256_loadu_si256(a.bsums.as_ptr().cast()),
+                )
+            };
+            let scales = _mm256_broadcastsi128_si256(scales);
             let mut sumi = _mm256_setzero_si256();
             for j in 0..4 {
                 let packed = bytes32(block, 16 + 32 * j);
@@ -1652,16 +1677,26 @@ mod simd {
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
                 let p_lo = _mm256_madd_epi16(
                     _mm256_maddubs_epi16(lo, group(&a.qs[2 * j])),
-                    _mm256_set1_epi16(sc[2 * j] as i16),
+                    _mm256_shuffle_epi8(scales, spread[2 * j]),
                 );
                 let p_hi = _mm256_madd_epi16(
                     _mm256_maddubs_epi16(hi, group(&a.qs[2 * j + 1])),
-                    _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                    _mm256_shuffle_epi8(scales, spread[2 * j + 1]),
                 );
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p_lo, p_hi));
             }
-            acc = (hsum_i32(sumi) as f32).mul_add(d, acc);
-            acc_min = (q4_k_min_sum(&m, a) as f32).mul_add(dmin, acc_min);
+            // Each minimum times the sum of its sub-block's two 16-value activation sums.
+            let pairs = _mm256_set_m128i(
+                _mm_unpackhi_epi16(mins, mins),
+                _mm_unpacklo_epi16(mins, mins),
+            );
+            let min_sums = _mm256_madd_epi16(bsums, pairs);
+            // Both totals in one reduction: integers, so in any order.
+            let t = _mm256_hadd_epi32(sumi, min_sums);
+            let t = _mm256_hadd_epi32(t, t);
+            let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+            acc = (_mm_cvtsi128_si32(t) as f32).mul_add(d, acc);
+            acc_min = (_mm_extract_epi32::<1>(t) as f32).mul_add(dmin, acc_min);
         }
         acc - acc_min
     }
