@@ -1708,16 +1708,66 @@ mod simd {
     fn dot_q6_k(row: &[u8], act: &[KBlock]) -> f32 {
         let low = _mm256_set1_epi8(0x0F);
         let high = _mm256_set1_epi8(0x30);
-        let offset = _mm256_set1_epi8(32);
+        // Shuffles that spread 16-bit lane `2p` of a vector's low half over the low half, and
+        // lane `2p + 1` over the high half: part `p`'s two 16-value scales.
+        let spread: [__m256i; 4] = std::array::from_fn(|p| {
+            let (a, b) = (4 * p as i8, 4 * p as i8 + 2);
+            _mm256_setr_epi8(
+                a,
+                a + 1,
+                a,
+                a + 1,
+                a,
+                a + 1,
+                a,
+                a + 1,
+                a,
+                a + 1,
+                a,
+                a + 1,
+                a,
+                a + 1,
+                a,
+                a + 1,
+                b,
+                b + 1,
+                b,
+                b + 1,
+                b,
+                b + 1,
+                b,
+                b + 1,
+                b,
+                b + 1,
+                b,
+                b + 1,
+                b,
+                b + 1,
+                b,
+                b + 1,
+            )
+        });
         let mut acc = 0.0f32;
         for (block, a) in row.chunks_exact(Q6_K_SIZE).zip(act) {
             let d = f16_at(block, 208) * a.d;
-            let scales = &block[192..208];
+            // SAFETY: the block's 16 scale bytes start at 192; `bsums` is 16 i16 (32 bytes).
+            let (scales, bsums) = unsafe {
+                (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(block.as_ptr().add(192).cast())),
+                    _mm256_loadu_si256(a.bsums.as_ptr().cast()),
+                )
+            };
             let mut sumi = _mm256_setzero_si256();
             for half in 0..2 {
                 let ql0 = bytes32(block, 64 * half);
                 let ql1 = bytes32(block, 64 * half + 32);
                 let qh = bytes32(block, 128 + 32 * half);
+                // This half's eight scales in both 128-bit lanes.
+                let half_scales = if half == 0 {
+                    _mm256_permute2x128_si256::<0x00>(scales, scales)
+                } else {
+                    _mm256_permute2x128_si256::<0x11>(scales, scales)
+                };
                 let parts = [
                     _mm256_or_si256(
                         _mm256_and_si256(ql0, low),
@@ -1737,20 +1787,20 @@ mod simd {
                     ),
                 ];
                 for (part, q) in parts.into_iter().enumerate() {
-                    let chunk = 4 * half + part;
-                    let y = group(&a.qs[chunk]);
-                    let pairs = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(q, y),
-                        _mm256_maddubs_epi16(offset, y),
-                    );
-                    let sc = _mm256_set_m128i(
-                        _mm_set1_epi16(scales[2 * chunk + 1] as i8 as i16),
-                        _mm_set1_epi16(scales[2 * chunk] as i8 as i16),
-                    );
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, sc));
+                    let y = group(&a.qs[4 * half + part]);
+                    let sc = _mm256_shuffle_epi8(half_scales, spread[part]);
+                    sumi =
+                        _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), sc));
                 }
             }
-            acc = (hsum_i32(sumi) as f32).mul_add(d, acc);
+            // The quants' offset of 32: each scale times its 16 activations' sum, taken off
+            // once per block. Both totals in one reduction: integers, so in any order.
+            let offsets = _mm256_madd_epi16(bsums, scales);
+            let t = _mm256_hadd_epi32(sumi, offsets);
+            let t = _mm256_hadd_epi32(t, t);
+            let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+            let total = _mm_cvtsi128_si32(t) - 32 * _mm_extract_epi32::<1>(t);
+            acc = (total as f32).mul_add(d, acc);
         }
         acc
     }
