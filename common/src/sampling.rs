@@ -1,8 +1,9 @@
 //! Token sampling: turns the logits of the last position into the next token id.
 //!
 //! The chain is the usual one of GGUF engines: a repetition penalty over the recent history and
-//! OpenAI's presence and frequency penalties over the tokens generated so far, then either greedy argmax (temperature 0) or top-k → top-p → min-p → temperature → softmax →
-//! a draw from a seeded RNG. Top-p and min-p look at the probabilities *before* temperature, as
+//! OpenAI's presence and frequency penalties over the tokens generated so far, then either
+//! greedy argmax (temperature 0) or top-k → top-p → min-p → temperature → softmax → a draw from
+//! a seeded RNG. Top-p and min-p look at the probabilities *before* temperature, as
 //! is usual, so temperature only reshapes the distribution among the survivors.
 //!
 //! A [`Sampler`] belongs to one generation: it owns the RNG (the same seed and the same logits give

@@ -1161,24 +1161,25 @@ mod tests {
             meta.retain(|(k, _)| k != key);
             meta.push((key.to_string(), value));
         };
+        // A tensor the file should not hold: a Q8_0 matrix or an f32 vector.
+        let stray = |name: &str, dims: &[u64]| TensorSpec {
+            name: name.to_string(),
+            dims: dims.to_vec(),
+            format: if dims.len() == 1 {
+                Format::F32
+            } else {
+                Format::Q8_0
+            },
+            role: Role::Norm { centre: 1.0 },
+        };
         let shared_expert = |t: &mut Vec<TensorSpec>, _: &mut Vec<(String, Meta)>| {
-            t.push(TensorSpec {
-                name: "blk.1.ffn_gate_shexp.weight".to_string(),
-                dims: vec![256, 256],
-                format: Format::Q8_0,
-                role: Role::Matrix { gain: 1.0 },
-            })
+            t.push(stray("blk.1.ffn_gate_shexp.weight", &[256, 256]))
         };
         let e = refusal(SyntheticArch::Mixtral, &shared_expert);
         assert!(e.contains("blk.1.ffn_gate_shexp.weight"), "{e}");
         // Qwen 3's head norms in a llama file: the llama blocks have no place for them.
         let stray_norm = |t: &mut Vec<TensorSpec>, _: &mut Vec<(String, Meta)>| {
-            t.push(TensorSpec {
-                name: "blk.0.attn_q_norm.weight".to_string(),
-                dims: vec![128],
-                format: Format::F32,
-                role: Role::Norm { centre: 1.0 },
-            })
+            t.push(stray("blk.0.attn_q_norm.weight", &[128]))
         };
         let e = refusal(SyntheticArch::Llama3, &stray_norm);
         assert!(
@@ -1207,15 +1208,32 @@ mod tests {
         let e = refusal(SyntheticArch::Mixtral, &uncounted);
         assert!(e.contains("expert_count"), "{e}");
         let dense_beside = |t: &mut Vec<TensorSpec>, _: &mut Vec<(String, Meta)>| {
-            t.push(TensorSpec {
-                name: "blk.2.ffn_gate.weight".to_string(),
-                dims: vec![256, 256],
-                format: Format::Q8_0,
-                role: Role::Matrix { gain: 1.0 },
-            })
+            t.push(stray("blk.2.ffn_gate.weight", &[256, 256]))
         };
         let e = refusal(SyntheticArch::Mixtral, &dense_beside);
         assert!(e.contains("blk.2.ffn_gate.weight"), "{e}");
+        // A router or expert tensor of the wrong shape for the declared experts.
+        let reshape = |t: &mut Vec<TensorSpec>, name: &str, dims: &[u64]| {
+            if let Some(tensor) = t.iter_mut().find(|x| x.name == name) {
+                tensor.dims = dims.to_vec();
+            }
+        };
+        let three_way_router = |t: &mut Vec<TensorSpec>, _: &mut Vec<(String, Meta)>| {
+            reshape(t, "blk.1.ffn_gate_inp.weight", &[256, 3])
+        };
+        let e = refusal(SyntheticArch::Mixtral, &three_way_router);
+        assert!(
+            e.contains("blk.1.ffn_gate_inp.weight") && e.contains("4 experts"),
+            "{e}"
+        );
+        let three_experts = |t: &mut Vec<TensorSpec>, _: &mut Vec<(String, Meta)>| {
+            reshape(t, "blk.1.ffn_up_exps.weight", &[256, 256, 3])
+        };
+        let e = refusal(SyntheticArch::Qwen3Moe, &three_experts);
+        assert!(
+            e.contains("blk.1.ffn_up_exps.weight") && e.contains("[256, 256, 4]"),
+            "{e}"
+        );
         let unknown = |_: &mut Vec<TensorSpec>, m: &mut Vec<(String, Meta)>| {
             set(m, "general.architecture", Meta::Str("mamba".into()))
         };

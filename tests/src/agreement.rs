@@ -1,8 +1,9 @@
 //! Teacher-forced agreement of a Realm model with llama.cpp's next-token logprobs, recorded in
 //! a fixture by `deploy/reference-logprobs.py` (its docstring describes the format).
 //!
-//! The fixture's tokens are fed in one forward pass; at each position Realm's top-1 token is
-//! compared with llama.cpp's, and Realm's logprob of llama.cpp's top token with llama.cpp's.
+//! The fixture's tokens are fed one per step, as llama.cpp's reference run was fed them; at each
+//! position Realm's top-1 token is compared with llama.cpp's, and Realm's logprob of llama.cpp's
+//! top token with llama.cpp's.
 
 use std::path::Path;
 
@@ -23,18 +24,6 @@ pub struct Fixture {
     pub self_agreement: f64,
     /// The largest mean |Δ logprob of the top token| among those settings.
     pub self_mean_abs_delta: f64,
-    /// llama.cpp's other settings, for the report.
-    pub settings: Vec<Setting>,
-}
-
-/// One of llama.cpp's other settings and how it agrees with the reference one.
-#[derive(Debug, Clone)]
-pub struct Setting {
-    pub name: String,
-    pub top1_agreement: f64,
-    pub mean_abs_delta: f64,
-    /// Its top-1 token at every position.
-    pub top1: Vec<u32>,
 }
 
 impl Fixture {
@@ -79,17 +68,6 @@ impl Fixture {
             path.display()
         );
         let agreement = field("self_agreement");
-        let settings = agreement["settings"]
-            .as_array()
-            .expect("settings")
-            .iter()
-            .map(|s| Setting {
-                name: s["name"].as_str().expect("name").to_string(),
-                top1_agreement: number(&s["top1_agreement"]),
-                mean_abs_delta: number(&s["mean_abs_delta_top_logprob"]),
-                top1: s["top1"].as_array().expect("top1").iter().map(id).collect(),
-            })
-            .collect();
         Self {
             model: field("model").as_str().expect("model").to_string(),
             model_sha256: field("model_sha256")
@@ -100,7 +78,6 @@ impl Fixture {
             top,
             self_agreement: number(&agreement["min_top1_agreement"]),
             self_mean_abs_delta: number(&agreement["max_mean_abs_delta_top_logprob"]),
-            settings,
         }
     }
 }
@@ -117,17 +94,6 @@ pub struct Agreement {
     pub outside_top2: usize,
     /// The positions where the top-1 tokens differ.
     pub disagreements: Vec<usize>,
-    /// Realm's top-1 agreement with each of llama.cpp's other settings, in the fixture's order.
-    pub with_settings: Vec<f64>,
-}
-
-/// How the fixture's tokens are fed to the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Feeding {
-    /// All at once, as a prompt: one forward pass returning every position's logits.
-    OnePass,
-    /// One token per step, as in decoding (and as llama.cpp's reference run fed them).
-    TokenByToken,
 }
 
 impl Agreement {
@@ -136,33 +102,26 @@ impl Agreement {
     }
 }
 
-/// Runs `model` teacher-forced over the fixture's tokens and compares each position's
-/// next-token distribution with llama.cpp's top-K.
-pub fn agreement(model: &Model, fixture: &Fixture, feeding: Feeding) -> Agreement {
+/// Runs `model` teacher-forced over the fixture's tokens, one per step (a decode's numerics),
+/// and compares each position's next-token distribution with llama.cpp's top-K.
+pub fn agreement(model: &Model, fixture: &Fixture) -> Agreement {
     let mut kv = model.new_session_kv();
-    let rows: Vec<Vec<f32>> = match feeding {
-        Feeding::OnePass => model
-            .forward(&fixture.tokens, &mut kv, true)
-            .and_then(|logits| Ok(logits.to_vec2()?))
-            .expect("forward pass"),
-        Feeding::TokenByToken => fixture
-            .tokens
-            .iter()
-            .map(|&t| {
-                model
-                    .forward(&[t], &mut kv, false)
-                    .and_then(|logits| Ok(logits.squeeze(0)?.to_vec1()?))
-                    .expect("decode step")
-            })
-            .collect(),
-    };
+    let rows: Vec<Vec<f32>> = fixture
+        .tokens
+        .iter()
+        .map(|&t| {
+            model
+                .forward(&[t], &mut kv, false)
+                .and_then(|logits| Ok(logits.squeeze(0)?.to_vec1()?))
+                .expect("decode step")
+        })
+        .collect();
     let mut result = Agreement {
         agree: 0,
         total: rows.len(),
         mean_abs_delta: 0.0,
         outside_top2: 0,
         disagreements: Vec::new(),
-        with_settings: vec![0.0; fixture.settings.len()],
     };
     let mut delta_sum = 0.0;
     for (position, (row, top)) in rows.iter().zip(&fixture.top).enumerate() {
@@ -172,9 +131,6 @@ pub fn agreement(model: &Model, fixture: &Fixture, feeding: Feeding) -> Agreemen
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(i, _)| i as u32)
             .expect("a non-empty vocabulary");
-        for (agree, setting) in result.with_settings.iter_mut().zip(&fixture.settings) {
-            *agree += f64::from(u8::from(setting.top1[position] == best)) / rows.len() as f64;
-        }
         let (reference, reference_logprob) = top[0];
         if best == reference {
             result.agree += 1;
@@ -199,8 +155,8 @@ fn log_softmax_at(row: &[f32], index: usize) -> f64 {
 
 /// Realm's agreement with a fixture, judged against llama.cpp's agreement with itself.
 ///
-/// The tokens are fed one per step, as llama.cpp's reference run was fed them (a decode's
-/// numerics, which is what serving runs). Two bars, both against the fixture's own measure of
+/// The tokens are fed one per step (see [`agreement`]): a decode's numerics, which is what
+/// serving runs. Two bars, both against the fixture's own measure of
 /// llama.cpp's self-consistency:
 /// - top-1 agreement at least llama.cpp's lowest self-agreement `p`, less two binomial standard
 ///   errors `2·√(p(1−p)/n)` (about 3 of 200 positions at p = 0.96): at these agreement rates
@@ -213,7 +169,7 @@ fn log_softmax_at(row: &[f32], index: usize) -> f64 {
 ///
 /// Returns the line of figures to print, or why it fails.
 pub fn judge(label: &str, model: &Model, fixture: &Fixture) -> Result<String, String> {
-    let got = agreement(model, fixture, Feeding::TokenByToken);
+    let got = agreement(model, fixture);
     let p = fixture.self_agreement;
     let n = got.total as f64;
     let bar = p - 2.0 * (p * (1.0 - p) / n).sqrt();

@@ -55,32 +55,37 @@ impl Rope {
         }
     }
 
-    /// `(cos, sin)` of every pair's angle at `position`, in pair order.
-    fn angles(&self, position: usize) -> impl Iterator<Item = (f32, f32)> + '_ {
-        let mut theta = position as f32;
-        (0..self.pairs).map(move |i| {
-            let extrapolated = match &self.factors {
-                Some(f) => theta / f[i],
-                None => theta,
-            };
-            let angle = self.position_scale * extrapolated;
-            theta *= self.theta_scale;
-            (angle.cos() * self.magnitude, angle.sin() * self.magnitude)
-        })
+    /// `(cos, sin)` of every pair's angle at each of `positions`, position-major: computed
+    /// once per step and applied to the queries and the keys.
+    pub fn table(&self, positions: &[usize]) -> Vec<(f32, f32)> {
+        let mut table = Vec::with_capacity(positions.len() * self.pairs);
+        for &position in positions {
+            let mut theta = position as f32;
+            for i in 0..self.pairs {
+                let extrapolated = match &self.factors {
+                    Some(f) => theta / f[i],
+                    None => theta,
+                };
+                let angle = self.position_scale * extrapolated;
+                theta *= self.theta_scale;
+                table.push((angle.cos() * self.magnitude, angle.sin() * self.magnitude));
+            }
+        }
+        table
     }
 
-    /// Rotates `x` (`[heads, n_tokens, head_dim]`), token `i` sitting at `positions[i]`.
-    pub fn apply(&self, x: &Tensor, positions: &[usize], device: &Device) -> Result<Tensor> {
+    /// Rotates `x` (`[heads, n_tokens, head_dim]`) by `table`, the [`table`](Self::table) of
+    /// the tokens' positions.
+    pub fn apply(&self, x: &Tensor, table: &[(f32, f32)], device: &Device) -> Result<Tensor> {
         let (_, n, head_dim) = x.dims3()?;
-        if n != positions.len() || head_dim != 2 * self.pairs {
+        if table.len() != n * self.pairs || head_dim != 2 * self.pairs {
             return Err(Error::InvalidArgument(format!(
-                "cannot rotate shape {:?} at {} positions with {} pairs",
+                "cannot rotate shape {:?} by {} angles of {} pairs",
                 x.dims(),
-                positions.len(),
+                table.len(),
                 self.pairs
             )));
         }
-        let table: Vec<(f32, f32)> = positions.iter().flat_map(|&p| self.angles(p)).collect();
         let mut values = x.flatten_all()?.to_vec1::<f32>()?;
         let (pairs, style) = (self.pairs, self.style);
         values

@@ -270,8 +270,9 @@ impl Block for DecoderBlock {
         let q = self.heads(&q, self.n_heads, self.q_norm.as_ref())?;
         let k = self.heads(&k, self.n_kv_heads, self.k_norm.as_ref())?;
         let v = split_heads(&v, self.n_kv_heads, self.head_dim)?;
-        let q = self.rope.apply(&q, &positions, &self.device)?;
-        let k = self.rope.apply(&k, &positions, &self.device)?;
+        let angles = self.rope.table(&positions);
+        let q = self.rope.apply(&q, &angles, &self.device)?;
+        let k = self.rope.apply(&k, &angles, &self.device)?;
         let (q, scale) = if self.scale_queries {
             ((q * self.scale)?, 1.0)
         } else {

@@ -205,15 +205,14 @@ pub enum Activation {
     Gelu,
 }
 
-/// A mixture-of-experts MLP: a softmax router picks `used` of `count` experts per token.
+/// A mixture-of-experts MLP: a softmax router picks `used` of `count` experts per token, whose
+/// weights are renormalized to sum to one (both architectures with experts do).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Experts {
     pub count: usize,
     pub used: usize,
     /// Each expert's MLP width.
     pub ffn_dim: usize,
-    /// Whether the chosen experts' weights are divided by their sum.
-    pub normalize: bool,
     /// A factor on the experts' weights (1 for none).
     pub scale: f32,
 }
@@ -493,7 +492,6 @@ impl ModelConfig {
                     count,
                     used,
                     ffn_dim: expert_ffn,
-                    normalize: true,
                     scale: optional_f32("expert_weights_scale")?
                         .filter(|&s| s != 0.0)
                         .unwrap_or(1.0),
@@ -593,7 +591,7 @@ impl ModelConfig {
 
     /// Whether `layer` attends through a sliding window.
     pub fn is_sliding(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && self.sliding_layers.get(layer).copied().unwrap_or(false)
+        self.sliding_layers.get(layer).copied().unwrap_or(false)
     }
 
     /// Checks that `n_new` tokens after `position` cached ones fit the context window.

@@ -36,7 +36,6 @@ struct Expert {
 #[derive(Debug)]
 struct Router {
     weights: Vec<f32>,
-    experts: usize,
     d_model: usize,
 }
 
@@ -59,7 +58,6 @@ pub(super) struct MixtureOfExperts {
     router: Router,
     experts: Vec<Expert>,
     used: usize,
-    normalize: bool,
     scale: f32,
     activation: Activation,
 }
@@ -88,11 +86,7 @@ impl MixtureOfExperts {
             .dequantize(&Device::Cpu)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let router = Router {
-            weights,
-            experts: config.count,
-            d_model,
-        };
+        let router = Router { weights, d_model };
         let f = config.ffn_dim;
         let gate = expert_slices(file, &name(FFN_GATE_EXPS), d_model, f, config.count)?;
         let up = expert_slices(file, &name(FFN_UP_EXPS), d_model, f, config.count)?;
@@ -113,7 +107,6 @@ impl MixtureOfExperts {
             router,
             experts,
             used: config.used,
-            normalize: config.normalize,
             scale: config.scale,
             activation,
         })
@@ -129,7 +122,7 @@ impl MixtureOfExperts {
             .map(|row| self.route(&self.router.logits(row)))
             .collect();
         // Each expert's rows: (row, rank).
-        let mut assigned: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.router.experts];
+        let mut assigned: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.experts.len()];
         for (row, chosen) in choices.iter().enumerate() {
             for (rank, &(expert, _)) in chosen.iter().enumerate() {
                 assigned[expert].push((row, rank));
@@ -180,11 +173,9 @@ impl MixtureOfExperts {
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
         let mut chosen: Vec<(usize, f32)> =
             order[..self.used].iter().map(|&e| (e, probs[e])).collect();
-        if self.normalize {
-            let total = chosen.iter().map(|&(_, w)| w as f64).sum::<f64>() as f32;
-            let total = total.max(MIN_WEIGHT_SUM);
-            chosen.iter_mut().for_each(|(_, w)| *w /= total);
-        }
+        let total = chosen.iter().map(|&(_, w)| w as f64).sum::<f64>() as f32;
+        let total = total.max(MIN_WEIGHT_SUM);
+        chosen.iter_mut().for_each(|(_, w)| *w /= total);
         if self.scale != 1.0 {
             chosen.iter_mut().for_each(|(_, w)| *w *= self.scale);
         }
@@ -221,4 +212,44 @@ fn expert_slices(
             size: bytes,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::borrows_mapping;
+    use crate::synthetic::{self, SyntheticArch, SyntheticDType, SyntheticSpec};
+
+    /// The layer manager keeps a resident layer's borrowed pages mapped and gives back those of
+    /// tensors it copied: an expert tensor must be judged as its slices are loaded, or its
+    /// experts would fault their weights back in at every step.
+    #[test]
+    fn an_expert_tensor_borrows_the_mapping_as_its_slices_do() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (dtype, borrowed) in [(SyntheticDType::Q4KM, true), (SyntheticDType::Q8_0, false)] {
+            let path = dir.path().join("moe.gguf");
+            let spec = SyntheticSpec::fixture(SyntheticArch::Mixtral, dtype);
+            synthetic::write(&path, &spec).expect("write");
+            let file = GgufFile::open(&path).expect("open");
+            let (d, f) = (spec.d_model, spec.ffn_dim);
+            for (name, cols, rows) in [
+                (FFN_GATE_EXPS, d, f),
+                (FFN_UP_EXPS, d, f),
+                (FFN_DOWN_EXPS, f, d),
+            ] {
+                let name = format!("blk.0.{name}");
+                let whole = file.tensor_info(&name).expect("tensor");
+                assert_eq!(borrows_mapping(whole, &Device::Cpu), borrowed, "{name}");
+                for slice in expert_slices(&file, &name, cols, rows, spec.experts).expect("slices")
+                {
+                    assert_eq!(
+                        borrows_mapping(&slice, &Device::Cpu),
+                        borrowed,
+                        "{}",
+                        slice.name
+                    );
+                }
+            }
+        }
+    }
 }

@@ -79,10 +79,12 @@ pub(crate) enum Linear {
 
 /// Whether a tensor is computed from the mapped file's pages rather than from a copy: the layer
 /// manager keeps such pages mapped while the layer is resident, and releases copied ones.
-/// Formats that Realm's kernels repack are copied (in another layout).
+/// Formats that Realm's kernels repack are copied (in another layout). A three-dimensional
+/// tensor holds one matrix per expert, `dims[0]` wide and `dims[1]` high, each loaded as a
+/// slice of the mapping like a matrix of its own.
 pub(crate) fn borrows_mapping(info: &TensorInfo, device: &Device) -> bool {
     device.is_cpu()
-        && info.dims.len() == 2
+        && matches!(info.dims.len(), 2 | 3)
         && kernels::supported_shape(info.dtype, info.dims[0] as usize)
         && !kernels::repacks(info.dtype, info.dims[1] as usize)
 }
