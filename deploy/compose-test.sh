@@ -5,14 +5,19 @@
 # deploy/docker-compose.yml (one coordinator, three workers) with a cluster token and an API key
 # made for this run (random, exported, never printed), sends the Paris prompt through the `realm`
 # client with the key to the coordinator's port on 127.0.0.1 and checks the answer, and checks
-# that a client without the key, or with a wrong one, is refused (UNAUTHENTICATED). Then it runs the
-# pods of deploy/k8s/ the same way (deploy/k8s-pods.py: the manifests' names, environment,
-# users and limits under docker, no cluster needed). The containers, their networks and a dockerd
-# this script started are torn down however it ends.
+# that a client without the key, or with a wrong one, is refused (UNAUTHENTICATED). The workers
+# have no model: it checks that only the coordinator mounts /models, that each worker received its
+# layers into a cache volume holding one shard file, then takes the cluster down and up again
+# keeping the volumes and checks that the Paris answer comes with nothing delivered (`realm
+# workers`: one cache hit each, 0 B received; the shard files untouched). Then it runs the pods of
+# deploy/k8s/ the same way (deploy/k8s-pods.py: the manifests' names, environment, users, volumes
+# and limits under docker, no cluster needed). The containers, their networks and volumes and a
+# dockerd this script started are torn down however it ends.
 #
 #   deploy/compose-test.sh
 #
-# Prints the image sizes and the time from `up` to the first streamed token.
+# Prints the image sizes and the time from `up` to the first streamed token, for the first start
+# (layers delivered) and for the restart (layers from the caches).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -124,29 +129,57 @@ log "$compose_file is valid (compose config)"
 # A cluster left behind by an interrupted run goes first.
 "${compose[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1 || true
 
-start_ns=$(date +%s%N)
-log "up: 3 workers, then the coordinator once they are healthy"
-"${compose[@]}" up --detach --no-build
-for _ in $(seq 240); do
-    "$realm" health "127.0.0.1:$REALM_PORT" --timeout-secs 2 >/dev/null 2>&1 && break
-    sleep 0.5
-done
-"$realm" health "127.0.0.1:$REALM_PORT" --timeout-secs 2 >/dev/null
+# Brings the cluster up and sends the Paris prompt through the published port; sets up_ms to the
+# time from `up` to the first streamed token. $1 names the start in the log.
+up_and_ask() {
+    local start_ns first_ns answer
+    start_ns=$(date +%s%N)
+    log "up ($1): 3 workers, then the coordinator once they are healthy"
+    "${compose[@]}" up --detach --no-build
+    for _ in $(seq 240); do
+        "$realm" health "127.0.0.1:$REALM_PORT" --timeout-secs 2 >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    "$realm" health "127.0.0.1:$REALM_PORT" --timeout-secs 2 >/dev/null
 
-# The first byte of the completion marks the first streamed token. The client sends the key from
-# REALM_API_KEY (exported above; not on its command line).
-"$realm" --coordinator "127.0.0.1:$REALM_PORT" generate \
-        --prompt "The capital of France is" --max-tokens 16 2>"$work/usage" \
-    | { IFS= read -r -n 1 first || true; date +%s%N >"$work/first_token_ns"; printf '%s' "$first"; cat; } \
-    >"$work/answer"
-answer="$(cat "$work/answer")"
-first_ns="$(cat "$work/first_token_ns")"
-log "answer: ${answer//$'\n'/ }"
-log "usage: $(cat "$work/usage")"
-if [[ "$answer" != *Paris* ]]; then
-    log "the answer does not mention Paris"
-    exit 1
-fi
+    # The first byte of the completion marks the first streamed token. The client sends the key
+    # from REALM_API_KEY (exported above; not on its command line).
+    "$realm" --coordinator "127.0.0.1:$REALM_PORT" generate \
+            --prompt "The capital of France is" --max-tokens 16 2>"$work/usage" \
+        | { IFS= read -r -n 1 first || true; date +%s%N >"$work/first_token_ns"; printf '%s' "$first"; cat; } \
+        >"$work/answer"
+    answer="$(cat "$work/answer")"
+    first_ns="$(cat "$work/first_token_ns")"
+    log "answer: ${answer//$'\n'/ }"
+    log "usage: $(cat "$work/usage")"
+    if [[ "$answer" != *Paris* ]]; then
+        log "the answer does not mention Paris"
+        exit 1
+    fi
+    up_ms=$(( (first_ns - start_ns) / 1000000 ))
+}
+
+# The shard files in each worker's cache volume: "service name size mtime" lines, sorted.
+shards() {
+    local service container
+    for service in worker-1 worker-2 worker-3; do
+        container="$("${compose[@]}" ps --quiet "$service")"
+        docker exec "$container" find /cache -maxdepth 1 -type f \( -name '*.gguf' -o -name '*.partial' \) \
+                -printf "$service %f %s %T@\n"
+    done | sort
+}
+
+# `realm workers` must show every worker's shard cache with $1 (e.g. "cache: 1 hit, 0 misses, 0 B
+# received"), and its listing is kept in $work/workers.
+workers_show() {
+    "$realm" --coordinator "127.0.0.1:$REALM_PORT" workers | tee "$work/workers" >&2
+    local n
+    n="$(grep -c -F $'\t'"$1" "$work/workers" || true)"
+    [[ "$n" == 3 ]] || { log "$n of the 3 workers show \"$1\" in realm workers"; exit 1; }
+}
+
+up_and_ask "first start, empty caches"
+first_up_ms=$up_ms
 
 # Without the key, or with a wrong one, the coordinator refuses the client; health stays open.
 refused() {   # $1: what; the rest: the client's environment change
@@ -187,17 +220,66 @@ for service in worker-1 worker-2 worker-3 coordinator; do
     health="$(docker inspect -f '{{.State.Health.Status}}' "$container")"
     [[ "$health" == healthy ]] || { log "$service is $health, not healthy"; exit 1; }
 done
-"$realm" --coordinator "127.0.0.1:$REALM_PORT" workers | tee "$work/workers" >&2
+# Only the coordinator mounts the models, read-only; each worker mounts nothing but a writable
+# volume of its own at /cache.
+volumes=()
+for service in worker-1 worker-2 worker-3 coordinator; do
+    container="$("${compose[@]}" ps --quiet "$service")"
+    mounts="$(docker inspect -f '{{range .Mounts}}{{.Destination}}:{{.Type}}:{{.RW}} {{end}}' "$container")"
+    mounts="${mounts% }"
+    case "$service" in
+        coordinator) want="/models:bind:false" ;;
+        *) want="/cache:volume:true"
+           volumes+=("$(docker inspect -f '{{range .Mounts}}{{.Name}}{{end}}' "$container")") ;;
+    esac
+    [[ "$mounts" == "$want" ]] || { log "$service mounts '$mounts', want '$want' alone"; exit 1; }
+done
+[[ "$(printf '%s\n' "${volumes[@]}" | sort -u | wc -l)" == 3 ]] \
+    || { log "the workers share cache volumes: ${volumes[*]}"; exit 1; }
+log "only the coordinator mounts /models; each worker has its own /cache volume"
+
+# The workers received their layers: one miss each, and each cache holds exactly one shard file
+# (no partial one left).
+workers_show "cache: 0 hits, 1 miss, "
 for budget in 256.0 64.0 16.0; do
     grep -q "/$budget MiB" "$work/workers" || { log "no worker runs with its $budget MiB budget"; exit 1; }
 done
-
+if grep -q " 0 B received" "$work/workers"; then
+    log "a worker shows a miss but received nothing"
+    exit 1
+fi
+shards >"$work/shards.first"
+for service in worker-1 worker-2 worker-3; do
+    n="$(grep -c "^$service .*\.gguf " "$work/shards.first" || true)"
+    [[ "$n" == 1 ]] || { log "$service's cache holds $n shard files, not 1"; cat "$work/shards.first" >&2; exit 1; }
+done
+if grep -q '\.partial ' "$work/shards.first"; then
+    log "a finished delivery left a partial file"
+    exit 1
+fi
+log "each worker's cache holds one shard: $(awk '{printf "%s%s %.1f MiB", sep, $1, $3 / 1048576; sep = ", "}' "$work/shards.first")"
 "${compose[@]}" ps >&2
+
+# Down and up again, keeping the volumes: every worker takes its shard from its cache, so nothing
+# is delivered and the shard files are the same ones, untouched.
+"${compose[@]}" down --remove-orphans --timeout 10 >/dev/null
+up_and_ask "again, caches kept"
+restart_up_ms=$up_ms
+workers_show "cache: 1 hit, 0 misses, 0 B received, "
+shards >"$work/shards.again"
+if ! cmp -s "$work/shards.first" "$work/shards.again"; then
+    log "the shard files changed across the restart:"
+    diff "$work/shards.first" "$work/shards.again" >&2 || true
+    exit 1
+fi
+log "restarted from the caches: nothing delivered, the shard files untouched"
+
 "${compose[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null
 size() { docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.1f MB", $1 / 1e6}'; }
-echo "compose-test: ok: answer mentions Paris"
+echo "compose-test: ok: answer mentions Paris, the workers hold no model, a restart delivers nothing"
 echo "compose-test: image $image $(size "$image"), base $base $(size "$base")"
-echo "compose-test: time from up to the first streamed token: $(( (first_ns - start_ns) / 1000000 )) ms"
+echo "compose-test: time from up to the first streamed token: $first_up_ms ms (layers delivered to the workers)"
+echo "compose-test: time from up again to the first streamed token: $restart_up_ms ms (layers from the workers' caches)"
 
 # --- the Kubernetes manifests' pods ------------------------------------------------------------
 "$root/deploy/k8s-validate.sh" >/dev/null   # installs the YAML reader with the validator

@@ -3,13 +3,16 @@
 without a cluster: each StatefulSet replica under its stable DNS name (pod.service) and each
 Deployment's pod behind its Service's name, with the ConfigMap's environment, the container's
 command, user, read-only root, dropped capabilities and resource limits, the models' hostPath
-mounted read-only. The coordinator starts first, as it may on a cluster, and must wait for the
-workers. Each pod is ready when its gRPC health answers SERVING (what the probes ask), within its
-startup probe's budget. The coordinator's port is published on 127.0.0.1 only (a port-forward);
+mounted read-only (the coordinator's alone: the workers hold no model), and each pod's own
+emptyDir (or StatefulSet claim) as a docker volume: the workers' shard cache, on disk (a
+`medium: Memory` emptyDir becomes a tmpfs of its sizeLimit). The coordinator starts first, as it
+may on a cluster, and must wait for the workers. Each pod is ready when its gRPC health answers
+SERVING (what the probes ask), within its startup probe's budget. The coordinator's port is published on 127.0.0.1 only (a port-forward);
 the pods' network is internal. The Secrets the manifests reference (secretKeyRef: the cluster
 token, the API key) are made for the run with random values, as `kubectl create secret` would,
 and reach the containers through docker's environment, never its command line. Then the Paris
-prompt goes through the `realm` client with the API key, and a client without it must get
+prompt goes through the `realm` client with the API key, each worker's cache must then hold one
+shard file (its layers, delivered by the coordinator), and a client without the key must get
 UNAUTHENTICATED.
 
     k8s-pods.py --image realm:ci --models /path/to/models --realm target/release/realm --port N
@@ -44,6 +47,19 @@ def cleanup():
         docker("rm", "-f", *ids, check=False)
     for net in (NETWORK, EDGE):
         docker("network", "rm", net, check=False)
+    volumes = docker("volume", "ls", "-q", "--filter", f"label={LABEL}", check=False).stdout.split()
+    if volumes:
+        docker("volume", "rm", "-f", *volumes, check=False)
+
+
+def size_bytes(quantity):
+    """Bytes of a Kubernetes quantity such as 2Gi or 512M."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return int(float(quantity[:-len(unit)]) * factor)
+    return int(quantity)
 
 
 def pods(manifests):
@@ -65,6 +81,12 @@ def pods(manifests):
         out.append((f"{d['metadata']['name']}-0", aliases, template, True))
     for s in by_kind.get("StatefulSet", []):
         template, service = s["spec"]["template"], s["spec"]["serviceName"]
+        # A claim of volumeClaimTemplates is a volume of the pod, its own, as an emptyDir is.
+        claims = [{"name": c["metadata"]["name"], "emptyDir": {}}
+                  for c in s["spec"].get("volumeClaimTemplates", [])]
+        if claims:
+            spec = {**template["spec"], "volumes": [*template["spec"].get("volumes", []), *claims]}
+            template = {**template, "spec": spec}
         for i in range(s["spec"]["replicas"]):
             pod = f"{s['metadata']['name']}-{i}"
             out.append((pod, [f"{pod}.{service}", pod], template, False))
@@ -133,10 +155,31 @@ def run_pod(name, aliases, template, config_maps, secret_data, args, publish):
         cmd += ["--env", env["name"]]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
-        if "hostPath" not in volumes[mount["name"]]:
-            sys.exit(f"k8s-pods: {name}: only hostPath volumes are run here")
+        volume = volumes[mount["name"]]
         mode = "ro" if mount.get("readOnly") else "rw"
-        cmd += ["--volume", f"{args.models}:{mount['mountPath']}:{mode}"]
+        if "hostPath" in volume:
+            # The one hostPath of the manifests: the models' folder on the node.
+            cmd += ["--volume", f"{args.models}:{mount['mountPath']}:{mode}"]
+        elif "emptyDir" in volume and volume["emptyDir"].get("medium") == "Memory":
+            # Counted in --memory, as on a node. Writable to the pod's user, as the kubelet makes
+            # an emptyDir (docker gives a tmpfs the mode of the image's folder, not mode=).
+            limit = volume["emptyDir"].get("sizeLimit")
+            opts = f"{mode},size={size_bytes(limit)}" if limit else mode
+            if "runAsUser" in pod_sc:
+                group = pod_sc.get("fsGroup", pod_sc.get("runAsGroup", pod_sc["runAsUser"]))
+                opts += f",uid={pod_sc['runAsUser']},gid={group}"
+            cmd += ["--tmpfs", f"{mount['mountPath']}:{opts}"]
+        elif "emptyDir" in volume:
+            # A new volume of the pod's own on disk; docker gives it the owner of the image's
+            # folder (the kubelet makes an emptyDir writable by all). docker enforces no
+            # sizeLimit; the kubelet evicts a pod past it.
+            vol = f"realm-k8s-{name}-{mount['name']}"
+            docker("volume", "create", "--label", LABEL, vol)
+            cmd += ["--mount", f"type=volume,src={vol},dst={mount['mountPath']}"
+                    + (",readonly" if mode == "ro" else "")]
+        else:
+            sys.exit(f"k8s-pods: {name}: volume {mount['name']}: only hostPath and emptyDir "
+                     "volumes (and claims) are run here")
     if publish:
         port = container["ports"][0]["containerPort"]
         cmd += ["--publish", f"127.0.0.1:{args.port}:{port}"]
@@ -166,6 +209,36 @@ def wait_ready(name, template):
     logs = docker("logs", "--tail", "30", f"realm-k8s-{name}", check=False)
     sys.exit(f"k8s-pods: {name} not ready (it exited, or its startup probe's {budget} s ran out)\n"
              f"{logs.stdout}{logs.stderr}")
+
+
+def check_caches(order, config_maps):
+    """Each pod with a shard cache (REALM_CACHE_DIR) holds exactly one shard file in it, and no
+    pod that has one mounts the models."""
+    held = []
+    for name, _, template, _ in order:
+        (container,) = template["spec"]["containers"]
+        env = {}
+        for source in container.get("envFrom", []):
+            env.update(config_maps[source["configMapRef"]["name"]])
+        env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+        cache = env.get("REALM_CACHE_DIR")
+        if not cache:
+            continue
+        mounts = docker("inspect", "-f", "{{range .Mounts}}{{.Destination}} {{end}}",
+                        f"realm-k8s-{name}").stdout.split()
+        if "/models" in mounts or "REALM_MODEL" in env:
+            sys.exit(f"k8s-pods: {name} has a shard cache and the model (mounts {mounts})")
+        files = docker("exec", f"realm-k8s-{name}", "find", cache, "-maxdepth", "1", "-type", "f",
+                       "-printf", "%f %s\\n").stdout.split("\n")
+        shards = [f.split() for f in files if f.split() and f.split()[0].endswith(".gguf")]
+        partial = [f for f in files if ".partial " in f]
+        if len(shards) != 1 or partial:
+            sys.exit(f"k8s-pods: {name}: its cache {cache} holds {files}, want one shard file")
+        held.append(f"{name} {int(shards[0][1]) / (1 << 20):.1f} MiB")
+    if not held:
+        sys.exit("k8s-pods: no pod has a shard cache (REALM_CACHE_DIR)")
+    print(f"k8s-pods: ok: each worker's cache holds its shard, delivered: {', '.join(held)}",
+          file=sys.stderr)
 
 
 def api_key(manifests, secret_data):
@@ -221,6 +294,7 @@ def main():
             sys.exit(f"k8s-pods: expected Paris, got {answer!r} (status {gen.returncode})")
         print(f"k8s-pods: ok: answer {answer.strip()!r}; {first_token:.1f} s from the first pod "
               "to the first streamed token")
+        check_caches(order, config_maps)
         # Without the key the coordinator refuses the client.
         bare = subprocess.run(client, env=client_env, capture_output=True, text=True)
         if bare.returncode == 0 or "unauthenticated" not in bare.stderr.lower():

@@ -3,7 +3,8 @@
 # with the PyPI package kubernetes-validate, which bundles the schemas (nothing is fetched at run
 # time), for the oldest Kubernetes with native gRPC probes and a recent one; then checks that the
 # manifests agree with each other (the worker list, the memory budget, the probe ports, the
-# secrets: taken from one Secret that is referenced, never committed).
+# secrets: taken from one Secret that is referenced, never committed; the model file named and
+# mounted by the coordinator alone, the workers' shard cache on a writable disk volume).
 #
 #   deploy/k8s-validate.sh
 #
@@ -92,8 +93,62 @@ for name, found in refs.items():
 if len({n for found in refs.values() for n, _ in found}) > 1:
     problems.append("the cluster token and the API keys come from different Secrets")
 
+# Only the coordinator has the model: it names the file and mounts its folder. The workers get no
+# REALM_MODEL (a worker given one needs the file) and mount no model folder; their shard cache,
+# REALM_CACHE_DIR, is a writable volume on disk (an emptyDir with a sizeLimit, or a claim of the
+# StatefulSet's volumeClaimTemplates), not memory (a tmpfs counts against the pod's memory).
+def env_of(container):
+    env = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef", {}).get("name")
+        env.update(by.get(("ConfigMap", ref), {}).get("data", {}) if ref else {})
+    for e in container.get("env", []):
+        env[e["name"]] = e.get("value")
+    return env
+
+def mounted(d, container, path):
+    """(mount, volume) of the pod template mounting a folder that holds `path`, or (None, None)."""
+    volumes = {v["name"]: v for v in d["spec"]["template"]["spec"].get("volumes", [])}
+    for claim in d["spec"].get("volumeClaimTemplates", []):
+        volumes[claim["metadata"]["name"]] = {"name": claim["metadata"]["name"], "claim": claim}
+    for m in container.get("volumeMounts", []):
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
+            return m, volumes.get(m["name"])
+    return None, None
+
+for c in coordinator["spec"]["template"]["spec"]["containers"]:
+    model = env_of(c).get("REALM_MODEL")
+    if not model:
+        problems.append("realm-coordinator: REALM_MODEL must name the model file")
+    elif mounted(coordinator, c, model)[0] is None:
+        problems.append(f"realm-coordinator: REALM_MODEL {model} is on no volume it mounts")
+for c in workers["spec"]["template"]["spec"]["containers"]:
+    env = env_of(c)
+    if "REALM_MODEL" in env:
+        problems.append("realm-worker: REALM_MODEL reaches the workers (from their env or ConfigMap): "
+                        "they hold no model file; give it to the coordinator alone")
+    for m in c.get("volumeMounts", []):
+        if m["mountPath"].rstrip("/") == "/models":
+            problems.append("realm-worker: mounts /models: the workers hold no model file")
+    cache = env.get("REALM_CACHE_DIR")
+    mount, volume = mounted(workers, c, cache) if cache else (None, None)
+    if not cache:
+        problems.append("realm-worker: REALM_CACHE_DIR must name the shard cache")
+    elif mount is None or volume is None or mount.get("readOnly"):
+        problems.append(f"realm-worker: the shard cache {cache} must be on a writable volume")
+    elif "emptyDir" in volume:
+        if volume["emptyDir"].get("medium") == "Memory":
+            problems.append("realm-worker: the shard cache is a memory emptyDir: it would count "
+                            "against the pod's memory; keep it on disk")
+        if "sizeLimit" not in volume["emptyDir"]:
+            problems.append("realm-worker: the shard cache's emptyDir needs a sizeLimit")
+    elif "claim" not in volume:
+        problems.append(f"realm-worker: the shard cache is a {sorted(volume)} volume; want an "
+                        "emptyDir or a volumeClaimTemplate")
+
 if problems:
     sys.exit("k8s-validate: " + "\nk8s-validate: ".join(problems))
 print("k8s-validate: manifests agree (workers listed, memory follows the budget, gRPC probes, "
-      "secrets by secretKeyRef from one uncommitted Secret)")
+      "secrets by secretKeyRef from one uncommitted Secret, the model on the coordinator alone, "
+      "the workers' shard cache on a disk volume)")
 PY

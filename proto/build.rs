@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("realm_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // A shard's tensor bytes arrive as slices of the received buffer, not copies of it.
+    tonic_prost_build::configure()
+        .bytes(".realm.v1.TensorChunk.data")
+        .compile_fds(fds)?;
     Ok(())
 }

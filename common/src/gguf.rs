@@ -98,6 +98,51 @@ impl Value {
         }
     }
 
+    fn type_id(&self) -> u32 {
+        match self {
+            Value::U8(_) => TYPE_U8,
+            Value::I8(_) => TYPE_I8,
+            Value::U16(_) => TYPE_U16,
+            Value::I16(_) => TYPE_I16,
+            Value::U32(_) => TYPE_U32,
+            Value::I32(_) => TYPE_I32,
+            Value::U64(_) => TYPE_U64,
+            Value::I64(_) => TYPE_I64,
+            Value::F32(_) => TYPE_F32,
+            Value::F64(_) => TYPE_F64,
+            Value::Bool(_) => TYPE_BOOL,
+            Value::String(_) => TYPE_STRING,
+            Value::Array(_) => TYPE_ARRAY,
+        }
+    }
+
+    /// Appends the value's encoding, without its type id. An array takes the type of its first
+    /// element (an empty one is written as an array of `u8`: it reads back empty all the same).
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::U8(v) => out.push(*v),
+            Value::I8(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::U16(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::I16(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::I32(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::Bool(v) => out.push(u8::from(*v)),
+            Value::String(v) => encode_string(out, v),
+            Value::Array(items) => {
+                let ty = items.first().map_or(TYPE_U8, Value::type_id);
+                out.extend_from_slice(&ty.to_le_bytes());
+                out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for item in items {
+                    item.encode(out);
+                }
+            }
+        }
+    }
+
     /// The value as a signed integer, if it is an integer of any width that fits `i64`.
     pub fn as_i64(&self) -> Option<i64> {
         Some(match *self {
@@ -185,7 +230,7 @@ impl GgufFile {
 
     fn open_keeping(path: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Self> {
         let map = Arc::new(MappedFile::open(path)?);
-        let header = Header::parse(map.bytes(), keep)
+        let header = Header::parse(map.bytes(), map.bytes().len() as u64, keep)
             .map_err(|e| Error::Gguf(format!("{}: {e}", path.display())))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -205,6 +250,16 @@ impl GgufFile {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(&self.map.bytes()[..self.header_len]);
         digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The header with its padding: the bytes before the data section.
+    pub fn header_bytes(&self) -> &[u8] {
+        let bytes = self.map.bytes();
+        let end = (self.header_len as u64).next_multiple_of(self.alignment);
+        usize::try_from(end)
+            .ok()
+            .and_then(|end| bytes.get(..end))
+            .unwrap_or(bytes)
     }
 
     pub fn path(&self) -> &Path {
@@ -401,22 +456,93 @@ impl TensorData {
         // In range by construction: `GgufFile::tensor_data` took it from a checked slice.
         &self.map.bytes()[self.start..self.start + self.len]
     }
+
+    /// `len` bytes from `offset` of the tensor's (as many as there are), as a handle of its own.
+    pub fn part(&self, offset: usize, len: usize) -> TensorData {
+        let offset = offset.min(self.len);
+        TensorData {
+            map: Arc::clone(&self.map),
+            start: self.start + offset,
+            len: len.min(self.len - offset),
+        }
+    }
 }
 
-/// The parsed header, before it is tied to a file.
-struct Header {
-    version: u32,
+impl AsRef<[u8]> for TensorData {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+fn encode_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// One record of a tensor directory to encode.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorEntry<'a> {
+    pub name: &'a str,
+    pub dims: &'a [u64],
+    pub dtype: GgmlType,
+    /// Offset in the data section (a multiple of the alignment).
+    pub offset: u64,
+}
+
+/// Encodes a GGUF version 3 header: `metadata` in the order given, then the tensor directory,
+/// padded with zeros to `alignment` (which `metadata` must declare as `general.alignment` unless
+/// it is the default, 32). The data section follows it.
+pub fn encode_header(
+    metadata: &[(String, Value)],
+    tensors: &[TensorEntry<'_>],
     alignment: u64,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        encode_string(&mut out, key);
+        out.extend_from_slice(&value.type_id().to_le_bytes());
+        value.encode(&mut out);
+    }
+    for t in tensors {
+        encode_string(&mut out, t.name);
+        out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in t.dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&t.dtype.id().to_le_bytes());
+        out.extend_from_slice(&t.offset.to_le_bytes());
+    }
+    let padded = (out.len() as u64).next_multiple_of(alignment.max(1));
+    out.resize(padded as usize, 0);
+    out
+}
+
+/// Parses a header on its own, without the data section behind it: `bytes` may end anywhere
+/// after the tensor directory. Offsets are checked for overflow only, since the file's length is
+/// not known; the tensors' offsets are absolute, as in a file that starts with `bytes`.
+pub fn parse_header(bytes: &[u8]) -> Result<Header> {
+    Header::parse(bytes, u64::MAX, &|_| true).map_err(Error::Gguf)
+}
+
+/// A parsed header.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub version: u32,
+    pub alignment: u64,
     /// Bytes of the header proper: magic through the last tensor info.
-    len: usize,
-    metadata: BTreeMap<String, Value>,
-    tensors: BTreeMap<String, TensorInfo>,
+    pub len: usize,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: BTreeMap<String, TensorInfo>,
 }
 
 impl Header {
-    /// Parses the header, keeping the metadata entries whose key `keep` accepts (every entry is
-    /// checked).
-    fn parse(bytes: &[u8], keep: &dyn Fn(&str) -> bool) -> Parse<Self> {
+    /// Parses the header of a file of `file_len` bytes that starts with `bytes`, keeping the
+    /// metadata entries whose key `keep` accepts (every entry is checked).
+    fn parse(bytes: &[u8], file_len: u64, keep: &dyn Fn(&str) -> bool) -> Parse<Self> {
         let mut r = Reader {
             bytes,
             pos: 0,
@@ -483,7 +609,6 @@ impl Header {
             infos.push(r.tensor_info(i)?);
         }
 
-        let file_len = bytes.len() as u64;
         let data_start = (r.pos as u64)
             .checked_next_multiple_of(alignment)
             .ok_or_else(|| format!("data section offset overflows at alignment {alignment}"))?;
@@ -735,33 +860,12 @@ mod tests {
             self.raw(b"GGUF").u32(version).u64(tensors).u64(kvs)
         }
         fn kv(&mut self, key: &str, v: &Value) -> &mut Self {
-            self.str(key.as_bytes()).u32(type_id(v));
+            self.str(key.as_bytes()).u32(v.type_id());
             self.payload(v)
         }
         fn payload(&mut self, v: &Value) -> &mut Self {
-            match v {
-                Value::U8(x) => self.raw(&x.to_le_bytes()),
-                Value::I8(x) => self.raw(&x.to_le_bytes()),
-                Value::U16(x) => self.raw(&x.to_le_bytes()),
-                Value::I16(x) => self.raw(&x.to_le_bytes()),
-                Value::U32(x) => self.raw(&x.to_le_bytes()),
-                Value::I32(x) => self.raw(&x.to_le_bytes()),
-                Value::U64(x) => self.raw(&x.to_le_bytes()),
-                Value::I64(x) => self.raw(&x.to_le_bytes()),
-                Value::F32(x) => self.raw(&x.to_le_bytes()),
-                Value::F64(x) => self.raw(&x.to_le_bytes()),
-                Value::Bool(x) => self.u8(u8::from(*x)),
-                Value::String(s) => self.str(s.as_bytes()),
-                Value::Array(items) => {
-                    // An empty array still names an element type; u8 is as good as any.
-                    let elem = items.first().map_or(TYPE_U8, type_id);
-                    self.u32(elem).u64(items.len() as u64);
-                    for item in items {
-                        self.payload(item);
-                    }
-                    self
-                }
-            }
+            v.encode(&mut self.buf);
+            self
         }
         fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> &mut Self {
             self.str(name.as_bytes()).u32(dims.len() as u32);
@@ -775,24 +879,6 @@ mod tests {
                 self.buf.push(0);
             }
             self
-        }
-    }
-
-    fn type_id(v: &Value) -> u32 {
-        match v {
-            Value::U8(_) => TYPE_U8,
-            Value::I8(_) => TYPE_I8,
-            Value::U16(_) => TYPE_U16,
-            Value::I16(_) => TYPE_I16,
-            Value::U32(_) => TYPE_U32,
-            Value::I32(_) => TYPE_I32,
-            Value::F32(_) => TYPE_F32,
-            Value::Bool(_) => TYPE_BOOL,
-            Value::String(_) => TYPE_STRING,
-            Value::Array(_) => TYPE_ARRAY,
-            Value::U64(_) => TYPE_U64,
-            Value::I64(_) => TYPE_I64,
-            Value::F64(_) => TYPE_F64,
         }
     }
 

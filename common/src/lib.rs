@@ -19,10 +19,12 @@ pub mod perplexity;
 pub mod quant;
 pub mod runtime;
 pub mod sampling;
+pub mod shard;
 pub mod stop;
 pub mod synthetic;
 pub mod tls;
 pub mod tokenizer;
+pub mod transfer;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -189,7 +189,12 @@ pub struct ModelIdentity {
 }
 
 impl ModelIdentity {
+    /// The identity of the model in `file`: its own for a model file, the model's it was cut
+    /// from for a shard file (see [`crate::shard`]).
     pub fn of(file: &GgufFile, config: &ModelConfig) -> Self {
+        if let Ok(Some((source, _))) = crate::shard::source_of(&file.metadata) {
+            return source;
+        }
         Self {
             header_sha256: file.header_sha256(),
             file_bytes: file.file_len(),

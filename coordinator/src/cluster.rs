@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use crate::batch::Stages;
+use crate::delivery::ShardSource;
 use crate::error::{Error, Result};
 use crate::model::CoordinatorModel;
 use crate::plan::{Plan, PlanSpec};
@@ -78,14 +79,9 @@ impl Cluster {
         scheduling: Scheduling,
     ) -> Result<Self> {
         scheduling.check()?;
-        let workers = Workers::connect(
-            &model.identity,
-            model.config.n_layers,
-            worker_urls,
-            plan,
-            options,
-        )
-        .await?;
+        let source = Arc::new(ShardSource::new(model.file.clone(), model.identity.clone()));
+        let workers =
+            Workers::connect(source, model.config.n_layers, worker_urls, plan, options).await?;
         let workers = Arc::new(workers);
         workers.watch();
         let stages = Arc::new(Stages {

@@ -9,6 +9,7 @@ pub mod admission;
 mod batch;
 pub mod bench;
 pub mod cluster;
+mod delivery;
 pub mod error;
 pub mod generation;
 pub mod http;

@@ -109,7 +109,7 @@ pub async fn run(
         ),
     )
     .await
-    .context("cannot set up the cluster (are the workers running, with the same model file?)")?;
+    .context("cannot set up the cluster (are the workers running, each with the same model file or a --cache-dir?)")?;
     tracing::info!(plan = %cluster.plan(), "cluster ready");
     ready(&cluster);
     let cluster = Arc::new(cluster);

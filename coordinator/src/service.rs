@@ -289,6 +289,7 @@ impl Realm for RealmService {
                     kv_cache_bytes: info.kv_cache_bytes,
                     memory_available_bytes: info.memory_available_bytes,
                     layer_manager: info.layer_manager,
+                    shard_cache: info.shard_cache,
                 },
                 Err(e) => pb::WorkerStatus {
                     url,

@@ -24,6 +24,13 @@ pub mod names {
     pub const STEP_SESSIONS: &str = "realm_step_sessions";
     /// From receiving a request to its first step: admission and the scheduler's queue.
     pub const QUEUE_WAIT: &str = "realm_queue_wait_seconds";
+    /// Bytes of shard tensors sent to workers without the model file, by `worker`.
+    pub const SHARD_BYTES_SENT: &str = "realm_shard_bytes_sent_total";
+    /// Shard assignments, by `worker` and `source`: `file` (the worker's model file), `cache`
+    /// (its shard cache, nothing sent) or `delivered` (tensors sent first).
+    pub const SHARD_ASSIGNMENTS: &str = "realm_shard_assignments_total";
+    /// Time to deliver a shard's wanted tensors to a worker.
+    pub const SHARD_DELIVERY: &str = "realm_shard_delivery_seconds";
 }
 
 /// Gives the metrics their help text (shown by `/metrics`).
@@ -64,6 +71,20 @@ pub fn describe_metrics() {
         names::WORKER_FORWARD,
         Unit::Seconds,
         "Round trip of one worker's part of one step, by worker"
+    );
+    describe_counter!(
+        names::SHARD_BYTES_SENT,
+        Unit::Bytes,
+        "Bytes of shard tensors sent to workers, by worker"
+    );
+    describe_counter!(
+        names::SHARD_ASSIGNMENTS,
+        "Shard assignments, by worker and by where the layers came from"
+    );
+    describe_histogram!(
+        names::SHARD_DELIVERY,
+        Unit::Seconds,
+        "Time to deliver a shard's wanted tensors to a worker"
     );
     // Counters are shown from the start, at 0: a scraper sees every series before it moves.
     for api in api::ALL {

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use realm_common::auth::{Bearer, Secret};
@@ -16,9 +16,11 @@ use realm_common::wire::ModelIdentity;
 use realm_proto::pb;
 use tracing::{debug, info, warn};
 
+use crate::delivery::{ShardOffer, ShardSource};
 use crate::error::{Error, Result};
 use crate::net::{connect_worker, normalize_url, MAX_MESSAGE_BYTES};
 use crate::plan::{Plan, PlanSpec};
+use crate::telemetry::names;
 use crate::transport::{Liveness, WorkerClients, WorkerLink, WorkerSummary};
 
 /// Realm's release version, which workers must share.
@@ -66,6 +68,8 @@ pub(crate) struct Workers {
     bearer: Bearer,
     tls: Option<ClientTls>,
     identity: ModelIdentity,
+    /// The model, for workers that receive their layers.
+    source: Arc<ShardSource>,
     n_layers: usize,
     liveness: Liveness,
 }
@@ -82,7 +86,7 @@ impl Workers {
     /// Shakes hands with the workers at `worker_urls` (`host:port` or `http://host:port`), plans
     /// the layers of the model of `identity` by `plan` and assigns every worker its shard.
     pub async fn connect(
-        identity: &ModelIdentity,
+        source: Arc<ShardSource>,
         n_layers: usize,
         worker_urls: &[String],
         plan: &PlanSpec,
@@ -114,10 +118,11 @@ impl Workers {
             .map(|(_, s)| s.memory_available_bytes)
             .collect();
         let plan = Plan::from_spec(plan, n_layers, &memory)?;
+        let identity = source.identity().clone();
         info!(plan = %plan, workers = found.len(), model = %identity, "layers planned");
         let workers = assign_all(
             found.into_iter().zip(plan.ranges().iter().copied()),
-            identity,
+            &source,
             &options.liveness,
         )
         .await?;
@@ -146,7 +151,8 @@ impl Workers {
             recovering: tokio::sync::Mutex::new(()),
             bearer,
             tls: options.tls,
-            identity: identity.clone(),
+            identity,
+            source,
             n_layers,
             liveness: options.liveness,
         })
@@ -316,14 +322,14 @@ impl Workers {
                     .map(|(w, _)| w.clone())
             })
             .collect();
-        let (identity, liveness) = (&self.identity, &self.liveness);
+        let (source, liveness) = (&self.source, &self.liveness);
         let links = in_order(placed.into_iter().zip(kept).map(
             |(((clients, summary), range), kept)| async move {
                 match kept {
                     Some(link) => Ok(link),
                     None => {
                         let link = WorkerLink::new(clients, summary, range, liveness);
-                        assign(link, identity).await
+                        assign(link, source).await
                     }
                 }
             },
@@ -387,11 +393,11 @@ async fn assign_all(
             realm_common::model::LayerRange,
         ),
     >,
-    identity: &ModelIdentity,
+    source: &Arc<ShardSource>,
     liveness: &Liveness,
 ) -> Result<Vec<WorkerLink>> {
     in_order(placed.map(|((clients, summary), range)| {
-        assign(WorkerLink::new(clients, summary, range, liveness), identity)
+        assign(WorkerLink::new(clients, summary, range, liveness), source)
     }))
     .await
     .into_iter()
@@ -489,25 +495,101 @@ fn check_versions(url: &str, info: &pb::InfoResponse) -> Result<()> {
     Ok(())
 }
 
-/// Asks a worker to load its shard and checks that it did.
-async fn assign(mut link: WorkerLink, identity: &ModelIdentity) -> Result<WorkerLink> {
-    let request = pb::AssignShardRequest {
-        model: Some(identity.into()),
-        layers: Some(link.range.into()),
+/// Delivery attempts for one assignment: a delivery cut short resumes where it stopped.
+const DELIVERY_ATTEMPTS: usize = 3;
+
+/// Asks a worker to load its shard, delivering the tensors it wants first if it has no model
+/// file, and checks that it did.
+async fn assign(mut link: WorkerLink, source: &Arc<ShardSource>) -> Result<WorkerLink> {
+    let identity = source.identity();
+    let started = Instant::now();
+    let refused = |link: &WorkerLink, status: tonic::Status| Error::Refused {
+        url: link.url.clone(),
+        problem: format!(
+            "cannot take layers {} of {identity}: {}",
+            link.range,
+            crate::error::describe(&status)
+        ),
     };
-    let reply = link
-        .client
-        .assign_shard(request)
-        .await
-        .map_err(|status| Error::Refused {
-            url: link.url.clone(),
-            problem: format!(
-                "cannot take layers {} of {identity}: {}",
-                link.range,
-                crate::error::describe(&status)
-            ),
-        })?
-        .into_inner();
+    let mut offer: Option<Arc<ShardOffer>> = None;
+    let mut deliveries = 0;
+    let mut sent = 0u64;
+    let reply = loop {
+        let request = pb::AssignShardRequest {
+            model: Some(identity.into()),
+            layers: Some(link.range.into()),
+            manifest: offer.as_ref().map(|o| pb::ShardManifest {
+                header: o.header.clone(),
+            }),
+        };
+        let reply = link
+            .client
+            .assign_shard(request)
+            .await
+            .map_err(|status| refused(&link, status))?
+            .into_inner();
+        let Some(wanted) = reply.wanted.clone() else {
+            break reply;
+        };
+        let offer = match &offer {
+            Some(offer) if wanted.manifest => {
+                return Err(link.malformed(format!(
+                    "it asks again for the manifest of layers {}, which it was sent",
+                    link.range
+                )))
+            }
+            Some(offer) => Arc::clone(offer),
+            None => {
+                let made = source.offer(link.range).await?;
+                offer = Some(Arc::clone(&made));
+                if wanted.manifest {
+                    continue;
+                }
+                made
+            }
+        };
+        if deliveries == DELIVERY_ATTEMPTS {
+            return Err(link.malformed(format!(
+                "it still wants {} tensors of layers {} after {DELIVERY_ATTEMPTS} deliveries",
+                wanted.tensors.len(),
+                link.range
+            )));
+        }
+        deliveries += 1;
+        let delivery_started = Instant::now();
+        let url = link.url.clone();
+        match source
+            .deliver(&mut link.client, &url, offer, &wanted.tensors)
+            .await
+        {
+            Ok(delivered) => {
+                sent += delivered.bytes;
+                metrics::histogram!(names::SHARD_DELIVERY)
+                    .record(delivery_started.elapsed().as_secs_f64());
+                info!(
+                    worker = %link.url,
+                    layers = %link.range,
+                    tensors = delivered.tensors,
+                    bytes = delivered.bytes,
+                    secs = delivered.secs,
+                    mib_per_s = (delivered.bytes as f64 / delivered.secs.max(1e-9) / 1048576.0).round(),
+                    "shard delivered"
+                );
+            }
+            Err(Error::Worker { status, .. })
+                if deliveries < DELIVERY_ATTEMPTS && retry_delivery(&status) =>
+            {
+                warn!(
+                    worker = %link.url,
+                    layers = %link.range,
+                    error = %crate::error::describe(&status),
+                    "shard delivery failed; resuming"
+                );
+            }
+            Err(Error::Worker { status, .. }) => return Err(refused(&link, status)),
+            Err(e) => return Err(e),
+        }
+    };
     let held = reply
         .shard
         .as_ref()
@@ -519,14 +601,34 @@ async fn assign(mut link: WorkerLink, identity: &ModelIdentity) -> Result<Worker
             link.range
         )));
     }
+    let from = match (reply.from_cache, deliveries) {
+        (false, _) => "file",
+        (true, 0) => "cache",
+        (true, _) => "delivered",
+    };
+    metrics::counter!(names::SHARD_ASSIGNMENTS, "worker" => link.url.clone(), "source" => from)
+        .increment(1);
     info!(
         worker = %link.url,
         layers = %link.range,
-        weight_mb = reply.weight_bytes >> 20,
+        from,
+        weight_bytes = reply.weight_bytes,
+        sent_bytes = sent,
         load_ms = reply.load_ms,
+        total_ms = started.elapsed().as_millis() as u64,
         "shard assigned"
     );
     Ok(link)
+}
+
+/// Whether a delivery that failed with `status` is worth resuming: a cut connection or a tensor
+/// damaged on the way, not a full disk or a refusal.
+fn retry_delivery(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::DataLoss | Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Aborted
+    )
 }
 
 #[cfg(test)]

@@ -42,21 +42,48 @@ impl Drop for Process {
     }
 }
 
-/// Starts `bin` with `args` and `env` (one compute thread unless `env` says otherwise) and waits
-/// for its `<bin> listening on ADDR` line on stdout; stderr goes where `stderr` says.
-pub fn start_with(bin: &str, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Process {
+/// The arguments of `realm-coordinator serve` on a free loopback port for `model` over
+/// `workers` (in plan order), then `extra`.
+pub fn serve_args(model: &std::path::Path, workers: &[&Process], extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0", "--model"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(model.to_str().expect("a UTF-8 model path").to_string());
+    for w in workers {
+        args.push("--worker".into());
+        args.push(w.url());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// The command that runs `bin` with `args` and `env` (one compute thread unless `env` says
+/// otherwise), from the repository's root, without the secrets of the test's own environment.
+pub fn command(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(binary(bin));
     command
         .args(args)
         .current_dir(repo_root())
         .env("REALM_THREADS", "1")
         .env_remove("REALM_CLUSTER_TOKEN")
-        .env_remove("REALM_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(stderr);
+        .env_remove("REALM_API_KEY");
     for (k, v) in env {
         command.env(k, v);
     }
+    command
+}
+
+/// Starts `bin` with `args` and `env` (one compute thread unless `env` says otherwise) and waits
+/// for its `<bin> listening on ADDR` line on stdout; stderr goes where `stderr` says.
+pub fn start_with(bin: &str, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Process {
+    start_command(bin, command(bin, args, env), stderr)
+}
+
+/// Runs `command`, which starts `bin` (perhaps through a wrapper), and waits for its
+/// `<bin> listening on ADDR` line on stdout.
+pub fn start_command(bin: &str, mut command: Command, stderr: Stdio) -> Process {
+    command.stdout(Stdio::piped()).stderr(stderr);
     let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin}: {e}"));

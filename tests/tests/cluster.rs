@@ -48,18 +48,8 @@ fn start_coordinator(model: &Path, workers: &[Process]) -> Process {
 }
 
 fn start_coordinator_with(model: &Path, workers: &[Process], extra: &[&str]) -> Process {
-    let mut args = vec![
-        "serve".to_string(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--model".into(),
-        model.to_str().unwrap().into(),
-    ];
-    for w in workers {
-        args.push("--worker".into());
-        args.push(format!("http://{}", w.addr));
-    }
-    args.extend(extra.iter().map(|a| a.to_string()));
+    let workers: Vec<&Process> = workers.iter().collect();
+    let args = process::serve_args(model, &workers, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     start("realm-coordinator", &args)
 }

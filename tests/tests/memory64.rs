@@ -225,7 +225,8 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = realm_worker::WorkerConfig {
-        model: path.clone(),
+        model: Some(path.clone()),
+        cache_dir: None,
         threads: 2,
         idle_timeout: Duration::from_secs(300),
         // Four layers of eight: one streaming slot (no prefetch), three pinned.
@@ -243,6 +244,7 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
     let assign = |start: u32, end: u32| pb::AssignShardRequest {
         model: Some(identity.clone()),
         layers: Some(pb::LayerRange { start, end }),
+        manifest: None,
     };
 
     client.assign_shard(assign(0, 8)).await.expect("assign");
@@ -301,7 +303,8 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = realm_worker::WorkerConfig {
-        model: path,
+        model: Some(path),
+        cache_dir: None,
         threads: 2,
         idle_timeout: Duration::from_secs(300),
         memory_budget: Some(layer / 2),

@@ -14,7 +14,7 @@ use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
 use realm_proto::pb::worker_client::WorkerClient;
 use realm_tests::http::curl;
-use realm_tests::process::{start, start_with, Process};
+use realm_tests::process::{serve_args, start, start_with, Process};
 use realm_tests::*;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -47,27 +47,13 @@ fn start_worker_at(model: &Path, listen: &str, env: &[(&str, &str)], extra: &[&s
     start("realm-worker", &args, env)
 }
 
-fn coordinator_args(model: &Path, workers: &[&Process], extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0", "--model"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.push(model.to_str().unwrap().to_string());
-    for w in workers {
-        args.push("--worker".into());
-        args.push(w.url());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
 fn start_coordinator(
     model: &Path,
     workers: &[&Process],
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Process {
-    let args = coordinator_args(model, workers, extra);
+    let args = serve_args(model, workers, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     start("realm-coordinator", &args, env)
 }
@@ -196,7 +182,7 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
         .is_ok());
 
     // A coordinator without the token is refused at the handshake, and says what to do.
-    let args = coordinator_args(&model, &[&worker], &[]);
+    let args = serve_args(&model, &[&worker], &[]);
     let out = Command::new(binary("realm-coordinator"))
         .args(&args)
         .env_remove("REALM_CLUSTER_TOKEN")
@@ -213,7 +199,7 @@ async fn workers_and_the_client_api_require_their_secrets_and_never_log_them() {
 
     // With the token it serves; its own API wants a key.
     let (coordinator_log, stderr) = log_file(&logs, "coordinator.log");
-    let args = coordinator_args(&model, &[&worker], &["--http-listen", "127.0.0.1:0"]);
+    let args = serve_args(&model, &[&worker], &["--http-listen", "127.0.0.1:0"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let coordinator = start_with(
         "realm-coordinator",
@@ -492,7 +478,7 @@ async fn survive_a_kill(
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let logs = tempfile::tempdir().unwrap();
     let (log, stderr) = log_file(&logs, "coordinator.log");
-    let args = coordinator_args(&model, &refs, &extra);
+    let args = serve_args(&model, &refs, &extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let coordinator = start_with("realm-coordinator", &args, &[], stderr);
     let mut c = client(&coordinator, None).await;
@@ -774,7 +760,7 @@ async fn clients_read_the_undisturbed_text_whenever_a_worker_dies() {
     let standby = workers[3].url();
     let logs = tempfile::tempdir().unwrap();
     let (log, stderr) = log_file(&logs, "coordinator.log");
-    let args = coordinator_args(
+    let args = serve_args(
         &model,
         &refs,
         &["--standby", &standby, "--http-listen", "127.0.0.1:0"],
@@ -994,7 +980,7 @@ async fn a_worker_that_comes_back_during_a_replay() {
     let refs: Vec<&Process> = workers.iter().collect();
     let logs = tempfile::tempdir().unwrap();
     let (log, stderr) = log_file(&logs, "coordinator.log");
-    let args = coordinator_args(&model, &refs, &[]);
+    let args = serve_args(&model, &refs, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let coordinator = start_with("realm-coordinator", &args, &[], stderr);
     let long = long_prompt();

@@ -144,7 +144,8 @@ async fn start(idle_timeout: Duration) -> Running {
     let addr: SocketAddr = listener.local_addr().expect("address");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = realm_worker::WorkerConfig {
-        model: model_path(SMOLLM2),
+        model: Some(model_path(SMOLLM2)),
+        cache_dir: None,
         threads: 2,
         idle_timeout,
         memory_budget: None,
@@ -173,6 +174,7 @@ impl Running {
             .assign_shard(pb::AssignShardRequest {
                 model: Some(smollm2().identity()),
                 layers: layers(start, end),
+                manifest: None,
             })
             .await
             .expect("assign shard")
@@ -554,6 +556,7 @@ async fn malformed_requests_are_refused_and_the_worker_keeps_serving() {
                 &gemma_config,
             ))),
             layers: layers(0, 2),
+            manifest: None,
         })
         .await
         .expect_err("another model");
@@ -566,6 +569,7 @@ async fn malformed_requests_are_refused_and_the_worker_keeps_serving() {
         .assign_shard(pb::AssignShardRequest {
             model: Some(r.identity()),
             layers: layers(0, r.config.n_layers as u32 + 1),
+            manifest: None,
         })
         .await
         .expect_err("too many layers");

@@ -1,13 +1,15 @@
 //! Realm's worker: serves one contiguous range of a model's transformer blocks over gRPC and keeps
 //! the KV caches of every live session for those blocks.
 //!
-//! [`run`] opens the worker's local GGUF file (a bad file fails before anything is served), then
-//! serves the `realm.v1.Worker` service and the standard gRPC health service until its shutdown
-//! future resolves. The coordinator assigns the shard after its handshake; until then the worker
-//! holds no weights. A background sweep frees sessions left idle for longer than
+//! [`run`] opens the worker's local GGUF file and its shard cache, if it has them (a bad file
+//! fails before anything is served), then serves the `realm.v1.Worker` service and the standard
+//! gRPC health service until its shutdown future resolves. The coordinator assigns the shard
+//! after its handshake, from the worker's file or, for a worker without it, by delivering the
+//! shard's tensors into the cache ([`cache`]); until then the worker holds no weights. A background sweep frees sessions left idle for longer than
 //! [`WorkerConfig::idle_timeout`].
 #![forbid(unsafe_code)]
 
+mod cache;
 mod metrics;
 mod service;
 mod sessions;
@@ -37,6 +39,14 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// so 64 MiB leaves room for wider models while still bounding what a peer can make us buffer.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// HTTP/2 flow-control windows for receiving: a prefill's hidden state or a shard's tensors
+/// stream in without waiting for window updates.
+const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest HTTP/2 frame the worker accepts: a shard's 4 MiB chunks arrive in 4 frames, not 256
+/// of the default 16 KiB (each a write and a read on both ends).
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// The idle sweep runs at most this far apart, so a session outlives its timeout by at most this
 /// much.
 const MAX_SWEEP_PERIOD: Duration = Duration::from_secs(1);
@@ -49,8 +59,11 @@ const STATS_LOG_PERIOD: Duration = Duration::from_secs(30);
 /// How a worker is set up.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The worker's local copy of the GGUF file.
-    pub model: PathBuf,
+    /// The worker's local copy of the GGUF file, if it has one.
+    pub model: Option<PathBuf>,
+    /// Where shards delivered by the coordinator are kept, if anywhere: a worker without the
+    /// model file receives its layers there.
+    pub cache_dir: Option<PathBuf>,
     /// Compute threads (reported in the handshake).
     pub threads: usize,
     /// Sessions idle for longer are freed. Zero keeps sessions until they are ended.
@@ -132,8 +145,7 @@ pub async fn run_with(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut state = WorkerState::open(&config, options.max_kv_bytes)
-        .with_context(|| format!("cannot serve {}", config.model.display()))?;
+    let mut state = WorkerState::open(&config, options.max_kv_bytes)?;
     if metrics.is_some() {
         state = state.with_metrics(metrics::WorkerMetrics::new()?);
     }
@@ -162,8 +174,7 @@ pub async fn run_with(
         .context("the listener has no local address")?;
     info!(
         %addr,
-        model = %config.model.display(),
-        identity = %state.identity(),
+        layers_from = %state.describe(),
         threads = config.threads,
         idle_timeout_s = config.idle_timeout.as_secs_f64(),
         memory_budget = ?config.memory_budget,
@@ -213,7 +224,10 @@ pub async fn run_with(
     // Every step is one small request and one small response: Nagle's delay would add up to a
     // round trip per step.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut server = tonic::transport::Server::builder();
+    let mut server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(Some(MAX_FRAME_BYTES));
     if let Some(tls) = options.tls {
         server = server
             .tls_config(tls)

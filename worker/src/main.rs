@@ -34,9 +34,14 @@ struct Cli {
     /// Address to listen on (port 0 picks a free port; the bound address is printed on stdout).
     #[arg(long, env = "REALM_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// The worker's local copy of the GGUF model file.
-    #[arg(long, env = "REALM_MODEL", default_value = DEFAULT_MODEL)]
-    model: PathBuf,
+    /// The worker's local copy of the GGUF model file (default: the project model, unless
+    /// --cache-dir is given).
+    #[arg(long, env = "REALM_MODEL")]
+    model: Option<PathBuf>,
+    /// Folder of the shard cache: a worker without the model file receives its layers from the
+    /// coordinator and keeps them here (only its layers, checked, reused after a restart).
+    #[arg(long, env = "REALM_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
     /// Worker threads for the math (default: all cores).
     #[arg(long, env = "REALM_THREADS")]
     threads: Option<usize>,
@@ -108,11 +113,17 @@ fn main() -> anyhow::Result<()> {
         }
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    if !cli.model.exists() {
+    let model = match (cli.model, &cli.cache_dir) {
+        (Some(model), _) => Some(model),
+        (None, Some(_)) => None,
+        (None, None) => Some(PathBuf::from(DEFAULT_MODEL)),
+    };
+    if let Some(model) = model.as_ref().filter(|m| !m.exists()) {
         anyhow::bail!(
-            "model file {} not found (run deploy/fetch-models.sh to fetch the project models, or \
-             pass --model PATH)",
-            cli.model.display()
+            "model file {} not found (run deploy/fetch-models.sh to fetch the project models, \
+             pass --model PATH, or give --cache-dir DIR to receive the layers from the \
+             coordinator)",
+            model.display()
         );
     }
     check_exposure(
@@ -135,7 +146,8 @@ fn main() -> anyhow::Result<()> {
         tls,
     };
     let config = WorkerConfig {
-        model: cli.model,
+        model,
+        cache_dir: cli.cache_dir,
         threads,
         idle_timeout: Duration::from_secs(cli.idle_timeout_secs),
         memory_budget: cli.memory_budget,

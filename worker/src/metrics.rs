@@ -43,6 +43,12 @@ pub mod names {
     pub const LAYER_LOADS: &str = "realm_worker_layer_loads_total";
     pub const LAYER_RESIDENT_BYTES: &str = "realm_worker_layer_resident_bytes";
     pub const LAYER_BUDGET_BYTES: &str = "realm_worker_layer_budget_bytes";
+    pub const SHARD_CACHE_HITS: &str = "realm_worker_shard_cache_hits_total";
+    pub const SHARD_CACHE_MISSES: &str = "realm_worker_shard_cache_misses_total";
+    pub const SHARD_BYTES_RECEIVED: &str = "realm_worker_shard_bytes_received_total";
+    pub const SHARD_BYTES_REUSED: &str = "realm_worker_shard_bytes_reused_total";
+    pub const SHARD_TENSORS_DAMAGED: &str = "realm_worker_shard_tensors_damaged_total";
+    pub const SHARD_CACHED_BYTES: &str = "realm_worker_shard_cached_bytes";
 }
 
 /// A worker's recorder and the handles of what it records as steps run.
@@ -105,6 +111,33 @@ impl WorkerMetrics {
                     names::LAYER_BUDGET_BYTES,
                     "Memory64: the layer budget in bytes"
                 );
+                describe_counter!(
+                    names::SHARD_CACHE_HITS,
+                    "Shard cache: shards assigned with nothing to deliver"
+                );
+                describe_counter!(
+                    names::SHARD_CACHE_MISSES,
+                    "Shard cache: assignments that needed tensors delivered"
+                );
+                describe_counter!(
+                    names::SHARD_BYTES_RECEIVED,
+                    Unit::Bytes,
+                    "Shard cache: bytes of tensors received and verified"
+                );
+                describe_counter!(
+                    names::SHARD_BYTES_REUSED,
+                    Unit::Bytes,
+                    "Shard cache: bytes of tensors copied from other cached shards"
+                );
+                describe_counter!(
+                    names::SHARD_TENSORS_DAMAGED,
+                    "Shard cache: cached tensors found damaged and delivered again"
+                );
+                describe_gauge!(
+                    names::SHARD_CACHED_BYTES,
+                    Unit::Bytes,
+                    "Shard cache: bytes of the complete shards held"
+                );
                 (
                     metrics::counter!(names::FORWARDS),
                     metrics::counter!(names::FORWARD_TOKENS),
@@ -137,6 +170,17 @@ impl WorkerMetrics {
             counter!(names::LAYER_LOADS).absolute(s.loads);
             gauge!(names::LAYER_RESIDENT_BYTES).set(s.resident_bytes as f64);
             gauge!(names::LAYER_BUDGET_BYTES).set(s.budget_bytes as f64);
+            if let Some(cache) = state.cache() {
+                let n =
+                    |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+                let k = &cache.counters;
+                counter!(names::SHARD_CACHE_HITS).absolute(n(&k.hits));
+                counter!(names::SHARD_CACHE_MISSES).absolute(n(&k.misses));
+                counter!(names::SHARD_BYTES_RECEIVED).absolute(n(&k.bytes_received));
+                counter!(names::SHARD_BYTES_REUSED).absolute(n(&k.bytes_reused));
+                counter!(names::SHARD_TENSORS_DAMAGED).absolute(n(&k.tensors_damaged));
+                gauge!(names::SHARD_CACHED_BYTES).set(cache.cached_bytes() as f64);
+            }
         });
         self.handle.render()
     }

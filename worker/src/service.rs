@@ -17,6 +17,8 @@ use realm_common::gguf::GgufFile;
 use realm_common::model::{
     layer_bytes, LayerBudget, LayerRange, LayerStats, ModelConfig, Precision, SessionRows, Shard,
 };
+use realm_common::shard::Manifest;
+use realm_common::transfer::TransferProgress;
 use realm_common::wire::{Activations, ModelIdentity, WireDType};
 use realm_common::Error;
 use realm_proto::pb;
@@ -25,6 +27,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, trace, trace_span, warn, Instrument};
 
+use crate::cache::{Lookup, ShardCache};
 use crate::metrics::WorkerMetrics;
 use crate::sessions::{Sessions, Step};
 use crate::system;
@@ -33,12 +36,14 @@ use crate::WorkerConfig;
 /// The only device this worker computes on, for now.
 const DEVICE: &str = "cpu";
 
-/// Everything the worker holds: its model file and, once assigned, a shard and its sessions.
+/// Everything the worker holds: where it finds layers (its model file, its shard cache) and,
+/// once assigned, a shard and its sessions.
 #[derive(Debug)]
 pub(crate) struct WorkerState {
-    file: GgufFile,
-    config: ModelConfig,
-    identity: ModelIdentity,
+    /// The worker's own copy of a model file (`--model`).
+    local: Option<LocalModel>,
+    /// Shards delivered by the coordinator (`--cache-dir`).
+    cache: Option<Arc<ShardCache>>,
     threads: usize,
     /// How the layer manager of every assigned shard may use memory.
     budget: LayerBudget,
@@ -47,12 +52,33 @@ pub(crate) struct WorkerState {
     /// The shard and its sessions, replaced as one: a step in flight keeps the shard it started
     /// on alive, and sessions never outlive the weights they were computed with.
     loaded: RwLock<Option<Arc<Loaded>>>,
-    /// Serialises shard assignments, so two never load at once.
+    /// Serialises shard assignments and deliveries, so two never write or load at once.
     assigning: tokio::sync::Mutex<()>,
     /// Bound on the bytes all sessions' KV caches may hold together.
     max_kv_bytes: Option<u64>,
     /// Set when the worker serves `/metrics`.
     metrics: Option<WorkerMetrics>,
+}
+
+/// A model file and what it holds.
+#[derive(Debug)]
+struct LocalModel {
+    file: GgufFile,
+    config: ModelConfig,
+    identity: ModelIdentity,
+}
+
+impl LocalModel {
+    fn open(path: &std::path::Path) -> realm_common::Result<Self> {
+        let file = GgufFile::open_without_vocabulary(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let identity = ModelIdentity::of(&file, &config);
+        Ok(Self {
+            file,
+            config,
+            identity,
+        })
+    }
 }
 
 /// The worker's state at one moment, for the metrics.
@@ -70,18 +96,35 @@ pub(crate) struct Snapshot {
 struct Loaded {
     shard: Shard,
     sessions: Sessions,
+    /// The file the shard's weights are mapped from: the model file, or a cached shard file.
+    file: GgufFile,
+    config: ModelConfig,
+    identity: ModelIdentity,
 }
 
 impl WorkerState {
-    /// Opens and checks the model file; loads no weights.
-    pub fn open(worker: &WorkerConfig, max_kv_bytes: Option<u64>) -> realm_common::Result<Self> {
-        let file = GgufFile::open_without_vocabulary(&worker.model)?;
-        let config = ModelConfig::from_gguf(&file)?;
-        let identity = ModelIdentity::of(&file, &config);
+    /// Opens and checks the model file and the shard cache the worker is given; loads no
+    /// weights.
+    pub fn open(worker: &WorkerConfig, max_kv_bytes: Option<u64>) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        if worker.model.is_none() && worker.cache_dir.is_none() {
+            anyhow::bail!("a worker needs a model file (--model) or a shard cache (--cache-dir)");
+        }
+        let local = worker
+            .model
+            .as_deref()
+            .map(|path| {
+                LocalModel::open(path).with_context(|| format!("cannot serve {}", path.display()))
+            })
+            .transpose()?;
+        let cache = worker
+            .cache_dir
+            .as_deref()
+            .map(|dir| ShardCache::open(dir, worker.threads).map(Arc::new))
+            .transpose()?;
         Ok(Self {
-            file,
-            config,
-            identity,
+            local,
+            cache,
             threads: worker.threads,
             budget: LayerBudget {
                 bytes: worker.memory_budget,
@@ -93,6 +136,27 @@ impl WorkerState {
             metrics: None,
             max_kv_bytes,
         })
+    }
+
+    /// Where the worker finds layers, for its logs.
+    pub fn describe(&self) -> String {
+        let local = self
+            .local
+            .as_ref()
+            .map(|m| format!("{} ({})", m.file.path().display(), m.identity));
+        let cache = self
+            .cache
+            .as_ref()
+            .map(|c| format!("shard cache {}", c.dir().display()));
+        [local, cache]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn cache(&self) -> Option<&ShardCache> {
+        self.cache.as_deref()
     }
 
     /// Records the worker's metrics into `metrics` from now on.
@@ -115,10 +179,6 @@ impl WorkerState {
             shard_layers: loaded.shard.range().len(),
             layer_stats: loaded.shard.layer_stats(),
         }
-    }
-
-    pub fn identity(&self) -> &ModelIdentity {
-        &self.identity
     }
 
     fn loaded(&self) -> Option<Arc<Loaded>> {
@@ -155,17 +215,19 @@ impl WorkerState {
             log_stats(loaded.shard.range(), &stats, "layer manager");
         }
     }
+}
 
-    fn shard_info(&self, range: LayerRange) -> pb::ShardInfo {
+impl Loaded {
+    fn shard_info(&self) -> pb::ShardInfo {
         pb::ShardInfo {
             model: Some(pb::ModelIdentity::from(&self.identity)),
-            layers: Some(pb::LayerRange::from(range)),
+            layers: Some(pb::LayerRange::from(self.shard.range())),
         }
     }
 
-    /// Bytes of the file's tensors for the blocks of `range` (`blk.{i}.*`).
-    fn weight_bytes(&self, range: LayerRange) -> u64 {
-        layer_bytes(&self.file, range)
+    /// Bytes of the file's tensors for the blocks of the shard (`blk.{i}.*`).
+    fn weight_bytes(&self) -> u64 {
+        layer_bytes(&self.file, self.shard.range())
             .into_iter()
             .fold(0, u64::saturating_add)
     }
@@ -182,19 +244,16 @@ impl WorkerState {
                 other => other.into(),
             })
     }
+
+    /// KV bytes `n_tokens` new tokens of a session add on this shard: keys and values in f16.
+    fn kv_bytes_for(&self, n_tokens: usize) -> u64 {
+        let per_token =
+            self.shard.range().len() * 2 * self.config.n_kv_heads * self.config.head_dim * 2;
+        per_token as u64 * n_tokens as u64
+    }
 }
 
 impl WorkerState {
-    /// KV bytes one token adds to a session over `layers` blocks: keys and values in f16.
-    fn kv_bytes_per_token(&self, layers: usize) -> u64 {
-        (layers * 2 * self.config.n_kv_heads * self.config.head_dim * 2) as u64
-    }
-
-    /// KV bytes `n_tokens` new tokens of a session add on the shard of `loaded`.
-    fn kv_bytes_for(&self, loaded: &Loaded, n_tokens: usize) -> u64 {
-        self.kv_bytes_per_token(loaded.shard.range().len()) * n_tokens as u64
-    }
-
     /// Refuses a session whose step would take the KV caches past the worker's bound, with
     /// `needed` bytes more for this step (its own and those of the sessions before it).
     fn check_kv_room(&self, loaded: &Loaded, needed: u64) -> Result<(), Status> {
@@ -243,6 +302,7 @@ impl WorkerService {
             .prepare_step(request)
             .await
             .map_err(|status| refused("Forward", status))?;
+        let d_model = loaded.config.d_model;
         let rows = hidden
             .as_ref()
             .map_or(Ok(0), |h| h.dim(0))
@@ -250,7 +310,7 @@ impl WorkerService {
         let Some(hidden) = hidden else {
             // Every session was refused: nothing runs.
             return Ok(pb::ForwardResponse {
-                hidden: Some(empty_rows(self.state.config.d_model, dtype)?),
+                hidden: Some(empty_rows(d_model, dtype)?),
                 compute_us: 0,
                 failed,
             });
@@ -322,6 +382,14 @@ fn empty_rows(d_model: usize, dtype: WireDType) -> Result<pb::Tensor, Status> {
     Ok(Activations::to_wire(&none, dtype)?)
 }
 
+/// An assignment's answer when the cache lacks the shard.
+fn wanted(manifest: bool, tensors: Vec<u32>) -> pb::AssignShardResponse {
+    pb::AssignShardResponse {
+        wanted: Some(pb::ShardWanted { manifest, tensors }),
+        ..Default::default()
+    }
+}
+
 fn no_shard() -> Status {
     Status::failed_precondition(
         "this worker holds no shard (none assigned yet, or one is loading): AssignShard first",
@@ -348,9 +416,7 @@ impl pb::worker_server::Worker for WorkerService {
             device: DEVICE.to_string(),
             threads: u32::try_from(self.state.threads).unwrap_or(u32::MAX),
             memory_available_bytes: system::memory_available_bytes(),
-            shard: loaded
-                .as_ref()
-                .map(|l| self.state.shard_info(l.shard.range())),
+            shard: loaded.as_ref().map(|l| l.shard_info()),
             active_sessions: loaded
                 .as_ref()
                 .map_or(0, |l| u32::try_from(l.sessions.len()).unwrap_or(u32::MAX)),
@@ -359,6 +425,19 @@ impl pb::worker_server::Worker for WorkerService {
                 .as_ref()
                 .and_then(|l| l.shard.layer_stats())
                 .map(|stats| stats_to_wire(&stats, self.state.budget.prefetch)),
+            shard_cache: self.state.cache().map(|c| {
+                let n = |v: &AtomicU64| v.load(Ordering::Relaxed);
+                let k = &c.counters;
+                pb::ShardCacheStats {
+                    hits: n(&k.hits),
+                    misses: n(&k.misses),
+                    tensors_received: n(&k.tensors_received),
+                    bytes_received: n(&k.bytes_received),
+                    tensors_damaged: n(&k.tensors_damaged),
+                    cached_bytes: c.cached_bytes(),
+                    bytes_reused: n(&k.bytes_reused),
+                }
+            }),
         }))
     }
 
@@ -370,30 +449,90 @@ impl pb::worker_server::Worker for WorkerService {
         let state = &self.state;
         let theirs = ModelIdentity::try_from(request.model.as_ref())
             .map_err(|e| refused("AssignShard", e.into()))?;
-        if !state.identity.same_model(&theirs) {
-            let status = Status::failed_precondition(format!(
-                "model mismatch: this worker's file {} is {}, the coordinator holds {}",
-                state.file.path().display(),
-                state.identity,
-                theirs
-            ));
-            warn!(ours = %state.identity, theirs = %theirs, "refused a shard of another model");
-            return Err(status);
-        }
         let range = LayerRange::try_from(request.layers.as_ref())
             .map_err(|e| refused("AssignShard", e.into()))?;
-        if range.end > state.config.n_layers {
+        if range.end > theirs.n_layers {
             return Err(refused(
                 "AssignShard",
                 Status::invalid_argument(format!(
                     "layer range {range} lies outside the model's {} layers (0-{})",
-                    state.config.n_layers,
-                    state.config.n_layers.saturating_sub(1)
+                    theirs.n_layers,
+                    theirs.n_layers.saturating_sub(1)
                 )),
             ));
         }
+        let manifest = request
+            .manifest
+            .map(|m| Manifest::parse(m.header))
+            .transpose()
+            .map_err(|e| refused("AssignShard", e.into()))?;
+        if let Some(m) = &manifest {
+            if !m.identity().same_model(&theirs) || m.range() != range {
+                return Err(refused(
+                    "AssignShard",
+                    Status::invalid_argument(format!(
+                        "the manifest is of layers {} of the {}, not of layers {range} of the {theirs}",
+                        m.range(),
+                        m.identity()
+                    )),
+                ));
+            }
+        }
 
         let _assigning = state.assigning.lock().await;
+        // Where the layers come from: the worker's model file if it is that model, else the
+        // shard cache, which may want tensors delivered first.
+        let local = state
+            .local
+            .as_ref()
+            .filter(|m| m.identity.same_model(&theirs));
+        let (file, config, identity, from_cache) = match (local, &state.cache) {
+            (Some(m), _) => (m.file.clone(), m.config.clone(), m.identity.clone(), false),
+            (None, Some(cache)) => {
+                let asked_manifest = manifest.is_some();
+                let lookup = {
+                    let cache = Arc::clone(cache);
+                    tokio::task::spawn_blocking(move || match &manifest {
+                        Some(m) => cache.prepare(m),
+                        None => cache.find(&theirs, range),
+                    })
+                    .await
+                    .map_err(|e| Status::internal(format!("the shard cache failed: {e}")))??
+                };
+                let path = match lookup {
+                    Lookup::Ready(path) => path,
+                    Lookup::NeedManifest => return Ok(Response::new(wanted(true, Vec::new()))),
+                    Lookup::Wanted(tensors) => {
+                        cache.counters.misses.fetch_add(1, Ordering::Relaxed);
+                        info!(layers = %range, tensors = tensors.len(), "shard wanted from the coordinator");
+                        return Ok(Response::new(wanted(false, tensors)));
+                    }
+                };
+                if !asked_manifest {
+                    cache.counters.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                let file = GgufFile::open_without_vocabulary(&path)?;
+                let config = ModelConfig::from_gguf(&file)?;
+                // The shard's keys name the model it was cut from: the model asked for.
+                let identity = ModelIdentity::of(&file, &config);
+                (file, config, identity, true)
+            }
+            (None, None) => {
+                let ours = state.local.as_ref().map(|m| &m.identity);
+                let ours = ours.map_or_else(String::new, ToString::to_string);
+                warn!(ours = %ours, theirs = %theirs, "refused a shard of another model");
+                return Err(Status::failed_precondition(format!(
+                    "model mismatch: this worker's file {} is {ours}, the coordinator holds \
+                     {theirs} (give the worker --cache-dir to receive the layers instead)",
+                    state
+                        .local
+                        .as_ref()
+                        .map(|m| m.file.path().display().to_string())
+                        .unwrap_or_default(),
+                )));
+            }
+        };
+
         // Free the previous shard and its sessions before loading the next, so the worker never
         // needs room for both (steps still in flight on it keep it alive until they end).
         if let Some(previous) = state.replace_loaded(None) {
@@ -411,9 +550,10 @@ impl pb::worker_server::Worker for WorkerService {
             );
         }
         let started = Instant::now();
-        let (file, config, budget) = (state.file.clone(), state.config.clone(), state.budget);
+        let budget = state.budget;
+        let (load_file, load_config) = (file.clone(), config.clone());
         let shard = tokio::task::spawn_blocking(move || {
-            Shard::load_managed(&file, &config, range, &Device::Cpu, budget)
+            Shard::load_managed(&load_file, &load_config, range, &Device::Cpu, budget)
         })
         .await
         .map_err(|e| Status::internal(format!("loading layers {range} failed: {e}")))?
@@ -422,17 +562,23 @@ impl pb::worker_server::Worker for WorkerService {
             Status::from(e)
         })?;
         let load_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let weight_bytes = state.weight_bytes(range);
         let stats = shard.layer_stats().unwrap_or_default();
         state.logged_accesses.store(0, Ordering::Relaxed);
-        state.replace_loaded(Some(Arc::new(Loaded {
+        let loaded = Arc::new(Loaded {
             sessions: Sessions::new(range.len()),
             shard,
-        })));
+            file,
+            config,
+            identity,
+        });
+        let weight_bytes = loaded.weight_bytes();
+        let shard_info = loaded.shard_info();
+        state.replace_loaded(Some(loaded));
         info!(
             layers = %range,
             ms = load_ms,
             weight_bytes,
+            from_cache,
             budget_bytes = stats.budget_bytes,
             pinned_layers = stats.pinned_layers,
             resident_bytes = stats.resident_bytes,
@@ -440,9 +586,97 @@ impl pb::worker_server::Worker for WorkerService {
             "loaded shard"
         );
         Ok(Response::new(pb::AssignShardResponse {
-            shard: Some(state.shard_info(range)),
+            shard: Some(shard_info),
             weight_bytes,
             load_ms,
+            wanted: None,
+            from_cache,
+        }))
+    }
+
+    async fn deliver_shard(
+        &self,
+        request: Request<Streaming<pb::ShardDelivery>>,
+    ) -> Result<Response<pb::DeliverShardResponse>, Status> {
+        let state = &self.state;
+        let cache = state.cache.clone().ok_or_else(|| {
+            refused(
+                "DeliverShard",
+                Status::failed_precondition(
+                    "this worker keeps no shard cache: start it with --cache-dir to receive layers",
+                ),
+            )
+        })?;
+        let mut parts = request.into_inner();
+        let manifest = match parts.message().await? {
+            Some(pb::ShardDelivery {
+                part: Some(pb::shard_delivery::Part::Manifest(m)),
+            }) => Arc::new(Manifest::parse(m.header)?),
+            _ => {
+                return Err(refused(
+                    "DeliverShard",
+                    Status::invalid_argument("a delivery starts with the shard's manifest"),
+                ))
+            }
+        };
+        let _assigning = state.assigning.lock().await;
+        let range = manifest.range();
+        let mut receiver = {
+            let manifest = Arc::clone(&manifest);
+            tokio::task::spawn_blocking(move || cache.receiver(manifest))
+                .await
+                .map_err(|e| Status::internal(format!("the shard cache failed: {e}")))??
+        };
+        let mut progress = TransferProgress::new(
+            format!("receiving layers {range}"),
+            receiver.remaining_bytes(),
+        );
+        let outcome = loop {
+            let chunk = match parts.message().await {
+                Ok(Some(pb::ShardDelivery {
+                    part: Some(pb::shard_delivery::Part::Chunk(chunk)),
+                })) => chunk,
+                Ok(None) => break Ok(()),
+                Ok(Some(_)) => {
+                    break Err(Status::invalid_argument(
+                        "a delivery carries one manifest, first, then tensor chunks",
+                    ))
+                }
+                Err(status) => break Err(status),
+            };
+            let n = chunk.data.len() as u64;
+            let written = tokio::task::spawn_blocking(move || {
+                receiver
+                    .chunk(chunk.tensor, chunk.offset, &chunk.data)
+                    .map(|()| receiver)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("the shard cache failed: {e}")))
+            .and_then(|r| r);
+            match written {
+                Ok(r) => receiver = r,
+                Err(status) => {
+                    progress.abandon();
+                    warn!(layers = %range, error = %status.message(), "shard delivery failed");
+                    return Err(status);
+                }
+            }
+            progress.advance(n);
+        };
+        if let Err(status) = outcome {
+            progress.abandon();
+            warn!(layers = %range, error = %status.message(), "shard delivery cut short; the tensors checked so far are kept");
+            return Err(status);
+        }
+        let (tensors_received, bytes_received) = (receiver.tensors, receiver.bytes);
+        let complete = tokio::task::spawn_blocking(move || receiver.finish())
+            .await
+            .map_err(|e| Status::internal(format!("the shard cache failed: {e}")))??;
+        progress.finish();
+        Ok(Response::new(pb::DeliverShardResponse {
+            tensors_received,
+            bytes_received,
+            complete,
         }))
     }
 
@@ -596,7 +830,7 @@ impl WorkerService {
             .hidden
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("hidden state is missing"))?;
-        let activations = Activations::from_wire(hidden, state.config.d_model, &Device::Cpu)?;
+        let activations = Activations::from_wire(hidden, loaded.config.d_model, &Device::Cpu)?;
         let (n_rows, _) = activations.hidden.dims2().map_err(Error::from)?;
         let parts = parts_of(request.sessions, n_rows)?;
 
@@ -617,8 +851,8 @@ impl WorkerService {
         let mut admitted = Vec::with_capacity(parts.len());
         let mut needed = 0;
         for part in parts {
-            let checked = state.check_fits(part.position, part.rows).and_then(|()| {
-                let more = state.kv_bytes_for(&loaded, part.rows);
+            let checked = loaded.check_fits(part.position, part.rows).and_then(|()| {
+                let more = loaded.kv_bytes_for(part.rows);
                 state.check_kv_room(&loaded, needed + more).map(|()| more)
             });
             match checked {

@@ -418,7 +418,91 @@ async fn workers(mut client: Client) -> Result<(), Failure> {
                 hit_rate
             )?;
         }
+        if let Some(c) = w.shard_cache {
+            write!(stdout, "\t{}", shard_cache_line(&c))?;
+        }
         writeln!(stdout)?;
     }
     Ok(())
+}
+
+/// A worker's shard cache as `realm workers` prints it: whether its shard came from the cache
+/// (hits) or had tensors delivered first (misses), what was received, and what the cache holds.
+fn shard_cache_line(c: &pb::ShardCacheStats) -> String {
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let mut line = format!(
+        "cache: {}, {}, {} received, {} held",
+        plural(c.hits, "hit", "hits"),
+        plural(c.misses, "miss", "misses"),
+        bytes(c.bytes_received),
+        bytes(c.cached_bytes)
+    );
+    if c.bytes_reused > 0 {
+        line += &format!(", {} reused", bytes(c.bytes_reused));
+    }
+    if c.tensors_damaged > 0 {
+        line += &format!(
+            ", {} damaged",
+            plural(c.tensors_damaged, "tensor", "tensors")
+        );
+    }
+    line
+}
+
+/// `n` bytes in the largest binary unit that keeps the figure at least 1, to one decimal.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_cache_line_says_where_the_shard_came_from() {
+        let delivered = pb::ShardCacheStats {
+            misses: 1,
+            tensors_received: 90,
+            bytes_received: 33_240_000,
+            cached_bytes: 33_240_000,
+            ..Default::default()
+        };
+        assert_eq!(
+            shard_cache_line(&delivered),
+            "cache: 0 hits, 1 miss, 31.7 MiB received, 31.7 MiB held"
+        );
+        let cached = pb::ShardCacheStats {
+            hits: 1,
+            cached_bytes: 33_240_000,
+            ..Default::default()
+        };
+        assert_eq!(
+            shard_cache_line(&cached),
+            "cache: 1 hit, 0 misses, 0 B received, 31.7 MiB held"
+        );
+        let repaired = pb::ShardCacheStats {
+            hits: 2,
+            misses: 3,
+            tensors_received: 1,
+            bytes_received: 1536,
+            tensors_damaged: 1,
+            cached_bytes: 5 << 30,
+            bytes_reused: 3 << 20,
+        };
+        assert_eq!(
+            shard_cache_line(&repaired),
+            "cache: 2 hits, 3 misses, 1.5 KiB received, 5.0 GiB held, 3.0 MiB reused, 1 tensor \
+             damaged"
+        );
+    }
 }
