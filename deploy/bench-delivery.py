@@ -23,57 +23,16 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchproc import BIN, ROOT, Proc, log, spread  # noqa: E402
+
 CHUNK = 4 << 20
 PROMPT = "The capital of France is"
-
-
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Proc:
-    """A Realm binary started with its `... listening on ADDR` line awaited."""
-
-    def __init__(self, args, log_path, env=None):
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        full_env = dict(os.environ, **(env or {}))
-        full_env.pop("REALM_CLUSTER_TOKEN", None)
-        self.started = time.monotonic()
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env)
-        while True:
-            line = self.p.stdout.readline()
-            if not line:
-                raise SystemExit(f"{args[0]} did not start; see {log_path}")
-            if " listening on " in line:
-                self.addr = line.split()[-1]
-                self.ready = time.monotonic()
-                return
-
-    def stop(self):
-        self.p.terminate()
-        try:
-            self.p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-        self.log.close()
 
 
 def worker(args, log_path):
@@ -206,10 +165,6 @@ def restart_round(model, work, from_cache):
         if sources != ["cache", "cache"]:
             raise SystemExit(f"a restart was not served from the caches: {sources}")
     return secs
-
-
-def spread(values, fmt="{:.2f}"):
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def main():

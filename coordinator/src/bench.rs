@@ -401,7 +401,7 @@ async fn layer_manager_stats(
             .await
             .with_context(|| format!("Info on {url} failed"))?
             .into_inner();
-        stats.push(info.layer_manager);
+        stats.push(info.shards.into_iter().next().and_then(|s| s.layer_manager));
     }
     Ok(stats)
 }

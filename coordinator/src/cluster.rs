@@ -6,15 +6,15 @@
 //! once, sharing every step.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use realm_common::generate::{Decoding, GenerationParams};
 use realm_common::model::LayerRange;
 use realm_common::wire::WireDType;
 use realm_proto::pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
@@ -43,8 +43,13 @@ pub struct Cluster {
     wire_dtype: WireDType,
     scheduling: Scheduling,
     inbox: Inbox,
-    scheduler: JoinHandle<()>,
+    /// Taken by whoever waits for the scheduler's end ([`Cluster::close`], [`Cluster::shutdown`]).
+    scheduler: Mutex<Option<JoinHandle<()>>>,
+    /// Set when the model stops being served.
+    closing: watch::Sender<bool>,
     sessions_started: AtomicU64,
+    /// Generations running now.
+    running: Arc<AtomicUsize>,
 }
 
 impl Cluster {
@@ -80,8 +85,15 @@ impl Cluster {
     ) -> Result<Self> {
         scheduling.check()?;
         let source = Arc::new(ShardSource::new(model.file.clone(), model.identity.clone()));
-        let workers =
-            Workers::connect(source, model.config.n_layers, worker_urls, plan, options).await?;
+        let workers = Workers::connect(
+            source,
+            &model.id,
+            model.config.n_layers,
+            worker_urls,
+            plan,
+            options,
+        )
+        .await?;
         let workers = Arc::new(workers);
         workers.watch();
         let stages = Arc::new(Stages {
@@ -92,15 +104,25 @@ impl Cluster {
             dtype: wire_dtype,
         });
         let cost = RowCost::of(&model.config);
-        let (inbox, scheduler) = scheduler::spawn(Arc::clone(&workers), stages, scheduling, cost);
+        let (closing, closed) = watch::channel(false);
+        let (inbox, scheduler) = scheduler::spawn(
+            model.id.as_str().into(),
+            Arc::clone(&workers),
+            stages,
+            scheduling,
+            cost,
+            closed,
+        );
         Ok(Self {
             model,
             workers,
             wire_dtype,
             scheduling,
             inbox,
-            scheduler,
+            scheduler: Mutex::new(Some(scheduler)),
+            closing,
             sessions_started: AtomicU64::new(0),
+            running: Arc::default(),
         })
     }
 
@@ -175,6 +197,10 @@ impl Cluster {
         received: Instant,
         mut on_delta: impl FnMut(Delta) -> ControlFlow<()> + Send,
     ) -> Result<Generation> {
+        if *self.closing.borrow() {
+            return Err(Error::ModelRemoved(self.model.id.clone()));
+        }
+        let _running = Running::begin(&self.running);
         let (events, mut next) = mpsc::unbounded_channel();
         let id = self.new_session_id();
         debug!(session = %id, prompt_tokens = decoding.prompt().len(), "generation started");
@@ -202,8 +228,49 @@ impl Cluster {
             inbox, scheduler, ..
         } = self;
         drop(inbox);
-        if let Err(e) = scheduler.await {
-            info!(error = %e, "the scheduler did not finish cleanly");
+        let scheduler = scheduler
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(scheduler) = scheduler {
+            if let Err(e) = scheduler.await {
+                info!(error = %e, "the scheduler did not finish cleanly");
+            }
         }
+    }
+
+    /// Stops serving the model: every generation of it ends with [`Error::ModelRemoved`] (those
+    /// in a step as soon as it returns), then every worker drops the model's shard. Returns how
+    /// many generations were running.
+    pub async fn close(&self) -> usize {
+        let running = self.running.load(Ordering::Relaxed);
+        let _ = self.closing.send(true);
+        let scheduler = self
+            .scheduler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(scheduler) = scheduler {
+            if let Err(e) = scheduler.await {
+                info!(error = %e, "the scheduler did not finish cleanly");
+            }
+        }
+        self.workers.release().await;
+        running
+    }
+}
+
+/// Holds a generation in the count of those running, however it ends.
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn begin(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

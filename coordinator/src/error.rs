@@ -28,9 +28,18 @@ pub enum Error {
     /// A worker that answered with a malformed message.
     #[error("worker {url} sent a malformed reply: {problem}")]
     Protocol { url: String, problem: String },
-    /// A request for a model this coordinator does not serve.
-    #[error("model `{requested}` is not served here (this coordinator serves `{served}`)")]
+    /// A request for a model this coordinator does not serve; `served` lists those it serves.
+    #[error("model `{requested}` is not served here (this coordinator serves {served})")]
     UnknownModel { requested: String, served: String },
+    /// A request that names no model, to a coordinator serving several.
+    #[error("this coordinator serves several models ({served}): name one in `model`")]
+    NoModelNamed { served: String },
+    /// A model added while a model of that id is served.
+    #[error("a model `{0}` is served already: remove it first")]
+    ModelExists(String),
+    /// The model of a generation was removed while it ran.
+    #[error("model `{0}` was removed from this server")]
+    ModelRemoved(String),
     /// A worker was lost and no worker is left to take its layers.
     #[error("no capacity: {0}")]
     NoCapacity(String),
@@ -109,6 +118,9 @@ impl Error {
                 requested: s(requested),
                 served: s(served),
             },
+            Error::NoModelNamed { served } => Error::NoModelNamed { served: s(served) },
+            Error::ModelExists(m) => Error::ModelExists(s(m)),
+            Error::ModelRemoved(m) => Error::ModelRemoved(s(m)),
             Error::NoCapacity(m) => Error::NoCapacity(s(m)),
             Error::Busy(m) => Error::Busy(s(m)),
             Error::ShuttingDown => Error::ShuttingDown,
@@ -129,6 +141,9 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Model(e) => tonic::Status::from(e),
             Error::UnknownModel { .. } => tonic::Status::not_found(message),
+            Error::NoModelNamed { .. } => tonic::Status::invalid_argument(message),
+            Error::ModelExists(_) => tonic::Status::already_exists(message),
+            Error::ModelRemoved(_) => tonic::Status::unavailable(message),
             // A worker that is down, overloaded or slow is the cluster's availability problem;
             // anything else a worker refuses in a step Realm built is a bug on one side.
             Error::Worker { status, .. } => match status.code() {

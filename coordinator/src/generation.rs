@@ -55,10 +55,12 @@ pub struct Job {
     pub logprobs: Option<usize>,
 }
 
-/// Counts a request of `api` refused before its generation could start.
-pub fn count_refused(api: &'static str) {
-    counter!(names::REQUESTS, "api" => api).increment(1);
-    counter!(names::REQUEST_ERRORS, "api" => api).increment(1);
+/// Counts a request of `api` for `model` (empty when it names none served) refused before its
+/// generation could start.
+pub fn count_refused(api: &'static str, model: &str) {
+    let model = model.to_string();
+    counter!(names::REQUESTS, "api" => api, "model" => model.clone()).increment(1);
+    counter!(names::REQUEST_ERRORS, "api" => api, "model" => model).increment(1);
 }
 
 /// Checks `job` and starts its generation; a bad request is an error here, before any event.
@@ -77,9 +79,10 @@ pub fn start(
         api,
         logprobs,
     } = job;
+    let model = cluster.model().id.clone();
     let context = cluster.model().config.context_length;
     if params.max_tokens > context {
-        count_refused(api);
+        count_refused(api, &model);
         return Err(realm_common::Error::InvalidArgument(format!(
             "max_tokens {} exceeds the model's context window of {context} tokens",
             params.max_tokens
@@ -95,12 +98,13 @@ pub fn start(
     let decoding = match decoding {
         Ok(d) => d,
         Err(e) => {
-            count_refused(api);
+            count_refused(api, &model);
             return Err(e);
         }
     };
-    counter!(names::REQUESTS, "api" => api).increment(1);
-    counter!(names::PROMPT_TOKENS).increment(decoding.prompt().len() as u64);
+    counter!(names::REQUESTS, "api" => api, "model" => model.clone()).increment(1);
+    counter!(names::PROMPT_TOKENS, "model" => model.clone())
+        .increment(decoding.prompt().len() as u64);
 
     // Unbounded: a generation reports at most `max_tokens` small events, and a slow reader must
     // not hold the workers' KV caches longer than the generation itself needs.
@@ -113,13 +117,13 @@ pub fn start(
     };
     let task = async move {
         let _slot = slot;
-        let _active = ActiveSession::begin();
+        let _active = ActiveSession::begin(&model);
         let before_run = received.elapsed();
         let mut last_token = None::<Instant>;
         // Looked up once, not per token.
-        let first_token = histogram!(names::TIME_TO_FIRST_TOKEN);
-        let inter_token = histogram!(names::INTER_TOKEN);
-        let generated = counter!(names::GENERATED_TOKENS);
+        let first_token = histogram!(names::TIME_TO_FIRST_TOKEN, "model" => model.clone());
+        let inter_token = histogram!(names::INTER_TOKEN, "model" => model.clone());
+        let generated = counter!(names::GENERATED_TOKENS, "model" => model.clone());
         let result = cluster
             .run(decoding, received, |delta| {
                 let now = Instant::now();
@@ -152,7 +156,8 @@ pub fn start(
             }
             Err(Error::Stopped) => info!("client went away; generation stopped"),
             Err(e) => {
-                counter!(names::REQUEST_ERRORS, "api" => api).increment(1);
+                counter!(names::REQUEST_ERRORS, "api" => api, "model" => model.clone())
+                    .increment(1);
                 let _ = tx.send(Event::Failed(e));
             }
         }
@@ -161,18 +166,20 @@ pub fn start(
     Ok(rx)
 }
 
-/// Holds the active-sessions gauge up for as long as a generation runs, however it ends.
-struct ActiveSession;
+/// Holds the active-sessions gauge of a model up for as long as a generation runs, however it
+/// ends.
+struct ActiveSession(metrics::Gauge);
 
 impl ActiveSession {
-    fn begin() -> Self {
-        gauge!(names::ACTIVE_SESSIONS).increment(1.0);
-        Self
+    fn begin(model: &str) -> Self {
+        let gauge = gauge!(names::ACTIVE_SESSIONS, "model" => model.to_string());
+        gauge.increment(1.0);
+        Self(gauge)
     }
 }
 
 impl Drop for ActiveSession {
     fn drop(&mut self) {
-        gauge!(names::ACTIVE_SESSIONS).decrement(1.0);
+        self.0.decrement(1.0);
     }
 }

@@ -48,10 +48,10 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tracing::{debug, info, Instrument};
 
-use crate::admission::Admission;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::generation::{self, Done, Event, Job};
+use crate::models::{Models, Served};
 use crate::request_id::{self, RequestId};
 use crate::service::generation_params;
 
@@ -66,13 +66,11 @@ const MAX_COMPLETION_LOGPROBS: usize = 5;
 /// as OpenAI does for a very unlikely token.
 const UNLIKELY_LOGPROB: f64 = -9999.0;
 
-/// Who may use the HTTP API, how many generations it runs, and what `/metrics` renders.
+/// Who may use the HTTP API and what `/metrics` renders.
 #[derive(Clone)]
 pub struct HttpOptions {
     /// API keys accepted as `Authorization: Bearer <key>` on `/v1/*`; empty admits any client.
     pub api_keys: Vec<Secret>,
-    /// Bounds on running and waiting generations, shared with the gRPC API.
-    pub admission: Arc<Admission>,
     /// The Prometheus recorder `/metrics` renders; `None` answers 404 there.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -80,14 +78,13 @@ pub struct HttpOptions {
 /// What the handlers share.
 #[derive(Clone)]
 struct AppState {
-    cluster: Arc<Cluster>,
-    admission: Arc<Admission>,
+    models: Arc<Models>,
     metrics: Option<PrometheusHandle>,
 }
 
-/// The HTTP API's routes over `cluster`. `/health` and `/metrics` stay open for probes and
-/// scrapers; the `/v1` API needs one of the API keys when any is set.
-pub fn router(cluster: Arc<Cluster>, options: HttpOptions) -> Router {
+/// The HTTP API's routes over the `models` served. `/health` and `/metrics` stay open for probes
+/// and scrapers; the `/v1` API needs one of the API keys when any is set.
+pub fn router(models: Arc<Models>, options: HttpOptions) -> Router {
     let gate = RequireBearer::new(&options.api_keys, "API key", "set REALM_API_KEY");
     let api = Router::new()
         .route("/v1/completions", post(completions))
@@ -117,8 +114,7 @@ pub fn router(cluster: Arc<Cluster>, options: HttpOptions) -> Router {
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .with_state(AppState {
-            cluster,
-            admission: options.admission,
+            models,
             metrics: options.metrics,
         })
 }
@@ -127,7 +123,7 @@ pub fn router(cluster: Arc<Cluster>, options: HttpOptions) -> Router {
 /// included) are then allowed to finish.
 pub async fn serve(
     listener: TcpListener,
-    cluster: Arc<Cluster>,
+    models: Arc<Models>,
     options: HttpOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -135,7 +131,7 @@ pub async fn serve(
         .local_addr()
         .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
     info!(%addr, "serving the OpenAI-compatible HTTP API");
-    axum::serve(listener, router(cluster, options))
+    axum::serve(listener, router(models, options))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Error::Internal(format!("HTTP server: {e}")))
@@ -806,8 +802,8 @@ async fn completions(State(state): State<AppState>, headers: HeaderMap, body: By
         let req = parse::<CompletionRequest>(&body, Endpoint::Completions)?;
         let params = req.sampling.params()?;
         let logprobs = req.sampling.logprobs(Endpoint::Completions)?;
-        check_model(&state.cluster, &req.sampling.model)?;
-        let model = state.cluster.model();
+        let served = state.models.get(&req.sampling.model)?;
+        let model = served.cluster.model();
         let tokens = match &req.prompt {
             Prompt::Text(text) => model.prompt_tokens(text, None).map_err(Error::from)?,
             Prompt::Texts(texts) => match &texts[..] {
@@ -831,13 +827,14 @@ async fn completions(State(state): State<AppState>, headers: HeaderMap, body: By
             }
         };
         Ok(Parsed {
+            served: served.clone(),
             sampling: req.sampling,
             params,
             tokens,
             logprobs,
         })
     });
-    respond(state, Endpoint::Completions, received, id, parsed)
+    respond(Endpoint::Completions, received, id, parsed)
         .instrument(span)
         .await
 }
@@ -854,45 +851,34 @@ async fn chat_completions(
         let req = parse::<ChatRequest>(&body, Endpoint::Chat)?;
         let params = req.sampling.params()?;
         let logprobs = req.sampling.logprobs(Endpoint::Chat)?;
-        check_model(&state.cluster, &req.sampling.model)?;
+        let served = state.models.get(&req.sampling.model)?;
         let messages = chat_messages(&req.messages)?;
-        let tokens = state
+        let tokens = served
             .cluster
             .model()
             .chat_tokens(&messages)
             .map_err(Error::from)?;
         Ok(Parsed {
+            served,
             sampling: req.sampling,
             params,
             tokens,
             logprobs,
         })
     });
-    respond(state, Endpoint::Chat, received, id, parsed)
+    respond(Endpoint::Chat, received, id, parsed)
         .instrument(span)
         .await
 }
 
-/// A generation request, checked and tokenized.
+/// A generation request, checked and tokenized, and the model it runs on.
 struct Parsed {
+    served: Served,
     sampling: Sampling,
     params: GenerationParams,
     tokens: Vec<u32>,
     /// Alternatives per token when log-probabilities are asked for.
     logprobs: Option<usize>,
-}
-
-fn check_model(cluster: &Cluster, requested: &str) -> Result<(), ApiError> {
-    let served = &cluster.model().id;
-    if requested.is_empty() || requested == served {
-        Ok(())
-    } else {
-        Err(Error::UnknownModel {
-            requested: requested.to_string(),
-            served: served.clone(),
-        }
-        .into())
-    }
 }
 
 fn request_id_of(headers: &HeaderMap) -> RequestId {
@@ -906,7 +892,6 @@ fn request_id_of(headers: &HeaderMap) -> RequestId {
 /// Starts the generation of a parsed request and answers with a stream or one JSON body, the
 /// request id in the `x-request-id` header.
 async fn respond(
-    state: AppState,
     endpoint: Endpoint,
     received: Instant,
     id: RequestId,
@@ -918,6 +903,7 @@ async fn respond(
         with_request_id(e.into_response(), &id)
     };
     let Parsed {
+        served,
         sampling,
         params,
         tokens,
@@ -925,7 +911,8 @@ async fn respond(
     } = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
-            generation::count_refused(api);
+            // Refused before its model was known.
+            generation::count_refused(api, "");
             return refuse(e);
         }
     };
@@ -937,15 +924,15 @@ async fn respond(
         api,
         logprobs,
     };
-    let slot = match state.admission.admit().await {
+    let slot = match served.admission.admit().await {
         Ok(slot) => slot,
         Err(e) => {
-            generation::count_refused(api);
+            generation::count_refused(api, served.id());
             return refuse(e.into());
         }
     };
     // `start` counts its own refusals.
-    let events = match generation::start(&state.cluster, job, slot) {
+    let events = match generation::start(&served.cluster, job, slot) {
         Ok(events) => events,
         Err(e) => return refuse(e.into()),
     };
@@ -953,8 +940,8 @@ async fn respond(
         endpoint,
         id: format!("{}-{id}", endpoint.id_prefix()),
         created: unix_seconds(),
-        model: state.cluster.model().id.clone(),
-        tokenizer: logprobs.map(|_| state.cluster.model().tokenizer.clone()),
+        model: served.id().to_string(),
+        tokenizer: logprobs.map(|_| served.cluster.model().tokenizer.clone()),
     };
     let response = if sampling.stream {
         stream_response(reply, events, sampling.include_usage()).into_response()
@@ -1262,13 +1249,27 @@ fn stream_response(
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_json(&state.cluster)]}))
+    let data: Vec<Value> = state
+        .models
+        .all()
+        .iter()
+        .map(|s| model_json(&s.cluster))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match check_model(&state.cluster, &id) {
-        Ok(()) => Json(model_json(&state.cluster)).into_response(),
-        Err(e) => e.into_response(),
+    // An empty id would name the only model: here it names none.
+    let found = match id.as_str() {
+        "" => Err(Error::UnknownModel {
+            requested: id,
+            served: String::new(),
+        }),
+        id => state.models.get(id),
+    };
+    match found {
+        Ok(served) => Json(model_json(&served.cluster)).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -1285,8 +1286,18 @@ fn model_json(cluster: &Cluster) -> Value {
     })
 }
 
+/// `ok` with the models served (and, while there is one, `model`: its id).
 async fn health(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"status": "ok", "model": state.cluster.model().id}))
+    let ids: Vec<String> = state
+        .models
+        .all()
+        .iter()
+        .map(|s| s.id().to_string())
+        .collect();
+    match ids.as_slice() {
+        [only] => Json(json!({"status": "ok", "model": only, "models": ids})),
+        _ => Json(json!({"status": "ok", "models": ids})),
+    }
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {

@@ -16,6 +16,7 @@ pub mod http;
 pub mod load;
 pub mod local;
 pub mod model;
+pub mod models;
 pub mod net;
 pub mod plan;
 pub mod progress;
@@ -33,6 +34,7 @@ mod transport;
 pub use cluster::Cluster;
 pub use error::{Error, Result};
 pub use model::CoordinatorModel;
+pub use models::Models;
 pub use plan::{Plan, PlanSpec};
 pub use service::{serve, serve_with, ServiceOptions};
 

@@ -36,6 +36,8 @@ pub struct LoadConfig {
     /// No more requests than this in all.
     pub max_requests: usize,
     pub max_tokens: u32,
+    /// The model asked for; empty for the coordinator's only model.
+    pub model: String,
 }
 
 /// What happened.
@@ -129,7 +131,7 @@ pub async fn run(client: Client, config: &LoadConfig) -> LoadReport {
                 if n >= config.max_requests || started.elapsed() >= config.duration {
                     return;
                 }
-                let outcome = one(&mut client, n % PROMPTS.len(), config.max_tokens).await;
+                let outcome = one(&mut client, n % PROMPTS.len(), &config).await;
                 let rejected = matches!(outcome, Outcome::Rejected);
                 outcomes
                     .lock()
@@ -148,11 +150,12 @@ pub async fn run(client: Client, config: &LoadConfig) -> LoadReport {
     summarize(outcomes, wall)
 }
 
-async fn one(client: &mut Client, prompt: usize, max_tokens: u32) -> Outcome {
+async fn one(client: &mut Client, prompt: usize, config: &LoadConfig) -> Outcome {
     let sent = Instant::now();
     let request = pb::GenerateRequest {
+        model: config.model.clone(),
         prompt: PROMPTS[prompt].to_string(),
-        max_tokens,
+        max_tokens: config.max_tokens,
         ..Default::default()
     };
     let mut stream = match client.generate(request).await {

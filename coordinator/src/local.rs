@@ -50,7 +50,7 @@ impl LocalWorkers {
                 .context("cannot bind a loopback port for a worker")?;
             let addr = listener.local_addr()?;
             let config = realm_worker::WorkerConfig {
-                model: Some(model.to_path_buf()),
+                models: vec![model.to_path_buf()],
                 cache_dir: None,
                 threads,
                 idle_timeout: realm_worker::DEFAULT_IDLE_TIMEOUT,

@@ -170,8 +170,16 @@ struct TokenizeArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArg,
+    /// GGUF model file to serve; repeat it for several models over the same workers
+    /// (REALM_MODEL takes them comma-separated). Clients name a model by its file's stem.
+    #[arg(
+        long = "model",
+        value_name = "PATH",
+        env = "REALM_MODEL",
+        value_delimiter = ',',
+        default_value = DEFAULT_MODEL
+    )]
+    models: Vec<PathBuf>,
     /// A worker's address, `host:port` or `http://host:port`; repeat for each worker, in layer
     /// order (the environment variable takes them comma-separated).
     #[arg(
@@ -610,7 +618,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http.as_ref().map(TcpListener::local_addr).transpose()?,
     );
     let config = ServerConfig {
-        plan: args.cluster.plan,
+        plans: vec![args.cluster.plan],
         wire_dtype: args.cluster.wire_dtype,
         worker_wait: Duration::from_secs(args.worker_wait_secs),
         cluster: ClusterOptions {
@@ -624,11 +632,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_active: guard.max_active,
         max_queued: guard.max_queued,
         tls: guard.tls_cert.zip(guard.tls_key),
-        ..ServerConfig::new(args.model.model, args.workers)
+        ..ServerConfig::new(args.models, args.workers)
     };
-    let ready = |cluster: &Cluster| {
-        for (worker, range) in cluster.workers() {
-            eprintln!("  {} serves layers {range}", worker.url);
+    let ready = |models: &realm_coordinator::Models| {
+        for served in models.all() {
+            eprintln!("  {}:", served.id());
+            for (worker, range) in served.cluster.workers() {
+                eprintln!("    {} serves layers {range}", worker.url);
+            }
         }
         let mut stdout = std::io::stdout().lock();
         if let Some(http) = addrs.1 {

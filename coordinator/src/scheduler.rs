@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::histogram;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
@@ -84,20 +84,30 @@ impl Scheduling {
 /// The scheduler's inbox: where new sessions are submitted.
 pub(crate) type Inbox = mpsc::UnboundedSender<Session>;
 
-/// Starts the scheduler over `workers`; it runs until the inbox's every sender is gone and its
-/// last session has ended.
+/// Starts the scheduler of the model `model` over `workers`; it runs until the inbox's every
+/// sender is gone and its last session has ended, or until `closing` turns true: then every
+/// session fails with [`Error::ModelRemoved`] as soon as it is between steps.
 pub(crate) fn spawn(
+    model: Arc<str>,
     workers: Arc<Workers>,
     stages: Arc<Stages>,
     scheduling: Scheduling,
     cost: RowCost,
+    closing: watch::Receiver<bool>,
 ) -> (Inbox, JoinHandle<()>) {
     let (inbox, submitted) = mpsc::unbounded_channel();
     let scheduler = Scheduler {
+        step_rows: histogram!(names::STEP_ROWS, "model" => model.to_string()),
+        step_sessions: histogram!(names::STEP_SESSIONS, "model" => model.to_string()),
+        queue_wait: histogram!(names::QUEUE_WAIT, "model" => model.to_string()),
+        model,
         workers,
         stages,
         scheduling,
         cost,
+        closing,
+        closed: false,
+        watching: true,
         submitted,
         ready: VecDeque::new(),
         running: JoinSet::new(),
@@ -122,10 +132,20 @@ struct Finished {
 }
 
 struct Scheduler {
+    model: Arc<str>,
     workers: Arc<Workers>,
     stages: Arc<Stages>,
     scheduling: Scheduling,
     cost: RowCost,
+    /// Turns true when the model stops being served.
+    closing: watch::Receiver<bool>,
+    /// Set once `closing` was seen: every session fails as soon as it is between steps.
+    closed: bool,
+    /// Whether `closing` may still change.
+    watching: bool,
+    step_rows: metrics::Histogram,
+    step_sessions: metrics::Histogram,
+    queue_wait: metrics::Histogram,
     submitted: mpsc::UnboundedReceiver<Session>,
     /// Sessions between steps, longest waiting first.
     ready: VecDeque<Session>,
@@ -165,11 +185,49 @@ impl Scheduler {
                 },
                 Some(finished) = self.running.join_next() => self.finished(finished),
                 recovered = recovery(&mut self.recovery) => self.recovered(recovered),
+                changed = self.closing.changed(), if self.watching => match changed {
+                    Ok(()) if *self.closing.borrow() => {
+                        self.close();
+                        open = false;
+                    }
+                    Ok(()) => {}
+                    // The cluster is gone: its inbox closes too.
+                    Err(_) => self.watching = false,
+                },
                 else => {
                     warn!("scheduler stopped with sessions it cannot run");
                     return;
                 }
             }
+        }
+    }
+
+    /// The model is no longer served: every session between steps fails now, the others as
+    /// their step returns.
+    fn close(&mut self) {
+        self.closed = true;
+        self.watching = false;
+        let mut ended = self.in_flight.sessions;
+        while let Ok(session) = self.submitted.try_recv() {
+            self.ready.push_back(session);
+        }
+        for session in self.ready.drain(..) {
+            ended += 1;
+            session.fail(Error::ModelRemoved(self.model.to_string()));
+        }
+        for (session, _) in self.after_recovery.drain(..) {
+            ended += 1;
+            session.fail(Error::ModelRemoved(self.model.to_string()));
+        }
+        info!(model = %self.model, sessions = ended, "model removed; its generations end");
+    }
+
+    /// Sends `session` back to wait for its next step, or ends it if the model was removed.
+    fn requeue(&mut self, session: Session) {
+        if self.closed {
+            session.fail(Error::ModelRemoved(self.model.to_string()));
+        } else {
+            self.ready.push_back(session);
         }
     }
 
@@ -193,8 +251,8 @@ impl Scheduler {
                     .filter(|(_, r)| r.step_tokens == 1)
                     .count(),
             };
-            histogram!(names::STEP_ROWS).record(batch.rows() as f64);
-            histogram!(names::STEP_SESSIONS).record(held.sessions as f64);
+            self.step_rows.record(batch.rows() as f64);
+            self.step_sessions.record(held.sessions as f64);
             self.in_flight.sessions += held.sessions;
             self.in_flight.decoding += held.decoding;
             let stages = Arc::clone(&self.stages);
@@ -259,7 +317,7 @@ impl Scheduler {
         for (session, _) in taken.iter_mut() {
             if !session.scheduled {
                 session.scheduled = true;
-                histogram!(names::QUEUE_WAIT)
+                self.queue_wait
                     .record(now.duration_since(session.received).as_secs_f64());
             }
         }
@@ -280,7 +338,10 @@ impl Scheduler {
         self.in_flight.decoding -= held.decoding;
         for r in returned {
             match r {
-                Returned::Ready(session) => self.ready.push_back(session),
+                Returned::Ready(session) => self.requeue(session),
+                Returned::Retry { session, .. } if self.closed => {
+                    session.fail(Error::ModelRemoved(self.model.to_string()))
+                }
                 Returned::Retry {
                     mut session,
                     error,
@@ -319,7 +380,7 @@ impl Scheduler {
                 );
                 for (mut session, _) in waiting {
                     session.replay();
-                    self.ready.push_back(session);
+                    self.requeue(session);
                 }
             }
             Err(error) => {

@@ -1,7 +1,7 @@
-//! The coordinator as a server, from its configuration to its shutdown: loads the model's share,
-//! brings the workers up (waiting for those not reachable yet), then serves the Realm gRPC API
-//! and, where asked, the OpenAI-compatible HTTP API until `shutdown` resolves, letting the
-//! generations in flight finish. `realm-coordinator serve` is this with flags; tests run it
+//! The coordinator as a server, from its configuration to its shutdown: loads each model's share,
+//! brings the workers up (waiting for those not reachable yet) and plans every model over them,
+//! then serves the Realm gRPC API (and its admin API) and, where asked, the OpenAI-compatible
+//! HTTP API until `shutdown` resolves, letting the generations in flight finish. `realm-coordinator serve` is this with flags; tests run it
 //! in-process on port 0.
 
 use std::future::Future;
@@ -15,9 +15,10 @@ use realm_common::wire::WireDType;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admission::{Admission, DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED};
-use crate::cluster::{Cluster, ClusterOptions};
+use crate::admission::{DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED};
+use crate::cluster::ClusterOptions;
 use crate::http::HttpOptions;
+use crate::models::{Models, Setup};
 use crate::plan::PlanSpec;
 use crate::scheduler::Scheduling;
 use crate::service::ServiceOptions;
@@ -25,11 +26,14 @@ use crate::service::ServiceOptions;
 /// Everything a coordinator server is configured with.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// The GGUF file (the workers hold copies of it).
-    pub model: PathBuf,
+    /// The GGUF files served, each planned over all the workers (which hold copies of them, or
+    /// receive their layers).
+    pub models: Vec<PathBuf>,
     /// The workers' addresses, in layer order.
     pub workers: Vec<String>,
-    pub plan: PlanSpec,
+    /// How each model's layers are placed: one plan for every model, or one per model in the
+    /// order of `models`.
+    pub plans: Vec<PlanSpec>,
     pub wire_dtype: WireDType,
     /// How long to keep retrying workers that are not reachable yet.
     pub worker_wait: Duration,
@@ -38,6 +42,7 @@ pub struct ServerConfig {
     pub scheduling: Scheduling,
     /// Keys clients must send; empty admits any client.
     pub api_keys: Vec<Secret>,
+    /// Admission limits of each model.
     pub max_active: usize,
     pub max_queued: usize,
     /// Certificate chain and key (PEM) of the gRPC client API, for TLS.
@@ -45,12 +50,12 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// A configuration with Realm's defaults for everything but the model and the workers.
-    pub fn new(model: PathBuf, workers: Vec<String>) -> Self {
+    /// A configuration with Realm's defaults for everything but the models and the workers.
+    pub fn new(models: Vec<PathBuf>, workers: Vec<String>) -> Self {
         Self {
-            model,
+            models,
             workers,
-            plan: PlanSpec::Auto,
+            plans: vec![PlanSpec::Auto],
             wire_dtype: WireDType::F32,
             worker_wait: Duration::ZERO,
             cluster: ClusterOptions::default(),
@@ -70,49 +75,67 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
 }
 
+impl ServerConfig {
+    /// The plan of the `i`th model.
+    fn plan(&self, i: usize) -> anyhow::Result<&PlanSpec> {
+        match self.plans.as_slice() {
+            [] => Ok(&PlanSpec::Auto),
+            [one] => Ok(one),
+            plans if plans.len() == self.models.len() => Ok(&plans[i]),
+            plans => anyhow::bail!(
+                "{} plans for {} models: give one plan for every model, or one per model",
+                plans.len(),
+                self.models.len()
+            ),
+        }
+    }
+}
+
 /// Serves `config` on `listeners` until `shutdown` resolves. `ready` is called once the workers
-/// hold their shards and the APIs are about to serve.
+/// hold the shards of every model and the APIs are about to serve.
 pub async fn run(
     config: ServerConfig,
     listeners: Listeners,
-    ready: impl FnOnce(&Cluster),
+    ready: impl FnOnce(&Models),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(!config.models.is_empty(), "no model to serve");
+    config.plan(0)?;
     let metrics = match listeners.http {
         Some(_) => Some(crate::http::install_metrics()?),
         None => None,
     };
-    let model = crate::progress::step(
-        &format!("loading {}", config.model.display()),
-        crate::bench::load_model(&config.model),
-    )
-    .await?;
     let api_tls = match &config.tls {
         Some((cert, key)) => {
             Some(realm_common::tls::server_config(cert, key, None).map_err(anyhow::Error::msg)?)
         }
         None => None,
     };
-    let cluster = crate::progress::step(
-        &format!(
-            "planning the layers over {} workers and assigning their shards",
-            config.workers.len()
-        ),
-        crate::startup::connect_when_ready(
-            model,
-            &config.workers,
-            &config.plan,
-            config.wire_dtype,
-            config.cluster.clone(),
-            config.scheduling,
-            config.worker_wait,
-        ),
-    )
-    .await
-    .context("cannot set up the cluster (are the workers running, each with the same model file or a --cache-dir?)")?;
-    tracing::info!(plan = %cluster.plan(), "cluster ready");
-    ready(&cluster);
-    let cluster = Arc::new(cluster);
+    let models = Models::new(Setup {
+        workers: config.workers.clone(),
+        wire_dtype: config.wire_dtype,
+        cluster: config.cluster.clone(),
+        scheduling: config.scheduling,
+        max_active: config.max_active,
+        max_queued: config.max_queued,
+        worker_wait: config.worker_wait,
+    });
+    // One model after the other: each is planned beside the layers placed before it.
+    for (i, path) in config.models.iter().enumerate() {
+        let served = crate::progress::step(
+            &format!(
+                "loading {} and assigning its shards over {} workers",
+                path.display(),
+                config.workers.len()
+            ),
+            models.add(path, config.plan(i)?),
+        )
+        .await
+        .with_context(|| format!("cannot serve {} (are the workers running, each with the model file or a --cache-dir?)", path.display()))?;
+        tracing::info!(model = %served.id(), plan = %served.cluster.plan(), "model ready");
+    }
+    ready(&models);
+    let models = Arc::new(models);
 
     // One shutdown stops both servers; each lets its requests in flight finish.
     let (stop, stopped) = watch::channel(false);
@@ -126,28 +149,26 @@ pub async fn run(
             let _ = stopped.wait_for(|&s| s).await;
         }
     };
-    let admission = Arc::new(Admission::new(config.max_active, config.max_queued));
     let http = listeners.http.map(|listener| {
         let options = HttpOptions {
             api_keys: config.api_keys.clone(),
-            admission: Arc::clone(&admission),
             metrics,
         };
         tokio::spawn(crate::http::serve(
             listener,
-            Arc::clone(&cluster),
+            Arc::clone(&models),
             options,
             until_stopped(),
         ))
     });
     let service = ServiceOptions {
         api_keys: config.api_keys,
-        admission,
+        admin_token: config.cluster.token.clone(),
         tls: api_tls,
     };
     crate::service::serve_with(
         listeners.grpc,
-        Arc::clone(&cluster),
+        Arc::clone(&models),
         service,
         until_stopped(),
     )
@@ -156,8 +177,8 @@ pub async fn run(
         http.await.context("the HTTP server did not finish")??;
     }
     // The servers are done; the generations they started have ended with them.
-    if let Ok(cluster) = Arc::try_unwrap(cluster) {
-        cluster.shutdown().await;
+    if let Ok(models) = Arc::try_unwrap(models) {
+        models.shutdown().await;
     }
     Ok(())
 }

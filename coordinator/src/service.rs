@@ -1,5 +1,6 @@
-//! The client API: the `realm.v1.Realm` gRPC service over a [`Cluster`], with gRPC health and
-//! server reflection on the same port.
+//! The client API: the `realm.v1.Realm` gRPC service over the [`Models`] served, with gRPC
+//! health and server reflection on the same port, and the `realm.v1.Admin` service that adds and
+//! removes models (behind the cluster token).
 //!
 //! `Generate` validates the request before it answers (a bad request is an error status, not a
 //! stream that fails), then runs it through [`generation`] (shared with the HTTP API): one
@@ -7,6 +8,7 @@
 //! goes away the stream is dropped and the generation stops and ends the session on every worker.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +21,7 @@ use realm_common::sampling::SamplingParams;
 use realm_common::stop::StopMatcher;
 use realm_common::tokenizer::Tokenizer;
 use realm_proto::pb;
+use realm_proto::pb::admin_server::{Admin, AdminServer};
 use realm_proto::pb::realm_server::{Realm, RealmServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -29,89 +32,80 @@ use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use crate::admission::{Admission, DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::generation::{self, Event, Job};
+use crate::models::{Models, Served};
 use crate::net::MAX_MESSAGE_BYTES;
+use crate::plan::PlanSpec;
 use crate::request_id::RequestId;
 
 /// Fully-qualified name of the client service, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "realm.v1.Realm";
 const REFLECTION_SERVICE_NAME: &str = "grpc.reflection.v1.ServerReflection";
 
-/// Who may use the client API and how many generations it runs.
-#[derive(Debug, Clone)]
+/// Who may use the client API and the admin API.
+#[derive(Debug, Clone, Default)]
 pub struct ServiceOptions {
     /// API keys accepted; empty admits any client.
     pub api_keys: Vec<Secret>,
-    /// Bounds on running and waiting generations, shared with the HTTP API when one is served.
-    pub admission: Arc<Admission>,
+    /// The cluster token the admin API requires; `None` refuses every admin call.
+    pub admin_token: Option<Secret>,
     /// TLS for the listener; `None` serves plaintext.
     pub tls: Option<ServerTlsConfig>,
 }
 
-impl Default for ServiceOptions {
-    fn default() -> Self {
-        Self {
-            api_keys: Vec::new(),
-            admission: Arc::new(Admission::new(DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED)),
-            tls: None,
-        }
-    }
-}
-
-/// The `Realm` service over one cluster.
+/// The `Realm` service over the models served.
 #[derive(Debug, Clone)]
 pub struct RealmService {
-    cluster: Arc<Cluster>,
-    admission: Arc<Admission>,
+    models: Arc<Models>,
 }
 
 impl RealmService {
-    /// The service over `cluster`, its generations bounded by `admission`.
-    pub fn new(cluster: Arc<Cluster>, admission: Arc<Admission>) -> Self {
-        Self { cluster, admission }
+    pub fn new(models: Arc<Models>) -> Self {
+        Self { models }
     }
 
-    fn check_model(&self, requested: &str) -> Result<()> {
-        check_model(requested, &self.cluster.model().id)
-    }
-
-    /// The generation a `Generate` request asks for, checked.
-    fn job(&self, req: &pb::GenerateRequest, received: Instant, id: RequestId) -> Result<Job> {
-        self.check_model(&req.model)?;
+    /// The generation a `Generate` request asks for, checked, and the model it runs on.
+    fn job(
+        &self,
+        req: &pb::GenerateRequest,
+        received: Instant,
+        id: RequestId,
+    ) -> Result<(Served, Job)> {
+        let served = self.models.get(&req.model)?;
         if req.prompt.is_empty() {
             return Err(realm_common::Error::InvalidArgument("the prompt is empty".into()).into());
         }
         let params = generation_params(req)?;
-        let tokens = self
+        let tokens = served
             .cluster
             .model()
             .prompt_tokens(&req.prompt, chat_system(req))?;
-        Ok(Job {
+        let job = Job {
             tokens,
             params,
             received,
             id,
             api: API,
             logprobs: logprobs_of(req)?,
-        })
+        };
+        Ok((served, job))
     }
 }
 
 /// The `api` label of this service's requests in the metrics.
 const API: &str = crate::telemetry::api::GRPC;
 
-/// An empty `requested` means the only model; anything else must be its id.
-fn check_model(requested: &str, served: &str) -> Result<()> {
-    if requested.is_empty() || requested == served {
-        Ok(())
-    } else {
-        Err(Error::UnknownModel {
-            requested: requested.to_string(),
-            served: served.to_string(),
-        })
+/// A model's entry in `ListModels` (and the admin API's answers).
+pub fn model_info(cluster: &Cluster) -> pb::ModelInfo {
+    let model = cluster.model();
+    pb::ModelInfo {
+        id: model.id.clone(),
+        architecture: model.identity.architecture.clone(),
+        n_layers: model.config.n_layers as u32,
+        context_length: model.config.context_length as u32,
+        plan: cluster.plan().to_string(),
     }
 }
 
@@ -194,18 +188,22 @@ impl Realm for RealmService {
         let id = RequestId::from_metadata(request.metadata());
         let req = request.into_inner();
         let span = id.span();
+        let model = self
+            .models
+            .get(&req.model)
+            .map_or_else(|_| String::new(), |s| s.id().to_string());
         let refused = |e: &Error| {
             let _in = span.enter();
             debug!(error = %e, "generate refused");
-            generation::count_refused(API);
+            generation::count_refused(API, &model);
         };
-        let job = span
+        let (served, job) = span
             .in_scope(|| self.job(&req, received, id.clone()))
             .inspect_err(refused)?;
         // Checked before queueing, so a bad request never waits for a slot.
-        let slot = self.admission.admit().await.inspect_err(refused)?;
-        let events = span.in_scope(|| generation::start(&self.cluster, job, slot))?;
-        let tokenizer = self.cluster.model().tokenizer.clone();
+        let slot = served.admission.admit().await.inspect_err(refused)?;
+        let events = span.in_scope(|| generation::start(&served.cluster, job, slot))?;
+        let tokenizer = served.cluster.model().tokenizer.clone();
         let stream = UnboundedReceiverStream::new(events).map(move |event| match event {
             Event::Delta(delta) => Ok(pb::GenerateResponse {
                 text: delta.text,
@@ -244,8 +242,8 @@ impl Realm for RealmService {
         request: Request<pb::TokenizeRequest>,
     ) -> std::result::Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
-        self.check_model(&req.model)?;
-        let token_ids = self
+        let served = self.models.get(&req.model)?;
+        let token_ids = served
             .cluster
             .model()
             .tokenizer
@@ -258,15 +256,13 @@ impl Realm for RealmService {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> std::result::Result<Response<pb::ListModelsResponse>, Status> {
-        let model = self.cluster.model();
         Ok(Response::new(pb::ListModelsResponse {
-            models: vec![pb::ModelInfo {
-                id: model.id.clone(),
-                architecture: model.identity.architecture.clone(),
-                n_layers: model.config.n_layers as u32,
-                context_length: model.config.context_length as u32,
-                plan: self.cluster.plan().to_string(),
-            }],
+            models: self
+                .models
+                .all()
+                .iter()
+                .map(|s| model_info(&s.cluster))
+                .collect(),
         }))
     }
 
@@ -274,50 +270,116 @@ impl Realm for RealmService {
         &self,
         _request: Request<pb::ListWorkersRequest>,
     ) -> std::result::Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self
-            .cluster
-            .worker_status()
-            .await
-            .into_iter()
-            .map(|(url, range, info)| match info {
-                Ok(info) => pb::WorkerStatus {
-                    url,
-                    layers: range.to_string(),
-                    reachable: true,
-                    error: String::new(),
-                    active_sessions: info.active_sessions,
-                    kv_cache_bytes: info.kv_cache_bytes,
-                    memory_available_bytes: info.memory_available_bytes,
-                    layer_manager: info.layer_manager,
-                    shard_cache: info.shard_cache,
-                },
+        let mut workers = Vec::new();
+        for served in self.models.all() {
+            let model = served.cluster.model();
+            let (id, digest) = (&model.id, &model.identity.header_sha256);
+            let statuses = served.cluster.worker_status().await;
+            workers.extend(statuses.into_iter().map(|(url, range, info)| match info {
+                Ok(info) => {
+                    let shard = info
+                        .shards
+                        .into_iter()
+                        .find(|s| s.model.as_ref().is_some_and(|m| &m.header_sha256 == digest))
+                        .unwrap_or_default();
+                    pb::WorkerStatus {
+                        url,
+                        layers: range.to_string(),
+                        reachable: true,
+                        error: String::new(),
+                        active_sessions: shard.active_sessions,
+                        kv_cache_bytes: shard.kv_cache_bytes,
+                        memory_available_bytes: info.memory_available_bytes,
+                        layer_manager: shard.layer_manager,
+                        shard_cache: info.shard_cache,
+                        model: id.clone(),
+                    }
+                }
                 Err(e) => pb::WorkerStatus {
                     url,
                     layers: range.to_string(),
                     reachable: false,
                     error: e.to_string(),
+                    model: id.clone(),
                     ..Default::default()
                 },
-            })
-            .collect();
+            }));
+        }
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 }
 
-/// Serves the client API (with health and reflection) for `cluster` on `listener` until
+/// The `Admin` service: adds and removes models while serving.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    models: Arc<Models>,
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn add_model(
+        &self,
+        request: Request<pb::AddModelRequest>,
+    ) -> std::result::Result<Response<pb::AddModelResponse>, Status> {
+        let req = request.into_inner();
+        if req.path.is_empty() {
+            return Err(Status::invalid_argument("the model's path is empty"));
+        }
+        let plan: PlanSpec = match req.plan.as_str() {
+            "" => PlanSpec::Auto,
+            spec => spec.parse()?,
+        };
+        info!(path = %req.path, plan = %plan, "adding a model");
+        let served = self
+            .models
+            .add(&PathBuf::from(&req.path), &plan)
+            .await
+            .inspect_err(|e| warn!(path = %req.path, error = %e, "cannot add the model"))?;
+        Ok(Response::new(pb::AddModelResponse {
+            model: Some(model_info(&served.cluster)),
+        }))
+    }
+
+    async fn remove_model(
+        &self,
+        request: Request<pb::RemoveModelRequest>,
+    ) -> std::result::Result<Response<pb::RemoveModelResponse>, Status> {
+        let req = request.into_inner();
+        info!(model = %req.model, "removing a model");
+        let ended = self.models.remove(&req.model).await?;
+        Ok(Response::new(pb::RemoveModelResponse {
+            streams_ended: u32::try_from(ended).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+/// Refuses every call: the admin API of a coordinator without a cluster token.
+#[derive(Debug, Clone, Copy)]
+struct Closed;
+
+impl tonic::service::Interceptor for Closed {
+    fn call(&mut self, _: Request<()>) -> std::result::Result<Request<()>, Status> {
+        Err(Status::permission_denied(
+            "the admin API needs the cluster token, and this coordinator has none: start it with \
+             REALM_CLUSTER_TOKEN (or --cluster-token)",
+        ))
+    }
+}
+
+/// Serves the client API (with health and reflection) for `models` on `listener` until
 /// `shutdown` resolves; generations in flight are then allowed to finish.
 pub async fn serve(
     listener: TcpListener,
-    cluster: Arc<Cluster>,
+    models: Arc<Models>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    serve_with(listener, cluster, ServiceOptions::default(), shutdown).await
+    serve_with(listener, models, ServiceOptions::default(), shutdown).await
 }
 
-/// As [`serve`], with API keys and admission limits.
+/// As [`serve`], with API keys, the admin API's token and TLS.
 pub async fn serve_with(
     listener: TcpListener,
-    cluster: Arc<Cluster>,
+    models: Arc<Models>,
     options: ServiceOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
@@ -334,7 +396,10 @@ pub async fn serve_with(
         .with_service_name(REFLECTION_SERVICE_NAME)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection service: {e}")))?;
-    let realm = RealmServer::new(RealmService::new(cluster, options.admission))
+    let admin = AdminServer::new(AdminService {
+        models: Arc::clone(&models),
+    });
+    let realm = RealmServer::new(RealmService::new(models))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Health and reflection stay open for probes and tools; the Realm service needs a key.
@@ -344,6 +409,21 @@ pub async fn serve_with(
         "realm --api-key, or REALM_API_KEY",
     );
     let realm = InterceptedService::new(realm, gate);
+    // The admin API takes the cluster token alone, never an API key.
+    let (admin_open, admin_closed) = match &options.admin_token {
+        Some(token) => (
+            Some(InterceptedService::new(
+                admin,
+                RequireBearer::new(
+                    std::slice::from_ref(token),
+                    "cluster token",
+                    "realm --cluster-token, or REALM_CLUSTER_TOKEN",
+                ),
+            )),
+            None,
+        ),
+        None => (None, Some(InterceptedService::new(admin, Closed))),
+    };
     info!(%addr, "serving the Realm API");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tonic::transport::Server::builder();
@@ -359,6 +439,8 @@ pub async fn serve_with(
         .add_service(health)
         .add_service(reflection)
         .add_service(realm)
+        .add_optional_service(admin_open)
+        .add_optional_service(admin_closed)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     if let Err(e) = &result {
@@ -478,15 +560,6 @@ mod tests {
             assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
             assert!(status.message().contains("top_logprobs"), "{status}");
         }
-    }
-
-    #[test]
-    fn unknown_models_are_not_found() {
-        assert!(check_model("", "smol").is_ok());
-        assert!(check_model("smol", "smol").is_ok());
-        let status = Status::from(check_model("gpt", "smol").unwrap_err());
-        assert_eq!(status.code(), Code::NotFound);
-        assert!(status.message().contains("`gpt`") && status.message().contains("`smol`"));
     }
 
     #[test]

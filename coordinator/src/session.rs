@@ -400,6 +400,7 @@ async fn end_on(workers: Vec<WorkerLink>, session: String, request_id: Option<Re
         let request = request_id::tagged(
             pb::EndSessionRequest {
                 session_id: session.clone(),
+                model: w.model.digest.to_string(),
             },
             request_id.as_ref(),
         );

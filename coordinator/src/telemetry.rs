@@ -2,7 +2,9 @@
 
 /// Names of the coordinator's metrics, as `/metrics` shows them.
 pub mod names {
-    /// Generation requests received, by `api` (`grpc`, `completions`, `chat`).
+    /// Generation requests received, by `api` (`grpc`, `completions`, `chat`) and `model`.
+    ///
+    /// Every series below but the shard ones carries the `model` label too.
     pub const REQUESTS: &str = "realm_requests_total";
     /// Generation requests refused or failed, by `api`.
     pub const REQUEST_ERRORS: &str = "realm_request_errors_total";
@@ -16,7 +18,8 @@ pub mod names {
     pub const TIME_TO_FIRST_TOKEN: &str = "realm_time_to_first_token_seconds";
     /// Between consecutive tokens of a generation.
     pub const INTER_TOKEN: &str = "realm_inter_token_seconds";
-    /// One worker's part of one step as the coordinator sees it (round trip), by `worker`.
+    /// One worker's part of one step as the coordinator sees it (round trip), by `worker` and
+    /// `model`.
     pub const WORKER_FORWARD: &str = "realm_worker_forward_seconds";
     /// Rows of one step (micro-batch): decode rows and prompt chunks of all its sessions.
     pub const STEP_ROWS: &str = "realm_step_rows";
@@ -86,14 +89,19 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Time to deliver a shard's wanted tensors to a worker"
     );
-    // Counters are shown from the start, at 0: a scraper sees every series before it moves.
+}
+
+/// Shows the series of a model served from the start, at 0: a scraper sees every series before
+/// it moves.
+pub fn register_model(model: &str) {
     for api in api::ALL {
-        metrics::counter!(names::REQUESTS, "api" => api).increment(0);
-        metrics::counter!(names::REQUEST_ERRORS, "api" => api).increment(0);
+        metrics::counter!(names::REQUESTS, "api" => api, "model" => model.to_string()).increment(0);
+        metrics::counter!(names::REQUEST_ERRORS, "api" => api, "model" => model.to_string())
+            .increment(0);
     }
-    metrics::counter!(names::PROMPT_TOKENS).increment(0);
-    metrics::counter!(names::GENERATED_TOKENS).increment(0);
-    metrics::gauge!(names::ACTIVE_SESSIONS).increment(0.0);
+    metrics::counter!(names::PROMPT_TOKENS, "model" => model.to_string()).increment(0);
+    metrics::counter!(names::GENERATED_TOKENS, "model" => model.to_string()).increment(0);
+    metrics::gauge!(names::ACTIVE_SESSIONS, "model" => model.to_string()).increment(0.0);
 }
 
 /// The `api` label's values: the gRPC API and the HTTP API's two generation endpoints.

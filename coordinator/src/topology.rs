@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::net::{connect_worker, normalize_url, MAX_MESSAGE_BYTES};
 use crate::plan::{Plan, PlanSpec};
 use crate::telemetry::names;
-use crate::transport::{Liveness, WorkerClients, WorkerLink, WorkerSummary};
+use crate::transport::{Liveness, ModelKey, WorkerClients, WorkerLink, WorkerSummary};
 
 /// Realm's release version, which workers must share.
 pub const REALM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -68,6 +68,8 @@ pub(crate) struct Workers {
     bearer: Bearer,
     tls: Option<ClientTls>,
     identity: ModelIdentity,
+    /// The model as the links name it.
+    key: ModelKey,
     /// The model, for workers that receive their layers.
     source: Arc<ShardSource>,
     n_layers: usize,
@@ -87,6 +89,7 @@ impl Workers {
     /// the layers of the model of `identity` by `plan` and assigns every worker its shard.
     pub async fn connect(
         source: Arc<ShardSource>,
+        model_id: &str,
         n_layers: usize,
         worker_urls: &[String],
         plan: &PlanSpec,
@@ -97,10 +100,15 @@ impl Workers {
         }
         let bearer = Bearer::new(options.token.as_ref());
         let tls = options.tls.as_ref();
+        let identity = source.identity().clone();
+        let key = ModelKey {
+            id: model_id.into(),
+            digest: identity.header_sha256.as_str().into(),
+        };
         let found = in_order(
             worker_urls
                 .iter()
-                .map(|raw| handshake(raw, bearer.clone(), tls)),
+                .map(|raw| handshake(raw, bearer.clone(), tls, &identity)),
         )
         .await
         .into_iter()
@@ -113,17 +121,20 @@ impl Workers {
                 });
             }
         }
-        let memory: Vec<u64> = found
-            .iter()
-            .map(|(_, s)| s.memory_available_bytes)
-            .collect();
+        let memory: Vec<u64> = found.iter().map(|(_, s)| s.room()).collect();
         let plan = Plan::from_spec(plan, n_layers, &memory)?;
-        let identity = source.identity().clone();
+        // Beside other models a worker may not have room for this one's layers.
+        if found.iter().any(|(_, s)| s.held_for_other_models > 0) {
+            for ((_, summary), range) in found.iter().zip(plan.ranges()) {
+                check_room(summary, &identity, n_layers, *range).map_err(Error::NoCapacity)?;
+            }
+        }
         info!(plan = %plan, workers = found.len(), model = %identity, "layers planned");
         let workers = assign_all(
             found.into_iter().zip(plan.ranges().iter().copied()),
             &source,
             &options.liveness,
+            &key,
         )
         .await?;
 
@@ -152,6 +163,7 @@ impl Workers {
             bearer,
             tls: options.tls,
             identity,
+            key,
             source,
             n_layers,
             liveness: options.liveness,
@@ -252,7 +264,10 @@ impl Workers {
                 .iter()
                 .filter(|url| !serving.contains(&url.as_str()) && !hung.contains(&url.as_str()))
                 .map(|url| {
-                    tokio::time::timeout(PROBE_TIMEOUT, handshake(url, self.bearer.clone(), tls))
+                    tokio::time::timeout(
+                        PROBE_TIMEOUT,
+                        handshake(url, self.bearer.clone(), tls, &self.identity),
+                    )
                 }),
         )
         .await
@@ -290,20 +305,12 @@ impl Workers {
             if left.is_empty() {
                 return Err(self.no_capacity("no worker is reachable"));
             }
-            let memory: Vec<u64> = left.iter().map(|(_, s)| s.memory_available_bytes).collect();
+            let memory: Vec<u64> = left.iter().map(|(_, s)| s.room()).collect();
             let plan =
                 Plan::auto(self.n_layers, &memory).map_err(|e| self.no_capacity(&e.to_string()))?;
-            let layer_bytes = self.identity.file_bytes / self.n_layers.max(1) as u64;
             for ((_, summary), range) in left.iter().zip(plan.ranges()) {
-                let needed = layer_bytes * range.len() as u64;
-                if needed > summary.memory_available_bytes {
-                    return Err(self.no_capacity(&format!(
-                        "worker {} has {} MiB available, layers {range} need about {} MiB",
-                        summary.url,
-                        summary.memory_available_bytes >> 20,
-                        needed >> 20
-                    )));
-                }
+                check_room(summary, &self.identity, self.n_layers, *range)
+                    .map_err(|problem| self.no_capacity(&problem))?;
             }
             left.into_iter()
                 .zip(plan.ranges().iter().copied())
@@ -322,13 +329,13 @@ impl Workers {
                     .map(|(w, _)| w.clone())
             })
             .collect();
-        let (source, liveness) = (&self.source, &self.liveness);
+        let (source, liveness, key) = (&self.source, &self.liveness, &self.key);
         let links = in_order(placed.into_iter().zip(kept).map(
             |(((clients, summary), range), kept)| async move {
                 match kept {
                     Some(link) => Ok(link),
                     None => {
-                        let link = WorkerLink::new(clients, summary, range, liveness);
+                        let link = WorkerLink::new(clients, summary, range, liveness, key);
                         assign(link, source).await
                     }
                 }
@@ -376,6 +383,29 @@ impl Workers {
         });
     }
 
+    /// Drops this model's shard on every worker of the topology in force (the model is no
+    /// longer served); a worker that does not answer frees it when it restarts.
+    pub async fn release(&self) {
+        let topology = self.current();
+        in_order(topology.workers.iter().map(|w| async move {
+            let mut client = w.client.clone();
+            let request = pb::ReleaseShardRequest {
+                model: w.model.digest.to_string(),
+            };
+            match tokio::time::timeout(PROBE_TIMEOUT, client.release_shard(request)).await {
+                Ok(Ok(reply)) => {
+                    let reply = reply.into_inner();
+                    info!(worker = %w.url, layers = %w.range, released = reply.released, sessions_ended = reply.sessions_ended, "shard released");
+                }
+                Ok(Err(status)) => {
+                    warn!(worker = %w.url, error = %crate::error::describe(&status), "cannot release the shard")
+                }
+                Err(_) => warn!(worker = %w.url, "releasing the shard timed out"),
+            }
+        }))
+        .await;
+    }
+
     fn no_capacity(&self, why: &str) -> Error {
         Error::NoCapacity(format!(
             "a worker was lost and its layers cannot be placed ({why}); start a worker at one of \
@@ -395,23 +425,31 @@ async fn assign_all(
     >,
     source: &Arc<ShardSource>,
     liveness: &Liveness,
+    key: &ModelKey,
 ) -> Result<Vec<WorkerLink>> {
     in_order(placed.map(|((clients, summary), range)| {
-        assign(WorkerLink::new(clients, summary, range, liveness), source)
+        assign(
+            WorkerLink::new(clients, summary, range, liveness, key),
+            source,
+        )
     }))
     .await
     .into_iter()
     .collect()
 }
 
-/// Whether `w` answers and still holds the layers it was given.
+/// Whether `w` answers and still holds the layers of its model it was given.
 async fn holds_shard(w: &WorkerLink) -> bool {
     let mut client = w.client.clone();
     match tokio::time::timeout(PROBE_TIMEOUT, client.info(pb::InfoRequest {})).await {
         Ok(Ok(reply)) => {
             let held = reply
                 .into_inner()
-                .shard
+                .shards
+                .into_iter()
+                .find(|s| {
+                    s.model.as_ref().map(|m| m.header_sha256.as_str()) == Some(&*w.model.digest)
+                })
                 .and_then(|s| s.layers)
                 .map(|r| (r.start as usize, r.end as usize));
             held == Some((w.range.start, w.range.end))
@@ -420,8 +458,53 @@ async fn holds_shard(w: &WorkerLink) -> bool {
     }
 }
 
-/// Connects to a worker and checks its versions.
-async fn handshake(raw_url: &str, bearer: Bearer, tls: Option<&ClientTls>) -> Result<Found> {
+/// Bytes a worker holds for the shards of models other than `identity`'s: each shard's weights,
+/// or its Memory64 budget when that is smaller.
+fn held_for_other_models(info: &pb::InfoResponse, identity: &ModelIdentity) -> u64 {
+    info.shards
+        .iter()
+        .filter(|s| {
+            s.model.as_ref().map(|m| m.header_sha256.as_str())
+                != Some(identity.header_sha256.as_str())
+        })
+        .map(|s| match &s.layer_manager {
+            Some(m) if m.budget_bytes > 0 => s.weight_bytes.min(m.budget_bytes),
+            _ => s.weight_bytes,
+        })
+        .fold(0, u64::saturating_add)
+}
+
+/// Refuses layers `range` of the model of `identity` (of `n_layers`) on a worker without room
+/// for them beside the other models it holds.
+fn check_room(
+    summary: &WorkerSummary,
+    identity: &ModelIdentity,
+    n_layers: usize,
+    range: realm_common::model::LayerRange,
+) -> std::result::Result<(), String> {
+    let layer_bytes = identity.file_bytes / n_layers.max(1) as u64;
+    let needed = layer_bytes * range.len() as u64;
+    if needed > summary.room() {
+        return Err(format!(
+            "worker {} has {} MiB available, {} MiB of it held for other models' layers; layers \
+             {range} of the {identity} need about {} MiB",
+            summary.url,
+            summary.memory_available_bytes >> 20,
+            summary.held_for_other_models >> 20,
+            needed >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// Connects to a worker and checks its versions; what it holds for models other than
+/// `identity`'s counts against its memory.
+async fn handshake(
+    raw_url: &str,
+    bearer: Bearer,
+    tls: Option<&ClientTls>,
+    identity: &ModelIdentity,
+) -> Result<Found> {
     let (url, channel) = connect_worker(raw_url, tls).await?;
     let clients = WorkerClients::new(channel, bearer, MAX_MESSAGE_BYTES);
     let mut client = clients.worker.clone();
@@ -455,11 +538,13 @@ async fn handshake(raw_url: &str, bearer: Bearer, tls: Option<&ClientTls>) -> Re
         }
     };
     check_versions(&url, &info)?;
+    let held_for_other_models = held_for_other_models(&info, identity);
     let summary = WorkerSummary {
         url: url.clone(),
         device: info.device,
         threads: info.threads,
         memory_available_bytes: info.memory_available_bytes,
+        held_for_other_models,
     };
     info!(
         worker = %summary.url,
@@ -593,6 +678,7 @@ async fn assign(mut link: WorkerLink, source: &Arc<ShardSource>) -> Result<Worke
     let held = reply
         .shard
         .as_ref()
+        .filter(|s| s.model.as_ref().map(|m| m.header_sha256.as_str()) == Some(&*link.model.digest))
         .and_then(|s| s.layers.as_ref())
         .map(|r| (r.start as usize, r.end as usize));
     if held != Some((link.range.start, link.range.end)) {
@@ -606,8 +692,13 @@ async fn assign(mut link: WorkerLink, source: &Arc<ShardSource>) -> Result<Worke
         (true, 0) => "cache",
         (true, _) => "delivered",
     };
-    metrics::counter!(names::SHARD_ASSIGNMENTS, "worker" => link.url.clone(), "source" => from)
-        .increment(1);
+    metrics::counter!(
+        names::SHARD_ASSIGNMENTS,
+        "worker" => link.url.clone(),
+        "model" => link.model.id.to_string(),
+        "source" => from
+    )
+    .increment(1);
     info!(
         worker = %link.url,
         layers = %link.range,

@@ -106,6 +106,26 @@ pub struct WorkerSummary {
     pub device: String,
     pub threads: u32,
     pub memory_available_bytes: u64,
+    /// Bytes the worker holds for other models' layers (each shard's weights, or its Memory64
+    /// budget when smaller): not available to this model's.
+    pub held_for_other_models: u64,
+}
+
+impl WorkerSummary {
+    /// Memory left for this model's layers: what the worker reports, less what it holds for
+    /// other models.
+    pub fn room(&self) -> u64 {
+        self.memory_available_bytes
+            .saturating_sub(self.held_for_other_models)
+    }
+}
+
+/// Which model a link's steps run: its id (the metrics' `model` label) and the digest of its
+/// GGUF header (how a worker serving several models tells them apart).
+#[derive(Debug, Clone)]
+pub(crate) struct ModelKey {
+    pub id: Arc<str>,
+    pub digest: Arc<str>,
 }
 
 /// One worker as the coordinator drives it: its client, its layers, and the state shared by the
@@ -118,6 +138,7 @@ pub(crate) struct WorkerLink {
     health: HealthRpc,
     pub range: LayerRange,
     pub summary: WorkerSummary,
+    pub model: ModelKey,
     step_timeout: Duration,
     /// This worker's series of the forward-latency histogram, looked up once rather than per hop.
     forward_latency: metrics::Histogram,
@@ -143,15 +164,20 @@ impl WorkerLink {
         summary: WorkerSummary,
         range: LayerRange,
         liveness: &Liveness,
+        model: &ModelKey,
     ) -> Self {
-        let forward_latency =
-            metrics::histogram!(names::WORKER_FORWARD, "worker" => summary.url.clone());
+        let forward_latency = metrics::histogram!(
+            names::WORKER_FORWARD,
+            "worker" => summary.url.clone(),
+            "model" => model.id.to_string()
+        );
         Self {
             url: summary.url.clone(),
             client: clients.worker,
             health: clients.health,
             range,
             summary,
+            model: model.clone(),
             step_timeout: liveness.step_timeout,
             forward_latency,
             streams: Arc::default(),
@@ -215,6 +241,7 @@ impl WorkerLink {
             hidden: Some(hidden),
             layers: Some(self.range.into()),
             sessions,
+            model: self.model.digest.to_string(),
         };
         // Created before the hung check: a check missed from here on wakes it.
         let hung = self.watch.hung.notified();

@@ -10,7 +10,7 @@ pub mod pb {
 }
 
 /// Version of the worker protocol; peers with different values refuse each other.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Encoded descriptor set of the services, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

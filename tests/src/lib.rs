@@ -1,6 +1,8 @@
 //! Shared helpers for Realm's end-to-end tests: where the models and fixtures are.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use realm_common::generate::{generate, Completion, GenerationParams};
 
 pub mod agreement;
 pub mod http;
@@ -29,6 +31,23 @@ pub fn model_path(file: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The greedy completion of the raw text `prompt` by the single-process model core: the output a
+/// distributed run must equal.
+pub fn single_process(model: &Path, prompt: &str, max_tokens: usize) -> Completion {
+    let file = realm_common::gguf::GgufFile::open(model).expect("the model file");
+    let tokenizer = realm_common::tokenizer::Tokenizer::from_gguf(&file).expect("its tokenizer");
+    let m =
+        realm_common::model::Model::load(&file, &candle_core::Device::Cpu).expect("its weights");
+    let params = GenerationParams {
+        max_tokens,
+        ..GenerationParams::default()
+    };
+    let ids = tokenizer
+        .encode(prompt, true, true)
+        .expect("the prompt's ids");
+    generate(&m, &tokenizer, ids, &params, |_| {}).expect("a completion")
 }
 
 pub fn fixture(name: &str) -> serde_json::Value {

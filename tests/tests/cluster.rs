@@ -449,7 +449,7 @@ async fn the_coordinator_serves_in_process_on_port_0() {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-    let config = ServerConfig::new(model.clone(), workers.urls().to_vec());
+    let config = ServerConfig::new(vec![model.clone()], workers.urls().to_vec());
     let (ready, planned) = tokio::sync::oneshot::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::run(
@@ -458,8 +458,8 @@ async fn the_coordinator_serves_in_process_on_port_0() {
             grpc,
             http: Some(http),
         },
-        move |cluster| {
-            let _ = ready.send(cluster.plan().to_string());
+        move |models: &realm_coordinator::Models| {
+            let _ = ready.send(models.get("").unwrap().cluster.plan().to_string());
         },
         async move {
             let _ = stopped.await;

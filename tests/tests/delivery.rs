@@ -7,14 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use realm_common::auth::{Bearer, Secret};
-use realm_common::generate::{generate, GenerationParams};
 use realm_common::gguf::GgufFile;
-use realm_common::model::{LayerRange, Model, ModelConfig};
+use realm_common::model::{LayerRange, ModelConfig};
 use realm_common::shard::{self, digest_tensors, ShardLayout};
 use realm_common::synthetic::{self, SyntheticDType, SyntheticSpec};
-use realm_common::tokenizer::Tokenizer;
 use realm_common::wire::ModelIdentity;
 use realm_proto::pb;
 use realm_proto::pb::realm_client::RealmClient;
@@ -105,7 +102,9 @@ fn realm_workers(coordinator: &Process) -> String {
 
 /// The layers a worker serves, as it reports them.
 async fn layers(w: &Process) -> LayerRange {
-    let r = info(w).await.shard.and_then(|s| s.layers).expect("a shard");
+    let shards = info(w).await.shards;
+    assert_eq!(shards.len(), 1, "{shards:?}");
+    let r = shards[0].layers.expect("a shard's layers");
     LayerRange::new(r.start as usize, r.end as usize).unwrap()
 }
 
@@ -141,17 +140,7 @@ async fn generate_ids(coordinator: &Process, mut victim: Option<&mut Process>) -
 
 /// Greedy ids of `PROMPT` by the single-process model core.
 fn single_process_ids(model: &Path) -> Vec<u32> {
-    let file = GgufFile::open(model).unwrap();
-    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
-    let m = Model::load(&file, &Device::Cpu).unwrap();
-    let params = GenerationParams {
-        max_tokens: STEPS,
-        ..GenerationParams::default()
-    };
-    let ids = tokenizer.encode(PROMPT, true, true).unwrap();
-    generate(&m, &tokenizer, ids, &params, |_| {})
-        .unwrap()
-        .tokens
+    single_process(model, PROMPT, STEPS).tokens
 }
 
 /// The files of a cache folder with extension `ext`.
@@ -246,8 +235,9 @@ async fn model_less_workers_give_gemma3_its_single_process_tokens() {
             &format!("realm_shard_bytes_sent_total{{worker=\"{url}\"}}"),
         );
         assert_eq!(sent, bytes as f64);
-        let delivered =
-            format!("realm_shard_assignments_total{{worker=\"{url}\",source=\"delivered\"}}");
+        let delivered = format!(
+            "realm_shard_assignments_total{{worker=\"{url}\",model=\"gemma-3-270m-q4_k_m\",source=\"delivered\"}}"
+        );
         assert_eq!(metric(&coordinator_metrics, &delivered), 1.0);
     }
 }

@@ -804,14 +804,20 @@ fn batched_streams_equal_each_stream_alone(
     // The steps carried many sessions each: sixteen decoding streams over a two-stage
     // pipeline make micro-batches of about eight.
     let moved = |series: &str| sample(&after, series) - sample_before(&before, series);
-    let steps = moved("realm_step_sessions_count");
-    let sessions = moved("realm_step_sessions_sum");
+    let id = model_file.trim_end_matches(".gguf");
+    let steps = moved(&format!(r#"realm_step_sessions_count{{model="{id}"}}"#));
+    let sessions = moved(&format!(r#"realm_step_sessions_sum{{model="{id}"}}"#));
     assert!(steps > 0.0, "{after}");
     assert!(
         sessions / steps > 4.0,
         "{sessions} sessions in {steps} steps\n{after}"
     );
-    assert!(moved("realm_queue_wait_seconds_count") >= 16.0, "{after}");
+    assert!(
+        moved(&format!(
+            r#"realm_queue_wait_seconds_count{{model="{id}"}}"#
+        )) >= 16.0,
+        "{after}"
+    );
     for (w, before) in cluster.workers.iter().zip(&workers_before) {
         let after = worker_metrics(w);
         let moved = |series: &str| sample(&after, series) - sample_before(before, series);
@@ -870,22 +876,38 @@ fn metrics_count_a_generation_exactly() {
     assert_eq!(generated, 6.0);
     let after = coordinator_metrics();
 
-    let moved = |series: &str| sample(&after, series) - sample_before(&before, series);
-    assert_eq!(moved(r#"realm_requests_total{api="completions"}"#), 1.0);
+    // Every series of a generation carries its model's name.
+    let moved = |series: &str| {
+        let series = series.replace("MODEL", r#"model="SmolLM2-135M-Instruct.Q4_1""#);
+        sample(&after, &series) - sample_before(&before, &series)
+    };
     assert_eq!(
-        moved(r#"realm_request_errors_total{api="completions"}"#),
+        moved(r#"realm_requests_total{api="completions",MODEL}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"realm_request_errors_total{api="completions",MODEL}"#),
         0.0
     );
-    assert_eq!(moved("realm_prompt_tokens_total"), prompt);
-    assert_eq!(moved("realm_generated_tokens_total"), generated);
-    assert_eq!(moved("realm_time_to_first_token_seconds_count"), 1.0);
-    assert_eq!(moved("realm_inter_token_seconds_count"), generated - 1.0);
-    assert!(moved("realm_time_to_first_token_seconds_sum") > 0.0);
-    assert_eq!(sample(&after, "realm_active_sessions"), 0.0);
+    assert_eq!(moved("realm_prompt_tokens_total{MODEL}"), prompt);
+    assert_eq!(moved("realm_generated_tokens_total{MODEL}"), generated);
+    assert_eq!(moved("realm_time_to_first_token_seconds_count{MODEL}"), 1.0);
+    assert_eq!(
+        moved("realm_inter_token_seconds_count{MODEL}"),
+        generated - 1.0
+    );
+    assert!(moved("realm_time_to_first_token_seconds_sum{MODEL}") > 0.0);
+    assert_eq!(
+        sample(
+            &after,
+            r#"realm_active_sessions{model="SmolLM2-135M-Instruct.Q4_1"}"#
+        ),
+        0.0
+    );
     // One step per generated token (the prefill yields the first), through each worker.
     for w in &cluster.workers {
         let series = format!(
-            r#"realm_worker_forward_seconds_count{{worker="http://{}"}}"#,
+            r#"realm_worker_forward_seconds_count{{worker="http://{}",MODEL}}"#,
             w.addr("listening")
         );
         assert_eq!(moved(&series), generated, "{series}\n{after}");

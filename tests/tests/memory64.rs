@@ -225,7 +225,7 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = realm_worker::WorkerConfig {
-        model: Some(path.clone()),
+        models: vec![path.clone()],
         cache_dir: None,
         threads: 2,
         idle_timeout: Duration::from_secs(300),
@@ -249,7 +249,7 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
 
     client.assign_shard(assign(0, 8)).await.expect("assign");
     let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
-    let stats = info.layer_manager.expect("layer manager stats");
+    let stats = info.shards[0].layer_manager.expect("layer manager stats");
     assert_eq!(stats.budget_bytes, 4 * layer);
     assert_eq!(stats.pinned_layers, 3);
     assert_eq!(stats.resident_bytes, 3 * layer);
@@ -272,6 +272,7 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
                     rows: tokens.len() as u32,
                     ..Default::default()
                 }],
+                ..Default::default()
             })
             .await
             .expect("forward")
@@ -285,7 +286,7 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
         );
     }
     let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
-    let stats = info.layer_manager.expect("layer manager stats");
+    let stats = info.shards[0].layer_manager.expect("layer manager stats");
     eprintln!("worker, budget 4 of 8 layers, prefetch 0: {stats:?}");
     // Per step: layers 0-2 hit, layers 3-7 miss through the one streaming slot.
     assert_eq!((stats.hits, stats.misses), (3 * 4, 5 * 4));
@@ -303,7 +304,7 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = realm_worker::WorkerConfig {
-        model: Some(path),
+        models: vec![path],
         cache_dir: None,
         threads: 2,
         idle_timeout: Duration::from_secs(300),

@@ -403,6 +403,7 @@ async fn oversize_worker_messages_are_refused() {
             rows: 1,
             ..Default::default()
         }],
+        ..Default::default()
     };
     let status = w.forward(request).await.unwrap_err();
     assert!(

@@ -105,6 +105,7 @@ fn batch(
         hidden: Some(hidden),
         layers: layers(range.0, range.1),
         sessions,
+        ..Default::default()
     }
 }
 
@@ -144,7 +145,7 @@ async fn start(idle_timeout: Duration) -> Running {
     let addr: SocketAddr = listener.local_addr().expect("address");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = realm_worker::WorkerConfig {
-        model: Some(model_path(SMOLLM2)),
+        models: vec![model_path(SMOLLM2)],
         cache_dir: None,
         threads: 2,
         idle_timeout,
@@ -198,6 +199,7 @@ impl Running {
         self.client
             .end_session(pb::EndSessionRequest {
                 session_id: session.to_string(),
+                ..Default::default()
             })
             .await
             .expect("end session")
@@ -228,7 +230,7 @@ async fn a_whole_model_shard_equals_the_in_process_model() {
     assert_eq!(info.device, "cpu");
     assert_eq!(info.threads, 2);
     assert!(info.memory_available_bytes > 0);
-    assert_eq!(info.shard, None);
+    assert!(info.shards.is_empty());
     assert_eq!((info.active_sessions, info.kv_cache_bytes), (0, 0));
 
     let n = r.config.n_layers as u32;
@@ -236,8 +238,13 @@ async fn a_whole_model_shard_equals_the_in_process_model() {
     let shard = pb::ShardInfo {
         model: Some(r.identity()),
         layers: layers(0, n),
+        ..Default::default()
     };
-    assert_eq!(assigned.shard.as_ref(), Some(&shard));
+    let held = assigned.shard.clone().expect("the shard loaded");
+    assert_eq!(
+        (held.model, held.layers),
+        (shard.model.clone(), shard.layers)
+    );
     let block_bytes: u64 = r
         .file
         .tensors
@@ -246,7 +253,12 @@ async fn a_whole_model_shard_equals_the_in_process_model() {
         .map(|t| t.size)
         .sum();
     assert_eq!(assigned.weight_bytes, block_bytes);
-    assert_eq!(w.info().await.shard, Some(shard));
+    let held = w.info().await.shards;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (&held[0].model, &held[0].layers, held[0].weight_bytes),
+        (&shard.model, &shard.layers, block_bytes)
+    );
 
     // A prefill of four tokens, then one decode step, each bit-identical to the in-process run.
     let expected = r.run(&r.shard, &[&TOKENS[..4], &TOKENS[4..5]]);
@@ -497,7 +509,8 @@ async fn ending_a_session_or_reassigning_frees_its_cache() {
     // A new shard starts with no sessions.
     w.assign(2, 4).await;
     let info = w.info().await;
-    assert_eq!(info.shard.and_then(|s| s.layers), layers(2, 4));
+    assert_eq!(info.shards.len(), 1);
+    assert_eq!(info.shards[0].layers, layers(2, 4));
     assert_eq!((info.active_sessions, info.kv_cache_bytes), (0, 0));
     assert!(!w.end("b").await);
     w.stop().await;
@@ -574,7 +587,7 @@ async fn malformed_requests_are_refused_and_the_worker_keeps_serving() {
         .await
         .expect_err("too many layers");
     assert_eq!(beyond.code(), Code::InvalidArgument, "{beyond:?}");
-    assert_eq!(w.info().await.shard, None);
+    assert!(w.info().await.shards.is_empty());
 
     w.assign(0, 2).await;
     w.forward(step("s", 0, x.clone(), (0, 2)))
@@ -760,7 +773,7 @@ async fn the_binary_announces_its_port_serves_and_stops_on_sigterm() {
         .into_inner();
     assert_eq!(info.protocol_version, PROTOCOL_VERSION);
     assert_eq!(info.threads, 1);
-    assert_eq!(info.shard, None);
+    assert!(info.shards.is_empty());
 
     let mut health = HealthClient::new(channel);
     for service in ["", "realm.v1.Worker"] {

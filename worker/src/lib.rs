@@ -59,8 +59,8 @@ const STATS_LOG_PERIOD: Duration = Duration::from_secs(30);
 /// How a worker is set up.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The worker's local copy of the GGUF file, if it has one.
-    pub model: Option<PathBuf>,
+    /// The worker's local copies of GGUF files, one per model it holds.
+    pub models: Vec<PathBuf>,
     /// Where shards delivered by the coordinator are kept, if anywhere: a worker without the
     /// model file receives its layers there.
     pub cache_dir: Option<PathBuf>,

@@ -34,10 +34,11 @@ struct Cli {
     /// Address to listen on (port 0 picks a free port; the bound address is printed on stdout).
     #[arg(long, env = "REALM_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// The worker's local copy of the GGUF model file (default: the project model, unless
-    /// --cache-dir is given).
-    #[arg(long, env = "REALM_MODEL")]
-    model: Option<PathBuf>,
+    /// A local copy of a GGUF model file; repeat it (or separate paths with commas in
+    /// REALM_MODEL) for several models (default: the project model, unless --cache-dir is
+    /// given).
+    #[arg(long, env = "REALM_MODEL", value_delimiter = ',')]
+    model: Vec<PathBuf>,
     /// Folder of the shard cache: a worker without the model file receives its layers from the
     /// coordinator and keeps them here (only its layers, checked, reused after a restart).
     #[arg(long, env = "REALM_CACHE_DIR", value_name = "DIR")]
@@ -113,12 +114,11 @@ fn main() -> anyhow::Result<()> {
         }
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let model = match (cli.model, &cli.cache_dir) {
-        (Some(model), _) => Some(model),
-        (None, Some(_)) => None,
-        (None, None) => Some(PathBuf::from(DEFAULT_MODEL)),
+    let models = match (cli.model, &cli.cache_dir) {
+        (models, None) if models.is_empty() => vec![PathBuf::from(DEFAULT_MODEL)],
+        (models, _) => models,
     };
-    if let Some(model) = model.as_ref().filter(|m| !m.exists()) {
+    if let Some(model) = models.iter().find(|m| !m.exists()) {
         anyhow::bail!(
             "model file {} not found (run deploy/fetch-models.sh to fetch the project models, \
              pass --model PATH, or give --cache-dir DIR to receive the layers from the \
@@ -146,7 +146,7 @@ fn main() -> anyhow::Result<()> {
         tls,
     };
     let config = WorkerConfig {
-        model,
+        models,
         cache_dir: cli.cache_dir,
         threads,
         idle_timeout: Duration::from_secs(cli.idle_timeout_secs),

@@ -36,25 +36,26 @@ use crate::WorkerConfig;
 /// The only device this worker computes on, for now.
 const DEVICE: &str = "cpu";
 
-/// Everything the worker holds: where it finds layers (its model file, its shard cache) and,
-/// once assigned, a shard and its sessions.
+/// Everything the worker holds: where it finds layers (its model files, its shard cache) and,
+/// once assigned, a shard of each model it serves and the sessions of each.
 #[derive(Debug)]
 pub(crate) struct WorkerState {
-    /// The worker's own copy of a model file (`--model`).
-    local: Option<LocalModel>,
+    /// The worker's own copies of model files (`--model`).
+    local: Vec<LocalModel>,
     /// Shards delivered by the coordinator (`--cache-dir`).
     cache: Option<Arc<ShardCache>>,
     threads: usize,
     /// How the layer manager of every assigned shard may use memory.
     budget: LayerBudget,
-    /// The layer manager's access count when its stats were last logged.
+    /// The layer managers' access count when their stats were last logged.
     logged_accesses: AtomicU64,
-    /// The shard and its sessions, replaced as one: a step in flight keeps the shard it started
-    /// on alive, and sessions never outlive the weights they were computed with.
-    loaded: RwLock<Option<Arc<Loaded>>>,
+    /// One shard per model, in the order assigned, each with its sessions and replaced as one: a
+    /// step in flight keeps the shard it started on alive, and sessions never outlive the
+    /// weights they were computed with.
+    loaded: RwLock<Vec<Arc<Loaded>>>,
     /// Serialises shard assignments and deliveries, so two never write or load at once.
     assigning: tokio::sync::Mutex<()>,
-    /// Bound on the bytes all sessions' KV caches may hold together.
+    /// Bound on the bytes all sessions' KV caches may hold together, of every model.
     max_kv_bytes: Option<u64>,
     /// Set when the worker serves `/metrics`.
     metrics: Option<WorkerMetrics>,
@@ -107,16 +108,25 @@ impl WorkerState {
     /// weights.
     pub fn open(worker: &WorkerConfig, max_kv_bytes: Option<u64>) -> anyhow::Result<Self> {
         use anyhow::Context;
-        if worker.model.is_none() && worker.cache_dir.is_none() {
+        if worker.models.is_empty() && worker.cache_dir.is_none() {
             anyhow::bail!("a worker needs a model file (--model) or a shard cache (--cache-dir)");
         }
-        let local = worker
-            .model
-            .as_deref()
-            .map(|path| {
-                LocalModel::open(path).with_context(|| format!("cannot serve {}", path.display()))
-            })
-            .transpose()?;
+        let mut local: Vec<LocalModel> = Vec::with_capacity(worker.models.len());
+        for path in &worker.models {
+            let model = LocalModel::open(path)
+                .with_context(|| format!("cannot serve {}", path.display()))?;
+            if let Some(twin) = local
+                .iter()
+                .find(|m| m.identity.same_model(&model.identity))
+            {
+                anyhow::bail!(
+                    "{} and {} are the same model: give each model once",
+                    twin.file.path().display(),
+                    path.display()
+                );
+            }
+            local.push(model);
+        }
         let cache = worker
             .cache_dir
             .as_deref()
@@ -131,7 +141,7 @@ impl WorkerState {
                 prefetch: worker.prefetch,
             },
             logged_accesses: AtomicU64::new(0),
-            loaded: RwLock::new(None),
+            loaded: RwLock::new(Vec::new()),
             assigning: tokio::sync::Mutex::new(()),
             metrics: None,
             max_kv_bytes,
@@ -142,17 +152,13 @@ impl WorkerState {
     pub fn describe(&self) -> String {
         let local = self
             .local
-            .as_ref()
+            .iter()
             .map(|m| format!("{} ({})", m.file.path().display(), m.identity));
         let cache = self
             .cache
             .as_ref()
             .map(|c| format!("shard cache {}", c.dir().display()));
-        [local, cache]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(", ")
+        local.chain(cache).collect::<Vec<_>>().join(", ")
     }
 
     pub fn cache(&self) -> Option<&ShardCache> {
@@ -169,19 +175,25 @@ impl WorkerState {
         self.metrics.as_ref()
     }
 
+    /// Every model's shard summed: sessions, KV bytes, layers and the layer managers' counters.
     pub fn snapshot(&self) -> Snapshot {
-        let Some(loaded) = self.loaded() else {
-            return Snapshot::default();
-        };
-        Snapshot {
-            active_sessions: loaded.sessions.len(),
-            kv_cache_bytes: loaded.sessions.kv_bytes(),
-            shard_layers: loaded.shard.range().len(),
-            layer_stats: loaded.shard.layer_stats(),
+        let mut now = Snapshot::default();
+        for loaded in self.all_loaded() {
+            now.active_sessions += loaded.sessions.len();
+            now.kv_cache_bytes += loaded.sessions.kv_bytes();
+            now.shard_layers += loaded.shard.range().len();
+            if let Some(s) = loaded.shard.layer_stats() {
+                now.layer_stats = Some(match now.layer_stats {
+                    Some(sum) => sum.plus(&s),
+                    None => s,
+                });
+            }
         }
+        now
     }
 
-    fn loaded(&self) -> Option<Arc<Loaded>> {
+    /// Every shard held, in the order assigned.
+    fn all_loaded(&self) -> Vec<Arc<Loaded>> {
         // Nothing panics while holding this lock; a poisoned one still holds a valid value.
         self.loaded
             .read()
@@ -189,14 +201,47 @@ impl WorkerState {
             .clone()
     }
 
-    fn replace_loaded(&self, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
-        let mut loaded = self.loaded.write().unwrap_or_else(PoisonError::into_inner);
-        std::mem::replace(&mut *loaded, new)
+    /// The shard of the model whose header digest is `model`; an empty `model` names the only
+    /// shard held, if the worker holds exactly one.
+    fn loaded(&self, model: &str) -> Result<Arc<Loaded>, Status> {
+        let all = self.loaded.read().unwrap_or_else(PoisonError::into_inner);
+        if model.is_empty() {
+            return match all.as_slice() {
+                [only] => Ok(Arc::clone(only)),
+                [] => Err(no_shard()),
+                several => Err(Status::invalid_argument(format!(
+                    "this worker holds shards of {} models: the request must name its model",
+                    several.len()
+                ))),
+            };
+        }
+        all.iter()
+            .find(|l| l.identity.header_sha256 == model)
+            .cloned()
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "this worker holds no shard of model {model} (none assigned, it was released, \
+                     or one is loading): AssignShard first"
+                ))
+            })
     }
 
-    /// Frees the current shard's sessions idle for longer than `timeout`.
+    /// Takes the shard of `identity`'s model out, if one is held.
+    fn take_loaded(&self, identity: &ModelIdentity) -> Option<Arc<Loaded>> {
+        let mut all = self.loaded.write().unwrap_or_else(PoisonError::into_inner);
+        let at = all.iter().position(|l| l.identity.same_model(identity))?;
+        Some(all.remove(at))
+    }
+
+    fn put_loaded(&self, loaded: Arc<Loaded>) {
+        let mut all = self.loaded.write().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|l| !l.identity.same_model(&loaded.identity));
+        all.push(loaded);
+    }
+
+    /// Frees the sessions of every shard idle for longer than `timeout`.
     pub fn expire_idle(&self, timeout: Duration) {
-        if let Some(loaded) = self.loaded() {
+        for loaded in self.all_loaded() {
             let expired = loaded.sessions.expire_idle(timeout);
             if expired > 0 {
                 debug!(expired, remaining = loaded.sessions.len(), "idle sweep");
@@ -204,24 +249,55 @@ impl WorkerState {
         }
     }
 
-    /// Logs the layer manager's counters if steps ran since they were last logged.
+    /// Logs the layer managers' counters if steps ran since they were last logged.
     pub fn log_layer_stats(&self) {
-        let Some(loaded) = self.loaded() else { return };
-        let Some(stats) = loaded.shard.layer_stats() else {
-            return;
-        };
-        let accesses = stats.accesses();
+        let managed: Vec<(Arc<Loaded>, LayerStats)> = self
+            .all_loaded()
+            .into_iter()
+            .filter_map(|l| l.shard.layer_stats().map(|s| (l, s)))
+            .collect();
+        let accesses = managed.iter().map(|(_, s)| s.accesses()).sum();
         if self.logged_accesses.swap(accesses, Ordering::Relaxed) != accesses {
-            log_stats(loaded.shard.range(), &stats, "layer manager");
+            for (loaded, stats) in &managed {
+                log_stats(loaded.shard.range(), stats, "layer manager");
+            }
         }
+    }
+
+    /// Drops the shard of `identity`'s model and its sessions (steps still in flight on it keep
+    /// it alive until they end); the number of sessions it held, if it was held.
+    fn drop_shard(&self, identity: &ModelIdentity, why: &'static str) -> Option<usize> {
+        let previous = self.take_loaded(identity)?;
+        if let Some(stats) = previous.shard.layer_stats() {
+            log_stats(
+                previous.shard.range(),
+                &stats,
+                "layer manager of the dropped shard",
+            );
+        }
+        let sessions = previous.sessions.len();
+        info!(
+            model = %previous.identity,
+            layers = %previous.shard.range(),
+            sessions,
+            "{why}"
+        );
+        Some(sessions)
     }
 }
 
 impl Loaded {
-    fn shard_info(&self) -> pb::ShardInfo {
+    fn shard_info(&self, prefetch: usize) -> pb::ShardInfo {
         pb::ShardInfo {
             model: Some(pb::ModelIdentity::from(&self.identity)),
             layers: Some(pb::LayerRange::from(self.shard.range())),
+            weight_bytes: self.weight_bytes(),
+            active_sessions: u32::try_from(self.sessions.len()).unwrap_or(u32::MAX),
+            kv_cache_bytes: self.sessions.kv_bytes(),
+            layer_manager: self
+                .shard
+                .layer_stats()
+                .map(|stats| stats_to_wire(&stats, prefetch)),
         }
     }
 
@@ -255,17 +331,16 @@ impl Loaded {
 
 impl WorkerState {
     /// Refuses a session whose step would take the KV caches past the worker's bound, with
-    /// `needed` bytes more for this step (its own and those of the sessions before it).
-    fn check_kv_room(&self, loaded: &Loaded, needed: u64) -> Result<(), Status> {
+    /// `needed` bytes more for this step (its own and those of the sessions before it); the
+    /// caches of every model's sessions count.
+    fn check_kv_room(&self, held: u64, sessions: usize, needed: u64) -> Result<(), Status> {
         let Some(max) = self.max_kv_bytes else {
             return Ok(());
         };
-        let held = loaded.sessions.kv_bytes();
         if held.saturating_add(needed) > max {
             return Err(Status::resource_exhausted(format!(
-                "KV cache memory is full: {held} of {max} bytes held by {} sessions, this step \
-                 needs {needed} more; retry when sessions end, or raise --max-kv-memory",
-                loaded.sessions.len()
+                "KV cache memory is full: {held} of {max} bytes held by {sessions} sessions, this \
+                 step needs {needed} more; retry when sessions end, or raise --max-kv-memory"
             )));
         }
         Ok(())
@@ -409,22 +484,20 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         _request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        let loaded = self.state.loaded();
+        let shards = self.state.all_loaded();
         Ok(Response::new(pb::InfoResponse {
             realm_version: env!("CARGO_PKG_VERSION").to_string(),
             protocol_version: PROTOCOL_VERSION,
             device: DEVICE.to_string(),
             threads: u32::try_from(self.state.threads).unwrap_or(u32::MAX),
             memory_available_bytes: system::memory_available_bytes(),
-            shard: loaded.as_ref().map(|l| l.shard_info()),
-            active_sessions: loaded
-                .as_ref()
-                .map_or(0, |l| u32::try_from(l.sessions.len()).unwrap_or(u32::MAX)),
-            kv_cache_bytes: loaded.as_ref().map_or(0, |l| l.sessions.kv_bytes()),
-            layer_manager: loaded
-                .as_ref()
-                .and_then(|l| l.shard.layer_stats())
-                .map(|stats| stats_to_wire(&stats, self.state.budget.prefetch)),
+            active_sessions: u32::try_from(shards.iter().map(|l| l.sessions.len()).sum::<usize>())
+                .unwrap_or(u32::MAX),
+            kv_cache_bytes: shards.iter().map(|l| l.sessions.kv_bytes()).sum(),
+            shards: shards
+                .iter()
+                .map(|l| l.shard_info(self.state.budget.prefetch))
+                .collect(),
             shard_cache: self.state.cache().map(|c| {
                 let n = |v: &AtomicU64| v.load(Ordering::Relaxed);
                 let k = &c.counters;
@@ -482,10 +555,7 @@ impl pb::worker_server::Worker for WorkerService {
         let _assigning = state.assigning.lock().await;
         // Where the layers come from: the worker's model file if it is that model, else the
         // shard cache, which may want tensors delivered first.
-        let local = state
-            .local
-            .as_ref()
-            .filter(|m| m.identity.same_model(&theirs));
+        let local = state.local.iter().find(|m| m.identity.same_model(&theirs));
         let (file, config, identity, from_cache) = match (local, &state.cache) {
             (Some(m), _) => (m.file.clone(), m.config.clone(), m.identity.clone(), false),
             (None, Some(cache)) => {
@@ -518,37 +588,25 @@ impl pb::worker_server::Worker for WorkerService {
                 (file, config, identity, true)
             }
             (None, None) => {
-                let ours = state.local.as_ref().map(|m| &m.identity);
-                let ours = ours.map_or_else(String::new, ToString::to_string);
+                let ours = state
+                    .local
+                    .iter()
+                    .map(|m| format!("{} is {}", m.file.path().display(), m.identity))
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 warn!(ours = %ours, theirs = %theirs, "refused a shard of another model");
                 return Err(Status::failed_precondition(format!(
-                    "model mismatch: this worker's file {} is {ours}, the coordinator holds \
-                     {theirs} (give the worker --cache-dir to receive the layers instead)",
-                    state
-                        .local
-                        .as_ref()
-                        .map(|m| m.file.path().display().to_string())
-                        .unwrap_or_default(),
+                    "model mismatch: the coordinator holds {theirs}, and none of this worker's \
+                     model files is that model ({ours}); give the worker that file with --model, \
+                     or --cache-dir to receive the layers"
                 )));
             }
         };
 
-        // Free the previous shard and its sessions before loading the next, so the worker never
-        // needs room for both (steps still in flight on it keep it alive until they end).
-        if let Some(previous) = state.replace_loaded(None) {
-            if let Some(stats) = previous.shard.layer_stats() {
-                log_stats(
-                    previous.shard.range(),
-                    &stats,
-                    "layer manager of the dropped shard",
-                );
-            }
-            info!(
-                layers = %previous.shard.range(),
-                sessions = previous.sessions.len(),
-                "dropped shard"
-            );
-        }
+        // Free this model's previous shard and its sessions before loading the next, so the
+        // worker never needs room for both (steps still in flight on it keep it alive until they
+        // end). Other models' shards are not touched.
+        state.drop_shard(&identity, "dropped shard");
         let started = Instant::now();
         let budget = state.budget;
         let (load_file, load_config) = (file.clone(), config.clone());
@@ -572,9 +630,10 @@ impl pb::worker_server::Worker for WorkerService {
             identity,
         });
         let weight_bytes = loaded.weight_bytes();
-        let shard_info = loaded.shard_info();
-        state.replace_loaded(Some(loaded));
+        let shard_info = loaded.shard_info(state.budget.prefetch);
+        state.put_loaded(loaded);
         info!(
+            model = %identity_of(&shard_info),
             layers = %range,
             ms = load_ms,
             weight_bytes,
@@ -730,14 +789,41 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         request: Request<pb::EndSessionRequest>,
     ) -> Result<Response<pb::EndSessionResponse>, Status> {
-        let id = request.into_inner().session_id;
+        let request = request.into_inner();
+        let id = request.session_id;
+        // A session of a model no longer held ended with its shard.
         let ended = self
             .state
-            .loaded()
-            .is_some_and(|loaded| loaded.sessions.end(&id));
+            .loaded(&request.model)
+            .is_ok_and(|loaded| loaded.sessions.end(&id));
         debug!(session = %id, ended, "end session");
         Ok(Response::new(pb::EndSessionResponse { ended }))
     }
+
+    async fn release_shard(
+        &self,
+        request: Request<pb::ReleaseShardRequest>,
+    ) -> Result<Response<pb::ReleaseShardResponse>, Status> {
+        let model = request.into_inner().model;
+        if model.is_empty() {
+            return Err(refused(
+                "ReleaseShard",
+                Status::invalid_argument("name the model whose shard to release"),
+            ));
+        }
+        let _assigning = self.state.assigning.lock().await;
+        let held = self.state.loaded(&model).ok();
+        let ended = held.and_then(|l| self.state.drop_shard(&l.identity, "released shard"));
+        Ok(Response::new(pb::ReleaseShardResponse {
+            released: ended.is_some(),
+            sessions_ended: ended.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+        }))
+    }
+}
+
+/// The model a shard's description names, for the logs.
+fn identity_of(shard: &pb::ShardInfo) -> String {
+    ModelIdentity::try_from(shard.model.as_ref()).map_or_else(|e| e.to_string(), |m| m.to_string())
 }
 
 fn log_stats(range: LayerRange, s: &LayerStats, message: &'static str) {
@@ -818,7 +904,7 @@ impl WorkerService {
     /// alone.
     async fn prepare_step(&self, request: pb::ForwardRequest) -> Result<PreparedStep, Status> {
         let state = &self.state;
-        let loaded = state.loaded().ok_or_else(no_shard)?;
+        let loaded = state.loaded(&request.model)?;
         let layers = LayerRange::try_from(request.layers.as_ref())?;
         if layers != loaded.shard.range() {
             return Err(Status::invalid_argument(format!(
@@ -847,13 +933,22 @@ impl WorkerService {
                 }),
             });
         };
-        // The KV bound admits sessions in order while their new tokens fit.
+        // The KV bound admits sessions in order while their new tokens fit, beside every
+        // model's sessions.
+        let (held, held_sessions) = state
+            .all_loaded()
+            .iter()
+            .fold((0u64, 0usize), |(bytes, n), l| {
+                (bytes + l.sessions.kv_bytes(), n + l.sessions.len())
+            });
         let mut admitted = Vec::with_capacity(parts.len());
         let mut needed = 0;
         for part in parts {
             let checked = loaded.check_fits(part.position, part.rows).and_then(|()| {
                 let more = loaded.kv_bytes_for(part.rows);
-                state.check_kv_room(&loaded, needed + more).map(|()| more)
+                state
+                    .check_kv_room(held, held_sessions, needed + more)
+                    .map(|()| more)
             });
             match checked {
                 Ok(more) => {

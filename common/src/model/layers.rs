@@ -96,6 +96,24 @@ impl LayerStats {
     pub fn accesses(&self) -> u64 {
         self.hits + self.misses + self.prefetch_hits + self.waits
     }
+
+    /// The counters of two layer managers together (a worker serving several models).
+    pub fn plus(&self, other: &Self) -> Self {
+        Self {
+            hits: self.hits + other.hits,
+            misses: self.misses + other.misses,
+            prefetch_hits: self.prefetch_hits + other.prefetch_hits,
+            waits: self.waits + other.waits,
+            evictions: self.evictions + other.evictions,
+            prefetches: self.prefetches + other.prefetches,
+            loads: self.loads + other.loads,
+            load_us: self.load_us + other.load_us,
+            resident_bytes: self.resident_bytes + other.resident_bytes,
+            resident_layers: self.resident_layers + other.resident_layers,
+            pinned_layers: self.pinned_layers + other.pinned_layers,
+            budget_bytes: self.budget_bytes + other.budget_bytes,
+        }
+    }
 }
 
 /// The shard's layers, loaded and evicted within a budget. See the module documentation.

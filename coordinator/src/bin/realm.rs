@@ -1,5 +1,6 @@
 //! `realm`: the command-line client of a Realm coordinator. Streams completions to stdout (only
-//! the completion; the usage line goes to stderr), tokenizes text and lists the served models.
+//! the completion; the usage line goes to stderr), tokenizes text, lists the served models and,
+//! with the cluster token, adds and removes models while the coordinator serves.
 //! `realm health` checks any Realm server's gRPC health, for container health checks.
 //! A server error is printed as its gRPC status code and message, with exit status 1.
 
@@ -9,11 +10,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use realm_common::auth::{Bearer, Secret, API_KEY_ENV};
+use realm_common::auth::{Bearer, Secret, API_KEY_ENV, CLUSTER_TOKEN_ENV};
 use realm_common::tls::ClientTls;
 use realm_coordinator::load::Client;
 use realm_coordinator::net::{error_chain, normalize_url, secure_endpoint, MAX_MESSAGE_BYTES};
 use realm_proto::pb;
+use realm_proto::pb::admin_client::AdminClient;
 use realm_proto::pb::realm_client::RealmClient;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -47,8 +49,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(TokenizeArgs),
-    /// List the models the coordinator serves.
-    Models,
+    /// List the models the coordinator serves; `add` and `remove` change them while it serves
+    /// (with the cluster token).
+    Models(ModelsArgs),
     /// Show each worker: its layers, sessions, KV memory and layer-manager counters.
     Workers,
     /// Ask a coordinator or worker for its gRPC health (grpc.health.v1); exit 0 when serving,
@@ -56,6 +59,33 @@ enum Command {
     Health(HealthArgs),
     /// Load test: concurrent streaming clients for a bounded time and request count.
     Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct ModelsArgs {
+    /// The cluster token the coordinator was started with, for `add` and `remove`.
+    #[arg(long, env = CLUSTER_TOKEN_ENV, hide_env_values = true)]
+    cluster_token: Option<Secret>,
+    #[command(subcommand)]
+    change: Option<ModelChange>,
+}
+
+#[derive(Subcommand)]
+enum ModelChange {
+    /// Serve one more model: a GGUF file on the coordinator's machine, planned over the workers
+    /// beside the models they hold.
+    Add {
+        /// The file's path, as the coordinator's machine sees it.
+        path: String,
+        /// Layer placement: `auto`, or inclusive ranges in worker order, e.g. 0-14,15-29.
+        #[arg(long, default_value = "auto")]
+        plan: String,
+    },
+    /// Stop serving a model: its running streams end, the workers free its layers.
+    Remove {
+        /// The model's id, as `realm models` lists it.
+        model: String,
+    },
 }
 
 #[derive(Args)]
@@ -72,6 +102,9 @@ struct LoadArgs {
     /// Tokens generated per request (greedy).
     #[arg(long, default_value_t = 16)]
     max_tokens: u32,
+    /// Model id (default: the coordinator's only model).
+    #[arg(long, default_value = "")]
+    model: String,
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -188,7 +221,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Generate(args) => generate(connect().await?, args).await,
         Command::Tokenize(args) => tokenize(connect().await?, args).await,
-        Command::Models => models(connect().await?).await,
+        Command::Models(ModelsArgs { change: None, .. }) => models(connect().await?).await,
+        Command::Models(ModelsArgs {
+            change: Some(change),
+            cluster_token,
+        }) => change_models(coordinator, ca, cluster_token, change).await,
         Command::Workers => workers(connect().await?).await,
         Command::Load(args) => load(connect().await?, args).await,
         Command::Health(args) => health(coordinator, ca, args).await,
@@ -322,6 +359,7 @@ async fn load(client: Client, args: LoadArgs) -> Result<(), Failure> {
         duration: std::time::Duration::from_secs(args.duration_secs),
         max_requests: args.max_requests,
         max_tokens: args.max_tokens,
+        model: args.model,
     };
     let report = realm_coordinator::load::run(client, &config).await;
     if args.json {
@@ -373,13 +411,70 @@ async fn models(mut client: Client) -> Result<(), Failure> {
     Ok(())
 }
 
+async fn change_models(
+    coordinator: &str,
+    ca: Option<&Path>,
+    token: Option<Secret>,
+    change: ModelChange,
+) -> Result<(), Failure> {
+    let token = token.ok_or_else(|| {
+        Failure(format!(
+            "adding and removing models needs the cluster token: give --cluster-token or set \
+             {CLUSTER_TOKEN_ENV}"
+        ))
+    })?;
+    let channel = open_channel(coordinator, "coordinator", ca).await?;
+    let mut admin = AdminClient::with_interceptor(channel, Bearer::new(Some(&token)));
+    let mut stdout = std::io::stdout().lock();
+    match change {
+        ModelChange::Add { path, plan } => {
+            let plan = if plan == "auto" { String::new() } else { plan };
+            let m = admin
+                .add_model(pb::AddModelRequest { path, plan })
+                .await?
+                .into_inner()
+                .model
+                .unwrap_or_default();
+            writeln!(
+                stdout,
+                "added {}\t{}\t{} layers\tcontext {}\tplan {}",
+                m.id, m.architecture, m.n_layers, m.context_length, m.plan
+            )?;
+        }
+        ModelChange::Remove { model } => {
+            let reply = admin
+                .remove_model(pb::RemoveModelRequest {
+                    model: model.clone(),
+                })
+                .await?
+                .into_inner();
+            writeln!(
+                stdout,
+                "removed {model}\t{} running streams ended",
+                reply.streams_ended
+            )?;
+        }
+    }
+    Ok(())
+}
+
 async fn workers(mut client: Client) -> Result<(), Failure> {
     let reply = client
         .list_workers(pb::ListWorkersRequest {})
         .await?
         .into_inner();
     let mut stdout = std::io::stdout().lock();
+    // A coordinator serving several models lists each model's workers under its name.
+    let several = reply
+        .workers
+        .iter()
+        .any(|w| w.model != reply.workers[0].model);
+    let mut model = None;
     for w in reply.workers {
+        if several && model.as_ref() != Some(&w.model) {
+            writeln!(stdout, "{}:", w.model)?;
+            model = Some(w.model.clone());
+        }
         if !w.reachable {
             writeln!(
                 stdout,
