@@ -31,8 +31,9 @@ fn start_worker(args: &[&str]) -> Process {
     process::start("realm-worker", &all, &WITH_TOKEN)
 }
 
-/// `realm-coordinator serve` of `models` over `workers`, with the HTTP API and the cluster token.
-fn start_coordinator(models: &[&Path], workers: &[&Process]) -> Process {
+/// `realm-coordinator serve` of `models` over `workers`, with the HTTP API and the cluster token,
+/// then `extra`.
+fn start_coordinator(models: &[&Path], workers: &[&Process], extra: &[&str]) -> Process {
     let mut args = vec![
         "serve".to_string(),
         "--listen".into(),
@@ -48,6 +49,7 @@ fn start_coordinator(models: &[&Path], workers: &[&Process]) -> Process {
         args.push("--worker".into());
         args.push(w.url());
     }
+    args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     process::start("realm-coordinator", &args, &WITH_TOKEN)
 }
@@ -112,9 +114,19 @@ async fn stream(
     model: &str,
     max_tokens: usize,
 ) -> Result<(Vec<u32>, String), tonic::Status> {
-    let mut stream = client(c)
+    stream_at(c.url(), model.to_string(), max_tokens).await
+}
+
+/// As [`stream`], from the coordinator at `url` (for a task of its own).
+async fn stream_at(
+    url: String,
+    model: String,
+    max_tokens: usize,
+) -> Result<(Vec<u32>, String), tonic::Status> {
+    let mut stream = RealmClient::connect(url)
         .await
-        .generate(request(model, max_tokens))
+        .unwrap()
+        .generate(request(&model, max_tokens))
         .await?
         .into_inner();
     let (mut ids, mut text) = (Vec::new(), String::new());
@@ -173,8 +185,11 @@ async fn one_coordinator_serves_smollm2_and_gemma3_over_the_same_workers() {
         "--model",
         gemma.to_str().unwrap(),
     ]);
-    let b = start_worker(&["--cache-dir", cache.path().to_str().unwrap()]);
-    let coordinator = start_coordinator(&[&smol, &gemma], &[&a, &b]);
+    let mut b = start_worker(&["--cache-dir", cache.path().to_str().unwrap()]);
+    let standby_cache = tempfile::tempdir().unwrap();
+    let standby = start_worker(&["--cache-dir", standby_cache.path().to_str().unwrap()]);
+    let coordinator =
+        start_coordinator(&[&smol, &gemma], &[&a, &b], &["--standby", &standby.url()]);
     let http_url = format!("http://{}", coordinator.served("HTTP"));
 
     // Both are listed, with their architectures and plans.
@@ -216,17 +231,7 @@ async fn one_coordinator_serves_smollm2_and_gemma3_over_the_same_workers() {
             };
             let addr = coordinator.url();
             tokio::spawn(async move {
-                let mut c = RealmClient::connect(addr).await.unwrap();
-                let mut s = c
-                    .generate(request(&model, STEPS))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let (mut ids, mut text) = (Vec::new(), String::new());
-                while let Some(m) = s.message().await.unwrap() {
-                    ids.extend(m.token_ids);
-                    text.push_str(&m.text);
-                }
+                let (ids, text) = stream_at(addr, model.clone(), STEPS).await.unwrap();
                 (model, ids, text)
             })
         })
@@ -279,11 +284,57 @@ async fn one_coordinator_serves_smollm2_and_gemma3_over_the_same_workers() {
         );
         assert_eq!(generated, n as f64, "{id}");
     }
+
+    // A worker lost while both models stream: each model moves its layers of that worker to the
+    // standby (delivered, as it holds no file), and both streams go on with their own text.
+    let long = 2 * STEPS;
+    let want_long = [
+        (smol_id.clone(), single_process(&smol, PROMPT, long).tokens),
+        (
+            gemma_id.clone(),
+            single_process(&gemma, PROMPT, long).tokens,
+        ),
+    ];
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let runs: Vec<_> = want_long
+        .iter()
+        .map(|(model, _)| {
+            let (model, addr, tx) = (model.clone(), coordinator.url(), tx.clone());
+            tokio::spawn(async move {
+                let mut c = RealmClient::connect(addr).await.unwrap();
+                let mut s = c
+                    .generate(request(&model, long))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut ids = Vec::new();
+                while let Some(m) = s.message().await.unwrap() {
+                    ids.extend(m.token_ids);
+                    if ids.len() == 4 {
+                        let _ = tx.send(());
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        started.recv().await.unwrap();
+    }
+    b.kill();
+    for (run, (model, want)) in runs.into_iter().zip(&want_long) {
+        assert_eq!(&run.await.unwrap(), want, "{model} across the failover");
+    }
+    // The two models recover each on its own, in either order.
+    let mut taken = shard_models(&standby).await;
+    taken.sort();
+    assert_eq!(taken, ["gemma3", "llama"]);
+
     eprintln!(
-        "peak RSS with both models placed: worker with both files {:.0} MiB, worker with the shard \
-         cache {:.0} MiB, coordinator {:.0} MiB",
+        "peak RSS with both models placed: worker with both files {:.0} MiB, standby with the \
+         shard cache {:.0} MiB, coordinator {:.0} MiB",
         peak_rss_mib(&a),
-        peak_rss_mib(&b),
+        peak_rss_mib(&standby),
         peak_rss_mib(&coordinator)
     );
 }
@@ -309,7 +360,7 @@ async fn a_model_is_added_and_removed_while_another_streams() {
         cache_a.path().to_str().unwrap(),
     ]);
     let b = start_worker(&["--cache-dir", cache_b.path().to_str().unwrap()]);
-    let coordinator = start_coordinator(&[&smol], &[&a, &b]);
+    let coordinator = start_coordinator(&[&smol], &[&a, &b], &[]);
     let http_url = format!("http://{}", coordinator.served("HTTP"));
     let synth_path = synth.to_str().unwrap();
 
@@ -325,16 +376,7 @@ async fn a_model_is_added_and_removed_while_another_streams() {
         tokio::spawn(async move {
             let mut streams = 0;
             while running.load(Ordering::Relaxed) {
-                let mut c = RealmClient::connect(addr.clone()).await.unwrap();
-                let mut s = c
-                    .generate(request(&model, STEPS))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let mut ids = Vec::new();
-                while let Some(m) = s.message().await.unwrap() {
-                    ids.extend(m.token_ids);
-                }
+                let (ids, _) = stream_at(addr.clone(), model.clone(), STEPS).await.unwrap();
                 assert_eq!(ids, want, "SmolLM2 stream {streams}");
                 streams += 1;
             }
