@@ -34,8 +34,8 @@ pub enum Error {
     /// A request that names no model, to a coordinator serving several.
     #[error("this coordinator serves several models ({served}): name one in `model`")]
     NoModelNamed { served: String },
-    /// A model added while a model of that id is served.
-    #[error("a model `{0}` is served already: remove it first")]
+    /// A model added while it, or a model of its id, is served; says which.
+    #[error("{0}: remove it first")]
     ModelExists(String),
     /// The model of a generation was removed while it ran.
     #[error("model `{0}` was removed from this server")]

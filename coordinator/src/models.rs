@@ -125,11 +125,14 @@ impl Models {
         })?;
         for s in self.all() {
             if s.id() == model.id {
-                return Err(Error::ModelExists(model.id));
+                return Err(Error::ModelExists(format!(
+                    "a model `{}` is served already",
+                    model.id
+                )));
             }
             if s.cluster.model().identity.same_model(&model.identity) {
                 return Err(Error::ModelExists(format!(
-                    "{}` (the same model as `{}`",
+                    "`{}` is the same model as `{}`, served already",
                     model.id,
                     s.id()
                 )));

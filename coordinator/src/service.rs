@@ -65,33 +65,31 @@ impl RealmService {
     pub fn new(models: Arc<Models>) -> Self {
         Self { models }
     }
+}
 
-    /// The generation a `Generate` request asks for, checked, and the model it runs on.
-    fn job(
-        &self,
-        req: &pb::GenerateRequest,
-        received: Instant,
-        id: RequestId,
-    ) -> Result<(Served, Job)> {
-        let served = self.models.get(&req.model)?;
-        if req.prompt.is_empty() {
-            return Err(realm_common::Error::InvalidArgument("the prompt is empty".into()).into());
-        }
-        let params = generation_params(req)?;
-        let tokens = served
-            .cluster
-            .model()
-            .prompt_tokens(&req.prompt, chat_system(req))?;
-        let job = Job {
-            tokens,
-            params,
-            received,
-            id,
-            api: API,
-            logprobs: logprobs_of(req)?,
-        };
-        Ok((served, job))
+/// The generation a `Generate` request asks of `served`, checked.
+fn job(
+    served: &Served,
+    req: &pb::GenerateRequest,
+    received: Instant,
+    id: RequestId,
+) -> Result<Job> {
+    if req.prompt.is_empty() {
+        return Err(realm_common::Error::InvalidArgument("the prompt is empty".into()).into());
     }
+    let params = generation_params(req)?;
+    let tokens = served
+        .cluster
+        .model()
+        .prompt_tokens(&req.prompt, chat_system(req))?;
+    Ok(Job {
+        tokens,
+        params,
+        received,
+        id,
+        api: API,
+        logprobs: logprobs_of(req)?,
+    })
 }
 
 /// The `api` label of this service's requests in the metrics.
@@ -188,17 +186,19 @@ impl Realm for RealmService {
         let id = RequestId::from_metadata(request.metadata());
         let req = request.into_inner();
         let span = id.span();
-        let model = self
-            .models
-            .get(&req.model)
-            .map_or_else(|_| String::new(), |s| s.id().to_string());
-        let refused = |e: &Error| {
+        let refused = |e: &Error, model: &str| {
             let _in = span.enter();
             debug!(error = %e, "generate refused");
-            generation::count_refused(API, &model);
+            generation::count_refused(API, model);
         };
-        let (served, job) = span
-            .in_scope(|| self.job(&req, received, id.clone()))
+        // Refused before its model is known, the request counts under no model.
+        let served = self
+            .models
+            .get(&req.model)
+            .inspect_err(|e| refused(e, ""))?;
+        let refused = |e: &Error| refused(e, served.id());
+        let job = span
+            .in_scope(|| job(&served, &req, received, id.clone()))
             .inspect_err(refused)?;
         // Checked before queueing, so a bad request never waits for a slot.
         let slot = served.admission.admit().await.inspect_err(refused)?;
@@ -280,7 +280,7 @@ impl Realm for RealmService {
                     let shard = info
                         .shards
                         .into_iter()
-                        .find(|s| s.model.as_ref().is_some_and(|m| &m.header_sha256 == digest))
+                        .find(|s| crate::topology::is_of_model(s, digest))
                         .unwrap_or_default();
                     pb::WorkerStatus {
                         url,

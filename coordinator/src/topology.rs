@@ -447,9 +447,7 @@ async fn holds_shard(w: &WorkerLink) -> bool {
                 .into_inner()
                 .shards
                 .into_iter()
-                .find(|s| {
-                    s.model.as_ref().map(|m| m.header_sha256.as_str()) == Some(&*w.model.digest)
-                })
+                .find(|s| is_of_model(s, &w.model.digest))
                 .and_then(|s| s.layers)
                 .map(|r| (r.start as usize, r.end as usize));
             held == Some((w.range.start, w.range.end))
@@ -458,15 +456,20 @@ async fn holds_shard(w: &WorkerLink) -> bool {
     }
 }
 
+/// Whether a worker's `shard` is of the model whose GGUF header digest is `digest`.
+pub(crate) fn is_of_model(shard: &pb::ShardInfo, digest: &str) -> bool {
+    shard
+        .model
+        .as_ref()
+        .is_some_and(|m| m.header_sha256 == digest)
+}
+
 /// Bytes a worker holds for the shards of models other than `identity`'s: each shard's weights,
 /// or its Memory64 budget when that is smaller.
 fn held_for_other_models(info: &pb::InfoResponse, identity: &ModelIdentity) -> u64 {
     info.shards
         .iter()
-        .filter(|s| {
-            s.model.as_ref().map(|m| m.header_sha256.as_str())
-                != Some(identity.header_sha256.as_str())
-        })
+        .filter(|s| !is_of_model(s, &identity.header_sha256))
         .map(|s| match &s.layer_manager {
             Some(m) if m.budget_bytes > 0 => s.weight_bytes.min(m.budget_bytes),
             _ => s.weight_bytes,
@@ -678,7 +681,7 @@ async fn assign(mut link: WorkerLink, source: &Arc<ShardSource>) -> Result<Worke
     let held = reply
         .shard
         .as_ref()
-        .filter(|s| s.model.as_ref().map(|m| m.header_sha256.as_str()) == Some(&*link.model.digest))
+        .filter(|s| is_of_model(s, &link.model.digest))
         .and_then(|s| s.layers.as_ref())
         .map(|r| (r.start as usize, r.end as usize));
     if held != Some((link.range.start, link.range.end)) {

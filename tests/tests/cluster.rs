@@ -484,6 +484,19 @@ async fn the_coordinator_serves_in_process_on_port_0() {
     let mut reply = String::new();
     socket.read_to_string(&mut reply).await.unwrap();
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    // Without a cluster token, the admin API refuses every call, whatever it is sent.
+    let mut admin =
+        realm_proto::pb::admin_client::AdminClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .unwrap();
+    let refused = admin
+        .remove_model(pb::RemoveModelRequest {
+            model: "SmolLM2-135M-Instruct.Q4_1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("cluster token"), "{refused:?}");
 
     drop(c);
     stop.send(()).unwrap();

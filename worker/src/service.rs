@@ -629,11 +629,10 @@ impl pb::worker_server::Worker for WorkerService {
             config,
             identity,
         });
-        let weight_bytes = loaded.weight_bytes();
         let shard_info = loaded.shard_info(state.budget.prefetch);
-        state.put_loaded(loaded);
+        let weight_bytes = shard_info.weight_bytes;
         info!(
-            model = %identity_of(&shard_info),
+            model = %loaded.identity,
             layers = %range,
             ms = load_ms,
             weight_bytes,
@@ -644,6 +643,7 @@ impl pb::worker_server::Worker for WorkerService {
             prefetch = state.budget.prefetch,
             "loaded shard"
         );
+        state.put_loaded(loaded);
         Ok(Response::new(pb::AssignShardResponse {
             shard: Some(shard_info),
             weight_bytes,
@@ -821,11 +821,6 @@ impl pb::worker_server::Worker for WorkerService {
     }
 }
 
-/// The model a shard's description names, for the logs.
-fn identity_of(shard: &pb::ShardInfo) -> String {
-    ModelIdentity::try_from(shard.model.as_ref()).map_or_else(|e| e.to_string(), |m| m.to_string())
-}
-
 fn log_stats(range: LayerRange, s: &LayerStats, message: &'static str) {
     info!(
         layers = %range,
@@ -934,13 +929,16 @@ impl WorkerService {
             });
         };
         // The KV bound admits sessions in order while their new tokens fit, beside every
-        // model's sessions.
-        let (held, held_sessions) = state
-            .all_loaded()
-            .iter()
-            .fold((0u64, 0usize), |(bytes, n), l| {
-                (bytes + l.sessions.kv_bytes(), n + l.sessions.len())
-            });
+        // model's sessions (summed only under a bound: it walks every session).
+        let (held, held_sessions) = match state.max_kv_bytes {
+            Some(_) => state
+                .all_loaded()
+                .iter()
+                .fold((0u64, 0usize), |(bytes, n), l| {
+                    (bytes + l.sessions.kv_bytes(), n + l.sessions.len())
+                }),
+            None => (0, 0),
+        };
         let mut admitted = Vec::with_capacity(parts.len());
         let mut needed = 0;
         for part in parts {
