@@ -10,6 +10,8 @@
 //!   the worker reports (encoding, loopback transport, decoding, scheduling);
 //! - peak RSS: the process's high-water mark (`VmHWM`), coordinator and in-process workers
 //!   together. Run one configuration per process to compare them (the CLI does);
+//! - the bytes of weights a decode step reads, and the rate decode reads them at against the
+//!   machine's read bandwidth, measured after the run by the same threads (see [`bandwidth`]);
 //! - with a memory budget (the Memory64 layer manager on the workers): the budget, the prefetch
 //!   depth and the hit rate, hits and prefetch hits over all layer accesses, from each worker's
 //!   `Info` after the run (warm-up included).
@@ -31,6 +33,8 @@ use crate::local::LocalWorkers;
 use crate::model::{model_id, CoordinatorModel};
 use crate::plan::PlanSpec;
 use crate::LocalModel;
+
+mod bandwidth;
 
 /// Text repeated to build the benchmark prompt.
 const PROMPT_TEXT: &str = "The quick brown fox jumps over the lazy dog while the river runs \
@@ -161,11 +165,20 @@ pub struct BenchResult {
     pub hop_us: Option<f64>,
     /// `None` where `/proc/self/status` is unavailable.
     pub peak_rss_mb: Option<f64>,
+    /// Bytes of weights one decode step reads, in MB of 2^20 bytes.
+    pub step_mb: f64,
+    /// The machine's read bandwidth for the compute threads, in GB/s of 10^9 bytes.
+    pub read_gbs: f64,
     /// Only when the configuration set a memory budget.
     pub memory: Option<MemoryResult>,
 }
 
 impl BenchResult {
+    /// The rate decode reads weights at, over the machine's read bandwidth.
+    pub fn bandwidth_fraction(&self) -> f64 {
+        self.step_mb * (1u64 << 20) as f64 * self.decode_tps / (self.read_gbs * 1e9)
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
             "model": self.model,
@@ -178,6 +191,9 @@ impl BenchResult {
             "ttft_ms": round(self.ttft_ms, 1),
             "hop_us": self.hop_us.map(|v| round(v, 1)),
             "peak_rss_mb": self.peak_rss_mb.map(|v| round(v, 1)),
+            "step_mb": round(self.step_mb, 2),
+            "read_gbs": round(self.read_gbs, 2),
+            "bandwidth_fraction": round(self.bandwidth_fraction(), 3),
         });
         if let (Some(m), Some(map)) = (&self.memory, v.as_object_mut()) {
             map.insert("budget".into(), m.budget.clone().into());
@@ -208,6 +224,8 @@ impl BenchResult {
             ttft_ms: f("ttft_ms")?,
             hop_us: f("hop_us"),
             peak_rss_mb: f("peak_rss_mb"),
+            step_mb: f("step_mb")?,
+            read_gbs: f("read_gbs")?,
             memory: match v.get("budget") {
                 None => None,
                 Some(budget) => Some(MemoryResult {
@@ -240,6 +258,14 @@ impl std::fmt::Display for BenchResult {
             self.prompt_tokens,
             self.generated_tokens,
             self.threads,
+        )?;
+        write!(
+            f,
+            "; a decode step reads {:.1} MB of weights: {:.1} GB/s, {:.0}% of the measured read bandwidth ({:.1} GB/s)",
+            self.step_mb,
+            self.step_mb * (1u64 << 20) as f64 * self.decode_tps / 1e9,
+            self.bandwidth_fraction() * 100.0,
+            self.read_gbs,
         )?;
         if let Some(m) = &self.memory {
             let hit = m
@@ -316,6 +342,19 @@ pub async fn bench_one(config: &BenchConfig) -> anyhow::Result<BenchResult> {
     } else {
         bench_cluster(config).await?
     };
+    // Measured once the run is over: the probe's buffer stays out of the peak RSS.
+    let peak_rss_mb = peak_rss_mb();
+    let path = config.model.clone();
+    let (step_bytes, read_bandwidth) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let file = realm_common::gguf::GgufFile::open_without_vocabulary(&path)?;
+        let model = realm_common::model::ModelConfig::from_gguf(&file)?;
+        Ok((
+            bandwidth::decode_step_bytes(&file, &model),
+            bandwidth::read_bandwidth(),
+        ))
+    })
+    .await
+    .context("the bandwidth probe failed")??;
     Ok(BenchResult {
         model: model_id(&config.model),
         workers: config.workers,
@@ -326,7 +365,9 @@ pub async fn bench_one(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         decode_tps: usage.decode_tokens_per_second(),
         ttft_ms: usage.time_to_first_token.as_secs_f64() * 1e3,
         hop_us,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb,
+        step_mb: step_bytes as f64 / (1u64 << 20) as f64,
+        read_gbs: read_bandwidth / 1e9,
         memory,
     })
 }
@@ -465,6 +506,8 @@ mod tests {
             ttft_ms: 142.5,
             hop_us: Some(180.0),
             peak_rss_mb: Some(210.5),
+            step_mb: 100.0,
+            read_gbs: 10.0,
             memory: None,
         };
         let json = r.to_json();
@@ -477,10 +520,15 @@ mod tests {
             "ttft_ms",
             "hop_us",
             "peak_rss_mb",
+            "step_mb",
+            "read_gbs",
+            "bandwidth_fraction",
         ] {
             assert!(json.get(key).is_some(), "{key}");
         }
         assert_eq!(BenchResult::from_json(&json), Some(r.clone()));
+        // 100 MiB a step at 41.5 steps a second, against 10 GB/s.
+        assert!((r.bandwidth_fraction() - 0.4352).abs() < 1e-4);
         let single = BenchResult { hop_us: None, ..r };
         assert!(single.to_json()["hop_us"].is_null());
         assert_eq!(
