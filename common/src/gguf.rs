@@ -333,6 +333,12 @@ impl GgufFile {
     /// [`release_tensor`](Self::release_tensor) for the first `len` bytes of `info`'s (all of
     /// them if it has fewer).
     pub fn release_tensor_part(&self, info: &TensorInfo, len: usize) -> Result<()> {
+        self.release_tensor_range(info, 0, len)
+    }
+
+    /// [`release_tensor`](Self::release_tensor) for `len` bytes of `info`'s from `from` (as
+    /// many as it has).
+    pub fn release_tensor_range(&self, info: &TensorInfo, from: usize, len: usize) -> Result<()> {
         let io = |source| Error::Io {
             path: self.path.clone(),
             source,
@@ -341,7 +347,10 @@ impl GgufFile {
             .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
         let size =
             usize::try_from(info.size).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
-        self.map.release(start, len.min(size)).map_err(io)
+        let from = from.min(size);
+        self.map
+            .release(start + from, len.min(size - from))
+            .map_err(io)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

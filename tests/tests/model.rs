@@ -321,3 +321,54 @@ fn smollm2_batched_steps_equal_each_session_alone() {
 fn gemma3_batched_steps_equal_each_session_alone() {
     a_batched_step_gives_each_session_its_bits_alone(gemma3());
 }
+
+/// Resident KiB of the mappings of `path` in this process (`/proc/self/smaps`).
+fn mapped_rss_kib(path: &std::path::Path) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let name = path.to_str().expect("a UTF-8 path");
+    let mut inside = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let is_header = line
+            .split_whitespace()
+            .next()
+            .is_some_and(|range| range.contains('-') && !range.ends_with(':'));
+        if is_header {
+            inside = line.ends_with(name);
+        } else if let (true, Some(rest)) = (inside, line.strip_prefix("Rss:")) {
+            kib += rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    kib
+}
+
+/// A model whose matrices the kernels copy (repacked) keeps none of the file's weight pages
+/// once loaded and run, though reading each tensor maps its neighbours' pages in again (the
+/// kernel's fault-around), and every embedding lookup maps pages around its row: the peak RSS
+/// of a single process stays one copy of the weights.
+#[test]
+fn a_loaded_model_keeps_no_copied_pages_of_its_file() {
+    use realm_common::synthetic::{self, SyntheticDType, SyntheticSpec};
+    let path = std::env::temp_dir().join(format!("realm-resident-{}.gguf", std::process::id()));
+    synthetic::write(&path, &SyntheticSpec::small(4, 256, SyntheticDType::Q4_0)).expect("write");
+    let size_kib = std::fs::metadata(&path).expect("size").len() / 1024;
+    let file = GgufFile::open(&path).expect("open");
+    let model = Model::load(&file, &Device::Cpu).expect("load");
+    let mut kv = model.new_session_kv();
+    let tokens: Vec<u32> = (0..200).map(|t| t * 37 % 256).collect();
+    model.forward(&tokens, &mut kv, false).expect("prefill");
+    for t in [5, 77, 200] {
+        model.forward(&[t], &mut kv, false).expect("decode");
+    }
+    let resident = mapped_rss_kib(&path);
+    std::fs::remove_file(&path).ok();
+    assert!(
+        resident * 10 < size_kib,
+        "{resident} KiB of the {size_kib} KiB file stay resident"
+    );
+}

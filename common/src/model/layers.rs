@@ -569,7 +569,7 @@ impl Inner {
 }
 
 /// The tensors `blk.{layer}.*` of `file`.
-fn layer_tensors(file: &GgufFile, layer: usize) -> Vec<TensorInfo> {
+pub(super) fn layer_tensors(file: &GgufFile, layer: usize) -> Vec<TensorInfo> {
     let prefix = format!("blk.{layer}.");
     file.tensors
         .range(prefix.clone()..)

@@ -26,8 +26,8 @@ use norm::rms_norm;
 
 pub use attention::{Precision, Segment};
 pub use config::{Architecture, ModelConfig};
-use layers::LayerManager;
 pub use layers::{layer_bytes, LayerBudget, LayerStats};
+use layers::{layer_tensors, LayerManager};
 
 /// A contiguous, non-empty range of transformer blocks `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,6 +231,11 @@ impl Embedding {
             let row = &bytes[t * row_bytes..(t + 1) * row_bytes];
             let q = qtensor_from_bytes(self.info.dtype, row, &[self.d_model as u64], &Device::Cpu)?;
             rows.push(q.dequantize(&Device::Cpu)?);
+            // Reading a row maps up to 64 KiB of the table around it (the kernel's fault-around):
+            // giving those pages back keeps the table out of the resident memory, where it
+            // would otherwise grow with every token seen.
+            self.file
+                .release_tensor_range(&self.info, t * row_bytes, row_bytes)?;
         }
         let x = Tensor::stack(&rows, 0)?.to_device(&self.device)?;
         Ok(if self.scale != 1.0 {
@@ -318,6 +323,16 @@ impl Shard {
             .iter()
             .map(|layer| load_block(file, config, layer, device))
             .collect::<Result<_>>()?;
+        // Each copy gave its tensor's pages back as it went, but reading the next tensor maps
+        // its neighbours' cached pages in again (the kernel's fault-around, up to 64 KiB
+        // around each fault): once every block is loaded, the copied tensors go for good.
+        for layer in range.iter() {
+            for info in layer_tensors(file, layer) {
+                if !borrows_mapping(&info, device) {
+                    file.release_tensor(&info)?;
+                }
+            }
+        }
         Ok(Self {
             range,
             layers: Layers::Resident(blocks),
