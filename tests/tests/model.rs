@@ -2,7 +2,6 @@
 
 use std::sync::OnceLock;
 
-use candle_core::Device;
 use realm_common::chat::{ChatMessage, ChatTemplate, DEFAULT_SYSTEM_PROMPT};
 use realm_common::generate::{generate, FinishReason, GenerationParams};
 use realm_common::gguf::GgufFile;
@@ -22,7 +21,7 @@ struct Loaded {
 fn load(name: &str) -> Loaded {
     let file = GgufFile::open(model_path(name)).expect("open model");
     let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
-    let model = Model::load(&file, &Device::Cpu).expect("load model");
+    let model = Model::load(&file).expect("load model");
     Loaded {
         file,
         model,
