@@ -202,12 +202,15 @@ pub struct Head<B: Backend = Cpu> {
 }
 
 impl Head {
+    /// [`load_on`](Self::load_on) the CPU.
     pub fn load(file: &GgufFile, config: &ModelConfig) -> Result<Self> {
         Self::load_on(Cpu, file, config)
     }
 }
 
 impl<B: Backend> Head<B> {
+    /// The final norm and the output matrix (the embedding table, where the file ties them),
+    /// with its bias if the file has one.
     pub fn load_on(backend: B, file: &GgufFile, config: &ModelConfig) -> Result<Self> {
         // Tied embeddings: without an output matrix the embedding table doubles as the head.
         let output_name = if file.tensors.contains_key(OUTPUT) {
@@ -522,6 +525,7 @@ impl Model {
 }
 
 impl<B: Backend> Model<B> {
+    /// Every weight of `file`, every block resident.
     pub fn load_on(backend: B, file: &GgufFile) -> Result<Self> {
         let config = ModelConfig::from_gguf(file)?;
         let all = LayerRange::new(0, config.n_layers)?;
