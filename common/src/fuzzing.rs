@@ -4,7 +4,6 @@
 
 use std::io::Write;
 
-use candle_core::Device;
 use prost::Message;
 use realm_proto::pb;
 
@@ -58,7 +57,7 @@ pub fn wire(bytes: &[u8]) {
     };
     let d_model = usize::from(first % 64) + 1;
     if let Ok(t) = pb::Tensor::decode(rest) {
-        if let Ok(a) = Activations::from_wire(&t, d_model, &Device::Cpu) {
+        if let Ok(a) = Activations::from_wire(&t, d_model) {
             let _ = Activations::to_wire(&a.hidden, a.dtype);
         }
     }
@@ -72,6 +71,6 @@ pub fn wire(bytes: &[u8]) {
             dtype: dtype as i32,
             data: rest.to_vec(),
         };
-        let _ = Activations::from_wire(&t, d_model, &Device::Cpu);
+        let _ = Activations::from_wire(&t, d_model);
     }
 }

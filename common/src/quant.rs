@@ -4,7 +4,7 @@
 //! candle reinterprets the bytes it is given as its block structs in place, without checking their
 //! length or alignment, so [`qtensor_from_bytes`] checks both before handing bytes over.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::error::{Error, Result};
@@ -232,25 +232,19 @@ impl AlignedCopy {
     }
 }
 
-/// Loads one tensor of a GGUF file, still quantized, onto `device`.
-pub fn load_qtensor(file: &GgufFile, info: &TensorInfo, device: &Device) -> Result<QTensor> {
+/// Loads one tensor of a GGUF file, still quantized, into host memory.
+pub fn load_qtensor(file: &GgufFile, info: &TensorInfo) -> Result<QTensor> {
     let bytes = file.tensor_bytes(info)?;
-    qtensor_from_bytes(info.dtype, bytes, &info.dims, device).map_err(|e| Error::Tensor {
+    qtensor_from_bytes(info.dtype, bytes, &info.dims, &Device::Cpu).map_err(|e| Error::Tensor {
         name: info.name.clone(),
         problem: e.to_string(),
     })
 }
 
-/// Loads a weight matrix for `x @ W^T` products, kept quantized.
-pub fn load_matmul(file: &GgufFile, name: &str, device: &Device) -> Result<QMatMul> {
-    let info = file.tensor_info(name)?;
-    if info.dims.len() != 2 {
-        return Err(Error::Tensor {
-            name: name.to_string(),
-            problem: format!("expected a matrix, found dimensions {:?}", info.dims),
-        });
-    }
-    Ok(QMatMul::from_qtensor(load_qtensor(file, info, device)?)?)
+/// The values of one tensor of a GGUF file, dequantized to f32, innermost dimension first.
+pub fn load_f32(file: &GgufFile, info: &TensorInfo) -> Result<Vec<f32>> {
+    let t = load_qtensor(file, info)?.dequantize(&Device::Cpu)?;
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 #[cfg(test)]
@@ -259,6 +253,7 @@ mod tests {
     //! values are written from the logical quants and scales that went in, not from any decoder.
 
     use super::*;
+    use candle_core::quantized::QMatMul;
     use candle_core::{Module, Tensor};
     use rand::{Rng, SeedableRng};
 

@@ -1026,7 +1026,7 @@ mod tests {
             vec![u32::from(b'a'), 256]
         );
 
-        let model = Model::load(&file, &candle_core::Device::Cpu).expect("model");
+        let model = Model::load(&file).expect("model");
         assert_eq!(model.embedding.vocab_size(), 300);
         let params = GenerationParams {
             max_tokens: 8,
@@ -1110,7 +1110,7 @@ mod tests {
                     assert_eq!(config.attention_softcap, Some(GEMMA2_ATTN_SOFTCAP));
                     assert_eq!(config.final_softcap, Some(GEMMA2_FINAL_SOFTCAP));
                 }
-                let model = Model::load(&file, &candle_core::Device::Cpu).expect("model");
+                let model = Model::load(&file).expect("model");
                 let mut kv = model.new_session_kv();
                 let tokens: Vec<u32> = b"The synthetic model runs."
                     .iter()
@@ -1152,7 +1152,7 @@ mod tests {
             let spec = SyntheticSpec::fixture(arch, SyntheticDType::Q8_0);
             write_edited(&path, &spec, |t, m| edit(t, m)).expect("write");
             let file = GgufFile::open(&path).expect("open");
-            match Model::load(&file, &candle_core::Device::Cpu) {
+            match Model::load(&file) {
                 Ok(_) => panic!("{arch:?}: an edited file loaded"),
                 Err(e) => e.to_string(),
             }

@@ -84,8 +84,9 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// Decodes a wire tensor, which must be `[n_tokens, d_model]` with `n_tokens >= 1`.
-    pub fn from_wire(t: &pb::Tensor, d_model: usize, device: &Device) -> Result<Self> {
+    /// Decodes a wire tensor, which must be `[n_tokens, d_model]` with `n_tokens >= 1`, into
+    /// host memory.
+    pub fn from_wire(t: &pb::Tensor, d_model: usize) -> Result<Self> {
         let dtype = WireDType::try_from(t.dtype)?;
         let [n, width] = t.shape[..] else {
             return Err(Error::InvalidArgument(format!(
@@ -133,7 +134,7 @@ impl Activations {
                 "hidden state holds NaN or infinite values".to_string(),
             ));
         }
-        let hidden = Tensor::from_vec(values, (n as usize, d_model), device)?;
+        let hidden = Tensor::from_vec(values, (n as usize, d_model), &Device::Cpu)?;
         Ok(Self { hidden, dtype })
     }
 
@@ -283,7 +284,7 @@ mod tests {
         for dtype in [WireDType::F32, WireDType::F16, WireDType::BF16] {
             let w = Activations::to_wire(&x, dtype).unwrap();
             assert_eq!(w.data.len(), 6 * dtype.size());
-            let back = Activations::from_wire(&w, 3, &Device::Cpu).unwrap();
+            let back = Activations::from_wire(&w, 3).unwrap();
             assert_eq!(back.dtype, dtype);
             assert_eq!(
                 back.hidden.to_vec2::<f32>().unwrap(),
@@ -329,14 +330,12 @@ mod tests {
             ),
         ];
         for (t, want) in cases {
-            let err = Activations::from_wire(&t, 3, &Device::Cpu)
-                .unwrap_err()
-                .to_string();
+            let err = Activations::from_wire(&t, 3).unwrap_err().to_string();
             assert!(err.contains(want), "{err} should mention {want}");
         }
         let mut t = wire(vec![1, 3], pb::DataType::F32, vec![0; 12]);
         t.dtype = 99;
-        assert!(Activations::from_wire(&t, 3, &Device::Cpu).is_err());
+        assert!(Activations::from_wire(&t, 3).is_err());
     }
 
     #[test]

@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 
-use candle_core::Device;
 use realm_common::model::{Embedding, Head};
 use realm_common::runtime::INLINE_TOKENS;
 use realm_common::tokenizer::Tokenizer;
@@ -223,7 +222,7 @@ async fn head(stages: &Arc<Stages>, rows: Vec<u8>, dtype: i32, n: usize) -> Resu
             dtype,
             data: rows,
         };
-        let x = Activations::from_wire(&wire, d_model, &Device::Cpu)?.hidden;
+        let x = Activations::from_wire(&wire, d_model)?.hidden;
         let logits = head.forward(&x)?;
         Ok(logits
             .flatten_all()

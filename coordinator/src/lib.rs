@@ -42,7 +42,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use realm_common::generate::{generate, Completion, GenerationParams};
 use realm_common::gguf::GgufFile;
 use realm_common::model::Model;
@@ -74,7 +73,7 @@ impl LocalModel {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let file = open_model_file(path)?;
         let tokenizer = Tokenizer::from_gguf(&file).context("cannot build the tokenizer")?;
-        let model = Model::load(&file, &Device::Cpu).context("cannot load the model weights")?;
+        let model = Model::load(&file).context("cannot load the model weights")?;
         Ok(Self {
             file,
             model,

@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::Device;
 use realm_common::chat::{ChatMessage, ChatTemplate};
 use realm_common::gguf::GgufFile;
 use realm_common::model::{Embedding, Head, ModelConfig};
@@ -78,10 +77,8 @@ impl CoordinatorModel {
         let config = ModelConfig::from_gguf(&file)
             .with_context(|| format!("cannot read the model in {}", path.display()))?;
         let tokenizer = Tokenizer::from_gguf(&file).context("cannot build the tokenizer")?;
-        let device = Device::Cpu;
-        let embedding =
-            Embedding::load(&file, &config, &device).context("cannot load the embeddings")?;
-        let head = Head::load(&file, &config, &device).context("cannot load the output head")?;
+        let embedding = Embedding::load(&file, &config).context("cannot load the embeddings")?;
+        let head = Head::load(&file, &config).context("cannot load the output head")?;
         Ok(Self {
             id: model_id(path),
             identity: ModelIdentity::of(&file, &config),

@@ -38,8 +38,7 @@ pub fn model_path(file: &str) -> PathBuf {
 pub fn single_process(model: &Path, prompt: &str, max_tokens: usize) -> Completion {
     let file = realm_common::gguf::GgufFile::open(model).expect("the model file");
     let tokenizer = realm_common::tokenizer::Tokenizer::from_gguf(&file).expect("its tokenizer");
-    let m =
-        realm_common::model::Model::load(&file, &candle_core::Device::Cpu).expect("its weights");
+    let m = realm_common::model::Model::load(&file).expect("its weights");
     let params = GenerationParams {
         max_tokens,
         ..GenerationParams::default()

@@ -2,7 +2,6 @@
 //! over held-out prose (tests/fixtures/heldout.txt), fixtures from
 //! `deploy/reference-logprobs.py`; the bars are those of [`judge`].
 
-use candle_core::Device;
 use realm_common::gguf::GgufFile;
 use realm_common::model::Model;
 use realm_tests::agreement::{judge, Fixture};
@@ -15,7 +14,7 @@ fn check(model_file: &str, fixture: &str) {
         "the fixture was made with another model"
     );
     let file = GgufFile::open(model_path(model_file)).expect("open model");
-    let model = Model::load(&file, &Device::Cpu).expect("load model");
+    let model = Model::load(&file).expect("load model");
     match judge(model_file, &model, &fixture) {
         Ok(line) => println!("{line}"),
         Err(line) => panic!("{line}"),

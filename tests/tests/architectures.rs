@@ -10,7 +10,6 @@
 
 use std::path::Path;
 
-use candle_core::Device;
 use realm_common::gguf::GgufFile;
 use realm_common::model::Model;
 use realm_common::synthetic::{self, SyntheticArch, SyntheticDType, SyntheticSpec};
@@ -42,7 +41,7 @@ fn check(arch: SyntheticArch) {
             fixture.model_sha256,
             "{name}: the synthetic model is not the file llama.cpp ran; regenerate the fixture"
         );
-        let model = Model::load(&GgufFile::open(&path).expect("open"), &Device::Cpu).expect("load");
+        let model = Model::load(&GgufFile::open(&path).expect("open")).expect("load");
         match judge(&name, &model, &fixture) {
             Ok(line) => println!("{line}"),
             Err(line) => failures.push(line),

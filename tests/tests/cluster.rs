@@ -5,7 +5,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use realm_common::generate::{generate, GenerationParams};
 use realm_common::gguf::GgufFile;
 use realm_common::model::Model;
@@ -120,7 +119,7 @@ const STEPS: usize = 12;
 fn single_process(model: &Path) -> Vec<Vec<u32>> {
     let file = GgufFile::open(model).unwrap();
     let tokenizer = Tokenizer::from_gguf(&file).unwrap();
-    let m = Model::load(&file, &Device::Cpu).unwrap();
+    let m = Model::load(&file).unwrap();
     let params = GenerationParams {
         max_tokens: STEPS,
         ..GenerationParams::default()
@@ -165,7 +164,7 @@ async fn cluster_equals_single_process_at(model: &Path, model_file: &str) {
     let tokenizer = Tokenizer::from_gguf(&file).unwrap();
     let ids = tokenizer.encode(&long, true, true).unwrap();
     assert!(ids.len() > 250, "{} tokens", ids.len());
-    let m = Model::load(&file, &Device::Cpu).unwrap();
+    let m = Model::load(&file).unwrap();
     let params = GenerationParams {
         max_tokens: STEPS,
         ..GenerationParams::default()

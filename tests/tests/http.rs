@@ -6,7 +6,6 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use candle_core::Device;
 use realm_common::generate::{generate, GenerationParams};
 use realm_common::gguf::GgufFile;
 use realm_common::logprobs::token_string;
@@ -196,7 +195,7 @@ fn layer_accesses(moved: &impl Fn(&str) -> f64) -> f64 {
 fn oracle(prompt: &str, max_tokens: usize) -> (String, usize, usize) {
     let file = GgufFile::open(model_path(SMOLLM2)).expect("open model");
     let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
-    let model = Model::load(&file, &Device::Cpu).expect("load model");
+    let model = Model::load(&file).expect("load model");
     let tokens = tokenizer.encode(prompt, true, true).expect("encode");
     let params = GenerationParams {
         max_tokens,
@@ -220,7 +219,7 @@ struct OracleToken {
 fn oracle_logprobs(prompt: &str, max_tokens: usize, top: usize) -> Vec<OracleToken> {
     let file = GgufFile::open(model_path(SMOLLM2)).expect("open model");
     let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
-    let model = Model::load(&file, &Device::Cpu).expect("load model");
+    let model = Model::load(&file).expect("load model");
     let mut input = tokenizer.encode(prompt, true, true).expect("encode");
     let mut kv = model.new_session_kv();
     let text = |id: usize, special: bool| {

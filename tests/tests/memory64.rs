@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use realm_common::gguf::GgufFile;
 use realm_common::kv::SessionKv;
 use realm_common::model::{
@@ -35,8 +35,8 @@ fn open(path: &Path) -> Loaded {
     let file = GgufFile::open(path).expect("open model");
     let config = ModelConfig::from_gguf(&file).expect("config");
     Loaded {
-        embedding: Embedding::load(&file, &config, &Device::Cpu).expect("embedding"),
-        head: Head::load(&file, &config, &Device::Cpu).expect("head"),
+        embedding: Embedding::load(&file, &config).expect("embedding"),
+        head: Head::load(&file, &config).expect("head"),
         all: LayerRange::new(0, config.n_layers).expect("range"),
         file,
         config,
@@ -50,12 +50,11 @@ impl Loaded {
 
     fn managed(&self, bytes: Option<u64>, prefetch: usize) -> Shard {
         let budget = LayerBudget { bytes, prefetch };
-        Shard::load_managed(&self.file, &self.config, self.all, &Device::Cpu, budget)
-            .expect("managed shard")
+        Shard::load_managed(&self.file, &self.config, self.all, budget).expect("managed shard")
     }
 
     fn resident(&self) -> Shard {
-        Shard::load(&self.file, &self.config, self.all, &Device::Cpu).expect("shard")
+        Shard::load(&self.file, &self.config, self.all).expect("shard")
     }
 
     /// Greedy continuation of `prompt`: `GENERATED` token ids.
@@ -167,8 +166,7 @@ fn a_budget_smaller_than_the_largest_layer_is_refused() {
         bytes: Some(largest - 1),
         prefetch: 1,
     };
-    let err = Shard::load_managed(&m.file, &m.config, m.all, &Device::Cpu, budget)
-        .expect_err("budget too small");
+    let err = Shard::load_managed(&m.file, &m.config, m.all, budget).expect_err("budget too small");
     assert!(
         err.to_string().contains(&format!("{largest} bytes")),
         "{err}"
@@ -277,7 +275,7 @@ async fn a_worker_serves_a_shard_larger_than_its_budget() {
             .await
             .expect("forward")
             .into_inner();
-        let got = Activations::from_wire(&response.hidden.unwrap(), 256, &Device::Cpu)
+        let got = Activations::from_wire(&response.hidden.unwrap(), 256)
             .unwrap()
             .hidden;
         assert_eq!(

@@ -2,7 +2,6 @@
 
 use std::sync::OnceLock;
 
-use candle_core::Device;
 use realm_common::chat::{ChatMessage, ChatTemplate, DEFAULT_SYSTEM_PROMPT};
 use realm_common::generate::{generate, FinishReason, GenerationParams};
 use realm_common::gguf::GgufFile;
@@ -22,7 +21,7 @@ struct Loaded {
 fn load(name: &str) -> Loaded {
     let file = GgufFile::open(model_path(name)).expect("open model");
     let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
-    let model = Model::load(&file, &Device::Cpu).expect("load model");
+    let model = Model::load(&file).expect("load model");
     Loaded {
         file,
         model,
@@ -358,7 +357,7 @@ fn a_loaded_model_keeps_no_copied_pages_of_its_file() {
     synthetic::write(&path, &SyntheticSpec::small(4, 256, SyntheticDType::Q4_0)).expect("write");
     let size_kib = std::fs::metadata(&path).expect("size").len() / 1024;
     let file = GgufFile::open(&path).expect("open");
-    let model = Model::load(&file, &Device::Cpu).expect("load");
+    let model = Model::load(&file).expect("load");
     let mut kv = model.new_session_kv();
     let tokens: Vec<u32> = (0..200).map(|t| t * 37 % 256).collect();
     model.forward(&tokens, &mut kv, false).expect("prefill");

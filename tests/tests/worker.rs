@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use realm_common::gguf::GgufFile;
 use realm_common::kv::SessionKv;
 use realm_common::model::{Embedding, LayerRange, ModelConfig, Shard};
@@ -44,8 +44,8 @@ fn smollm2() -> &'static Reference {
         let config = ModelConfig::from_gguf(&file).expect("config");
         let all = LayerRange::new(0, config.n_layers).expect("range");
         Reference {
-            embedding: Embedding::load(&file, &config, &Device::Cpu).expect("embedding"),
-            shard: Shard::load(&file, &config, all, &Device::Cpu).expect("blocks"),
+            embedding: Embedding::load(&file, &config).expect("embedding"),
+            shard: Shard::load(&file, &config, all).expect("blocks"),
             file,
             config,
         }
@@ -124,7 +124,7 @@ fn refusal(f: &pb::SessionFailure) -> tonic::Status {
 fn values(response: &pb::ForwardResponse) -> Vec<Vec<f32>> {
     let hidden = response.hidden.as_ref().expect("hidden state");
     assert_eq!(hidden.dtype, pb::DataType::F32 as i32);
-    Activations::from_wire(hidden, smollm2().config.d_model, &Device::Cpu)
+    Activations::from_wire(hidden, smollm2().config.d_model)
         .expect("decode")
         .hidden
         .to_vec2::<f32>()
@@ -277,7 +277,7 @@ async fn a_whole_model_shard_equals_the_in_process_model() {
     // The answer comes back in the dtype sent.
     let x = r.embed(&TOKENS[..2]);
     let sent = Activations::to_wire(&x, WireDType::F16).expect("to wire");
-    let received = Activations::from_wire(&sent, r.config.d_model, &Device::Cpu).expect("decode");
+    let received = Activations::from_wire(&sent, r.config.d_model).expect("decode");
     let mut kv = SessionKv::new(r.config.n_layers);
     let out = r
         .shard
@@ -720,13 +720,8 @@ async fn malformed_requests_are_refused_and_the_worker_keeps_serving() {
     // Nothing refused created a session or disturbed the one in progress.
     let info = w.info().await;
     assert_eq!(info.active_sessions, 1);
-    let two = Shard::load(
-        &r.file,
-        &r.config,
-        LayerRange::new(0, 2).expect("range"),
-        &Device::Cpu,
-    )
-    .expect("blocks");
+    let two =
+        Shard::load(&r.file, &r.config, LayerRange::new(0, 2).expect("range")).expect("blocks");
     let expected = r.run(&two, &[&TOKENS[..3], &TOKENS[3..4]]);
     let next = w
         .forward(step("s", 3, wire(&r.embed(&TOKENS[3..4])), (0, 2)))

@@ -611,7 +611,7 @@ impl pb::worker_server::Worker for WorkerService {
         let budget = state.budget;
         let (load_file, load_config) = (file.clone(), config.clone());
         let shard = tokio::task::spawn_blocking(move || {
-            Shard::load_managed(&load_file, &load_config, range, &Device::Cpu, budget)
+            Shard::load_managed(&load_file, &load_config, range, budget)
         })
         .await
         .map_err(|e| Status::internal(format!("loading layers {range} failed: {e}")))?
@@ -911,7 +911,7 @@ impl WorkerService {
             .hidden
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("hidden state is missing"))?;
-        let activations = Activations::from_wire(hidden, loaded.config.d_model, &Device::Cpu)?;
+        let activations = Activations::from_wire(hidden, loaded.config.d_model)?;
         let (n_rows, _) = activations.hidden.dims2().map_err(Error::from)?;
         let parts = parts_of(request.sessions, n_rows)?;
 

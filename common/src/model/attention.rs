@@ -1,7 +1,7 @@
 //! Rotary position embeddings and grouped-query attention over a session's KV cache, shared by
 //! the architectures.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -21,7 +21,7 @@ mod dot;
 /// f16 after this: an angle or a product a bit off flips that rounding in a few values per token,
 /// which moves the answers as far from the reference as a missing feature would at near-ties.
 #[derive(Debug, Clone)]
-pub(crate) struct Rope {
+pub struct Rope {
     pub style: RopeStyle,
     /// `base^(-2/d)`: the ratio of the angles of consecutive pairs.
     theta_scale: f32,
@@ -76,7 +76,7 @@ impl Rope {
 
     /// Rotates `x` (`[heads, n_tokens, head_dim]`) by `table`, the [`table`](Self::table) of
     /// the tokens' positions.
-    pub fn apply(&self, x: &Tensor, table: &[(f32, f32)], device: &Device) -> Result<Tensor> {
+    pub fn apply(&self, x: &Tensor, table: &[(f32, f32)]) -> Result<Tensor> {
         let (_, n, head_dim) = x.dims3()?;
         if table.len() != n * self.pairs || head_dim != 2 * self.pairs {
             return Err(Error::InvalidArgument(format!(
@@ -103,7 +103,7 @@ impl Rope {
                     x[b] = x0.mul_add(sin, x1 * cos);
                 }
             });
-        Ok(Tensor::from_vec(values, x.shape().clone(), device)?)
+        Ok(Tensor::from_vec(values, x.shape().clone(), x.device())?)
     }
 }
 

@@ -10,44 +10,44 @@
 //! - attention scores soft-capped (Gemma 2);
 //! - a gated MLP, SwiGLU or GeGLU, gate and up as two matrices or one (Phi-3), or a mixture of
 //!   experts (Mixtral-style llama, Qwen 3 MoE).
+//!
+//! The block computes through the [`Backend`] it was loaded on (products, norms, RoPE, attention,
+//! residuals, activations); what it does itself is arrange the activations: heads, the parts of
+//! fused projections.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
-use super::attention::{attend, positions, split_heads, Rope, Segment};
+use super::attention::{positions, split_heads, Rope, Segment};
+use super::backend::{Backend, Scoring};
 use super::config::block_tensors::*;
 use super::config::{Activation, ModelConfig};
-use super::elementwise::{add, gated};
 use super::experts::MixtureOfExperts;
-use super::norm::rms_norm;
-use super::{load_vector, Block, Linear};
+use super::{load_matrix, load_vector, vector_info, Block};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::quant::load_f32;
 
 /// A matrix with an optional bias: `x @ W^T + b`.
 #[derive(Debug)]
-pub(super) struct Projection {
-    weight: Linear,
-    bias: Option<Tensor>,
+struct Projection<B: Backend> {
+    weight: B::Matrix,
+    bias: Option<B::Vector>,
 }
 
-impl Projection {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+impl<B: Backend> Projection<B> {
+    fn forward(&self, backend: &B, x: &Tensor) -> Result<Tensor> {
+        backend.matmul(x, &self.weight, self.bias.as_ref())
     }
 }
 
 /// The tensors of one layer, loaded by name under `blk.{layer}.`.
-struct LayerTensors<'a> {
+struct LayerTensors<'a, B> {
+    backend: &'a B,
     file: &'a GgufFile,
     layer: usize,
-    device: &'a Device,
 }
 
-impl LayerTensors<'_> {
+impl<B: Backend> LayerTensors<'_, B> {
     fn name(&self, n: &str) -> String {
         format!("blk.{}.{n}", self.layer)
     }
@@ -56,22 +56,25 @@ impl LayerTensors<'_> {
         self.file.tensors.contains_key(&self.name(n))
     }
 
-    fn matrix(&self, n: &str) -> Result<Linear> {
-        Linear::load(self.file, &self.name(n), self.device)
+    fn vector(&self, n: &str, len: usize) -> Result<B::Vector> {
+        load_vector(self.backend, self.file, &self.name(n), len)
     }
 
-    fn vector(&self, n: &str, len: usize) -> Result<Tensor> {
-        load_vector(self.file, &self.name(n), len, self.device)
-    }
-
-    fn optional_vector(&self, n: &str, len: usize) -> Result<Option<Tensor>> {
+    fn optional_vector(&self, n: &str, len: usize) -> Result<Option<B::Vector>> {
         self.has(n).then(|| self.vector(n, len)).transpose()
     }
 
     /// A matrix of `rows` outputs, with the bias `bias` if the file has it.
-    fn projection(&self, n: &str, bias: &str, rows: usize) -> Result<Projection> {
-        let weight = self.matrix(n)?;
-        check_rows(&self.name(n), &weight, rows)?;
+    fn projection(&self, n: &str, bias: &str, rows: usize) -> Result<Projection<B>> {
+        let name = self.name(n);
+        let info = self.file.tensor_info(&name)?;
+        let weight = load_matrix(self.backend, self.file, info)?;
+        if info.dims[1] as usize != rows {
+            return Err(Error::Tensor {
+                name,
+                problem: format!("{} outputs where the model needs {rows}", info.dims[1]),
+            });
+        }
         Ok(Projection {
             weight,
             bias: self.optional_vector(bias, rows)?,
@@ -79,75 +82,60 @@ impl LayerTensors<'_> {
     }
 }
 
-fn check_rows(name: &str, m: &Linear, rows: usize) -> Result<()> {
-    if m.rows() != rows {
-        return Err(Error::Tensor {
-            name: name.to_string(),
-            problem: format!("{} outputs where the model needs {rows}", m.rows()),
-        });
-    }
-    Ok(())
-}
-
 /// Queries, keys and values from the normalized input.
 #[derive(Debug)]
-enum Qkv {
+enum Qkv<B: Backend> {
     Separate {
-        q: Projection,
-        k: Projection,
-        v: Projection,
+        q: Projection<B>,
+        k: Projection<B>,
+        v: Projection<B>,
     },
     /// One matrix whose outputs are the queries, then the keys, then the values.
-    Fused(Projection),
+    Fused(Projection<B>),
 }
 
 #[derive(Debug)]
-enum Mlp {
+enum Mlp<B: Backend> {
     /// `down(act(gate(x)) · up(x))`; `gate` is `None` where `up` computes both, gate first.
     Gated {
-        gate: Option<Projection>,
-        up: Projection,
-        down: Projection,
+        gate: Option<Projection<B>>,
+        up: Projection<B>,
+        down: Projection<B>,
     },
-    Experts(MixtureOfExperts),
+    Experts(MixtureOfExperts<B>),
 }
 
 #[derive(Debug)]
-pub(super) struct DecoderBlock {
-    attn_norm: Tensor,
-    qkv: Qkv,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    output: Projection,
-    post_attn_norm: Option<Tensor>,
-    ffn_norm: Tensor,
-    mlp: Mlp,
-    post_ffn_norm: Option<Tensor>,
+pub(super) struct DecoderBlock<B: Backend> {
+    backend: B,
+    attn_norm: B::Vector,
+    qkv: Qkv<B>,
+    q_norm: Option<B::Vector>,
+    k_norm: Option<B::Vector>,
+    output: Projection<B>,
+    post_attn_norm: Option<B::Vector>,
+    ffn_norm: B::Vector,
+    mlp: Mlp<B>,
+    post_ffn_norm: Option<B::Vector>,
     activation: Activation,
     rope: Rope,
-    /// `Some` on sliding-window layers.
-    window: Option<usize>,
+    /// The factor on the queries where they are scaled before they meet the keys (so they are
+    /// rounded scaled), rather than the scores after.
+    query_scale: Option<f64>,
+    /// With a window on sliding-window layers.
+    scoring: Scoring,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
     eps: f64,
-    scale: f64,
-    scale_queries: bool,
-    softcap: Option<f32>,
-    device: Device,
 }
 
-impl DecoderBlock {
-    pub fn load(
-        file: &GgufFile,
-        config: &ModelConfig,
-        layer: usize,
-        device: &Device,
-    ) -> Result<Self> {
+impl<B: Backend> DecoderBlock<B> {
+    pub fn load(backend: &B, file: &GgufFile, config: &ModelConfig, layer: usize) -> Result<Self> {
         let t = LayerTensors {
+            backend,
             file,
             layer,
-            device,
         };
         let d = config.d_model;
         let q_width = config.n_heads * config.head_dim;
@@ -172,12 +160,12 @@ impl DecoderBlock {
         let sandwich = |n: &str| config.sandwich_norms.then(|| t.vector(n, d)).transpose();
         let mlp = match &config.experts {
             Some(experts) => Mlp::Experts(MixtureOfExperts::load(
+                backend,
                 file,
                 layer,
                 d,
                 experts,
                 config.activation,
-                device,
             )?),
             None if config.fused_gate_up => Mlp::Gated {
                 gate: None,
@@ -192,9 +180,10 @@ impl DecoderBlock {
         };
         let sliding = config.is_sliding(layer);
         let factors = match config.rope_factors {
-            Some(name) => {
-                Some(load_vector(file, name, config.head_dim / 2, device)?.to_vec1::<f32>()?)
-            }
+            Some(name) => Some(load_f32(
+                file,
+                vector_info(file, name, config.head_dim / 2)?,
+            )?),
             None => None,
         };
         let (base, position_scale) = if sliding {
@@ -211,6 +200,7 @@ impl DecoderBlock {
             config.rope_attn_factor,
         );
         Ok(Self {
+            backend: backend.clone(),
             attn_norm: t.vector(ATTN_NORM, d)?,
             qkv,
             q_norm,
@@ -222,44 +212,54 @@ impl DecoderBlock {
             post_ffn_norm: sandwich(POST_FFN_NORM)?,
             activation: config.activation,
             rope,
-            window: if sliding { config.sliding_window } else { None },
+            query_scale: config.scale_queries.then_some(config.attention_scale),
+            scoring: Scoring {
+                window: if sliding { config.sliding_window } else { None },
+                scale: if config.scale_queries {
+                    1.0
+                } else {
+                    config.attention_scale
+                },
+                softcap: config.attention_softcap,
+            },
             n_heads: config.n_heads,
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
             eps: config.rms_eps,
-            scale: config.attention_scale,
-            scale_queries: config.scale_queries,
-            softcap: config.attention_softcap,
-            device: device.clone(),
         })
     }
 
     /// `[heads, n, head_dim]` from `[n, heads * head_dim]`, each head RMS-normalized by `norm`
     /// where there is one.
-    fn heads(&self, x: &Tensor, heads: usize, norm: Option<&Tensor>) -> Result<Tensor> {
+    fn heads(&self, x: &Tensor, heads: usize, norm: Option<&B::Vector>) -> Result<Tensor> {
         match norm {
             None => split_heads(x, heads, self.head_dim),
             Some(norm) => {
                 let n = x.dim(0)?;
                 let x = x.reshape((n, heads, self.head_dim))?;
-                Ok(rms_norm(&x, norm, self.eps)?
-                    .transpose(0, 1)?
-                    .contiguous()?)
+                Ok(self.norm(&x, norm)?.transpose(0, 1)?.contiguous()?)
             }
         }
     }
+
+    fn norm(&self, x: &Tensor, weight: &B::Vector) -> Result<Tensor> {
+        self.backend.rms_norm(x, weight, self.eps)
+    }
 }
 
-impl Block for DecoderBlock {
+impl<B: Backend> Block for DecoderBlock<B> {
     fn forward(&self, x: &Tensor, segments: &mut [Segment<'_>]) -> Result<Tensor> {
+        let be = &self.backend;
         let positions = positions(segments);
-        let h = rms_norm(x, &self.attn_norm, self.eps)?;
+        let h = self.norm(x, &self.attn_norm)?;
         let q_width = self.n_heads * self.head_dim;
         let kv_width = self.n_kv_heads * self.head_dim;
         let (q, k, v) = match &self.qkv {
-            Qkv::Separate { q, k, v } => (q.forward(&h)?, k.forward(&h)?, v.forward(&h)?),
+            Qkv::Separate { q, k, v } => {
+                (q.forward(be, &h)?, k.forward(be, &h)?, v.forward(be, &h)?)
+            }
             Qkv::Fused(qkv) => {
-                let y = qkv.forward(&h)?;
+                let y = qkv.forward(be, &h)?;
                 (
                     y.narrow(1, 0, q_width)?.contiguous()?,
                     y.narrow(1, q_width, kv_width)?.contiguous()?,
@@ -271,42 +271,44 @@ impl Block for DecoderBlock {
         let k = self.heads(&k, self.n_kv_heads, self.k_norm.as_ref())?;
         let v = split_heads(&v, self.n_kv_heads, self.head_dim)?;
         let angles = self.rope.table(&positions);
-        let q = self.rope.apply(&q, &angles, &self.device)?;
-        let k = self.rope.apply(&k, &angles, &self.device)?;
-        let (q, scale) = if self.scale_queries {
-            ((q * self.scale)?, 1.0)
-        } else {
-            (q, self.scale)
+        let q = be.rope(&q, &self.rope, &angles)?;
+        let k = be.rope(&k, &self.rope, &angles)?;
+        let q = match self.query_scale {
+            Some(scale) => (q * scale)?,
+            None => q,
         };
-        let attn = attend(&q, &k, &v, segments, self.window, scale, self.softcap)?;
-        let mut attn = self.output.forward(&attn)?;
+        let attn = be.attend(&q, &k, &v, segments, self.scoring)?;
+        let mut attn = self.output.forward(be, &attn)?;
         if let Some(norm) = &self.post_attn_norm {
-            attn = rms_norm(&attn, norm, self.eps)?;
+            attn = self.norm(&attn, norm)?;
         }
-        let x = add(x, &attn)?;
+        let x = be.add(x, &attn)?;
 
-        let h = rms_norm(&x, &self.ffn_norm, self.eps)?;
+        let h = self.norm(&x, &self.ffn_norm)?;
         let mut mlp = match &self.mlp {
             Mlp::Gated { gate, up, down } => {
                 let hidden = match gate {
-                    Some(gate) => gated(self.activation, &gate.forward(&h)?, &up.forward(&h)?)?,
+                    Some(gate) => {
+                        let (g, u) = (gate.forward(be, &h)?, up.forward(be, &h)?);
+                        be.gated(self.activation, &g, &u)?
+                    }
                     None => {
-                        let both = up.forward(&h)?;
+                        let both = up.forward(be, &h)?;
                         let width = both.dim(1)? / 2;
-                        gated(
+                        be.gated(
                             self.activation,
                             &both.narrow(1, 0, width)?.contiguous()?,
                             &both.narrow(1, width, width)?.contiguous()?,
                         )?
                     }
                 };
-                down.forward(&hidden)?
+                down.forward(be, &hidden)?
             }
-            Mlp::Experts(experts) => experts.forward(&h)?,
+            Mlp::Experts(experts) => experts.forward(be, &h)?,
         };
         if let Some(norm) = &self.post_ffn_norm {
-            mlp = rms_norm(&mlp, norm, self.eps)?;
+            mlp = self.norm(&mlp, norm)?;
         }
-        add(&x, &mlp)
+        be.add(&x, &mlp)
     }
 }

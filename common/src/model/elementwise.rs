@@ -1,4 +1,4 @@
-//! Elementwise operations of the blocks, on the kernels' threads.
+//! Elementwise operations of the blocks, on the kernels' threads: the CPU backend's.
 //!
 //! candle's CPU backend runs elementwise operations on tensors of 64 Ki values or more over a
 //! pool of its own whose threads spin while they wait: beside the kernels' pool on a shared

@@ -3,30 +3,32 @@
 //! three-dimensional tensor (`ffn_{gate,up,down}_exps`, experts outermost).
 //!
 //! Per token the router's logits go through a softmax, the `used` most probable experts run
-//! (each a gated MLP computed by Realm's quantized kernels straight from its slice of the
-//! tensor), their weights are renormalized to sum to one, and their outputs are summed, in the
-//! order of their rank, weighted. The rows of a step are grouped by expert, so each expert's
-//! weights are read once per step however many tokens chose it.
+//! (each a gated MLP whose matrices are slices of the tensors, loaded through the block's
+//! [`Backend`] like matrices of their own: on the CPU, computed straight from the mapping),
+//! their weights are renormalized to sum to one, and their outputs are summed, in the order of
+//! their rank, weighted. The rows of a step are grouped by expert, so each expert's weights are
+//! read once per step however many tokens chose it. The router and the weighted sum run on the
+//! host, over the step's rows read back.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
+use super::backend::Backend;
 use super::config::block_tensors::{FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_GATE_INP, FFN_UP_EXPS};
 use super::config::{Activation, Experts};
-use super::elementwise::gated;
-use super::Linear;
+use super::load_matrix;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::quant::load_qtensor;
+use crate::quant::load_f32;
 
 /// The smallest weight sum the renormalization divides by (the reference engines' floor, the
 /// smallest normal f16).
 const MIN_WEIGHT_SUM: f32 = half::f16::MIN_POSITIVE.to_f32_const();
 
 #[derive(Debug)]
-struct Expert {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+struct Expert<B: Backend> {
+    gate: B::Matrix,
+    up: B::Matrix,
+    down: B::Matrix,
 }
 
 /// The router's matrix `[experts, d_model]` in f32. Each token's logits are computed on their
@@ -54,22 +56,22 @@ impl Router {
 }
 
 #[derive(Debug)]
-pub(super) struct MixtureOfExperts {
+pub(super) struct MixtureOfExperts<B: Backend> {
     router: Router,
-    experts: Vec<Expert>,
+    experts: Vec<Expert<B>>,
     used: usize,
     scale: f32,
     activation: Activation,
 }
 
-impl MixtureOfExperts {
+impl<B: Backend> MixtureOfExperts<B> {
     pub fn load(
+        backend: &B,
         file: &GgufFile,
         layer: usize,
         d_model: usize,
         config: &Experts,
         activation: Activation,
-        device: &Device,
     ) -> Result<Self> {
         let name = |n: &str| format!("blk.{layer}.{n}");
         let info = file.tensor_info(&name(FFN_GATE_INP))?;
@@ -82,11 +84,10 @@ impl MixtureOfExperts {
                 ),
             });
         }
-        let weights = load_qtensor(file, info, &Device::Cpu)?
-            .dequantize(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let router = Router { weights, d_model };
+        let router = Router {
+            weights: load_f32(file, info)?,
+            d_model,
+        };
         let f = config.ffn_dim;
         let gate = expert_slices(file, &name(FFN_GATE_EXPS), d_model, f, config.count)?;
         let up = expert_slices(file, &name(FFN_UP_EXPS), d_model, f, config.count)?;
@@ -97,9 +98,9 @@ impl MixtureOfExperts {
             .zip(&down)
             .map(|((g, u), d)| {
                 Ok(Expert {
-                    gate: Linear::from_info(file, g, device)?,
-                    up: Linear::from_info(file, u, device)?,
-                    down: Linear::from_info(file, d, device)?,
+                    gate: load_matrix(backend, file, g)?,
+                    up: load_matrix(backend, file, u)?,
+                    down: load_matrix(backend, file, d)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -113,7 +114,7 @@ impl MixtureOfExperts {
     }
 
     /// `x` is `[n, d_model]`; returns `[n, d_model]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, backend: &B, x: &Tensor) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let rows = x.to_vec2::<f32>()?;
         // Each row's chosen experts and their weights, in rank order.
@@ -137,12 +138,12 @@ impl MixtureOfExperts {
             let index: Vec<u32> = rows.iter().map(|&(row, _)| row as u32).collect();
             let index = Tensor::from_vec(index, rows.len(), x.device())?;
             let input = x.index_select(&index, 0)?;
-            let hidden = gated(
-                self.activation,
-                &expert.gate.forward(&input)?,
-                &expert.up.forward(&input)?,
-            )?;
-            let out = expert.down.forward(&hidden)?.to_vec2::<f32>()?;
+            let gate = backend.matmul(&input, &expert.gate, None)?;
+            let up = backend.matmul(&input, &expert.up, None)?;
+            let hidden = backend.gated(self.activation, &gate, &up)?;
+            let out = backend
+                .matmul(&hidden, &expert.down, None)?
+                .to_vec2::<f32>()?;
             for (&(row, rank), y) in rows.iter().zip(&out) {
                 let w = choices[row][rank].1;
                 let part = &mut parts[(row * self.used + rank) * d..][..d];
@@ -217,7 +218,7 @@ fn expert_slices(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::borrows_mapping;
+    use crate::model::Cpu;
     use crate::synthetic::{self, SyntheticArch, SyntheticDType, SyntheticSpec};
 
     /// The layer manager keeps a resident layer's borrowed pages mapped and gives back those of
@@ -239,15 +240,10 @@ mod tests {
             ] {
                 let name = format!("blk.0.{name}");
                 let whole = file.tensor_info(&name).expect("tensor");
-                assert_eq!(borrows_mapping(whole, &Device::Cpu), borrowed, "{name}");
+                assert_eq!(Cpu.borrows_mapping(whole), borrowed, "{name}");
                 for slice in expert_slices(&file, &name, cols, rows, spec.experts).expect("slices")
                 {
-                    assert_eq!(
-                        borrows_mapping(&slice, &Device::Cpu),
-                        borrowed,
-                        "{}",
-                        slice.name
-                    );
+                    assert_eq!(Cpu.borrows_mapping(&slice), borrowed, "{}", slice.name);
                 }
             }
         }

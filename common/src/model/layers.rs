@@ -46,10 +46,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use candle_core::Device;
 use tracing::{debug, warn};
 
-use super::{borrows_mapping, load_block, Block, LayerRange, ModelConfig};
+use super::{load_block, Backend, Block, LayerRange, ModelConfig};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 
@@ -118,17 +117,17 @@ impl LayerStats {
 
 /// The shard's layers, loaded and evicted within a budget. See the module documentation.
 #[derive(Debug)]
-pub(crate) struct LayerManager {
-    inner: Arc<Inner>,
+pub(crate) struct LayerManager<B: Backend> {
+    inner: Arc<Inner<B>>,
     /// Layers (shard-relative) for the prefetch thread; `None` when prefetching is off.
     prefetch: Option<Mutex<mpsc::Sender<usize>>>,
 }
 
 #[derive(Debug)]
-struct Inner {
+struct Inner<B: Backend> {
+    backend: B,
     file: GgufFile,
     config: ModelConfig,
-    device: Device,
     range: LayerRange,
     /// Bytes of each layer (shard-relative index), as in the file.
     sizes: Vec<u64>,
@@ -187,15 +186,15 @@ enum Need {
     Prefetch,
 }
 
-impl LayerManager {
+impl<B: Backend> LayerManager<B> {
     /// Plans the budget for `range`, loads the pinned prefix and starts the prefetcher.
     ///
     /// Fails with [`Error::InvalidArgument`] when the budget cannot hold the largest layer.
     pub fn new(
+        backend: B,
         file: &GgufFile,
         config: &ModelConfig,
         range: LayerRange,
-        device: &Device,
         budget: LayerBudget,
     ) -> Result<Self> {
         let tensors: Vec<Vec<TensorInfo>> = range
@@ -242,9 +241,9 @@ impl LayerManager {
         };
 
         let inner = Arc::new(Inner {
+            backend,
             file: file.clone(),
             config: config.clone(),
-            device: device.clone(),
             range,
             tensors,
             pinned,
@@ -317,7 +316,7 @@ impl LayerManager {
 
     /// Layer `layer` (shard-relative), materialized, held in use until the guard drops. Asks the
     /// prefetcher for the layers after it.
-    pub fn acquire(&self, layer: usize) -> Result<LayerGuard<'_>> {
+    pub fn acquire(&self, layer: usize) -> Result<LayerGuard<'_, B>> {
         let block = self.inner.acquire(layer)?;
         if let Some(sender) = &self.prefetch {
             let n = self.n_layers();
@@ -342,12 +341,12 @@ impl LayerManager {
 }
 
 /// A materialized layer in use: it cannot be evicted until this drops.
-pub(crate) struct LayerGuard<'a> {
+pub(crate) struct LayerGuard<'a, B: Backend> {
     block: Option<Arc<dyn Block>>,
-    inner: &'a Inner,
+    inner: &'a Inner<B>,
 }
 
-impl std::ops::Deref for LayerGuard<'_> {
+impl<B: Backend> std::ops::Deref for LayerGuard<'_, B> {
     type Target = dyn Block;
 
     fn deref(&self) -> &Self::Target {
@@ -356,7 +355,7 @@ impl std::ops::Deref for LayerGuard<'_> {
     }
 }
 
-impl Drop for LayerGuard<'_> {
+impl<B: Backend> Drop for LayerGuard<'_, B> {
     fn drop(&mut self) {
         // Released under the lock, so a request checking for evictable layers cannot miss it.
         let table = self.inner.lock();
@@ -366,7 +365,7 @@ impl Drop for LayerGuard<'_> {
     }
 }
 
-impl Inner {
+impl<B: Backend> Inner<B> {
     fn lock(&self) -> MutexGuard<'_, Table> {
         // Nothing panics while holding the table lock; a poisoned one still holds a valid table.
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -510,19 +509,19 @@ impl Inner {
         true
     }
 
-    /// Materializes `layer` (shard-relative): matrices in Realm's kernel formats compute from
-    /// the mapped pages, which loading maps in and which stay until eviction; the pages of
-    /// tensors the block copied are given back at once.
+    /// Materializes `layer` (shard-relative): matrices the backend computes from the mapped
+    /// pages keep them, mapped in by loading, until eviction; the pages of tensors the block
+    /// copied are given back at once.
     fn load(&self, layer: usize) -> Result<Arc<dyn Block>> {
         let started = Instant::now();
         let block = load_block(
+            &self.backend,
             &self.file,
             &self.config,
             self.range.start + layer,
-            &self.device,
         )?;
         for info in &self.tensors[layer] {
-            if borrows_mapping(info, &self.device) {
+            if self.backend.borrows_mapping(info) {
                 continue;
             }
             if let Err(e) = self.file.release_tensor(info) {

@@ -4,8 +4,12 @@
 //! Blocks load only their own `blk.{i}.*` tensors, so a worker can hold any contiguous range.
 //! Blocks hold weights only; the attention state of a sequence lives in a [`SessionKv`] owned by
 //! that session, so many sessions run through the same weights at once.
+//!
+//! The architectures compute through a [`Backend`], chosen when the weights are loaded and held
+//! with them: `load` loads onto the [`Cpu`], `load_on` onto any backend (see `backend`).
 
 mod attention;
+mod backend;
 mod block;
 pub mod config;
 mod elementwise;
@@ -13,18 +17,16 @@ mod experts;
 mod layers;
 mod norm;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::kernels::{self, QMatrix};
 use crate::kv::SessionKv;
-use crate::quant::{load_qtensor, qtensor_from_bytes};
+use crate::quant::qtensor_from_bytes;
 use config::tensors::{OUTPUT, OUTPUT_BIAS, OUTPUT_NORM, TOKEN_EMBD};
-use norm::rms_norm;
 
 pub use attention::{Precision, Segment};
+pub use backend::{Backend, Cpu, Scoring};
 pub use config::{Architecture, ModelConfig};
 pub use layers::{layer_bytes, LayerBudget, LayerStats};
 use layers::{layer_tensors, LayerManager};
@@ -69,94 +71,6 @@ impl std::fmt::Display for LayerRange {
     }
 }
 
-/// A weight matrix applied as `x @ W^T`: Realm's own kernels where the format has one (on CPU),
-/// computing straight from the mapped file; candle's otherwise, from a copy.
-#[derive(Debug, Clone)]
-pub(crate) enum Linear {
-    Realm(QMatrix),
-    Candle(QMatMul),
-}
-
-/// Whether a tensor is computed from the mapped file's pages rather than from a copy: the layer
-/// manager keeps such pages mapped while the layer is resident, and releases copied ones.
-/// Formats that Realm's kernels repack are copied (in another layout). A three-dimensional
-/// tensor holds one matrix per expert, `dims[0]` wide and `dims[1]` high, each loaded as a
-/// slice of the mapping like a matrix of its own.
-pub(crate) fn borrows_mapping(info: &TensorInfo, device: &Device) -> bool {
-    device.is_cpu()
-        && matches!(info.dims.len(), 2 | 3)
-        && kernels::supported_shape(info.dtype, info.dims[0] as usize)
-        && !kernels::repacks(info.dtype, info.dims[1] as usize)
-}
-
-impl Linear {
-    pub fn load(file: &GgufFile, name: &str, device: &Device) -> Result<Self> {
-        Self::from_info(file, file.tensor_info(name)?, device)
-    }
-
-    /// The matrix `info` describes (a tensor of `file`, or a slice of one).
-    pub fn from_info(file: &GgufFile, info: &TensorInfo, device: &Device) -> Result<Self> {
-        if info.dims.len() != 2 {
-            return Err(Error::Tensor {
-                name: info.name.clone(),
-                problem: format!("expected a matrix, found dimensions {:?}", info.dims),
-            });
-        }
-        if device.is_cpu() {
-            let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
-            if borrows_mapping(info, device) {
-                if let Some(m) = QMatrix::mapped(info.dtype, rows, cols, file.tensor_data(info)?) {
-                    // Fault the pages in now, at load time, rather than during the first step.
-                    file.populate_tensor(info)?;
-                    return Ok(Self::Realm(m));
-                }
-            } else if kernels::supported_shape(info.dtype, cols) {
-                let bytes = file.tensor_bytes(info)?;
-                // The repacked copy is all the kernels read: the file's pages can go, as the
-                // copy proceeds (best effort; the whole tensor's release below reports errors).
-                let release = |n| drop(file.release_tensor_part(info, n));
-                if let Some(m) = QMatrix::new_releasing(info.dtype, rows, cols, bytes, release) {
-                    file.release_tensor(info)?;
-                    return Ok(Self::Realm(m));
-                }
-            }
-        }
-        Ok(Self::Candle(QMatMul::from_qtensor(load_qtensor(
-            file, info, device,
-        )?)?))
-    }
-
-    /// Outputs per input row.
-    pub fn rows(&self) -> usize {
-        match self {
-            Self::Realm(m) => m.rows(),
-            Self::Candle(m) => match m {
-                QMatMul::QTensor(t) => t.shape().dims()[0],
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
-            },
-        }
-    }
-
-    /// `x` is `[n, cols]`; returns `[n, rows]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Candle(m) => Ok(m.forward(x)?),
-            Self::Realm(m) => {
-                let (n, cols) = x.dims2()?;
-                if cols != m.cols() {
-                    return Err(Error::InvalidArgument(format!(
-                        "activation width {cols} does not match weight width {}",
-                        m.cols()
-                    )));
-                }
-                let mut out = vec![0.0f32; n * m.rows()];
-                elementwise::with_values(x, |input| m.matmul(input, n, &mut out))?;
-                Ok(Tensor::from_vec(out, (n, m.rows()), x.device())?)
-            }
-        }
-    }
-}
-
 /// One transformer block: weights of `blk.{i}.*` and the forward pass over them.
 pub trait Block: Send + Sync + std::fmt::Debug {
     /// Runs the block on `x` (`[rows, d_model]`), the rows of one or more sessions in the order
@@ -165,19 +79,55 @@ pub trait Block: Send + Sync + std::fmt::Debug {
     fn forward(&self, x: &Tensor, segments: &mut [Segment<'_>]) -> Result<Tensor>;
 }
 
-fn load_block(
+fn load_block<B: Backend>(
+    backend: &B,
     file: &GgufFile,
     config: &ModelConfig,
     layer: usize,
-    device: &Device,
 ) -> Result<Box<dyn Block>> {
     Ok(Box::new(block::DecoderBlock::load(
-        file, config, layer, device,
+        backend, file, config, layer,
     )?))
 }
 
+/// The matrix `info` describes, loaded through `backend`; anything but a matrix is refused.
+fn load_matrix<B: Backend>(backend: &B, file: &GgufFile, info: &TensorInfo) -> Result<B::Matrix> {
+    if info.dims.len() != 2 {
+        return Err(Error::Tensor {
+            name: info.name.clone(),
+            problem: format!("expected a matrix, found dimensions {:?}", info.dims),
+        });
+    }
+    backend.load_matrix(file, info)
+}
+
+/// The tensor `name` of `file`, checked to be a vector of `len` values.
+fn vector_info<'f>(file: &'f GgufFile, name: &str, len: usize) -> Result<&'f TensorInfo> {
+    let info = file.tensor_info(name)?;
+    if info.dims.len() != 1 || info.dims[0] as usize != len {
+        return Err(Error::Tensor {
+            name: name.to_string(),
+            problem: format!(
+                "expected a vector of {len}, found dimensions {:?}",
+                info.dims
+            ),
+        });
+    }
+    Ok(info)
+}
+
+/// The vector `name` of `len` values (norm weights, a bias), loaded through `backend`.
+fn load_vector<B: Backend>(
+    backend: &B,
+    file: &GgufFile,
+    name: &str,
+    len: usize,
+) -> Result<B::Vector> {
+    backend.load_vector(file, vector_info(file, name, len)?)
+}
+
 /// Token embeddings. The table stays quantized in the file mapping; a lookup dequantizes only
-/// the rows it needs.
+/// the rows it needs, on the host.
 #[derive(Debug, Clone)]
 pub struct Embedding {
     file: GgufFile,
@@ -186,11 +136,10 @@ pub struct Embedding {
     vocab: usize,
     /// Gemma scales embeddings by √d_model; 1 for llama.
     scale: f64,
-    device: Device,
 }
 
 impl Embedding {
-    pub fn load(file: &GgufFile, config: &ModelConfig, device: &Device) -> Result<Self> {
+    pub fn load(file: &GgufFile, config: &ModelConfig) -> Result<Self> {
         let info = file.tensor_info(TOKEN_EMBD)?.clone();
         if info.dims.len() != 2 || info.dims[0] as usize != config.d_model {
             return Err(Error::Tensor {
@@ -207,7 +156,6 @@ impl Embedding {
             info,
             d_model: config.d_model,
             scale: config.embedding_scale,
-            device: device.clone(),
         })
     }
 
@@ -237,7 +185,7 @@ impl Embedding {
             self.file
                 .release_tensor_range(&self.info, t * row_bytes, row_bytes)?;
         }
-        let x = Tensor::stack(&rows, 0)?.to_device(&self.device)?;
+        let x = Tensor::stack(&rows, 0)?;
         Ok(if self.scale != 1.0 {
             (x * self.scale)?
         } else {
@@ -247,46 +195,58 @@ impl Embedding {
 }
 
 /// Final norm and output projection.
-#[derive(Debug, Clone)]
-pub struct Head {
-    norm: Tensor,
-    output: Linear,
-    bias: Option<Tensor>,
+#[derive(Debug)]
+pub struct Head<B: Backend = Cpu> {
+    backend: B,
+    norm: B::Vector,
+    output: B::Matrix,
+    bias: Option<B::Vector>,
     /// Gemma 2: logits pass through `c · tanh(l / c)`.
     softcap: Option<f32>,
     eps: f64,
 }
 
 impl Head {
-    pub fn load(file: &GgufFile, config: &ModelConfig, device: &Device) -> Result<Self> {
+    /// [`load_on`](Self::load_on) the CPU.
+    pub fn load(file: &GgufFile, config: &ModelConfig) -> Result<Self> {
+        Self::load_on(Cpu, file, config)
+    }
+}
+
+impl<B: Backend> Head<B> {
+    /// The final norm and the output matrix (the embedding table, where the file ties them),
+    /// with its bias if the file has one.
+    pub fn load_on(backend: B, file: &GgufFile, config: &ModelConfig) -> Result<Self> {
         // Tied embeddings: without an output matrix the embedding table doubles as the head.
         let output_name = if file.tensors.contains_key(OUTPUT) {
             OUTPUT
         } else {
             TOKEN_EMBD
         };
-        let output = Linear::load(file, output_name, device)?;
+        let info = file.tensor_info(output_name)?;
+        let output = load_matrix(&backend, file, info)?;
         let bias = if file.tensors.contains_key(OUTPUT_BIAS) {
-            Some(load_vector(file, OUTPUT_BIAS, output.rows(), device)?)
+            let vocab = info.dims[1] as usize;
+            Some(load_vector(&backend, file, OUTPUT_BIAS, vocab)?)
         } else {
             None
         };
         Ok(Self {
-            norm: load_vector(file, OUTPUT_NORM, config.d_model, device)?,
+            norm: load_vector(&backend, file, OUTPUT_NORM, config.d_model)?,
             output,
             bias,
             softcap: config.final_softcap,
             eps: config.rms_eps,
+            backend,
         })
     }
 
     /// Logits `[n, vocab]` for every row of `x` (`[n, d_model]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = rms_norm(&x.contiguous()?, &self.norm, self.eps)?;
-        let mut logits = self.output.forward(&x)?;
-        if let Some(bias) = &self.bias {
-            logits = logits.broadcast_add(bias)?;
-        }
+        let x = self
+            .backend
+            .rms_norm(&x.contiguous()?, &self.norm, self.eps)?;
+        let mut logits = self.backend.matmul(&x, &self.output, self.bias.as_ref())?;
         if let Some(cap) = self.softcap {
             logits = ((logits * cap.recip() as f64)?.tanh()? * cap as f64)?;
         }
@@ -296,39 +256,56 @@ impl Head {
 
 /// The blocks of one contiguous layer range.
 #[derive(Debug)]
-pub struct Shard {
+pub struct Shard<B: Backend = Cpu> {
     range: LayerRange,
-    layers: Layers,
+    layers: Layers<B>,
 }
 
 /// Where a shard's blocks come from.
 #[derive(Debug)]
-enum Layers {
+enum Layers<B: Backend> {
     /// Every block loaded up front and kept (the single-process model).
     Resident(Vec<Box<dyn Block>>),
     /// Blocks materialized within a memory budget (a worker; see `layers`).
-    Managed(LayerManager),
+    Managed(LayerManager<B>),
 }
 
 impl Shard {
-    /// Loads only the `blk.{i}.*` tensors of `range`, every block resident.
-    pub fn load(
+    /// [`load_on`](Self::load_on) the CPU.
+    pub fn load(file: &GgufFile, config: &ModelConfig, range: LayerRange) -> Result<Self> {
+        Self::load_on(Cpu, file, config, range)
+    }
+
+    /// [`load_managed_on`](Self::load_managed_on) the CPU.
+    pub fn load_managed(
         file: &GgufFile,
         config: &ModelConfig,
         range: LayerRange,
-        device: &Device,
+        budget: LayerBudget,
+    ) -> Result<Self> {
+        Self::load_managed_on(Cpu, file, config, range, budget)
+    }
+}
+
+impl<B: Backend> Shard<B> {
+    /// Loads only the `blk.{i}.*` tensors of `range`, every block resident.
+    pub fn load_on(
+        backend: B,
+        file: &GgufFile,
+        config: &ModelConfig,
+        range: LayerRange,
     ) -> Result<Self> {
         check_range(config, range)?;
         let blocks = range
             .iter()
-            .map(|layer| load_block(file, config, layer, device))
+            .map(|layer| load_block(&backend, file, config, layer))
             .collect::<Result<_>>()?;
         // Each copy gave its tensor's pages back as it went, but reading the next tensor maps
         // its neighbours' cached pages in again (the kernel's fault-around, up to 64 KiB
         // around each fault): once every block is loaded, the copied tensors go for good.
         for layer in range.iter() {
             for info in layer_tensors(file, layer) {
-                if !borrows_mapping(&info, device) {
+                if !backend.borrows_mapping(&info) {
                     file.release_tensor(&info)?;
                 }
             }
@@ -342,17 +319,17 @@ impl Shard {
     /// A shard whose blocks are materialized within `budget` by the Memory64 layer manager:
     /// the pinned prefix is loaded now, the rest on use and by prefetch. Fails with
     /// [`Error::InvalidArgument`] when the budget cannot hold the largest layer.
-    pub fn load_managed(
+    pub fn load_managed_on(
+        backend: B,
         file: &GgufFile,
         config: &ModelConfig,
         range: LayerRange,
-        device: &Device,
         budget: LayerBudget,
     ) -> Result<Self> {
         check_range(config, range)?;
         Ok(Self {
             range,
-            layers: Layers::Managed(LayerManager::new(file, config, range, device, budget)?),
+            layers: Layers::Managed(LayerManager::new(backend, file, config, range, budget)?),
         })
     }
 
@@ -548,21 +525,29 @@ fn check_range(config: &ModelConfig, range: LayerRange) -> Result<()> {
 
 /// A whole model in one process: embedding, every block, head.
 #[derive(Debug)]
-pub struct Model {
+pub struct Model<B: Backend = Cpu> {
     pub config: ModelConfig,
     pub embedding: Embedding,
-    pub shard: Shard,
-    pub head: Head,
+    pub shard: Shard<B>,
+    pub head: Head<B>,
 }
 
 impl Model {
-    pub fn load(file: &GgufFile, device: &Device) -> Result<Self> {
+    /// [`load_on`](Self::load_on) the CPU.
+    pub fn load(file: &GgufFile) -> Result<Self> {
+        Self::load_on(Cpu, file)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Every weight of `file`, every block resident.
+    pub fn load_on(backend: B, file: &GgufFile) -> Result<Self> {
         let config = ModelConfig::from_gguf(file)?;
         let all = LayerRange::new(0, config.n_layers)?;
         Ok(Self {
-            embedding: Embedding::load(file, &config, device)?,
-            shard: Shard::load(file, &config, all, device)?,
-            head: Head::load(file, &config, device)?,
+            embedding: Embedding::load(file, &config)?,
+            shard: Shard::load_on(backend.clone(), file, &config, all)?,
+            head: Head::load_on(backend, file, &config)?,
             config,
         })
     }
@@ -588,18 +573,27 @@ impl Model {
     }
 }
 
-/// Loads a 1-D f32 tensor (norm weights) and checks its length.
-fn load_vector(file: &GgufFile, name: &str, len: usize, device: &Device) -> Result<Tensor> {
-    let info = file.tensor_info(name)?;
-    if info.dims.len() != 1 || info.dims[0] as usize != len {
-        return Err(Error::Tensor {
-            name: name.to_string(),
-            problem: format!(
-                "expected a vector of {len}, found dimensions {:?}",
-                info.dims
-            ),
-        });
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{self, SyntheticArch, SyntheticDType, SyntheticSpec};
+
+    #[test]
+    fn only_a_matrix_loads_as_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("llama.gguf");
+        let spec = SyntheticSpec::fixture(SyntheticArch::Llama, SyntheticDType::Q8_0);
+        synthetic::write(&path, &spec).expect("write");
+        let file = GgufFile::open(&path).expect("open");
+        let matrix = |name| load_matrix(&Cpu, &file, file.tensor_info(name)?);
+        matrix("blk.0.attn_q.weight").expect("a matrix");
+        assert!(matches!(
+            matrix("blk.0.attn_norm.weight"),
+            Err(Error::Tensor { .. })
+        ));
+        assert!(matches!(
+            matrix("blk.99.attn_q.weight"),
+            Err(Error::MissingTensor(_))
+        ));
     }
-    let q = crate::quant::load_qtensor(file, info, device)?;
-    Ok(q.dequantize(device)?)
 }

@@ -4,15 +4,16 @@
 //! those steps add up over a deep model. So the operations are the reference's, in its order:
 //! squares rounded to f32 and summed in f64, the mean rounded to f32, its reciprocal root in
 //! f32, and each value scaled by it, then by the weight. This gives the reference's bits.
+//!
+//! The CPU backend's norm (see `backend::cpu`).
 
 use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
-/// Normalizes every row (last dimension) of `x` and scales it by `weight`.
-pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let w = weight.to_vec1::<f32>()?;
+/// Normalizes every row (last dimension) of `x` and scales it by `w`.
+pub(crate) fn rms_norm(x: &Tensor, w: &[f32], eps: f64) -> Result<Tensor> {
     let width = w.len();
     if x.dims().last() != Some(&width) {
         return Err(Error::InvalidArgument(format!(
@@ -27,7 +28,7 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
         let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / width as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
-        for (v, w) in row.iter_mut().zip(&w) {
+        for (v, w) in row.iter_mut().zip(w) {
             *v = *v * scale * w;
         }
     });
