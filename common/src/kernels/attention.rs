@@ -1,6 +1,6 @@
 //! The inner loops of attention: query–key scores and the online softmax over values, on the
 //! [`Isa`] the caller hands down: AVX2 and AVX-512 (x86-64), NEON (aarch64), or the portable
-//! code, which defines the bits.
+//! code ([`portable::score_blocks`], [`portable::accumulate`]), which defines the bits.
 //!
 //! A score is one chain over the dimensions, `((q₀k₀ + q₁k₁) + q₂k₂) + …`, each product rounded
 //! before it is added; eight keys (a block of the cache) are scored side by side, one per lane,
@@ -14,7 +14,7 @@ use half::f16;
 use super::neon;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::Isa;
+use super::{portable, Isa};
 use crate::kv::{LayerKv, KEY_BLOCK};
 
 /// `q · key j` for the `count` keys from `first` of KV head `head`, in that order. Scores are
@@ -32,7 +32,7 @@ pub(crate) fn scores<'a>(
     buf.clear();
     buf.resize((end - start) * KEY_BLOCK, 0.0);
     match isa {
-        Isa::Portable => score_blocks(q, kv, head, start, buf),
+        Isa::Portable => portable::score_blocks(q, kv, head, start, buf),
         #[cfg(target_arch = "x86_64")]
         Isa::X86(cpu) => x86::attention::score_blocks(cpu, q, kv, head, start, buf),
         #[cfg(target_arch = "aarch64")]
@@ -40,20 +40,6 @@ pub(crate) fn scores<'a>(
     }
     let skip = first - start * KEY_BLOCK;
     &buf[skip..skip + count]
-}
-
-/// Scores `q` against the key blocks from `start` of KV head `head`, one block of keys per
-/// `KEY_BLOCK` values of `out`.
-fn score_blocks(q: &[f32], kv: &LayerKv, head: usize, start: usize, out: &mut [f32]) {
-    let head_dim = q.len();
-    for (b, out) in out.chunks_exact_mut(KEY_BLOCK).enumerate() {
-        let keys = kv.key_block(start + b, head, head_dim);
-        for (lane, out) in out.iter_mut().enumerate() {
-            *out = q.iter().enumerate().fold(0.0f32, |acc, (d, &q)| {
-                acc + q * keys[d * KEY_BLOCK + lane].to_f32()
-            });
-        }
-    }
 }
 
 /// One query's softmax-weighted sum of the values of the keys from `first`, scored `scores`
@@ -118,25 +104,11 @@ pub(crate) fn softmax_values(
 /// `acc = v · weight + acc · rescale`, rounded to f16 when `narrow`.
 fn accumulate(isa: Isa, acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow: bool) {
     match isa {
-        Isa::Portable => accumulate_portable(acc, v, rescale, weight, narrow),
+        Isa::Portable => portable::accumulate(acc, v, rescale, weight, narrow),
         #[cfg(target_arch = "x86_64")]
         Isa::X86(cpu) => x86::attention::accumulate(cpu, acc, v, rescale, weight, narrow),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon(cpu) => neon::attention::accumulate(cpu, acc, v, rescale, weight, narrow),
-    }
-}
-
-/// [`accumulate`] one value at a time: the bits every path computes.
-pub(super) fn accumulate_portable(
-    acc: &mut [f32],
-    v: &[f16],
-    rescale: f32,
-    weight: f32,
-    narrow: bool,
-) {
-    for (a, v) in acc.iter_mut().zip(v) {
-        let x = v.to_f32() * weight + *a * rescale;
-        *a = if narrow { f16::from_f32(x).to_f32() } else { x };
     }
 }
 
@@ -204,7 +176,7 @@ mod tests {
                             };
                             sum = sum * rescale + weight;
                             let v = kv.value(first + j, head, head_dim);
-                            accumulate_portable(&mut want, v, rescale, weight, narrow);
+                            portable::accumulate(&mut want, v, rescale, weight, narrow);
                         }
                         let want: Vec<f32> = want.iter().map(|a| a * (1.0 / sum)).collect();
                         assert_eq!(
@@ -219,7 +191,7 @@ mod tests {
                     for (j, rescale) in [(0, 0.25), (1, 1.0), (2, 0.5)] {
                         let v = kv.value(j, 1, head_dim);
                         accumulate(isa, &mut a, v, rescale, 0.75, narrow);
-                        accumulate_portable(&mut b, v, rescale, 0.75, narrow);
+                        portable::accumulate(&mut b, v, rescale, 0.75, narrow);
                     }
                     assert_eq!(bits(&a), bits(&b), "{isa:?} accumulate {head_dim} {narrow}");
                 }

@@ -1,6 +1,7 @@
 //! The portable kernels, which define the bits: activation quantization, the file layout's block
-//! dot products, and the interleaved layout's group products. Every SIMD path computes what
-//! these compute, to the bit, and the tests hold each one against them.
+//! dot products, the interleaved layout's group products, and attention's scores and value sums.
+//! Every SIMD path computes what these compute, to the bit, and the tests hold each one against
+//! them.
 //!
 //! They are written for clarity over speed, but they run too: on a CPU without the SIMD paths,
 //! and as the tests' reference.
@@ -9,6 +10,7 @@ use half::f16;
 
 use super::interleaved::{self, by_lanes, nibbles_at, MASKS_AT, NIBBLES, ROWS, UNPACKED};
 use super::{ActBlock, KBlock, LANES, QK, QK_K};
+use crate::kv::{LayerKv, KEY_BLOCK};
 use crate::quant::GgmlType;
 
 /// Quantizes one activation row (`len % 32 == 0`) into `Q8_0`/`Q8_1` blocks.
@@ -414,6 +416,28 @@ pub(super) fn interleaved_group_matmul(
                 sum
             };
         }
+    }
+}
+
+/// Attention's scores of `q` against the key blocks from `start` of KV head `head`, one block
+/// of keys per `KEY_BLOCK` values of `out`: each one chain over the dimensions.
+pub(super) fn score_blocks(q: &[f32], kv: &LayerKv, head: usize, start: usize, out: &mut [f32]) {
+    let head_dim = q.len();
+    for (b, out) in out.chunks_exact_mut(KEY_BLOCK).enumerate() {
+        let keys = kv.key_block(start + b, head, head_dim);
+        for (lane, out) in out.iter_mut().enumerate() {
+            *out = q.iter().enumerate().fold(0.0f32, |acc, (d, &q)| {
+                acc + q * keys[d * KEY_BLOCK + lane].to_f32()
+            });
+        }
+    }
+}
+
+/// Attention's `acc = v · weight + acc · rescale`, rounded to f16 when `narrow`.
+pub(super) fn accumulate(acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow: bool) {
+    for (a, v) in acc.iter_mut().zip(v) {
+        let x = v.to_f32() * weight + *a * rescale;
+        *a = if narrow { f16::from_f32(x).to_f32() } else { x };
     }
 }
 

@@ -7,7 +7,7 @@ use std::arch::aarch64::*;
 use half::f16;
 
 use super::{narrow_f16, widen_f16, Neon};
-use crate::kernels::attention::accumulate_portable;
+use crate::kernels::portable;
 use crate::kv::{LayerKv, KEY_BLOCK};
 
 /// Eight f16 at `x[at..at + 8]` widened, as values `0..4` and `4..8`.
@@ -116,5 +116,5 @@ fn accumulate_neon(acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow
             unsafe { vst1q_f32(out.as_mut_ptr(), x) };
         }
     }
-    accumulate_portable(&mut acc[whole..], &v[whole..], rescale, weight, narrow);
+    portable::accumulate(&mut acc[whole..], &v[whole..], rescale, weight, narrow);
 }

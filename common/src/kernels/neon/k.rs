@@ -80,7 +80,7 @@ fn dot_rows_k_neon<const SDOT: bool>(
 
 /// Values `16h..16h + 16` of each 32-value part of half `half` of a `Q6_K` super-block,
 /// unsigned (0..63): the low bits from `ql`, the high two from `qh` (see
-/// [`portable::dot_q6_k`]).
+/// [`dot_q6_k`](crate::kernels::portable::dot_q6_k)).
 #[inline]
 #[target_feature(enable = "neon")]
 fn q6_k_parts(block: &[u8], half: usize, h: usize) -> [uint8x16_t; 4] {
@@ -223,8 +223,9 @@ fn group(a: &[i8; QK]) -> [int8x16_t; 2] {
     [act16(a, 0), act16(a, 16)]
 }
 
-/// [`portable::dot_q4_k`]: each sub-block's products summed in lanes, multiplied by its scale in
-/// integers; the super-block's total and its minimums scaled as the portable code does.
+/// [`dot_q4_k`](crate::kernels::portable::dot_q4_k): each sub-block's products summed in lanes,
+/// multiplied by its scale in integers; the super-block's total and its minimums scaled as the
+/// portable code does.
 #[inline]
 #[target_feature(enable = "neon")]
 fn dot_q4_k<const SDOT: bool>(row: &[u8], act: &[KBlock]) -> f32 {
@@ -254,8 +255,9 @@ fn dot_q4_k<const SDOT: bool>(row: &[u8], act: &[KBlock]) -> f32 {
     acc - acc_min
 }
 
-/// [`portable::dot_q6_k`]: values built from their low and high bits, the offset of 32 taken off
-/// each byte (values -32..32), each 16 products multiplied by their signed scale in integers.
+/// [`dot_q6_k`](crate::kernels::portable::dot_q6_k): values built from their low and high bits,
+/// the offset of 32 taken off each byte (values -32..32), each 16 products multiplied by their
+/// signed scale in integers.
 #[inline]
 #[target_feature(enable = "neon")]
 fn dot_q6_k<const SDOT: bool>(row: &[u8], act: &[KBlock]) -> f32 {

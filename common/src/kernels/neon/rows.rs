@@ -87,8 +87,9 @@ fn unpack<const BLOCK: usize>(block: &[u8]) -> [int8x16_t; 2] {
     }
 }
 
-/// [`portable::dot_q4_0`] and the others: eight lanes of four products, scaled once per block into
-/// f32 lanes by fused multiply-adds, summed in the portable order.
+/// [`dot_q4_0`](crate::kernels::portable::dot_q4_0) and the others: eight lanes of four
+/// products, scaled once per block into f32 lanes by fused multiply-adds, summed in the portable
+/// order.
 #[inline]
 #[target_feature(enable = "neon")]
 fn dot_row<const SDOT: bool, const BLOCK: usize>(row: &[u8], act: &[ActBlock]) -> f32 {
@@ -114,7 +115,8 @@ fn dot_row<const SDOT: bool, const BLOCK: usize>(row: &[u8], act: &[ActBlock]) -
     }
 }
 
-/// [`portable::hsum`] of lanes `0..4` and `4..8`: `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
+/// [`hsum`](crate::kernels::portable::hsum) of lanes `0..4` and `4..8`:
+/// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
 #[inline]
 #[target_feature(enable = "neon")]
 fn hsum(low: float32x4_t, high: float32x4_t) -> f32 {

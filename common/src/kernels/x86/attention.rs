@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::X86;
-use crate::kernels::attention::accumulate_portable;
+use crate::kernels::portable;
 use crate::kv::{LayerKv, KEY_BLOCK};
 
 /// Eight f16 at `x[at..at + 8]` widened.
@@ -91,7 +91,7 @@ const DIMS_PER_PASS: usize = 64;
 
 /// The weighted sum of `value(j)` over `steps` into `acc` (zeros), [`DIMS_PER_PASS`]
 /// dimensions at a time, the accumulators in registers over every key, in sixteen-lane
-/// registers where `cpu` runs AVX-512; the same operations as [`accumulate_portable`], in the
+/// registers where `cpu` runs AVX-512; the same operations as [`portable::accumulate`], in the
 /// same order. Returns how many leading dimensions it covered.
 pub(in crate::kernels) fn weighted_sum<'a>(
     cpu: X86,
@@ -185,5 +185,5 @@ fn accumulate_avx2(acc: &mut [f32], v: &[f16], rescale: f32, weight: f32, narrow
         // SAFETY: as above.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x) };
     }
-    accumulate_portable(&mut acc[whole..], &v[whole..], rescale, weight, narrow);
+    portable::accumulate(&mut acc[whole..], &v[whole..], rescale, weight, narrow);
 }
