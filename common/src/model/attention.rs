@@ -8,9 +8,8 @@ use rayon::prelude::*;
 
 pub(crate) use super::config::RopeStyle;
 use crate::error::{Error, Result};
+use crate::kernels::{attention as dot, Isa};
 use crate::kv::LayerKv;
-
-mod dot;
 
 /// A rotary embedding, computed as the reference engine computes it, bit for bit: the angle of
 /// pair `i` at position `p` is `p · θ^i` with `θ = base^(-2/d)`, the power built up by one f32
@@ -204,6 +203,7 @@ pub(crate) fn attend(
     let device = q.device().clone();
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let scale = scale as f32;
+    let isa = Isa::detect();
     let mut out = vec![0.0f32; n * n_heads * head_dim];
     // One task per (row, head): each writes its own `head_dim` slice of `out`.
     out.par_chunks_mut(head_dim)
@@ -221,7 +221,7 @@ pub(crate) fn attend(
                 q16.convert_to_f32_slice(&mut query);
             }
             let mut buf = Vec::new();
-            let scores = dot::scores(&query, kv, kv_head, first, p + 1 - first, &mut buf);
+            let scores = dot::scores(isa, &query, kv, kv_head, first, p + 1 - first, &mut buf);
             let scores: Vec<f32> = match softcap {
                 None => scores.iter().map(|s| s * scale).collect(),
                 Some(cap) => scores
@@ -230,7 +230,7 @@ pub(crate) fn attend(
                     .collect(),
             };
             let mut steps = Vec::with_capacity(scores.len());
-            dot::softmax_values(&scores, kv, kv_head, first, narrow, out, &mut steps);
+            dot::softmax_values(isa, &scores, kv, kv_head, first, narrow, out, &mut steps);
         });
     Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
 }

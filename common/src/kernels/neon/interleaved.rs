@@ -1,4 +1,4 @@
-//! The interleaved kernels in NEON registers (aarch64).
+//! The interleaved layout's group products (see [`crate::kernels::interleaved`]) in NEON.
 //!
 //! A 16-byte register holds 16 bytes of one of a group-block's four unpacked vectors `k`: rows
 //! `2j` and `2j + 1`, each row's values `8k..8k + 4` and `8k + 4..8k + 8` in 32-bit lanes, the
@@ -9,40 +9,40 @@
 
 use std::arch::aarch64::*;
 
-use super::{
-    format, group_block_bytes, lanes, nibbles_at, ActBlock, MASKS_AT, NIBBLES, Q4_0, Q4_1, Q5_0,
-    Q8_0, ROWS, UNPACKED,
+use super::{bytes16, dot4, f16x8, load16, load16_i8, Neon};
+use crate::kernels::interleaved::formats::{format, lanes, Q4_0, Q4_1, Q5_0, Q8_0};
+use crate::kernels::interleaved::{
+    group_block_bytes, nibbles_at, MASKS_AT, NIBBLES, ROWS, UNPACKED,
 };
-pub use crate::kernels::neon::Path;
-use crate::kernels::neon::{bytes16, dot4, f16x8, load16, load16_i8};
+use crate::kernels::ActBlock;
 use crate::quant::GgmlType;
 
-/// [`super::group_matmul`] on `path`, which this CPU must run.
-pub fn group_matmul(
-    path: Path,
+/// One group's products with every token: `out[t * ROWS + i]` for row `i` of the group.
+pub(in crate::kernels) fn group_matmul(
+    cpu: Neon,
     dtype: GgmlType,
     group: &[u8],
     acts: &[Vec<ActBlock>],
     out: &mut [f32],
 ) {
-    assert!(path.available(), "{path:?} is not available on this CPU");
-    // SAFETY: the features of `path` were just checked on this CPU.
+    // SAFETY: a `Neon` is made only where the CPU runs NEON, and says whether it runs the dot
+    // product extension, which `SDOT` asks for.
     unsafe {
-        match (path, dtype) {
-            (Path::Dotprod, GgmlType::Q4_0) => group_matmul_neon::<true, Q4_0>(group, acts, out),
-            (Path::Dotprod, GgmlType::Q4_1) => group_matmul_neon::<true, Q4_1>(group, acts, out),
-            (Path::Dotprod, GgmlType::Q5_0) => group_matmul_neon::<true, Q5_0>(group, acts, out),
-            (Path::Dotprod, _) => group_matmul_neon::<true, Q8_0>(group, acts, out),
-            (Path::Neon, GgmlType::Q4_0) => group_matmul_neon::<false, Q4_0>(group, acts, out),
-            (Path::Neon, GgmlType::Q4_1) => group_matmul_neon::<false, Q4_1>(group, acts, out),
-            (Path::Neon, GgmlType::Q5_0) => group_matmul_neon::<false, Q5_0>(group, acts, out),
-            (Path::Neon, _) => group_matmul_neon::<false, Q8_0>(group, acts, out),
+        match (cpu.dotprod(), dtype) {
+            (true, GgmlType::Q4_0) => group_matmul_neon::<true, Q4_0>(group, acts, out),
+            (true, GgmlType::Q4_1) => group_matmul_neon::<true, Q4_1>(group, acts, out),
+            (true, GgmlType::Q5_0) => group_matmul_neon::<true, Q5_0>(group, acts, out),
+            (true, _) => group_matmul_neon::<true, Q8_0>(group, acts, out),
+            (false, GgmlType::Q4_0) => group_matmul_neon::<false, Q4_0>(group, acts, out),
+            (false, GgmlType::Q4_1) => group_matmul_neon::<false, Q4_1>(group, acts, out),
+            (false, GgmlType::Q5_0) => group_matmul_neon::<false, Q5_0>(group, acts, out),
+            (false, _) => group_matmul_neon::<false, Q8_0>(group, acts, out),
         }
     }
 }
 
 /// A group-block's quants, `[k][j]`: vector `k = 2h + p` (see the module's header of
-/// [`super`]) for rows `2j` and `2j + 1`.
+/// [`crate::kernels::interleaved`]) for rows `2j` and `2j + 1`.
 type Quants = [[int8x16_t; 4]; 4];
 
 /// Activation bytes `8k..8k + 8`, twice.
