@@ -25,7 +25,8 @@
 //! as suits them (integers are exact) but do every f32 operation of the portable code, in the
 //! same order with the same rounding, so every path computes the same bits.
 //!
-//! Formats without a kernel here fall back to candle's (see `model::Linear`).
+//! Formats without a kernel here fall back to candle's (see the CPU backend,
+//! `model::backend::cpu`).
 //!
 //! The files follow that design:
 //! - this one: [`QMatrix`], its storage and layouts, its products spread over the threads, and
