@@ -1,7 +1,8 @@
 //! Throughput of Realm's quantized matrix kernels, single-threaded and with all threads:
 //! decode-sized products (GB/s of weights streamed and µs per product for each format), then
 //! products with 16 tokens (a decode step of 16 sessions) and 128 (a prefill), in GOP/s.
-//! Run with `cargo bench -p realm-common --bench kernels`.
+//! Run with `cargo bench -p realm-common --bench kernels`; `REALM_BENCH=prefill` runs only the
+//! 128-token products (SmolLM2's and gemma3's shapes).
 
 use std::time::Instant;
 
@@ -88,7 +89,8 @@ fn run(label: &str, pool: &rayon::ThreadPool) {
 
 /// A 128-token prefill, and a decode step of 16 sessions, through one FFN-sized matrix.
 fn prefill(label: &str, pool: &rayon::ThreadPool) {
-    for n in [16, 128] {
+    let tokens: &[usize] = if prefill_only() { &[128] } else { &[16, 128] };
+    for &n in tokens {
         batch(label, pool, n);
     }
 }
@@ -101,6 +103,10 @@ fn batch(label: &str, pool: &rayon::ThreadPool, n: usize) {
         (GgmlType::Q8_0, 1536, 576),
         (GgmlType::Q4K, 640, 2048),
         (GgmlType::Q6K, 640, 2048),
+        // gemma3's other shapes: FFN gate and up, attention queries, attention output.
+        (GgmlType::Q5_0, 2048, 640),
+        (GgmlType::Q5_0, 1024, 640),
+        (GgmlType::Q4K, 640, 1024),
     ] {
         let bytes = matrix(dtype, rows, cols);
         let m = QMatrix::new(dtype, rows, cols, &bytes).expect("supported format");
@@ -125,15 +131,23 @@ fn batch(label: &str, pool: &rayon::ThreadPool, n: usize) {
     }
 }
 
+fn prefill_only() -> bool {
+    std::env::var("REALM_BENCH").is_ok_and(|v| v == "prefill")
+}
+
 fn main() {
     let one = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .expect("pool");
-    run("1 thread", &one);
+    if !prefill_only() {
+        run("1 thread", &one);
+    }
     prefill("1 thread", &one);
     let all = rayon::ThreadPoolBuilder::new().build().expect("pool");
     let label = format!("{} threads", all.current_num_threads());
-    run(&label, &all);
+    if !prefill_only() {
+        run(&label, &all);
+    }
     prefill(&label, &all);
 }

@@ -176,7 +176,8 @@ fn a_repacked_copy_reports_what_it_has_read_in_order_up_to_the_end() {
 fn interleaved_kernels_match_the_dequantized_product_and_the_portable_bits() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let (rows, cols) = (24, 256);
-    // Several tokens in one pass over a group, and more than one pass (17, 33).
+    // Several tokens in one pass over a group, whole register tiles of them and every leftover
+    // count, and more than one pass (17, 33).
     for (dtype, n) in [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
@@ -184,7 +185,7 @@ fn interleaved_kernels_match_the_dequantized_product_and_the_portable_bits() {
         GgmlType::Q8_0,
     ]
     .into_iter()
-    .flat_map(|d| [(d, 2), (d, 3), (d, 17), (d, 33)])
+    .flat_map(|d| [2, 3, 4, 5, 6, 7, 8, 17, 33].map(|n| (d, n)))
     {
         assert!(repacks(dtype, rows) && !repacks(dtype, rows + 1));
         let bytes = random_matrix(dtype, rows, cols, &mut rng);
@@ -346,9 +347,11 @@ fn the_wide_layout_computes_the_portable_bits() {
 #[test]
 fn every_kernel_matches_the_dequantized_product() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    // An odd row count reaches the decode path's leftover row; n = 1 is decode, 3 prefill.
-    let (rows, cols) = (7, 256);
-    for (dtype, n) in [
+    // An odd row count reaches the decode path's leftover row, 37 (two tiles of sixteen, one of
+    // four and one row) every K prefill tile; n = 1 is decode, the rest prefill: whole token
+    // tiles and every leftover count.
+    let cols = 256;
+    for (rows, dtype, n) in [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
@@ -357,7 +360,8 @@ fn every_kernel_matches_the_dequantized_product() {
         GgmlType::Q6K,
     ]
     .into_iter()
-    .flat_map(|d| [(d, 1), (d, 3)])
+    .flat_map(|d| [1, 2, 3, 4, 5, 6, 7, 8, 9, 17].map(|n| (d, n)))
+    .flat_map(|(d, n)| [7, 37].map(|rows| (rows, d, n)))
     {
         // Two super-blocks per row for the K formats.
         let cols = if is_k(dtype) { 2 * cols } else { cols };

@@ -232,6 +232,9 @@ mod avx512 {
             }
             return acc.store::<F>(out);
         }
+        if lanes(F) {
+            return group_matmul_tiled::<F>(group, acts, out);
+        }
         // Several tokens: each group-block unpacked once per pass, for every token of the
         // pass, whose accumulators stay on the stack. Each token's sums run in the order
         // decode runs them: the same bits.
@@ -253,6 +256,76 @@ mod avx512 {
             for (acc, ys) in accs.iter().zip(out.chunks_exact_mut(ROWS)) {
                 acc.store::<F>(ys);
             }
+        }
+    }
+
+    /// Tokens whose accumulators (four vectors each) a several-token product of the
+    /// formats by lanes keeps in registers.
+    const TILE: usize = 4;
+
+    /// A group-block unpacked for every token: its quants and its rows' scales, each twice.
+    #[derive(Clone, Copy)]
+    struct Unpacked {
+        q: [__m512i; 4],
+        dd: __m512,
+    }
+
+    /// Several tokens of a format by lanes: the group's blocks unpacked once, then
+    /// [`TILE`] tokens at a time dotted with all of them, their accumulators in registers.
+    /// Each token's operations are [`Acc::add`]'s, in its order: the same bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    fn group_matmul_tiled<const F: u8>(group: &[u8], acts: &[Vec<ActBlock>], out: &mut [f32]) {
+        let twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let blocks: Vec<Unpacked> = group
+            .chunks_exact(group_block_bytes(format(F)))
+            .map(|gb| Unpacked {
+                q: unpack::<F>(gb),
+                dd: _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(f16s(gb))),
+            })
+            .collect();
+        let mut tiles = acts.chunks_exact(TILE);
+        let mut outs = out.chunks_exact_mut(TILE * ROWS);
+        for (acts, out) in (&mut tiles).zip(&mut outs) {
+            lanes_tile::<F, TILE>(&blocks, acts, out);
+        }
+        let (acts, out) = (tiles.remainder(), outs.into_remainder());
+        match acts.len() {
+            0 => {}
+            1 => lanes_tile::<F, 1>(&blocks, acts, out),
+            2 => lanes_tile::<F, 2>(&blocks, acts, out),
+            _ => lanes_tile::<F, 3>(&blocks, acts, out),
+        }
+    }
+
+    /// `T` tokens' products with a group's unpacked blocks, into `out[t * ROWS..]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    fn lanes_tile<const F: u8, const T: usize>(
+        blocks: &[Unpacked],
+        acts: &[Vec<ActBlock>],
+        out: &mut [f32],
+    ) {
+        let acts: [&[ActBlock]; T] = std::array::from_fn(|t| &acts[t][..blocks.len()]);
+        let mut acc = [[_mm512_setzero_ps(); 4]; T];
+        for (b, u) in blocks.iter().enumerate() {
+            for (acc, act) in acc.iter_mut().zip(&acts) {
+                let a = &act[b];
+                let scale = _mm512_mul_ps(u.dd, _mm512_set1_ps(a.d));
+                for (k, (q, acc)) in u.q.iter().zip(acc).enumerate() {
+                    let bias = _mm512_set1_epi64(bias_pair(a, k));
+                    let dot = _mm512_dpbusd_epi32(bias, *q, _mm512_set1_epi64(act_pair(a, k)));
+                    *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *acc);
+                }
+            }
+        }
+        let zero = _mm256_setzero_ps();
+        for (lanes, ys) in acc.into_iter().zip(out.chunks_exact_mut(ROWS)) {
+            let acc = Acc {
+                lanes,
+                rows: zero,
+                summs: zero,
+            };
+            acc.store::<F>(ys);
         }
     }
 }

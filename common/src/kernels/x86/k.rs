@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{bytes32, f16_at, group, hsum_i32, prefetch_ahead, X86};
+use super::{bytes32, dpwssd, f16_at, group, hsum_i32, prefetch_ahead, wide_k, X86};
 use crate::kernels::portable::{each_row, q4_k_scales, Q4_K_SIZE, Q6_K_SIZE};
 use crate::kernels::KBlock;
 use crate::quant::GgmlType;
@@ -36,6 +36,16 @@ fn dot_rows_k_avx2(
 ) {
     let n = acts.len();
     if n > 1 {
+        // Whole tiles of sixteen rows on AVX-512, the rest in tiles of four.
+        let (rows, out) = if cpu.avx512() {
+            let whole = rows.len() / (wide_k::ROWS * row_bytes) * wide_k::ROWS;
+            let (tiles, rows) = rows.split_at(whole * row_bytes);
+            let (tile_outs, out) = out.split_at_mut(whole * n);
+            wide_k::dot_rows(cpu, dtype, tiles, row_bytes, acts, tile_outs);
+            (rows, out)
+        } else {
+            (rows, out)
+        };
         let block_bytes = dtype.type_size();
         let blocks = row_bytes / block_bytes;
         let mut unpacked: Vec<KUnpacked> = Vec::with_capacity(K_TILE * blocks);
@@ -61,13 +71,13 @@ fn dot_rows_k_avx2(
                     ]
                 })
                 .collect();
+            if cpu.avx512() {
+                // SAFETY: `cpu` says this CPU runs AVX-512 F, BW and VNNI.
+                unsafe { avx512::dot_unpacked_k_tiles(dtype, tile_rows, &scales, acts, ys) };
+                continue;
+            }
             for (t, act) in acts.iter().enumerate() {
-                let y = if cpu.avx512() {
-                    // SAFETY: `cpu` says this CPU runs AVX-512 F, BW and VNNI.
-                    unsafe { avx512::dot_unpacked_k_tile(dtype, tile_rows, &scales, act) }
-                } else {
-                    dot_unpacked_k_tile(dtype, tile_rows, &scales, act)
-                };
+                let y = dot_unpacked_k_tile(dtype, tile_rows, &scales, act);
                 for (r, y) in y.into_iter().enumerate() {
                     ys[r * n + t] = y;
                 }
@@ -317,24 +327,68 @@ mod avx512 {
         _mm_add_epi32(_mm256_castsi256_si128(y), _mm256_extracti128_si256::<1>(y))
     }
 
-    /// [`super::dot_unpacked_k_tile`] two groups at a time: the products pair up in
-    /// `maddubs`, and one VNNI instruction multiplies the pairs by their sub-block scales
-    /// and adds them in, for the same integer totals and so the same bits.
-    #[inline]
+    /// Tokens of a K-format prefill tile dotted together: each row's unpacked quants and
+    /// scales, loaded once, serve all of them.
+    pub(in crate::kernels) const K_TOKENS: usize = 4;
+
+    /// Every token of `acts` dotted with a tile's rows, [`K_TOKENS`] at a time: for each,
+    /// [`dot_unpacked_k_tile`]'s operations, so its bits; `out[r * n + t]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) fn dot_unpacked_k_tile(
+    pub(super) fn dot_unpacked_k_tiles(
         dtype: GgmlType,
         rows: [&[KUnpacked]; K_TILE],
         scales: &[[__m128; 2]],
-        act: &[KBlock],
-    ) -> [f32; K_TILE] {
-        let mut acc = KTileAcc::new();
-        for (b, a) in act.iter().enumerate() {
-            let mut sumi = [_mm512_setzero_si512(); K_TILE];
+        acts: &[Vec<KBlock>],
+        out: &mut [f32],
+    ) {
+        let n = acts.len();
+        let mut put = |first: usize, ys: &[[f32; K_TILE]]| {
+            for (t, y) in ys.iter().enumerate() {
+                for (r, y) in y.iter().enumerate() {
+                    out[r * n + first + t] = *y;
+                }
+            }
+        };
+        let mut tiles = acts.chunks_exact(K_TOKENS);
+        for (i, acts) in (&mut tiles).enumerate() {
+            let acts = std::array::from_fn(|t| &acts[t][..]);
+            put(
+                i * K_TOKENS,
+                &dot_k_tokens::<K_TOKENS>(dtype, rows, scales, acts),
+            );
+        }
+        let rest = tiles.remainder();
+        let first = n - rest.len();
+        match rest {
+            [] => {}
+            [a] => put(first, &dot_k_tokens::<1>(dtype, rows, scales, [a])),
+            [a, b] => put(first, &dot_k_tokens::<2>(dtype, rows, scales, [a, b])),
+            [a, b, c, ..] => put(first, &dot_k_tokens::<3>(dtype, rows, scales, [a, b, c])),
+        }
+    }
+
+    /// `T` tokens' products with a tile's rows: [`dot_unpacked_k_tile`] for each, with
+    /// the rows' quants and scales loaded once for all of them.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    fn dot_k_tokens<const T: usize>(
+        dtype: GgmlType,
+        rows: [&[KUnpacked]; K_TILE],
+        scales: &[[__m128; 2]],
+        acts: [&[KBlock]; T],
+    ) -> [[f32; K_TILE]; T] {
+        let blocks = scales.len();
+        let rows: [&[KUnpacked]; K_TILE] = rows.map(|r| &r[..blocks]);
+        let acts: [&[KBlock]; T] = acts.map(|a| &a[..blocks]);
+        let mut acc: [KTileAcc; T] = std::array::from_fn(|_| KTileAcc::new());
+        for (b, &scales) in scales.iter().enumerate() {
+            let mut sumi = [[_mm512_setzero_si512(); K_TILE]; T];
             for pair in 0..4 {
-                // SAFETY: `a.qs` holds eight groups of 32 bytes, contiguous.
-                let y = unsafe { _mm512_loadu_si512(a.qs[2 * pair].as_ptr().cast()) };
-                for (sumi, row) in sumi.iter_mut().zip(&rows) {
+                // SAFETY: `qs` holds eight groups of 32 bytes, contiguous.
+                let y: [__m512i; T] = std::array::from_fn(|t| unsafe {
+                    _mm512_loadu_si512(acts[t][b].qs[2 * pair].as_ptr().cast())
+                });
+                for (r, row) in rows.iter().enumerate() {
                     let u = &row[b];
                     // SAFETY: groups 2 pair and 2 pair + 1 are adjacent in each array.
                     let (q, sc) = unsafe {
@@ -343,25 +397,30 @@ mod avx512 {
                             _mm512_loadu_si512(u.sc[2 * pair..].as_ptr().cast()),
                         )
                     };
-                    *sumi = _mm512_dpwssd_epi32(*sumi, _mm512_maddubs_epi16(q, y), sc);
+                    for (sumi, y) in sumi.iter_mut().zip(&y) {
+                        sumi[r] = dpwssd(sumi[r], _mm512_maddubs_epi16(q, *y), sc);
+                    }
                 }
             }
-            // SAFETY: `a.bsums` is 16 i16, 32 bytes.
-            let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
-            let corr: [__m256i; K_TILE] =
-                std::array::from_fn(|r| _mm256_madd_epi16(bsums, rows[r][b].corr));
-            let (sumi, corr) = if dtype == GgmlType::Q4K {
-                (reduce4(sumi), hsum4_i32(corr))
-            } else {
-                // The offset's correction joins the total before the lanes are summed.
-                let total: [__m512i; K_TILE] = std::array::from_fn(|r| {
-                    _mm512_add_epi32(sumi[r], _mm512_zextsi256_si512(corr[r]))
-                });
-                (reduce4(total), _mm_setzero_si128())
-            };
-            acc.add(dtype, scales[b], a.d, sumi, corr);
+            for ((acc, sumi), act) in acc.iter_mut().zip(sumi).zip(&acts) {
+                let a = &act[b];
+                // SAFETY: `a.bsums` is 16 i16, 32 bytes.
+                let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
+                let corr: [__m256i; K_TILE] =
+                    std::array::from_fn(|r| _mm256_madd_epi16(bsums, rows[r][b].corr));
+                let (sumi, corr) = if dtype == GgmlType::Q4K {
+                    (reduce4(sumi), hsum4_i32(corr))
+                } else {
+                    // The offset's correction joins the total before the lanes are summed.
+                    let total: [__m512i; K_TILE] = std::array::from_fn(|r| {
+                        _mm512_add_epi32(sumi[r], _mm512_zextsi256_si512(corr[r]))
+                    });
+                    (reduce4(total), _mm_setzero_si128())
+                };
+                acc.add(dtype, scales, a.d, sumi, corr);
+            }
         }
-        acc.finish()
+        acc.map(|acc| acc.finish())
     }
 }
 

@@ -9,6 +9,7 @@
 //!
 //! - this file: the activations' quantization, and what the kernels share;
 //! - [`rows`] and [`k`]: the file layout's dot products, 32-value and K formats;
+//! - [`wide_k`]: the K formats' prefill on AVX-512, sixteen rows at a time;
 //! - [`interleaved`] and [`wide`]: the grouped layouts' products;
 //! - [`attention`]: attention's scores and value sums.
 
@@ -23,6 +24,7 @@ pub(super) mod interleaved;
 pub(super) mod k;
 pub(super) mod rows;
 pub(super) mod wide;
+mod wide_k;
 
 /// Tokens of a several-token product whose accumulators one pass over a group of rows keeps
 /// (on the stack): each group-block of weights is unpacked once per pass.
@@ -229,4 +231,25 @@ fn quantize_row_k_avx2(x: &[f32], out: &mut Vec<KBlock>) {
         }
         out.push(q);
     }
+}
+
+/// `acc + Σ a · b` over each 32-bit lane's two 16-bit pairs, in one instruction: LLVM
+/// splits `_mm512_dpwssd_epi32` into a multiply and an add (two instructions where
+/// one does) on CPUs it does not know to have fast VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: the instruction reads and writes only these registers; the CPU has
+    // AVX-512 VNNI (this function's features).
+    unsafe {
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
 }
