@@ -1,8 +1,8 @@
 //! Throughput of Realm's quantized matrix kernels, single-threaded and with all threads:
 //! decode-sized products (GB/s of weights streamed and µs per product for each format), then
 //! products with 16 tokens (a decode step of 16 sessions) and 128 (a prefill), in GOP/s.
-//! Run with `cargo bench -p realm-common --bench kernels`; `REALM_BENCH=prefill` runs only the
-//! 128-token products (SmolLM2's and gemma3's shapes).
+//! Run with `cargo bench -p realm-common --bench kernels`; `REALM_BENCH=word` runs only the
+//! cases whose line contains `word` (say `decode`, `Q4_K` or `128 tokens`, a prefill).
 
 use std::time::Instant;
 
@@ -35,24 +35,39 @@ fn matrix(dtype: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
     bytes
 }
 
+/// Whether the case named `name` runs: `REALM_BENCH`, when set, is part of the names to run.
+fn selected(name: &str) -> bool {
+    std::env::var("REALM_BENCH").map_or(true, |want| name.contains(&want))
+}
+
 fn run(label: &str, pool: &rayon::ThreadPool) {
-    // SmolLM2's FFN shape (1536 × 576), gemma3's FFN-down shape (640 × 2048) and a tall
-    // head-like one.
+    // SmolLM2's shapes (attention 576 × 576 and 192 × 576, FFN 1536 × 576 and 576 × 1536, the
+    // 49152 × 576 head), gemma3's FFN-down shape (640 × 2048) and its 262144 × 640 head.
     for (dtype, rows, cols) in [
         (GgmlType::Q4_0, 1536, 576),
+        (GgmlType::Q4_1, 192, 576),
+        (GgmlType::Q4_1, 576, 576),
         (GgmlType::Q4_1, 1536, 576),
+        (GgmlType::Q4_1, 576, 1536),
         (GgmlType::Q5_0, 2048, 640),
         (GgmlType::Q8_0, 1536, 576),
         (GgmlType::Q4K, 640, 2048),
         (GgmlType::Q6K, 640, 2048),
-        (GgmlType::Q8_0, 16384, 576),
+        (GgmlType::Q8_0, 49152, 576),
+        (GgmlType::Q8_0, 262144, 640),
     ] {
+        if !selected(&format!("{label} decode {dtype:?} {rows}x{cols}")) {
+            continue;
+        }
         let bytes = matrix(dtype, rows, cols);
         let m = QMatrix::new(dtype, rows, cols, &bytes).expect("supported format");
         // Enough copies to stream ~128 MB per pass, so weights come from memory, as in a
         // real decode step, not from cache.
         let copies = (128 << 20) / bytes.len() + 1;
-        let ms: Vec<QMatrix> = (0..copies).map(|_| m.clone()).collect();
+        // Copies of their own: clones would share the bytes.
+        let ms: Vec<QMatrix> = (0..copies)
+            .map(|_| QMatrix::new(dtype, rows, cols, &bytes).expect("supported format"))
+            .collect();
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
             .collect();
@@ -65,7 +80,7 @@ fn run(label: &str, pool: &rayon::ThreadPool) {
                     t.elapsed().as_secs_f64()
                 })
                 .fold(f64::INFINITY, f64::min);
-            let streamed = (0..3)
+            let streamed = (0..5)
                 .map(|_| {
                     let t = Instant::now();
                     for m in &ms {
@@ -78,7 +93,7 @@ fn run(label: &str, pool: &rayon::ThreadPool) {
         });
         let gbs = |t: f64| bytes.len() as f64 / t / 1e9;
         println!(
-            "{label:>10} {dtype:?} {rows}x{cols}: cached {:7.1} us {:6.2} GB/s; from memory {:7.1} us {:6.2} GB/s",
+            "{label:>10} decode {dtype:?} {rows}x{cols}: cached {:7.1} us {:6.2} GB/s; from memory {:7.1} us {:6.2} GB/s",
             cached * 1e6,
             gbs(cached),
             streamed * 1e6,
@@ -87,10 +102,70 @@ fn run(label: &str, pool: &rayon::ThreadPool) {
     }
 }
 
+/// A decode step's products through SmolLM2's 30 `Q4_1` layers (attention's four matrices,
+/// the FFN's three) and its `Q8_0` head, one after the other as the model runs them: GB/s of
+/// weights and µs per step, the best and the median of 7 steps.
+fn decode_step(label: &str, pool: &rayon::ThreadPool) {
+    if !selected(&format!("{label} decode step SmolLM2")) {
+        return;
+    }
+    let layer = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let shapes = (0..30)
+        .flat_map(|_| layer.map(|(r, c)| (GgmlType::Q4_1, r, c)))
+        .chain([(GgmlType::Q8_0, 49152, 576)]);
+    let ms: Vec<QMatrix> = shapes
+        .map(|(dtype, rows, cols)| {
+            QMatrix::new(dtype, rows, cols, &matrix(dtype, rows, cols)).expect("supported format")
+        })
+        .collect();
+    let bytes: f64 = ms
+        .iter()
+        .map(|m| {
+            let dtype = if m.rows() == 49152 {
+                GgmlType::Q8_0
+            } else {
+                GgmlType::Q4_1
+            };
+            (m.rows() * m.cols() / 32 * dtype.type_size()) as f64
+        })
+        .sum();
+    let xs: Vec<f32> = (0..1536)
+        .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+        .collect();
+    let mut out = vec![0.0f32; 49152];
+    let mut times: Vec<f64> = pool.install(|| {
+        (0..7)
+            .map(|_| {
+                let t = Instant::now();
+                for m in &ms {
+                    m.matmul(&xs[..m.cols()], 1, &mut out[..m.rows()]);
+                }
+                t.elapsed().as_secs_f64()
+            })
+            .collect()
+    });
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{label:>10} decode step SmolLM2 ({:.1} MB): best {:7.0} us {:6.2} GB/s; median {:7.0} us {:6.2} GB/s",
+        bytes / 1e6,
+        times[0] * 1e6,
+        bytes / times[0] / 1e9,
+        times[3] * 1e6,
+        bytes / times[3] / 1e9,
+    );
+}
+
 /// A 128-token prefill, and a decode step of 16 sessions, through one FFN-sized matrix.
 fn prefill(label: &str, pool: &rayon::ThreadPool) {
-    let tokens: &[usize] = if prefill_only() { &[128] } else { &[16, 128] };
-    for &n in tokens {
+    for n in [16, 128] {
         batch(label, pool, n);
     }
 }
@@ -108,6 +183,9 @@ fn batch(label: &str, pool: &rayon::ThreadPool, n: usize) {
         (GgmlType::Q5_0, 1024, 640),
         (GgmlType::Q4K, 640, 1024),
     ] {
+        if !selected(&format!("{label} {dtype:?} {rows}x{cols} x {n} tokens")) {
+            continue;
+        }
         let bytes = matrix(dtype, rows, cols);
         let m = QMatrix::new(dtype, rows, cols, &bytes).expect("supported format");
         let x: Vec<f32> = (0..n * cols)
@@ -131,23 +209,17 @@ fn batch(label: &str, pool: &rayon::ThreadPool, n: usize) {
     }
 }
 
-fn prefill_only() -> bool {
-    std::env::var("REALM_BENCH").is_ok_and(|v| v == "prefill")
-}
-
 fn main() {
     let one = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .expect("pool");
-    if !prefill_only() {
-        run("1 thread", &one);
-    }
+    run("1 thread", &one);
+    decode_step("1 thread", &one);
     prefill("1 thread", &one);
     let all = rayon::ThreadPoolBuilder::new().build().expect("pool");
     let label = format!("{} threads", all.current_num_threads());
-    if !prefill_only() {
-        run(&label, &all);
-    }
+    run(&label, &all);
+    decode_step(&label, &all);
     prefill(&label, &all);
 }

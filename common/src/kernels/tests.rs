@@ -294,10 +294,11 @@ fn the_emulated_cpu_runs_the_expected_neon_paths() {
 #[cfg(target_arch = "x86_64")]
 fn the_wide_layout_computes_the_portable_bits() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    let (rows, cols) = (32, 256);
-    for (dtype, n) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
+    // Two groups, and (one token, decode's own loop) 36 groups over several tasks.
+    for (dtype, n, rows, cols) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
         .into_iter()
-        .flat_map(|d| [(d, 1), (d, 2), (d, 3), (d, 17), (d, 33)])
+        .flat_map(|d| [(d, 1), (d, 2), (d, 3), (d, 17), (d, 33)].map(|(d, n)| (d, n, 32, 256)))
+        .chain([GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0].map(|d| (d, 1, 576, 576)))
     {
         let bytes = random_matrix(dtype, rows, cols, &mut rng);
         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();

@@ -26,6 +26,8 @@ pub(in crate::kernels) fn group_matmul(
     // SAFETY: `cpu` says this CPU runs AVX-512 F, BW and VNNI, with AVX2, FMA and F16C.
     unsafe {
         match dtype {
+            GgmlType::Q4_0 if acts.len() == 1 => one_token::<Q4_0>(group, &acts[0], out),
+            GgmlType::Q4_1 if acts.len() == 1 => one_token::<Q4_1>(group, &acts[0], out),
             GgmlType::Q4_0 => by_block::<Q4_0>(group, acts, out),
             GgmlType::Q4_1 => by_block::<Q4_1>(group, acts, out),
             _ => q8_0(group, acts, out),
@@ -108,6 +110,51 @@ fn by_block<const F: u8>(group: &[u8], acts: &[Vec<ActBlock>], out: &mut [f32]) 
             unsafe { _mm512_storeu_ps(ys[..ROWS].as_mut_ptr(), v) }
         }
     }
+}
+
+/// [`by_block`] for one token (decode): the accumulators in registers, each block's eight
+/// products in four independent chains (integers, so the same total), the f32 operations
+/// [`by_block`]'s, in its order.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn one_token<const F: u8>(group: &[u8], act: &[ActBlock], out: &mut [f32]) {
+    let gb_bytes = group_block_bytes(format(F));
+    let quants_at = if F == Q4_1 { 64 } else { 32 };
+    let low = _mm512_set1_epi8(0x0F);
+    let zero = _mm512_setzero_si512();
+    let mut rows = _mm512_setzero_ps();
+    let mut summs = _mm512_setzero_ps();
+    for (gb, a) in group.chunks_exact(gb_bytes).zip(act) {
+        prefetch_ahead(gb);
+        let nibbles = &gb[quants_at..][..256];
+        let mut chains = [zero; 4];
+        for (p, chain) in chains.iter_mut().enumerate() {
+            // SAFETY: `nibbles` is 256 bytes, four vectors of 64.
+            let v = unsafe { _mm512_loadu_si512(nibbles[64 * p..].as_ptr().cast()) };
+            let lo = _mm512_and_si512(v, low);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            *chain = _mm512_dpbusd_epi32(zero, lo, _mm512_set1_epi32(act_four(a, p)));
+            *chain = _mm512_dpbusd_epi32(*chain, hi, _mm512_set1_epi32(act_four(a, 4 + p)));
+        }
+        let mut dot = _mm512_add_epi32(
+            _mm512_add_epi32(chains[0], chains[1]),
+            _mm512_add_epi32(chains[2], chains[3]),
+        );
+        if F == Q4_0 {
+            dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(8 * a.sum));
+        }
+        let scale = _mm512_mul_ps(f16s(gb), _mm512_set1_ps(a.d));
+        rows = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), rows);
+        if F == Q4_1 {
+            summs = _mm512_add_ps(summs, _mm512_mul_ps(f16s(&gb[32..]), _mm512_set1_ps(a.s)));
+        }
+    }
+    let v = if F == Q4_1 {
+        _mm512_add_ps(rows, summs)
+    } else {
+        rows
+    };
+    // SAFETY: `out` holds ROWS f32.
+    unsafe { _mm512_storeu_ps(out[..ROWS].as_mut_ptr(), v) }
 }
 
 /// `Q8_0`, eight lanes per row: one token at a time over the group, whose quants need no
