@@ -24,7 +24,8 @@ use realm_common::sampling::SamplingParams;
 use realm_common::tokenizer::Tokenizer;
 use realm_common::wire::WireDType;
 
-use realm_common::model::{layer_bytes, LayerRange};
+use realm_common::gguf::GgufFile;
+use realm_common::model::{decode_step_bytes, layer_bytes, LayerRange, ModelConfig};
 use realm_proto::pb;
 use realm_proto::pb::worker_client::WorkerClient;
 
@@ -346,10 +347,10 @@ pub async fn bench_one(config: &BenchConfig) -> anyhow::Result<BenchResult> {
     let peak_rss_mb = peak_rss_mb();
     let path = config.model.clone();
     let (step_bytes, read_bandwidth) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let file = realm_common::gguf::GgufFile::open_without_vocabulary(&path)?;
-        let model = realm_common::model::ModelConfig::from_gguf(&file)?;
+        let file = GgufFile::open_without_vocabulary(&path)?;
+        let model = ModelConfig::from_gguf(&file)?;
         Ok((
-            bandwidth::decode_step_bytes(&file, &model),
+            decode_step_bytes(&file, &model),
             bandwidth::read_bandwidth(),
         ))
     })

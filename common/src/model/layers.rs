@@ -520,14 +520,7 @@ impl<B: Backend> Inner<B> {
             &self.config,
             self.range.start + layer,
         )?;
-        for info in &self.tensors[layer] {
-            if self.backend.borrows_mapping(info) {
-                continue;
-            }
-            if let Err(e) = self.file.release_tensor(info) {
-                debug!(tensor = %info.name, error = %e, "cannot release mapped pages");
-            }
-        }
+        release_copied(&self.backend, &self.file, &self.tensors[layer]);
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.counters.loads.fetch_add(1, Ordering::Relaxed);
         self.counters.load_us.fetch_add(us, Ordering::Relaxed);
@@ -563,6 +556,16 @@ impl<B: Backend> Inner<B> {
             resident_layers: resident_layers as u64,
             pinned_layers: self.pinned as u64,
             budget_bytes: self.budget,
+        }
+    }
+}
+
+/// Gives back the mapped pages of the tensors of `tensors` that `backend` copied out of the
+/// file, best effort: a tensor whose pages stay costs memory, nothing else.
+pub(super) fn release_copied<B: Backend>(backend: &B, file: &GgufFile, tensors: &[TensorInfo]) {
+    for info in tensors.iter().filter(|i| !backend.borrows_mapping(i)) {
+        if let Err(e) = file.release_tensor(info) {
+            debug!(tensor = %info.name, error = %e, "cannot release mapped pages");
         }
     }
 }

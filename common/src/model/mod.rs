@@ -29,7 +29,7 @@ pub use attention::{Precision, Segment};
 pub use backend::{Backend, Cpu, Scoring};
 pub use config::{Architecture, ModelConfig};
 pub use layers::{layer_bytes, LayerBudget, LayerStats};
-use layers::{layer_tensors, LayerManager};
+use layers::{layer_tensors, release_copied, LayerManager};
 
 /// A contiguous, non-empty range of transformer blocks `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -194,6 +194,39 @@ impl Embedding {
     }
 }
 
+/// The head's matrix: the output matrix, or with tied embeddings the embedding table, which
+/// then doubles as the head.
+fn head_matrix(file: &GgufFile) -> &'static str {
+    if file.tensors.contains_key(OUTPUT) {
+        OUTPUT
+    } else {
+        TOKEN_EMBD
+    }
+}
+
+/// Bytes of weights one decode step reads: every tensor of the layers (of a mixture of experts,
+/// the share of its experts a token uses: an expert tensor is three-dimensional, one matrix per
+/// expert), the head's matrix and its norm. The embedding lookup reads one row, left out.
+pub fn decode_step_bytes(file: &GgufFile, config: &ModelConfig) -> u64 {
+    let expert_share = config
+        .experts
+        .as_ref()
+        .map_or(1.0, |e| e.used as f64 / e.count.max(1) as f64);
+    let layers: f64 = (0..config.n_layers)
+        .flat_map(|layer| layer_tensors(file, layer))
+        .map(|t| match t.dims.len() {
+            3 => t.size as f64 * expert_share,
+            _ => t.size as f64,
+        })
+        .sum();
+    let head: u64 = [head_matrix(file), OUTPUT_NORM]
+        .iter()
+        .filter_map(|name| file.tensors.get(*name))
+        .map(|t| t.size)
+        .sum();
+    layers as u64 + head
+}
+
 /// Final norm and output projection.
 #[derive(Debug)]
 pub struct Head<B: Backend = Cpu> {
@@ -217,13 +250,7 @@ impl<B: Backend> Head<B> {
     /// The final norm and the output matrix (the embedding table, where the file ties them),
     /// with its bias if the file has one.
     pub fn load_on(backend: B, file: &GgufFile, config: &ModelConfig) -> Result<Self> {
-        // Tied embeddings: without an output matrix the embedding table doubles as the head.
-        let output_name = if file.tensors.contains_key(OUTPUT) {
-            OUTPUT
-        } else {
-            TOKEN_EMBD
-        };
-        let info = file.tensor_info(output_name)?;
+        let info = file.tensor_info(head_matrix(file))?;
         let output = load_matrix(&backend, file, info)?;
         let bias = if file.tensors.contains_key(OUTPUT_BIAS) {
             let vocab = info.dims[1] as usize;
@@ -304,11 +331,7 @@ impl<B: Backend> Shard<B> {
         // its neighbours' cached pages in again (the kernel's fault-around, up to 64 KiB
         // around each fault): once every block is loaded, the copied tensors go for good.
         for layer in range.iter() {
-            for info in layer_tensors(file, layer) {
-                if !backend.borrows_mapping(&info) {
-                    file.release_tensor(&info)?;
-                }
-            }
+            release_copied(&backend, file, &layer_tensors(file, layer));
         }
         Ok(Self {
             range,
@@ -577,6 +600,56 @@ impl<B: Backend> Model<B> {
 mod tests {
     use super::*;
     use crate::synthetic::{self, SyntheticArch, SyntheticDType, SyntheticSpec};
+
+    #[test]
+    fn a_decode_step_reads_the_layers_and_the_head() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("llama.gguf");
+        synthetic::write(&path, &SyntheticSpec::small(3, 64, SyntheticDType::Q8_0)).expect("write");
+        let file = GgufFile::open(&path).expect("open");
+        let config = ModelConfig::from_gguf(&file).expect("config");
+        let all: u64 = file.tensors.values().map(|t| t.size).sum();
+        let layers: u64 = file
+            .tensors
+            .values()
+            .filter(|t| t.name.starts_with("blk."))
+            .map(|t| t.size)
+            .sum();
+        let step = decode_step_bytes(&file, &config);
+        if file.tensors.contains_key(OUTPUT) {
+            assert_eq!(
+                step,
+                all - file.tensors[TOKEN_EMBD].size,
+                "all but the embedding table"
+            );
+        } else {
+            assert_eq!(step, all, "the tied table is the head");
+        }
+        assert!(step > layers);
+
+        // A mixture of experts: a token reads two of four experts.
+        let path = dir.path().join("moe.gguf");
+        let spec = SyntheticSpec::fixture(SyntheticArch::Qwen3Moe, SyntheticDType::Q8_0);
+        synthetic::write(&path, &spec).expect("write");
+        let file = GgufFile::open(&path).expect("open");
+        let config = ModelConfig::from_gguf(&file).expect("config");
+        let experts: u64 = file
+            .tensors
+            .values()
+            .filter(|t| t.dims.len() == 3)
+            .map(|t| t.size)
+            .sum();
+        let all_layers: u64 = file
+            .tensors
+            .values()
+            .filter(|t| t.name.starts_with("blk."))
+            .map(|t| t.size)
+            .sum();
+        let head = file.tensors[head_matrix(&file)].size + file.tensors[OUTPUT_NORM].size;
+        assert!(experts > 0);
+        let want = all_layers - experts + experts / 2 + head;
+        assert!(decode_step_bytes(&file, &config).abs_diff(want) <= 1);
+    }
 
     #[test]
     fn only_a_matrix_loads_as_one() {
