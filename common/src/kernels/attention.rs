@@ -17,17 +17,18 @@ use super::x86;
 use super::{portable, Isa};
 use crate::kv::{LayerKv, KEY_BLOCK};
 
-/// `q · key j` for the `count` keys from `first` of KV head `head`, in that order. Scores are
-/// computed a whole block of keys at a time, into `buf`.
-pub(crate) fn scores<'a>(
+/// `q · key j` for the `count` keys from `first` of KV head `head`, in that order, at
+/// `buf[skip..skip + count]`, returning `skip`. Scores are computed a whole block of keys at a
+/// time, into `buf`.
+pub(crate) fn scores(
     isa: Isa,
     q: &[f32],
     kv: &LayerKv,
     head: usize,
     first: usize,
     count: usize,
-    buf: &'a mut Vec<f32>,
-) -> &'a [f32] {
+    buf: &mut Vec<f32>,
+) -> usize {
     let (start, end) = (first / KEY_BLOCK, (first + count).div_ceil(KEY_BLOCK));
     buf.clear();
     buf.resize((end - start) * KEY_BLOCK, 0.0);
@@ -38,22 +39,27 @@ pub(crate) fn scores<'a>(
         #[cfg(target_arch = "aarch64")]
         Isa::Neon(cpu) => neon::attention::score_blocks(cpu, q, kv, head, start, buf),
     }
-    let skip = first - start * KEY_BLOCK;
-    &buf[skip..skip + count]
+    first - start * KEY_BLOCK
 }
 
-/// One query's softmax-weighted sum of the values of the keys from `first`, scored `scores`
-/// (already scaled), written normalized to `out` (`head_dim` values). `steps` is scratch.
+/// The softmax-weighted sums of the values of the keys from `first` for `m` queries of KV head
+/// `head` at once (a group of grouped-query attention, which share the values): `scores` holds
+/// each query's scores (already scaled), `count` apiece, one query after the other; each sum is
+/// written normalized to `out`, `head_dim` values per query in the same order. `steps` is
+/// scratch.
 ///
 /// The softmax is online, one key at a time in order: a key scoring a new maximum rescales
 /// what came before by `exp(old - new)` and weighs 1, any other weighs `exp(s - max)`. The
 /// weights and rescales depend on the scores alone, so they are all worked out first; then the
 /// values are summed, `acc = v · weight + acc · rescale` (in f16, rounded after each step, or
-/// f32), with the accumulator in registers over all the keys.
+/// f32), with the accumulators in registers over all the keys: each query's sums are the bits
+/// it would get alone, the queries only share the loads of the values and the time each step
+/// waits for the last.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn softmax_values(
     isa: Isa,
     scores: &[f32],
+    count: usize,
     kv: &LayerKv,
     head: usize,
     first: usize,
@@ -62,42 +68,55 @@ pub(crate) fn softmax_values(
     steps: &mut Vec<(f32, f32)>,
 ) {
     steps.clear();
-    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-    for &s in scores {
-        let (rescale, weight) = if s > max {
-            let old = max;
-            max = s;
-            ((old - s).exp(), 1.0)
-        } else {
-            (1.0, (s - max).exp())
-        };
-        sum = sum * rescale + weight;
-        steps.push((rescale, weight));
+    let mut sums = Vec::with_capacity(scores.len() / count.max(1));
+    for scores in scores.chunks_exact(count) {
+        let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+        for &s in scores {
+            let (rescale, weight) = if s > max {
+                let old = max;
+                max = s;
+                ((old - s).exp(), 1.0)
+            } else {
+                (1.0, (s - max).exp())
+            };
+            sum = sum * rescale + weight;
+            steps.push((rescale, weight));
+        }
+        sums.push(sum);
     }
-    let head_dim = out.len();
+    let head_dim = out.len() / sums.len().max(1);
     let value = |j: usize| kv.value(first + j, head, head_dim);
     out.fill(0.0);
     #[cfg(target_arch = "x86_64")]
     let done = match isa {
-        Isa::X86(cpu) => x86::attention::weighted_sum(cpu, out, steps, &value, narrow),
+        Isa::X86(cpu) => x86::attention::weighted_sums(cpu, out, head_dim, steps, &value, narrow),
         Isa::Portable => 0,
     };
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
     // What the registers did not cover (all of it without x86 SIMD), one key at a time.
-    for (j, &(rescale, weight)) in steps.iter().enumerate() {
-        accumulate(
-            isa,
-            &mut out[done..],
-            &value(j)[done..],
-            rescale,
-            weight,
-            narrow,
-        );
+    if done < head_dim {
+        for (out, steps) in out
+            .chunks_exact_mut(head_dim)
+            .zip(steps.chunks_exact(count))
+        {
+            for (j, &(rescale, weight)) in steps.iter().enumerate() {
+                accumulate(
+                    isa,
+                    &mut out[done..],
+                    &value(j)[done..],
+                    rescale,
+                    weight,
+                    narrow,
+                );
+            }
+        }
     }
-    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for o in out.iter_mut() {
-        *o *= inv;
+    for (out, sum) in out.chunks_exact_mut(head_dim).zip(sums) {
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
     }
 }
 
@@ -122,7 +141,7 @@ mod tests {
     fn scores_and_accumulation_compute_the_sequential_bits() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        for head_dim in [64, 256, 12] {
+        for head_dim in [64, 128, 256, 80, 12] {
             // Two heads; 45 positions fill five blocks and part of a sixth.
             let (heads, len) = (2, 45);
             let width = heads * head_dim;
@@ -142,7 +161,8 @@ mod tests {
             for isa in Isa::every() {
                 for (head, first) in [(0, 0), (1, 3), (1, 17), (0, 44)] {
                     let mut buf = Vec::new();
-                    let got = scores(isa, &q, &kv, head, first, len - first, &mut buf);
+                    let skip = scores(isa, &q, &kv, head, first, len - first, &mut buf);
+                    let got = &buf[skip..][..len - first];
                     assert_eq!(got.len(), len - first);
                     for (j, &s) in (first..len).zip(got) {
                         let key = &rows[j][head * head_dim..(head + 1) * head_dim];
@@ -157,33 +177,43 @@ mod tests {
                         );
                     }
                 }
-                // The whole softmax over values against the sequential definition, key by key.
+                // The whole softmax over values against the sequential definition, key by key,
+                // for groups of one to five queries (each query's scores a shifted slice).
                 for narrow in [true, false] {
                     for (head, first) in [(0, 0), (1, 5), (1, 40)] {
-                        let mut got = vec![0.0; head_dim];
-                        let mut steps = Vec::new();
-                        let scores = &all_scores[first..];
-                        softmax_values(isa, scores, &kv, head, first, narrow, &mut got, &mut steps);
-                        let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-                        let mut want = vec![0.0f32; head_dim];
-                        for (j, &s) in scores.iter().enumerate() {
-                            let (rescale, weight) = if s > max {
-                                let old = max;
-                                max = s;
-                                ((old - s).exp(), 1.0)
-                            } else {
-                                (1.0, (s - max).exp())
-                            };
-                            sum = sum * rescale + weight;
-                            let v = kv.value(first + j, head, head_dim);
-                            portable::accumulate(&mut want, v, rescale, weight, narrow);
+                        for m in 1..=5 {
+                            let count = len - first;
+                            let scores: Vec<f32> = (0..m)
+                                .flat_map(|q| all_scores[first..].iter().map(move |s| s - q as f32))
+                                .collect();
+                            let mut got = vec![0.0; m * head_dim];
+                            let mut steps = Vec::new();
+                            softmax_values(
+                                isa, &scores, count, &kv, head, first, narrow, &mut got, &mut steps,
+                            );
+                            for (q, scores) in scores.chunks_exact(count).enumerate() {
+                                let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+                                let mut want = vec![0.0f32; head_dim];
+                                for (j, &s) in scores.iter().enumerate() {
+                                    let (rescale, weight) = if s > max {
+                                        let old = max;
+                                        max = s;
+                                        ((old - s).exp(), 1.0)
+                                    } else {
+                                        (1.0, (s - max).exp())
+                                    };
+                                    sum = sum * rescale + weight;
+                                    let v = kv.value(first + j, head, head_dim);
+                                    portable::accumulate(&mut want, v, rescale, weight, narrow);
+                                }
+                                let want: Vec<f32> = want.iter().map(|a| a * (1.0 / sum)).collect();
+                                assert_eq!(
+                                    bits(&got[q * head_dim..][..head_dim]),
+                                    bits(&want),
+                                    "{isa:?} {head_dim} {narrow} {head} {first} query {q} of {m}"
+                                );
+                            }
                         }
-                        let want: Vec<f32> = want.iter().map(|a| a * (1.0 / sum)).collect();
-                        assert_eq!(
-                            bits(&got),
-                            bits(&want),
-                            "{isa:?} {head_dim} {narrow} {head} {first}"
-                        );
                     }
                 }
                 for narrow in [true, false] {

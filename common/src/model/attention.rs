@@ -55,8 +55,47 @@ impl Rope {
     }
 
     /// `(cos, sin)` of every pair's angle at each of `positions`, position-major: computed
-    /// once per step and applied to the queries and the keys.
-    pub fn table(&self, positions: &[usize]) -> Vec<(f32, f32)> {
+    /// once per step and applied to the queries and the keys. Every layer of a step asks for
+    /// the same positions, most with the same rotation: the last few tables this thread made
+    /// are kept and handed out again (a sine and a cosine per pair cost more than the rotation).
+    pub fn table(&self, positions: &[usize]) -> std::rc::Rc<[(f32, f32)]> {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        /// Tables a thread keeps: gemma's local and global layers alternate two rotations.
+        const KEPT: usize = 4;
+        type Kept = Vec<(Rope, Vec<usize>, Rc<[(f32, f32)]>)>;
+        thread_local! {
+            static TABLES: RefCell<Kept> = const { RefCell::new(Vec::new()) };
+        }
+        TABLES.with_borrow_mut(|kept| {
+            if let Some(at) = kept
+                .iter()
+                .position(|(rope, p, _)| rope.same_angles(self) && p == positions)
+            {
+                let entry = kept.remove(at);
+                let table = entry.2.clone();
+                kept.push(entry);
+                return table;
+            }
+            let table: Rc<[(f32, f32)]> = self.compute_table(positions).into();
+            if kept.len() == KEPT {
+                kept.remove(0);
+            }
+            kept.push((self.clone(), positions.to_vec(), table.clone()));
+            table
+        })
+    }
+
+    /// Whether `other` turns every pair by the same angles as `self`.
+    fn same_angles(&self, other: &Rope) -> bool {
+        self.theta_scale.to_bits() == other.theta_scale.to_bits()
+            && self.pairs == other.pairs
+            && self.position_scale.to_bits() == other.position_scale.to_bits()
+            && self.magnitude.to_bits() == other.magnitude.to_bits()
+            && self.factors == other.factors
+    }
+
+    fn compute_table(&self, positions: &[usize]) -> Vec<(f32, f32)> {
         let mut table = Vec::with_capacity(positions.len() * self.pairs);
         for &position in positions {
             let mut theta = position as f32;
@@ -87,24 +126,36 @@ impl Rope {
         }
         let mut values = x.flatten_all()?.to_vec1::<f32>()?;
         let (pairs, style) = (self.pairs, self.style);
-        values
-            .par_chunks_exact_mut(head_dim)
-            .enumerate()
-            .for_each(|(row, x)| {
-                let angles = &table[(row % n) * pairs..][..pairs];
-                for (i, &(cos, sin)) in angles.iter().enumerate() {
-                    let (a, b) = match style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Neox => (i, i + pairs),
-                    };
-                    let (x0, x1) = (x[a], x[b]);
-                    x[a] = x0.mul_add(cos, -(x1 * sin));
-                    x[b] = x0.mul_add(sin, x1 * cos);
-                }
-            });
+        let rotate = |(row, x): (usize, &mut [f32])| {
+            let angles = &table[(row % n) * pairs..][..pairs];
+            for (i, &(cos, sin)) in angles.iter().enumerate() {
+                let (a, b) = match style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + pairs),
+                };
+                let (x0, x1) = (x[a], x[b]);
+                x[a] = x0.mul_add(cos, -(x1 * sin));
+                x[b] = x0.mul_add(sin, x1 * cos);
+            }
+        };
+        // A decode step's few heads take less time than handing half of them to another thread.
+        if values.len() < PARALLEL_VALUES {
+            values
+                .chunks_exact_mut(head_dim)
+                .enumerate()
+                .for_each(rotate);
+        } else {
+            values
+                .par_chunks_exact_mut(head_dim)
+                .enumerate()
+                .for_each(rotate);
+        }
         Ok(Tensor::from_vec(values, x.shape().clone(), x.device())?)
     }
 }
+
+/// Rotations of fewer values than this run on the calling thread alone.
+const PARALLEL_VALUES: usize = 16 * 1024;
 
 /// Steps of a session this long or longer attend in f32 ([`Precision::Wide`]).
 pub(crate) const WIDE_BATCH: usize = 64;
@@ -205,34 +256,63 @@ pub(crate) fn attend(
     let scale = scale as f32;
     let isa = Isa::detect();
     let mut out = vec![0.0f32; n * n_heads * head_dim];
-    // One task per (row, head): each writes its own `head_dim` slice of `out`.
-    out.par_chunks_mut(head_dim)
+    // One task per row and `together` heads of one KV head (a group of grouped-query
+    // attention, or a part of one), which share the loads of the values: as many heads as
+    // still leave a task for every thread. Each task writes its own slice of `out`, and each
+    // split of the loop keeps its scratch from task to task.
+    let threads = rayon::current_num_threads();
+    let together = (1..=group.min(4))
+        .rev()
+        .find(|m| group % m == 0 && n * n_heads / m >= threads)
+        .unwrap_or(1);
+    let tasks_per_row = n_heads / together;
+    out.par_chunks_mut(together * head_dim)
         .enumerate()
-        .for_each(|(task, out)| {
-            let (i, h) = (task / n_heads, task % n_heads);
+        .for_each_init(Scratch::default, |scratch, (task, out)| {
+            let (i, first_head) = (task / tasks_per_row, task % tasks_per_row * together);
             let (s, p) = rows[i];
             let (kv, narrow) = caches[s];
-            let kv_head = h / group;
-            let mut query = q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim].to_vec();
+            let kv_head = first_head / group;
             let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-            if narrow {
-                let mut q16 = vec![f16::ZERO; head_dim];
-                q16.convert_from_f32_slice(&query);
-                q16.convert_to_f32_slice(&mut query);
+            let count = p + 1 - first;
+            let Scratch {
+                query,
+                q16,
+                buf,
+                scores,
+                steps,
+            } = scratch;
+            scores.clear();
+            for h in first_head..first_head + together {
+                query.clear();
+                query.extend_from_slice(&q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim]);
+                if narrow {
+                    q16.resize(head_dim, f16::ZERO);
+                    q16.convert_from_f32_slice(query);
+                    q16.convert_to_f32_slice(query);
+                }
+                let skip = dot::scores(isa, query, kv, kv_head, first, count, buf);
+                let raw = &buf[skip..skip + count];
+                match softcap {
+                    None => scores.extend(raw.iter().map(|s| s * scale)),
+                    Some(cap) => {
+                        scores.extend(raw.iter().map(|s| (s * scale * cap.recip()).tanh() * cap))
+                    }
+                }
             }
-            let mut buf = Vec::new();
-            let scores = dot::scores(isa, &query, kv, kv_head, first, p + 1 - first, &mut buf);
-            let scores: Vec<f32> = match softcap {
-                None => scores.iter().map(|s| s * scale).collect(),
-                Some(cap) => scores
-                    .iter()
-                    .map(|s| (s * scale * cap.recip()).tanh() * cap)
-                    .collect(),
-            };
-            let mut steps = Vec::with_capacity(scores.len());
-            dot::softmax_values(isa, &scores, kv, kv_head, first, narrow, out, &mut steps);
+            dot::softmax_values(isa, scores, count, kv, kv_head, first, narrow, out, steps);
         });
     Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
+}
+
+/// What one attention task reuses from the last.
+#[derive(Default)]
+struct Scratch {
+    query: Vec<f32>,
+    q16: Vec<f16>,
+    buf: Vec<f32>,
+    scores: Vec<f32>,
+    steps: Vec<(f32, f32)>,
 }
 
 /// `[n, heads * head_dim]` → `[heads, n, head_dim]`, contiguous.

@@ -271,8 +271,8 @@ impl<B: Backend> Block for DecoderBlock<B> {
         let k = self.heads(&k, self.n_kv_heads, self.k_norm.as_ref())?;
         let v = split_heads(&v, self.n_kv_heads, self.head_dim)?;
         let angles = self.rope.table(&positions);
-        let q = be.rope(&q, &self.rope, &angles)?;
-        let k = be.rope(&k, &self.rope, &angles)?;
+        let q = be.rope(&q, &self.rope, &angles[..])?;
+        let k = be.rope(&k, &self.rope, &angles[..])?;
         let q = match self.query_scale {
             Some(scale) => (q * scale)?,
             None => q,

@@ -86,60 +86,119 @@ pub(in crate::kernels) fn accumulate(
     unsafe { accumulate_avx2(acc, v, rescale, weight, narrow) }
 }
 
-/// Dimensions whose accumulators one pass over the keys keeps in registers.
+/// Dimensions whose accumulators one AVX2 pass over the keys keeps in registers.
 const DIMS_PER_PASS: usize = 64;
 
-/// The weighted sum of `value(j)` over `steps` into `acc` (zeros), [`DIMS_PER_PASS`]
-/// dimensions at a time, the accumulators in registers over every key, in sixteen-lane
-/// registers where `cpu` runs AVX-512; the same operations as [`portable::accumulate`], in the
-/// same order. Returns how many leading dimensions it covered.
-pub(in crate::kernels) fn weighted_sum<'a>(
+/// Sixteen-lane accumulators an AVX-512 pass keeps in registers, over the queries of a group:
+/// as many chains as hide the latency of a step (two products, a sum and the f16 rounding),
+/// half the register file.
+const CHAINS: usize = 16;
+
+/// The weighted sums of `value(j)` over each query's `steps` into `out` (zeros, `head_dim`
+/// values per query, the steps `steps.len() / queries` per query, one query after the other),
+/// the accumulators in registers over every key: the same operations as
+/// [`portable::accumulate`], in the same order. Where `cpu` runs AVX-512, up to four queries go
+/// together, sharing each load of a value, in passes of as many dimensions as keep
+/// [`CHAINS`] accumulators; else each query in AVX2 passes of [`DIMS_PER_PASS`]. Returns how
+/// many leading dimensions of each query it covered (the same for all).
+pub(in crate::kernels) fn weighted_sums<'a>(
     cpu: X86,
-    acc: &mut [f32],
+    out: &mut [f32],
+    head_dim: usize,
     steps: &[(f32, f32)],
     value: &impl Fn(usize) -> &'a [f16],
     narrow: bool,
 ) -> usize {
-    let covered = acc.len() / DIMS_PER_PASS * DIMS_PER_PASS;
-    for (pass, acc) in acc[..covered].chunks_exact_mut(DIMS_PER_PASS).enumerate() {
-        let at = pass * DIMS_PER_PASS;
-        if cpu.avx512() {
-            // SAFETY: `cpu` says this CPU runs AVX-512 F, with AVX2, FMA and F16C.
-            unsafe { weighted_pass_avx512(acc, steps, value, at, narrow) }
-        } else {
+    let queries = out.len() / head_dim;
+    let count = steps.len() / queries.max(1);
+    if cpu.avx512() && queries <= 4 {
+        let mut at = 0;
+        // Passes of 16·V dimensions, V vectors per query, the widest first.
+        for v in [16, 8, 4] {
+            if queries * v > CHAINS {
+                continue;
+            }
+            while head_dim - at >= 16 * v {
+                // SAFETY: `cpu` says this CPU runs AVX-512 F, with AVX2, FMA and F16C.
+                unsafe {
+                    match (queries, v) {
+                        (1, 16) => {
+                            group_pass::<1, 16>(out, head_dim, steps, count, value, at, narrow)
+                        }
+                        (1, 8) => {
+                            group_pass::<1, 8>(out, head_dim, steps, count, value, at, narrow)
+                        }
+                        (1, 4) => {
+                            group_pass::<1, 4>(out, head_dim, steps, count, value, at, narrow)
+                        }
+                        (2, 8) => {
+                            group_pass::<2, 8>(out, head_dim, steps, count, value, at, narrow)
+                        }
+                        (2, 4) => {
+                            group_pass::<2, 4>(out, head_dim, steps, count, value, at, narrow)
+                        }
+                        (3, 4) => {
+                            group_pass::<3, 4>(out, head_dim, steps, count, value, at, narrow)
+                        }
+                        (4, 4) => {
+                            group_pass::<4, 4>(out, head_dim, steps, count, value, at, narrow)
+                        }
+                        _ => unreachable!("queries * v <= CHAINS"),
+                    }
+                }
+                at += 16 * v;
+            }
+        }
+        return at;
+    }
+    let covered = head_dim / DIMS_PER_PASS * DIMS_PER_PASS;
+    for (acc, steps) in out
+        .chunks_exact_mut(head_dim)
+        .zip(steps.chunks_exact(count))
+    {
+        for (pass, acc) in acc[..covered].chunks_exact_mut(DIMS_PER_PASS).enumerate() {
             // SAFETY: an `X86` is made only where the CPU runs AVX2, FMA and F16C.
-            unsafe { weighted_pass_avx2(acc, steps, value, at, narrow) }
+            unsafe { weighted_pass_avx2(acc, steps, value, pass * DIMS_PER_PASS, narrow) }
         }
     }
     covered
 }
 
+/// One pass of [`weighted_sums`] over dimensions `at..at + 16 * V` of `Q` queries.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn weighted_pass_avx512<'a>(
-    acc: &mut [f32],
+fn group_pass<'a, const Q: usize, const V: usize>(
+    out: &mut [f32],
+    head_dim: usize,
     steps: &[(f32, f32)],
+    count: usize,
     value: &impl Fn(usize) -> &'a [f16],
     at: usize,
     narrow: bool,
 ) {
-    const VECTORS: usize = DIMS_PER_PASS / 16;
-    let mut a = [_mm512_setzero_ps(); VECTORS];
-    for (j, &(rescale, weight)) in steps.iter().enumerate() {
-        let v = &value(j)[at..at + DIMS_PER_PASS];
-        let (w, r) = (_mm512_set1_ps(weight), _mm512_set1_ps(rescale));
-        for (k, a) in a.iter_mut().enumerate() {
-            // SAFETY: `v` holds DIMS_PER_PASS f16, sixteen per vector.
-            let v = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(v[16 * k..].as_ptr().cast()) });
-            let mut x = _mm512_add_ps(_mm512_mul_ps(v, w), _mm512_mul_ps(*a, r));
-            if narrow {
-                x = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+    let mut a = [[_mm512_setzero_ps(); V]; Q];
+    for j in 0..count {
+        let v = &value(j)[at..at + 16 * V];
+        let w: [__m512; Q] = std::array::from_fn(|q| _mm512_set1_ps(steps[q * count + j].1));
+        let r: [__m512; Q] = std::array::from_fn(|q| _mm512_set1_ps(steps[q * count + j].0));
+        for k in 0..V {
+            // SAFETY: `v` holds 16·V f16, sixteen per vector.
+            let x = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(v[16 * k..].as_ptr().cast()) });
+            for q in 0..Q {
+                let mut y = _mm512_add_ps(_mm512_mul_ps(x, w[q]), _mm512_mul_ps(a[q][k], r[q]));
+                if narrow {
+                    y = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+                }
+                a[q][k] = y;
             }
-            *a = x;
         }
     }
-    for (k, a) in a.iter().enumerate() {
-        // SAFETY: `acc` holds DIMS_PER_PASS f32, sixteen per vector.
-        unsafe { _mm512_storeu_ps(acc[16 * k..].as_mut_ptr(), *a) };
+    for (q, a) in a.iter().enumerate() {
+        let acc = &mut out[q * head_dim + at..][..16 * V];
+        for (k, a) in a.iter().enumerate() {
+            // SAFETY: `acc` holds 16·V f32, sixteen per vector.
+            unsafe { _mm512_storeu_ps(acc[16 * k..].as_mut_ptr(), *a) };
+        }
     }
 }
 
