@@ -263,7 +263,7 @@ pub(crate) fn attend(
     let threads = rayon::current_num_threads();
     let together = (1..=group.min(4))
         .rev()
-        .find(|m| group % m == 0 && n * n_heads / m >= threads)
+        .find(|m| group.is_multiple_of(*m) && n * n_heads / m >= threads)
         .unwrap_or(1);
     let tasks_per_row = n_heads / together;
     out.par_chunks_mut(together * head_dim)
