@@ -585,14 +585,18 @@ impl<B: Backend> Model<B> {
     pub fn forward(&self, tokens: &[u32], kv: &mut SessionKv, all_logits: bool) -> Result<Tensor> {
         let position = kv.len();
         self.config.check_fits(position, tokens.len())?;
-        let x = self.embedding.forward(tokens)?;
-        let x = self.shard.forward(&x, position, kv)?;
-        let x = if all_logits {
-            x
-        } else {
-            x.narrow(0, tokens.len() - 1, 1)?
-        };
-        self.head.forward(&x)
+        // The whole step on the kernels' threads, handed over once: the blocks and the head
+        // each handed over from this thread would wake a sleeping thread twice as often.
+        rayon::scope(|_| {
+            let x = self.embedding.forward(tokens)?;
+            let x = self.shard.forward(&x, position, kv)?;
+            let x = if all_logits {
+                x
+            } else {
+                x.narrow(0, tokens.len() - 1, 1)?
+            };
+            self.head.forward(&x)
+        })
     }
 }
 
