@@ -82,6 +82,35 @@ impl<B: Backend> LayerTensors<'_, B> {
     }
 }
 
+impl<B: Backend> LayerTensors<'_, B> {
+    /// The matrices `parts` (name, outputs) as one projection whose outputs are theirs in
+    /// turn, where none has a bias and the backend stacks them (see
+    /// [`Backend::stack_matrices`]).
+    fn stacked<const N: usize>(
+        &self,
+        parts: [(&str, usize); N],
+        biases: [&str; N],
+    ) -> Result<Option<Projection<B>>> {
+        if biases.iter().any(|b| self.has(b)) {
+            return Ok(None);
+        }
+        let mut infos = Vec::with_capacity(N);
+        for (n, rows) in parts {
+            let name = self.name(n);
+            let info = self.file.tensor_info(&name)?;
+            if info.dims.len() != 2 || info.dims[1] as usize != rows {
+                // Loaded one by one, where the mismatch is reported.
+                return Ok(None);
+            }
+            infos.push(info);
+        }
+        Ok(self
+            .backend
+            .stack_matrices(self.file, &infos)?
+            .map(|weight| Projection { weight, bias: None }))
+    }
+}
+
 /// Queries, keys and values from the normalized input.
 #[derive(Debug)]
 enum Qkv<B: Backend> {
@@ -142,6 +171,12 @@ impl<B: Backend> DecoderBlock<B> {
         let kv_width = config.n_kv_heads * config.head_dim;
         let qkv = if t.has(ATTN_QKV) {
             Qkv::Fused(t.projection(ATTN_QKV, ATTN_QKV_BIAS, q_width + 2 * kv_width)?)
+        } else if let Some(stacked) = t.stacked(
+            [(ATTN_Q, q_width), (ATTN_K, kv_width), (ATTN_V, kv_width)],
+            [ATTN_Q_BIAS, ATTN_K_BIAS, ATTN_V_BIAS],
+        )? {
+            // Stacked where the backend computes the stack faster: the fused layout.
+            Qkv::Fused(stacked)
         } else {
             Qkv::Separate {
                 q: t.projection(ATTN_Q, ATTN_Q_BIAS, q_width)?,

@@ -656,6 +656,58 @@ mod tests {
     }
 
     #[test]
+    fn stacked_queries_keys_and_values_give_their_parts_bits() {
+        use crate::model::backend::Backend;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("llama.gguf");
+        let spec = SyntheticSpec::fixture(SyntheticArch::Llama, SyntheticDType::Q8_0);
+        synthetic::write(&path, &spec).expect("write");
+        let file = GgufFile::open(&path).expect("open");
+        let names = [
+            "blk.0.attn_q.weight",
+            "blk.0.attn_k.weight",
+            "blk.0.attn_v.weight",
+        ];
+        let infos: Vec<&TensorInfo> = names.iter().map(|n| file.tensor_info(n).unwrap()).collect();
+        let cols = infos[0].dims[0] as usize;
+        let x = Tensor::from_vec(
+            (0..2 * cols)
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect::<Vec<f32>>(),
+            (2, cols),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let stacked = Cpu
+            .stack_matrices(&file, &infos)
+            .expect("read")
+            .expect("three repacked Q8_0 matrices stack");
+        let whole = Cpu
+            .matmul(&x, &stacked, None)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let parts: Vec<Vec<Vec<f32>>> = infos
+            .iter()
+            .map(|info| {
+                let m = load_matrix(&Cpu, &file, info).unwrap();
+                Cpu.matmul(&x, &m, None).unwrap().to_vec2::<f32>().unwrap()
+            })
+            .collect();
+        for (t, row) in whole.iter().enumerate() {
+            let want: Vec<u32> = parts
+                .iter()
+                .flat_map(|p| p[t].iter().map(|v| v.to_bits()))
+                .collect();
+            let got: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "token {t}");
+        }
+        // Parts of different widths or types stay apart.
+        let mixed = [infos[0], file.tensor_info("blk.0.ffn_down.weight").unwrap()];
+        assert!(Cpu.stack_matrices(&file, &mixed).unwrap().is_none());
+    }
+
+    #[test]
     fn only_a_matrix_loads_as_one() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("llama.gguf");

@@ -65,6 +65,38 @@ impl Backend for Cpu {
         )?)?))
     }
 
+    /// Matrices the kernels would each repack (so copy) anyway: their stack is a copy of the
+    /// same size, and one product pays one hand-over to the threads and one activation
+    /// quantization instead of one per part.
+    fn stack_matrices(&self, file: &GgufFile, infos: &[&TensorInfo]) -> Result<Option<Matrix>> {
+        let Some(first) = infos.first() else {
+            return Ok(None);
+        };
+        let (dtype, cols) = (first.dtype, first.dims[0] as usize);
+        let copied = |i: &TensorInfo| {
+            i.dims.len() == 2
+                && i.dtype == dtype
+                && i.dims[0] == first.dims[0]
+                && kernels::supported_shape(dtype, cols)
+                && kernels::repacks(dtype, i.dims[1] as usize)
+        };
+        if infos.len() < 2 || !infos.iter().all(|i| copied(i)) {
+            return Ok(None);
+        }
+        let rows: usize = infos.iter().map(|i| i.dims[1] as usize).sum();
+        let mut bytes = Vec::with_capacity(infos.iter().map(|i| i.size as usize).sum());
+        for info in infos {
+            bytes.extend_from_slice(file.tensor_bytes(info)?);
+        }
+        let Some(m) = QMatrix::new(dtype, rows, cols, &bytes) else {
+            return Ok(None);
+        };
+        for info in infos {
+            file.release_tensor(info)?;
+        }
+        Ok(Some(Matrix::Realm(m)))
+    }
+
     fn load_vector(&self, file: &GgufFile, info: &TensorInfo) -> Result<Vec<f32>> {
         load_f32(file, info)
     }
