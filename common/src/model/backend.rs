@@ -90,8 +90,8 @@ pub trait Backend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// One matrix of the rows of every tensor of `infos` in turn (each `[cols, rows_i]`, all of
     /// one type and width), where this backend computes the stack faster than its parts one
     /// by one and holds it in no more memory; `None` where it would not. A step's queries, keys
-    /// and values are one product then (one pass over the threads instead of three), whose
-    /// rows are the bits the parts would give.
+    /// and values are one product then (one pass over the threads instead of three), and so
+    /// are an MLP's gate and up; their rows are the bits the parts would give.
     fn stack_matrices(
         &self,
         file: &GgufFile,

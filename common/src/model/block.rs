@@ -207,10 +207,21 @@ impl<B: Backend> DecoderBlock<B> {
                 up: t.projection(FFN_UP, FFN_UP_BIAS, 2 * config.ffn_dim)?,
                 down: t.projection(FFN_DOWN, FFN_DOWN_BIAS, d)?,
             },
-            None => Mlp::Gated {
-                gate: Some(t.projection(FFN_GATE, FFN_GATE_BIAS, config.ffn_dim)?),
-                up: t.projection(FFN_UP, FFN_UP_BIAS, config.ffn_dim)?,
-                down: t.projection(FFN_DOWN, FFN_DOWN_BIAS, d)?,
+            None => match t.stacked(
+                [(FFN_GATE, config.ffn_dim), (FFN_UP, config.ffn_dim)],
+                [FFN_GATE_BIAS, FFN_UP_BIAS],
+            )? {
+                // Stacked where the backend computes the stack faster: the fused layout.
+                Some(both) => Mlp::Gated {
+                    gate: None,
+                    up: both,
+                    down: t.projection(FFN_DOWN, FFN_DOWN_BIAS, d)?,
+                },
+                None => Mlp::Gated {
+                    gate: Some(t.projection(FFN_GATE, FFN_GATE_BIAS, config.ffn_dim)?),
+                    up: t.projection(FFN_UP, FFN_UP_BIAS, config.ffn_dim)?,
+                    down: t.projection(FFN_DOWN, FFN_DOWN_BIAS, d)?,
+                },
             },
         };
         let sliding = config.is_sliding(layer);
