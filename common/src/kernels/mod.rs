@@ -154,6 +154,16 @@ impl Layout {
 
     /// Copies `bytes` (rows of `row_bytes` in the file's layout) into `out` in this layout,
     /// telling `done(n)` as it goes that the first `n` bytes of `bytes` will not be read again.
+    /// Rows of one group of a repacked layout; `None` for the file's.
+    fn group_rows(self) -> Option<usize> {
+        match self {
+            Self::File => None,
+            Self::Interleaved => Some(interleaved::ROWS),
+            #[cfg(target_arch = "x86_64")]
+            Self::Wide(_) => Some(wide::ROWS),
+        }
+    }
+
     fn repack(
         self,
         dtype: GgmlType,
@@ -277,6 +287,47 @@ impl QMatrix {
             layout.repack(dtype, row_bytes, bytes, &mut copy, done);
             Storage::Repacked(Arc::new(copy.make_read_only().ok()?))
         };
+        Self::with_storage(isa, dtype, rows, cols, layout, data)
+    }
+
+    /// One matrix of the rows of `parts` in turn (each whole rows of `cols` values of `dtype`,
+    /// in the file's layout), repacked straight from them into one copy, no larger than the
+    /// parts; `done(i)` hears when part `i` will not be read again. `None` unless the whole
+    /// is repacked and every part is whole groups of its layout, so that no group straddles
+    /// two parts and each row's products are the bits its part would give alone.
+    pub fn stacked(
+        dtype: GgmlType,
+        cols: usize,
+        parts: &[&[u8]],
+        mut done: impl FnMut(usize),
+    ) -> Option<Self> {
+        let isa = Isa::detect();
+        if !supported_shape(dtype, cols) {
+            return None;
+        }
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let rows = len / row_bytes;
+        let layout = Layout::of(isa, dtype, rows);
+        let group = layout.group_rows()?;
+        let whole_groups = |p: &&[u8]| p.len().is_multiple_of(group * row_bytes);
+        if !parts.iter().all(whole_groups) {
+            return None;
+        }
+        let mut copy = crate::mmap::huge_page_buffer(len).ok()?;
+        let mut at = 0;
+        for (i, part) in parts.iter().enumerate() {
+            layout.repack(
+                dtype,
+                row_bytes,
+                part,
+                &mut copy[at..at + part.len()],
+                |_| {},
+            );
+            at += part.len();
+            done(i);
+        }
+        let data = Storage::Repacked(Arc::new(copy.make_read_only().ok()?));
         Self::with_storage(isa, dtype, rows, cols, layout, data)
     }
 

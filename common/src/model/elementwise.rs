@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 pub(crate) const SLICE: usize = 8192;
 
 /// The fewest values a slice is given.
-const MIN_SLICE: usize = 512;
+const MIN_SLICE: usize = 1024;
 
 /// The values of `t` (any shape) as one row.
 fn values(t: &Tensor) -> Result<Vec<f32>> {

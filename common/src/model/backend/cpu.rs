@@ -83,12 +83,14 @@ impl Backend for Cpu {
         if infos.len() < 2 || !infos.iter().all(|i| copied(i)) {
             return Ok(None);
         }
-        let rows: usize = infos.iter().map(|i| i.dims[1] as usize).sum();
-        let mut bytes = Vec::with_capacity(infos.iter().map(|i| i.size as usize).sum());
-        for info in infos {
-            bytes.extend_from_slice(file.tensor_bytes(info)?);
-        }
-        let Some(m) = QMatrix::new(dtype, rows, cols, &bytes) else {
+        let parts = infos
+            .iter()
+            .map(|i| file.tensor_bytes(i))
+            .collect::<Result<Vec<_>>>()?;
+        // Each part's file pages go as soon as it is repacked (best effort; errors are
+        // reported by the releases below).
+        let done = |i: usize| drop(file.release_tensor(infos[i]));
+        let Some(m) = QMatrix::stacked(dtype, cols, &parts, done) else {
             return Ok(None);
         };
         for info in infos {
