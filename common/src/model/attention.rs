@@ -10,6 +10,7 @@ pub(crate) use super::config::RopeStyle;
 use crate::error::{Error, Result};
 use crate::kernels::{attention as dot, Isa};
 use crate::kv::LayerKv;
+use crate::model::elementwise::with_values;
 
 /// A rotary embedding, computed as the reference engine computes it, bit for bit: the angle of
 /// pair `i` at position `p` is `p · θ^i` with `θ = base^(-2/d)`, the power built up by one f32
@@ -233,26 +234,34 @@ pub(crate) fn attend(
             segments.iter().map(|s| s.rows).sum::<usize>()
         )));
     }
-    // Position-major `[n][kv_heads * head_dim]` for the caches.
-    let position_major = |t: &Tensor| -> Result<Vec<f32>> {
-        Ok(t.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?)
+    // Position-major `[n][kv_heads * head_dim]` for the caches (one row already is), read in
+    // place where the tensors allow.
+    let position_major = |t: &Tensor| -> Result<Tensor> {
+        Ok(if n == 1 {
+            t.clone()
+        } else {
+            t.transpose(0, 1)?.contiguous()?
+        })
     };
     let (keys, values) = (position_major(k)?, position_major(v)?);
     // Each row's session and position.
     let mut rows = Vec::with_capacity(n);
-    let mut first = 0;
-    for (s, segment) in segments.iter_mut().enumerate() {
-        let at = first * width..(first + segment.rows) * width;
-        segment.kv.append(width, &keys[at.clone()], &values[at]);
-        rows.extend((segment.position..segment.position + segment.rows).map(|p| (s, p)));
-        first += segment.rows;
-    }
+    with_values(&keys, |keys| {
+        with_values(&values, |values| {
+            let mut first = 0;
+            for (s, segment) in segments.iter_mut().enumerate() {
+                let at = first * width..(first + segment.rows) * width;
+                segment.kv.append(width, &keys[at.clone()], &values[at]);
+                rows.extend((segment.position..segment.position + segment.rows).map(|p| (s, p)));
+                first += segment.rows;
+            }
+        })
+    })??;
     let caches: Vec<(&LayerKv, bool)> = segments
         .iter()
         .map(|s| (&*s.kv, s.precision == Precision::Narrow))
         .collect();
     let device = q.device().clone();
-    let q = q.flatten_all()?.to_vec1::<f32>()?;
     let scale = scale as f32;
     let isa = Isa::detect();
     let mut out = vec![0.0f32; n * n_heads * head_dim];
@@ -266,42 +275,43 @@ pub(crate) fn attend(
         .find(|m| group.is_multiple_of(*m) && n * n_heads / m >= threads)
         .unwrap_or(1);
     let tasks_per_row = n_heads / together;
-    out.par_chunks_mut(together * head_dim)
-        .enumerate()
-        .for_each_init(Scratch::default, |scratch, (task, out)| {
-            let (i, first_head) = (task / tasks_per_row, task % tasks_per_row * together);
-            let (s, p) = rows[i];
-            let (kv, narrow) = caches[s];
-            let kv_head = first_head / group;
-            let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let count = p + 1 - first;
-            let Scratch {
-                query,
-                q16,
-                buf,
-                scores,
-                steps,
-            } = scratch;
-            scores.clear();
-            for h in first_head..first_head + together {
-                query.clear();
-                query.extend_from_slice(&q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim]);
-                if narrow {
-                    q16.resize(head_dim, f16::ZERO);
-                    q16.convert_from_f32_slice(query);
-                    q16.convert_to_f32_slice(query);
-                }
-                let skip = dot::scores(isa, query, kv, kv_head, first, count, buf);
-                let raw = &buf[skip..skip + count];
-                match softcap {
-                    None => scores.extend(raw.iter().map(|s| s * scale)),
-                    Some(cap) => {
-                        scores.extend(raw.iter().map(|s| (s * scale * cap.recip()).tanh() * cap))
+    with_values(q, |q| {
+        out.par_chunks_mut(together * head_dim)
+            .enumerate()
+            .for_each_init(Scratch::default, |scratch, (task, out)| {
+                let (i, first_head) = (task / tasks_per_row, task % tasks_per_row * together);
+                let (s, p) = rows[i];
+                let (kv, narrow) = caches[s];
+                let kv_head = first_head / group;
+                let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                let count = p + 1 - first;
+                let Scratch {
+                    query,
+                    q16,
+                    buf,
+                    scores,
+                    steps,
+                } = scratch;
+                scores.clear();
+                for h in first_head..first_head + together {
+                    query.clear();
+                    query.extend_from_slice(&q[(h * n + i) * head_dim..(h * n + i + 1) * head_dim]);
+                    if narrow {
+                        q16.resize(head_dim, f16::ZERO);
+                        q16.convert_from_f32_slice(query);
+                        q16.convert_to_f32_slice(query);
+                    }
+                    let skip = dot::scores(isa, query, kv, kv_head, first, count, buf);
+                    let raw = &buf[skip..skip + count];
+                    match softcap {
+                        None => scores.extend(raw.iter().map(|s| s * scale)),
+                        Some(cap) => scores
+                            .extend(raw.iter().map(|s| (s * scale * cap.recip()).tanh() * cap)),
                     }
                 }
-            }
-            dot::softmax_values(isa, scores, count, kv, kv_head, first, narrow, out, steps);
-        });
+                dot::softmax_values(isa, scores, count, kv, kv_head, first, narrow, out, steps);
+            });
+    })?;
     Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
 }
 
