@@ -64,6 +64,8 @@ impl Rope {
         use std::rc::Rc;
         /// Tables a thread keeps: gemma's local and global layers alternate two rotations.
         const KEPT: usize = 4;
+        /// The largest table kept (256 KiB): a 128-token prompt's of 128 pairs.
+        const KEPT_ANGLES: usize = 32 * 1024;
         type Kept = Vec<(Rope, Vec<usize>, Rc<[(f32, f32)]>)>;
         thread_local! {
             static TABLES: RefCell<Kept> = const { RefCell::new(Vec::new()) };
@@ -79,10 +81,13 @@ impl Rope {
                 return table;
             }
             let table: Rc<[(f32, f32)]> = self.compute_table(positions).into();
-            if kept.len() == KEPT {
-                kept.remove(0);
+            // A long prompt's table is not kept: its memory would outlive the prompt.
+            if table.len() <= KEPT_ANGLES {
+                if kept.len() == KEPT {
+                    kept.remove(0);
+                }
+                kept.push((self.clone(), positions.to_vec(), table.clone()));
             }
-            kept.push((self.clone(), positions.to_vec(), table.clone()));
             table
         })
     }
@@ -331,4 +336,39 @@ pub(crate) fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<T
     Ok(x.reshape((n, heads, head_dim))?
         .transpose(0, 1)?
         .contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_rope_tables_are_each_rotations_own() {
+        let rope = |base: f32, factors: Option<&[f32]>| {
+            Rope::new(RopeStyle::Neox, 8, base, 1.0, factors, 1.0)
+        };
+        let (global, local) = (rope(1_000_000.0, None), rope(10_000.0, None));
+        let scaled = rope(10_000.0, Some(&[1.0, 2.0, 4.0, 8.0]));
+        let bits = |t: &[(f32, f32)]| {
+            t.iter()
+                .flat_map(|&(c, s)| [c.to_bits(), s.to_bits()])
+                .collect::<Vec<_>>()
+        };
+        for positions in [vec![5], vec![6], vec![0, 1, 2], vec![5]] {
+            for r in [&global, &local, &scaled, &global] {
+                // Asked twice (the second from what the thread kept): the computed table.
+                let want = bits(&r.compute_table(&positions));
+                assert_eq!(bits(&r.table(&positions)), want);
+                assert_eq!(bits(&r.table(&positions)), want);
+            }
+        }
+        assert_ne!(
+            bits(&global.table(&[7])),
+            bits(&local.table(&[7])),
+            "two rotations, two tables"
+        );
+        // A long prompt's table is computed, not kept, and still right.
+        let long: Vec<usize> = (0..20_000).collect();
+        assert_eq!(bits(&local.table(&long)), bits(&local.compute_table(&long)));
+    }
 }
