@@ -322,8 +322,8 @@ pub fn generate(
     let mut first_token_at = None;
     loop {
         let logits = model.forward(&input, &mut kv, false)?;
-        let logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let step = decoding.step(tokenizer, &logits)?;
+        // Read in place: a copy of a large vocabulary's logits costs tens of µs a token.
+        let step = crate::model::with_values(&logits, |logits| decoding.step(tokenizer, logits))??;
         first_token_at.get_or_insert_with(|| start.elapsed());
         if !step.text.is_empty() {
             on_text(&step.text);
