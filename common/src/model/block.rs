@@ -121,6 +121,9 @@ enum Qkv<B: Backend> {
     },
     /// One matrix whose outputs are the queries, then the keys, then the values.
     Fused(Projection<B>),
+    /// One matrix whose outputs are the queries, then the keys; the values apart (a stack of
+    /// the two where the values' matrix is of another type).
+    FusedQk { qk: Projection<B>, v: Projection<B> },
 }
 
 #[derive(Debug)]
@@ -177,6 +180,14 @@ impl<B: Backend> DecoderBlock<B> {
         )? {
             // Stacked where the backend computes the stack faster: the fused layout.
             Qkv::Fused(stacked)
+        } else if let Some(qk) = t.stacked(
+            [(ATTN_Q, q_width), (ATTN_K, kv_width)],
+            [ATTN_Q_BIAS, ATTN_K_BIAS],
+        )? {
+            Qkv::FusedQk {
+                qk,
+                v: t.projection(ATTN_V, ATTN_V_BIAS, kv_width)?,
+            }
         } else {
             Qkv::Separate {
                 q: t.projection(ATTN_Q, ATTN_Q_BIAS, q_width)?,
@@ -310,6 +321,14 @@ impl<B: Backend> Block for DecoderBlock<B> {
                     y.narrow(1, 0, q_width)?.contiguous()?,
                     y.narrow(1, q_width, kv_width)?.contiguous()?,
                     y.narrow(1, q_width + kv_width, kv_width)?.contiguous()?,
+                )
+            }
+            Qkv::FusedQk { qk, v } => {
+                let y = qk.forward(be, &h)?;
+                (
+                    y.narrow(1, 0, q_width)?.contiguous()?,
+                    y.narrow(1, q_width, kv_width)?.contiguous()?,
+                    v.forward(be, &h)?,
                 )
             }
         };
