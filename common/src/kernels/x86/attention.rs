@@ -119,33 +119,19 @@ pub(in crate::kernels) fn weighted_sums<'a>(
                 continue;
             }
             while head_dim - at >= 16 * v {
-                // SAFETY: `cpu` says this CPU runs AVX-512 F, with AVX2, FMA and F16C.
-                unsafe {
-                    match (queries, v) {
-                        (1, 16) => {
-                            group_pass::<1, 16>(out, head_dim, steps, count, value, at, narrow)
+                // One instance per shape, the accumulators' count fixed for the registers.
+                macro_rules! pass {
+                    ($(($q:literal, $v:literal)),*) => {
+                        match (queries, v) {
+                            $(($q, $v) => group_pass::<$q, $v>(
+                                out, head_dim, steps, count, value, at, narrow,
+                            ),)*
+                            _ => unreachable!("queries * v <= CHAINS"),
                         }
-                        (1, 8) => {
-                            group_pass::<1, 8>(out, head_dim, steps, count, value, at, narrow)
-                        }
-                        (1, 4) => {
-                            group_pass::<1, 4>(out, head_dim, steps, count, value, at, narrow)
-                        }
-                        (2, 8) => {
-                            group_pass::<2, 8>(out, head_dim, steps, count, value, at, narrow)
-                        }
-                        (2, 4) => {
-                            group_pass::<2, 4>(out, head_dim, steps, count, value, at, narrow)
-                        }
-                        (3, 4) => {
-                            group_pass::<3, 4>(out, head_dim, steps, count, value, at, narrow)
-                        }
-                        (4, 4) => {
-                            group_pass::<4, 4>(out, head_dim, steps, count, value, at, narrow)
-                        }
-                        _ => unreachable!("queries * v <= CHAINS"),
-                    }
+                    };
                 }
+                // SAFETY: `cpu` says this CPU runs AVX-512 F, with AVX2, FMA and F16C.
+                unsafe { pass!((1, 16), (1, 8), (1, 4), (2, 8), (2, 4), (3, 4), (4, 4)) }
                 at += 16 * v;
             }
         }
