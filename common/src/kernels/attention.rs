@@ -45,8 +45,8 @@ pub(crate) fn scores(
 /// The softmax-weighted sums of the values of the keys from `first` for `m` queries of KV head
 /// `head` at once (a group of grouped-query attention, which share the values): `scores` holds
 /// each query's scores (already scaled), `count` apiece, one query after the other; each sum is
-/// written normalized to `out`, `head_dim` values per query in the same order. `steps` is
-/// scratch.
+/// written normalized to `out`, `head_dim` values per query in the same order. `steps` and
+/// `sums` are scratch.
 ///
 /// The softmax is online, one key at a time in order: a key scoring a new maximum rescales
 /// what came before by `exp(old - new)` and weighs 1, any other weighs `exp(s - max)`. The
@@ -66,9 +66,10 @@ pub(crate) fn softmax_values(
     narrow: bool,
     out: &mut [f32],
     steps: &mut Vec<(f32, f32)>,
+    sums: &mut Vec<f32>,
 ) {
     steps.clear();
-    let mut sums = Vec::with_capacity(scores.len() / count.max(1));
+    sums.clear();
     for scores in scores.chunks_exact(count) {
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
         for &s in scores {
@@ -112,7 +113,7 @@ pub(crate) fn softmax_values(
             }
         }
     }
-    for (out, sum) in out.chunks_exact_mut(head_dim).zip(sums) {
+    for (out, &sum) in out.chunks_exact_mut(head_dim).zip(sums.iter()) {
         let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
         for o in out.iter_mut() {
             *o *= inv;
@@ -187,9 +188,10 @@ mod tests {
                                 .flat_map(|q| all_scores[first..].iter().map(move |s| s - q as f32))
                                 .collect();
                             let mut got = vec![0.0; m * head_dim];
-                            let mut steps = Vec::new();
+                            let (mut steps, mut sums) = (Vec::new(), Vec::new());
                             softmax_values(
-                                isa, &scores, count, &kv, head, first, narrow, &mut got, &mut steps,
+                                isa, &scores, count, &kv, head, first, narrow, &mut got,
+                                &mut steps, &mut sums,
                             );
                             for (q, scores) in scores.chunks_exact(count).enumerate() {
                                 let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);

@@ -152,8 +152,6 @@ impl Layout {
         }
     }
 
-    /// Copies `bytes` (rows of `row_bytes` in the file's layout) into `out` in this layout,
-    /// telling `done(n)` as it goes that the first `n` bytes of `bytes` will not be read again.
     /// Rows of one group of a repacked layout; `None` for the file's.
     fn group_rows(self) -> Option<usize> {
         match self {
@@ -164,6 +162,8 @@ impl Layout {
         }
     }
 
+    /// Copies `bytes` (rows of `row_bytes` in the file's layout) into `out` in this layout,
+    /// telling `done(n)` as it goes that the first `n` bytes of `bytes` will not be read again.
     fn repack(
         self,
         dtype: GgmlType,

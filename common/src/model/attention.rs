@@ -10,7 +10,7 @@ pub(crate) use super::config::RopeStyle;
 use crate::error::{Error, Result};
 use crate::kernels::{attention as dot, Isa};
 use crate::kv::LayerKv;
-use crate::model::elementwise::with_values;
+use crate::model::elementwise::{for_each_row, with_values};
 
 /// A rotary embedding, computed as the reference engine computes it, bit for bit: the angle of
 /// pair `i` at position `p` is `p · θ^i` with `θ = base^(-2/d)`, the power built up by one f32
@@ -132,7 +132,7 @@ impl Rope {
         }
         let mut values = x.flatten_all()?.to_vec1::<f32>()?;
         let (pairs, style) = (self.pairs, self.style);
-        let rotate = |(row, x): (usize, &mut [f32])| {
+        for_each_row(&mut values, head_dim, |row, x| {
             let angles = &table[(row % n) * pairs..][..pairs];
             for (i, &(cos, sin)) in angles.iter().enumerate() {
                 let (a, b) = match style {
@@ -143,25 +143,10 @@ impl Rope {
                 x[a] = x0.mul_add(cos, -(x1 * sin));
                 x[b] = x0.mul_add(sin, x1 * cos);
             }
-        };
-        // A decode step's few heads take less time than handing half of them to another thread.
-        if values.len() < PARALLEL_VALUES {
-            values
-                .chunks_exact_mut(head_dim)
-                .enumerate()
-                .for_each(rotate);
-        } else {
-            values
-                .par_chunks_exact_mut(head_dim)
-                .enumerate()
-                .for_each(rotate);
-        }
+        });
         Ok(Tensor::from_vec(values, x.shape().clone(), x.device())?)
     }
 }
-
-/// Rotations of fewer values than this run on the calling thread alone.
-const PARALLEL_VALUES: usize = 16 * 1024;
 
 /// Steps of a session this long or longer attend in f32 ([`Precision::Wide`]).
 pub(crate) const WIDE_BATCH: usize = 64;
@@ -296,6 +281,7 @@ pub(crate) fn attend(
                     buf,
                     scores,
                     steps,
+                    sums,
                 } = scratch;
                 scores.clear();
                 for h in first_head..first_head + together {
@@ -314,7 +300,9 @@ pub(crate) fn attend(
                             .extend(raw.iter().map(|s| (s * scale * cap.recip()).tanh() * cap)),
                     }
                 }
-                dot::softmax_values(isa, scores, count, kv, kv_head, first, narrow, out, steps);
+                dot::softmax_values(
+                    isa, scores, count, kv, kv_head, first, narrow, out, steps, sums,
+                );
             });
     })?;
     Ok(Tensor::from_vec(out, (n, n_heads * head_dim), &device)?)
@@ -328,6 +316,7 @@ struct Scratch {
     buf: Vec<f32>,
     scores: Vec<f32>,
     steps: Vec<(f32, f32)>,
+    sums: Vec<f32>,
 }
 
 /// `[n, heads * head_dim]` → `[heads, n, head_dim]`, contiguous.

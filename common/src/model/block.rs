@@ -119,11 +119,13 @@ enum Qkv<B: Backend> {
         k: Projection<B>,
         v: Projection<B>,
     },
-    /// One matrix whose outputs are the queries, then the keys, then the values.
-    Fused(Projection<B>),
-    /// One matrix whose outputs are the queries, then the keys; the values apart (a stack of
-    /// the two where the values' matrix is of another type).
-    FusedQk { qk: Projection<B>, v: Projection<B> },
+    /// One matrix whose outputs are the queries, then the keys, then the values, or (with `v`)
+    /// the queries and keys alone, the values apart (a stack of the two where the values'
+    /// matrix is of another type).
+    Fused {
+        stack: Projection<B>,
+        v: Option<Projection<B>>,
+    },
 }
 
 #[derive(Debug)]
@@ -173,20 +175,26 @@ impl<B: Backend> DecoderBlock<B> {
         let q_width = config.n_heads * config.head_dim;
         let kv_width = config.n_kv_heads * config.head_dim;
         let qkv = if t.has(ATTN_QKV) {
-            Qkv::Fused(t.projection(ATTN_QKV, ATTN_QKV_BIAS, q_width + 2 * kv_width)?)
+            Qkv::Fused {
+                stack: t.projection(ATTN_QKV, ATTN_QKV_BIAS, q_width + 2 * kv_width)?,
+                v: None,
+            }
         } else if let Some(stacked) = t.stacked(
             [(ATTN_Q, q_width), (ATTN_K, kv_width), (ATTN_V, kv_width)],
             [ATTN_Q_BIAS, ATTN_K_BIAS, ATTN_V_BIAS],
         )? {
             // Stacked where the backend computes the stack faster: the fused layout.
-            Qkv::Fused(stacked)
+            Qkv::Fused {
+                stack: stacked,
+                v: None,
+            }
         } else if let Some(qk) = t.stacked(
             [(ATTN_Q, q_width), (ATTN_K, kv_width)],
             [ATTN_Q_BIAS, ATTN_K_BIAS],
         )? {
-            Qkv::FusedQk {
-                qk,
-                v: t.projection(ATTN_V, ATTN_V_BIAS, kv_width)?,
+            Qkv::Fused {
+                stack: qk,
+                v: Some(t.projection(ATTN_V, ATTN_V_BIAS, kv_width)?),
             }
         } else {
             Qkv::Separate {
@@ -315,20 +323,16 @@ impl<B: Backend> Block for DecoderBlock<B> {
             Qkv::Separate { q, k, v } => {
                 (q.forward(be, &h)?, k.forward(be, &h)?, v.forward(be, &h)?)
             }
-            Qkv::Fused(qkv) => {
-                let y = qkv.forward(be, &h)?;
+            Qkv::Fused { stack, v } => {
+                let y = stack.forward(be, &h)?;
+                let v = match v {
+                    Some(v) => v.forward(be, &h)?,
+                    None => y.narrow(1, q_width + kv_width, kv_width)?.contiguous()?,
+                };
                 (
                     y.narrow(1, 0, q_width)?.contiguous()?,
                     y.narrow(1, q_width, kv_width)?.contiguous()?,
-                    y.narrow(1, q_width + kv_width, kv_width)?.contiguous()?,
-                )
-            }
-            Qkv::FusedQk { qk, v } => {
-                let y = qk.forward(be, &h)?;
-                (
-                    y.narrow(1, 0, q_width)?.contiguous()?,
-                    y.narrow(1, q_width, kv_width)?.contiguous()?,
-                    v.forward(be, &h)?,
+                    v,
                 )
             }
         };

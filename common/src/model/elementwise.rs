@@ -18,6 +18,25 @@ pub(crate) const SLICE: usize = 8192;
 /// The fewest values a slice is given.
 const MIN_SLICE: usize = 1024;
 
+/// Row-wise work on fewer values than this stays on the calling thread: a decode step's few
+/// rows (a row, or its heads) take less time than handing some to another thread.
+const PARALLEL_VALUES: usize = 16 * 1024;
+
+/// `f(i, row)` for every row `i` of `width` values of `values`: a prefill's rows spread over the
+/// threads, a decode step's on this one.
+pub(crate) fn for_each_row(
+    values: &mut [f32],
+    width: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    let f = |(i, row): (usize, &mut [f32])| f(i, row);
+    if values.len() < PARALLEL_VALUES {
+        values.chunks_exact_mut(width).enumerate().for_each(f);
+    } else {
+        values.par_chunks_exact_mut(width).enumerate().for_each(f);
+    }
+}
+
 /// The values of `t` (any shape) as one row.
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)

@@ -8,12 +8,9 @@
 //! The CPU backend's norm (see `backend::cpu`).
 
 use candle_core::Tensor;
-use rayon::prelude::*;
 
+use super::elementwise::for_each_row;
 use crate::error::{Error, Result};
-
-/// Norms of fewer values than this run on the calling thread alone.
-const PARALLEL_VALUES: usize = 16 * 1024;
 
 /// Normalizes every row (last dimension) of `x` and scales it by `w`.
 pub(crate) fn rms_norm(x: &Tensor, w: &[f32], eps: f64) -> Result<Tensor> {
@@ -26,20 +23,14 @@ pub(crate) fn rms_norm(x: &Tensor, w: &[f32], eps: f64) -> Result<Tensor> {
     }
     let mut values = x.flatten_all()?.to_vec1::<f32>()?;
     let eps = eps as f32;
-    let normalize = |row: &mut [f32]| {
+    // Rows are independent: a prefill's spread over the threads.
+    for_each_row(&mut values, width, |_, row| {
         let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / width as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for (v, w) in row.iter_mut().zip(w) {
             *v = *v * scale * w;
         }
-    };
-    // Rows are independent: a prefill's spread over the threads. A decode step's few rows
-    // (a row, or its heads) take less time than handing some to another thread.
-    if values.len() < PARALLEL_VALUES {
-        values.chunks_exact_mut(width).for_each(normalize);
-    } else {
-        values.par_chunks_exact_mut(width).for_each(normalize);
-    }
+    });
     Ok(Tensor::from_vec(values, x.shape().clone(), x.device())?)
 }

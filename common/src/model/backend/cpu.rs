@@ -87,16 +87,16 @@ impl Backend for Cpu {
             .iter()
             .map(|i| file.tensor_bytes(i))
             .collect::<Result<Vec<_>>>()?;
-        // Each part's file pages go as soon as it is repacked (best effort; errors are
-        // reported by the releases below).
-        let done = |i: usize| drop(file.release_tensor(infos[i]));
-        let Some(m) = QMatrix::stacked(dtype, cols, &parts, done) else {
-            return Ok(None);
+        // Each part's file pages go as soon as it is repacked; the first error is reported.
+        let mut released = Ok(());
+        let done = |i: usize| {
+            if let (Ok(()), Err(e)) = (&released, file.release_tensor(infos[i])) {
+                released = Err(e);
+            }
         };
-        for info in infos {
-            file.release_tensor(info)?;
-        }
-        Ok(Some(Matrix::Realm(m)))
+        let stacked = QMatrix::stacked(dtype, cols, &parts, done);
+        released?;
+        Ok(stacked.map(Matrix::Realm))
     }
 
     fn load_vector(&self, file: &GgufFile, info: &TensorInfo) -> Result<Vec<f32>> {
