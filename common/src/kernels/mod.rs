@@ -42,6 +42,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::gguf::TensorData;
+use crate::mmap::WeightBytes;
 use crate::quant::GgmlType;
 
 pub(crate) mod attention;
@@ -231,8 +232,8 @@ enum Storage {
     Owned(Arc<[u8]>),
     /// The mapped model file itself.
     Mapped(TensorData),
-    /// A copy in another layout, in memory of its own (huge pages where the OS gives them).
-    Repacked(Arc<memmap2::Mmap>),
+    /// A copy in another layout, in the weight arena (huge pages where the OS gives them).
+    Repacked(Arc<WeightBytes>),
 }
 
 impl Storage {
@@ -283,9 +284,10 @@ impl QMatrix {
         let data = if layout == Layout::File {
             Storage::Owned(bytes.into())
         } else {
-            let mut copy = crate::mmap::huge_page_buffer(bytes.len()).ok()?;
-            layout.repack(dtype, row_bytes, bytes, &mut copy, done);
-            Storage::Repacked(Arc::new(copy.make_read_only().ok()?))
+            let copy = WeightBytes::new(bytes.len(), |copy| {
+                layout.repack(dtype, row_bytes, bytes, copy, done);
+            });
+            Storage::Repacked(Arc::new(copy.ok()?))
         };
         Self::with_storage(isa, dtype, rows, cols, layout, data)
     }
@@ -314,20 +316,16 @@ impl QMatrix {
         if !parts.iter().all(whole_groups) {
             return None;
         }
-        let mut copy = crate::mmap::huge_page_buffer(len).ok()?;
-        let mut at = 0;
-        for (i, part) in parts.iter().enumerate() {
-            layout.repack(
-                dtype,
-                row_bytes,
-                part,
-                &mut copy[at..at + part.len()],
-                |_| {},
-            );
-            at += part.len();
-            done(i);
-        }
-        let data = Storage::Repacked(Arc::new(copy.make_read_only().ok()?));
+        let copy = WeightBytes::new(len, |copy| {
+            let mut at = 0;
+            for (i, part) in parts.iter().enumerate() {
+                let to = &mut copy[at..at + part.len()];
+                layout.repack(dtype, row_bytes, part, to, |_| {});
+                at += part.len();
+                done(i);
+            }
+        });
+        let data = Storage::Repacked(Arc::new(copy.ok()?));
         Self::with_storage(isa, dtype, rows, cols, layout, data)
     }
 
