@@ -228,21 +228,32 @@ fn repack_groups<const ROWS: usize>(
 /// Where a matrix's bytes live. Clones share the bytes.
 #[derive(Debug, Clone)]
 enum Storage {
-    /// A copy in the file's layout.
-    Owned(Arc<[u8]>),
+    /// A copy, in the file's layout or another, in the weight arena (huge pages where the OS
+    /// gives them).
+    Copied(Arc<WeightBytes>),
     /// The mapped model file itself.
     Mapped(TensorData),
-    /// A copy in another layout, in the weight arena (huge pages where the OS gives them).
-    Repacked(Arc<WeightBytes>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Self::Owned(v) => v,
-            Self::Repacked(v) => v,
+            Self::Copied(v) => v,
             Self::Mapped(t) => t.bytes(),
         }
+    }
+
+    /// A copy of `bytes` in the file's layout, `done(n)` told as it goes that the first `n`
+    /// bytes will not be read again.
+    fn copy(bytes: &[u8], mut done: impl FnMut(usize)) -> Option<Self> {
+        const PIECE: usize = 1 << 20;
+        let copy = WeightBytes::new(bytes.len(), |copy| {
+            for (at, (to, from)) in copy.chunks_mut(PIECE).zip(bytes.chunks(PIECE)).enumerate() {
+                to.copy_from_slice(from);
+                done(at * PIECE + from.len());
+            }
+        });
+        Some(Self::Copied(Arc::new(copy.ok()?)))
     }
 }
 
@@ -282,12 +293,12 @@ impl QMatrix {
         }
         let layout = Layout::of(isa, dtype, rows);
         let data = if layout == Layout::File {
-            Storage::Owned(bytes.into())
+            Storage::copy(bytes, done)?
         } else {
             let copy = WeightBytes::new(bytes.len(), |copy| {
                 layout.repack(dtype, row_bytes, bytes, copy, done);
             });
-            Storage::Repacked(Arc::new(copy.ok()?))
+            Storage::Copied(Arc::new(copy.ok()?))
         };
         Self::with_storage(isa, dtype, rows, cols, layout, data)
     }
@@ -325,7 +336,7 @@ impl QMatrix {
                 done(i);
             }
         });
-        let data = Storage::Repacked(Arc::new(copy.ok()?));
+        let data = Storage::Copied(Arc::new(copy.ok()?));
         Self::with_storage(isa, dtype, rows, cols, layout, data)
     }
 
@@ -339,7 +350,7 @@ impl QMatrix {
     /// A copy kept in the file's layout, whatever the format.
     #[cfg(test)]
     fn file_layout_for_test(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Self {
-        let storage = Storage::Owned(bytes.into());
+        let storage = Storage::copy(bytes, |_| {}).unwrap();
         Self::with_storage(Isa::detect(), dtype, rows, cols, Layout::File, storage).unwrap()
     }
 

@@ -66,6 +66,19 @@ pub struct Scoring {
     pub softcap: Option<f32>,
 }
 
+/// How long the weights a backend loads stay, which decides where it keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residence {
+    /// For the life of their shard (no layer manager): where they compute fastest, whatever the
+    /// copy costs at load (on the CPU, every matrix the kernels compute is a copy in the weight
+    /// arena's huge pages, and the file's pages go).
+    Kept,
+    /// While the layer manager keeps their layer: from the file's mapped pages where the backend
+    /// computes from them, so that a layer is materialized by mapping its pages in, no copy,
+    /// and evicted by giving them back.
+    Streamed,
+}
+
 /// The operations the architectures run. Activations are f32 [`Tensor`]s of `[rows, width]`
 /// unless said otherwise; every operation returns a new tensor and leaves its inputs as they
 /// were. A backend computes the same bits for a row whatever else is in its step (the batched
@@ -76,16 +89,21 @@ pub trait Backend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// A vector of weights: a norm's scales, a bias.
     type Vector: Send + Sync + std::fmt::Debug;
 
-    /// Whether the weights [`load_matrix`](Self::load_matrix) makes of `info` are computed from
-    /// the file's mapped pages rather than from a copy: the layer manager keeps such pages
-    /// mapped while their layer is resident, and gives back the pages of every other tensor
-    /// of a layer once it is loaded. A three-dimensional tensor (one matrix per expert) is
-    /// judged as its matrices are.
-    fn borrows_mapping(&self, info: &TensorInfo) -> bool;
+    /// Whether the weights [`load_matrix`](Self::load_matrix) makes of `info` for `residence`
+    /// are computed from the file's mapped pages rather than from a copy: the layer manager
+    /// keeps such pages mapped while their layer is resident, and gives back the pages of every
+    /// other tensor of a layer once it is loaded. A three-dimensional tensor (one matrix per
+    /// expert) is judged as its matrices are.
+    fn borrows_mapping(&self, info: &TensorInfo, residence: Residence) -> bool;
 
     /// The matrix `info` describes: a tensor of `file`, or a slice of one (an expert's);
     /// `info.dims` is `[cols, rows]`.
-    fn load_matrix(&self, file: &GgufFile, info: &TensorInfo) -> Result<Self::Matrix>;
+    fn load_matrix(
+        &self,
+        file: &GgufFile,
+        info: &TensorInfo,
+        residence: Residence,
+    ) -> Result<Self::Matrix>;
 
     /// One matrix of the rows of every tensor of `infos` in turn (each `[cols, rows_i]`, all of
     /// one type and width), where this backend computes the stack faster than its parts one

@@ -18,7 +18,7 @@
 use candle_core::Tensor;
 
 use super::attention::{positions, split_heads, Rope, Segment};
-use super::backend::{Backend, Scoring};
+use super::backend::{Backend, Residence, Scoring};
 use super::config::block_tensors::*;
 use super::config::{Activation, ModelConfig};
 use super::experts::MixtureOfExperts;
@@ -45,6 +45,7 @@ struct LayerTensors<'a, B> {
     backend: &'a B,
     file: &'a GgufFile,
     layer: usize,
+    residence: Residence,
 }
 
 impl<B: Backend> LayerTensors<'_, B> {
@@ -68,7 +69,7 @@ impl<B: Backend> LayerTensors<'_, B> {
     fn projection(&self, n: &str, bias: &str, rows: usize) -> Result<Projection<B>> {
         let name = self.name(n);
         let info = self.file.tensor_info(&name)?;
-        let weight = load_matrix(self.backend, self.file, info)?;
+        let weight = load_matrix(self.backend, self.file, info, self.residence)?;
         if info.dims[1] as usize != rows {
             return Err(Error::Tensor {
                 name,
@@ -165,11 +166,18 @@ pub(super) struct DecoderBlock<B: Backend> {
 }
 
 impl<B: Backend> DecoderBlock<B> {
-    pub fn load(backend: &B, file: &GgufFile, config: &ModelConfig, layer: usize) -> Result<Self> {
+    pub fn load(
+        backend: &B,
+        file: &GgufFile,
+        config: &ModelConfig,
+        layer: usize,
+        residence: Residence,
+    ) -> Result<Self> {
         let t = LayerTensors {
             backend,
             file,
             layer,
+            residence,
         };
         let d = config.d_model;
         let q_width = config.n_heads * config.head_dim;
@@ -220,6 +228,7 @@ impl<B: Backend> DecoderBlock<B> {
                 d,
                 experts,
                 config.activation,
+                residence,
             )?),
             None if config.fused_gate_up => Mlp::Gated {
                 gate: None,

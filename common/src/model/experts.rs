@@ -12,7 +12,7 @@
 
 use candle_core::Tensor;
 
-use super::backend::Backend;
+use super::backend::{Backend, Residence};
 use super::config::block_tensors::{FFN_DOWN_EXPS, FFN_GATE_EXPS, FFN_GATE_INP, FFN_UP_EXPS};
 use super::config::{Activation, Experts};
 use super::load_matrix;
@@ -72,6 +72,7 @@ impl<B: Backend> MixtureOfExperts<B> {
         d_model: usize,
         config: &Experts,
         activation: Activation,
+        residence: Residence,
     ) -> Result<Self> {
         let name = |n: &str| format!("blk.{layer}.{n}");
         let info = file.tensor_info(&name(FFN_GATE_INP))?;
@@ -98,9 +99,9 @@ impl<B: Backend> MixtureOfExperts<B> {
             .zip(&down)
             .map(|((g, u), d)| {
                 Ok(Expert {
-                    gate: load_matrix(backend, file, g)?,
-                    up: load_matrix(backend, file, u)?,
-                    down: load_matrix(backend, file, d)?,
+                    gate: load_matrix(backend, file, g, residence)?,
+                    up: load_matrix(backend, file, u, residence)?,
+                    down: load_matrix(backend, file, d, residence)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -223,7 +224,8 @@ mod tests {
 
     /// The layer manager keeps a resident layer's borrowed pages mapped and gives back those of
     /// tensors it copied: an expert tensor must be judged as its slices are loaded, or its
-    /// experts would fault their weights back in at every step.
+    /// experts would fault their weights back in at every step. Weights kept for a shard's life
+    /// are all copies.
     #[test]
     fn an_expert_tensor_borrows_the_mapping_as_its_slices_do() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -240,10 +242,14 @@ mod tests {
             ] {
                 let name = format!("blk.0.{name}");
                 let whole = file.tensor_info(&name).expect("tensor");
-                assert_eq!(Cpu.borrows_mapping(whole), borrowed, "{name}");
+                let streamed = Residence::Streamed;
+                assert_eq!(Cpu.borrows_mapping(whole, streamed), borrowed, "{name}");
+                assert!(!Cpu.borrows_mapping(whole, Residence::Kept), "{name}");
                 for slice in expert_slices(&file, &name, cols, rows, spec.experts).expect("slices")
                 {
-                    assert_eq!(Cpu.borrows_mapping(&slice), borrowed, "{}", slice.name);
+                    let name = &slice.name;
+                    assert_eq!(Cpu.borrows_mapping(&slice, streamed), borrowed, "{name}");
+                    assert!(!Cpu.borrows_mapping(&slice, Residence::Kept), "{name}");
                 }
             }
         }

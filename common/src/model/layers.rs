@@ -48,7 +48,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::{load_block, Backend, Block, LayerRange, ModelConfig};
+use super::{load_block, Backend, Block, LayerRange, ModelConfig, Residence};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 
@@ -519,8 +519,14 @@ impl<B: Backend> Inner<B> {
             &self.file,
             &self.config,
             self.range.start + layer,
+            Residence::Streamed,
         )?;
-        release_copied(&self.backend, &self.file, &self.tensors[layer]);
+        release_copied(
+            &self.backend,
+            &self.file,
+            &self.tensors[layer],
+            Residence::Streamed,
+        );
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.counters.loads.fetch_add(1, Ordering::Relaxed);
         self.counters.load_us.fetch_add(us, Ordering::Relaxed);
@@ -562,8 +568,16 @@ impl<B: Backend> Inner<B> {
 
 /// Gives back the mapped pages of the tensors of `tensors` that `backend` copied out of the
 /// file, best effort: a tensor whose pages stay costs memory, nothing else.
-pub(super) fn release_copied<B: Backend>(backend: &B, file: &GgufFile, tensors: &[TensorInfo]) {
-    for info in tensors.iter().filter(|i| !backend.borrows_mapping(i)) {
+pub(super) fn release_copied<B: Backend>(
+    backend: &B,
+    file: &GgufFile,
+    tensors: &[TensorInfo],
+    residence: Residence,
+) {
+    for info in tensors
+        .iter()
+        .filter(|i| !backend.borrows_mapping(i, residence))
+    {
         if let Err(e) = file.release_tensor(info) {
             debug!(tensor = %info.name, error = %e, "cannot release mapped pages");
         }

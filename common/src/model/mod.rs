@@ -27,7 +27,7 @@ use crate::quant::qtensor_from_bytes;
 use config::tensors::{OUTPUT, OUTPUT_BIAS, OUTPUT_NORM, TOKEN_EMBD};
 
 pub use attention::{Precision, Segment};
-pub use backend::{Backend, Cpu, Scoring};
+pub use backend::{Backend, Cpu, Residence, Scoring};
 pub use config::{Architecture, ModelConfig};
 pub use layers::{layer_bytes, LayerBudget, LayerStats};
 use layers::{layer_tensors, release_copied, LayerManager};
@@ -85,21 +85,28 @@ fn load_block<B: Backend>(
     file: &GgufFile,
     config: &ModelConfig,
     layer: usize,
+    residence: Residence,
 ) -> Result<Box<dyn Block>> {
     Ok(Box::new(block::DecoderBlock::load(
-        backend, file, config, layer,
+        backend, file, config, layer, residence,
     )?))
 }
 
-/// The matrix `info` describes, loaded through `backend`; anything but a matrix is refused.
-fn load_matrix<B: Backend>(backend: &B, file: &GgufFile, info: &TensorInfo) -> Result<B::Matrix> {
+/// The matrix `info` describes, loaded through `backend` for `residence`; anything but a
+/// matrix is refused.
+fn load_matrix<B: Backend>(
+    backend: &B,
+    file: &GgufFile,
+    info: &TensorInfo,
+    residence: Residence,
+) -> Result<B::Matrix> {
     if info.dims.len() != 2 {
         return Err(Error::Tensor {
             name: info.name.clone(),
             problem: format!("expected a matrix, found dimensions {:?}", info.dims),
         });
     }
-    backend.load_matrix(file, info)
+    backend.load_matrix(file, info, residence)
 }
 
 /// The tensor `name` of `file`, checked to be a vector of `len` values.
@@ -252,7 +259,7 @@ impl<B: Backend> Head<B> {
     /// with its bias if the file has one.
     pub fn load_on(backend: B, file: &GgufFile, config: &ModelConfig) -> Result<Self> {
         let info = file.tensor_info(head_matrix(file))?;
-        let output = load_matrix(&backend, file, info)?;
+        let output = load_matrix(&backend, file, info, Residence::Kept)?;
         let bias = if file.tensors.contains_key(OUTPUT_BIAS) {
             let vocab = info.dims[1] as usize;
             Some(load_vector(&backend, file, OUTPUT_BIAS, vocab)?)
@@ -326,13 +333,13 @@ impl<B: Backend> Shard<B> {
         check_range(config, range)?;
         let blocks = range
             .iter()
-            .map(|layer| load_block(&backend, file, config, layer))
+            .map(|layer| load_block(&backend, file, config, layer, Residence::Kept))
             .collect::<Result<_>>()?;
         // Each copy gave its tensor's pages back as it went, but reading the next tensor maps
         // its neighbours' cached pages in again (the kernel's fault-around, up to 64 KiB
         // around each fault): once every block is loaded, the copied tensors go for good.
         for layer in range.iter() {
-            release_copied(&backend, file, &layer_tensors(file, layer));
+            release_copied(&backend, file, &layer_tensors(file, layer), Residence::Kept);
         }
         Ok(Self {
             range,
@@ -691,7 +698,7 @@ mod tests {
         let parts: Vec<Vec<Vec<f32>>> = infos
             .iter()
             .map(|info| {
-                let m = load_matrix(&Cpu, &file, info).unwrap();
+                let m = load_matrix(&Cpu, &file, info, Residence::Kept).unwrap();
                 Cpu.matmul(&x, &m, None).unwrap().to_vec2::<f32>().unwrap()
             })
             .collect();
@@ -715,7 +722,7 @@ mod tests {
         let spec = SyntheticSpec::fixture(SyntheticArch::Llama, SyntheticDType::Q8_0);
         synthetic::write(&path, &spec).expect("write");
         let file = GgufFile::open(&path).expect("open");
-        let matrix = |name| load_matrix(&Cpu, &file, file.tensor_info(name)?);
+        let matrix = |name| load_matrix(&Cpu, &file, file.tensor_info(name)?, Residence::Kept);
         matrix("blk.0.attn_q.weight").expect("a matrix");
         assert!(matches!(
             matrix("blk.0.attn_norm.weight"),

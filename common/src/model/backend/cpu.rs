@@ -1,13 +1,15 @@
-//! The CPU backend: Realm's own quantized kernels ([`QMatrix`]) for the formats they cover,
-//! computing straight from the mapped file where the layout allows; candle's `QMatMul` on the
-//! CPU for the others (F32, F16, Q5_1, Q5_K…); the norm, RoPE, attention and elementwise loops
-//! of `model::{norm, attention, elementwise}`, on the kernels' thread pool. Weights live in
-//! host memory (or stay in the file's pages), activations are host tensors.
+//! The CPU backend: Realm's own quantized kernels ([`QMatrix`]) for the formats they cover, on
+//! copies in the weight arena's huge pages (`mmap.rs`; repacked where the kernels have a layout
+//! of their own), or, for a layer the layer manager streams, straight from the mapped file where
+//! the layout allows; candle's `QMatMul` on the CPU for the others (F32, F16, Q5_1, Q5_K…); the
+//! norm, RoPE, attention and elementwise loops of `model::{norm, attention, elementwise}`, on
+//! the kernels' thread pool. Weights live in host memory (or stay in the file's pages),
+//! activations are host tensors.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
-use super::{Backend, Scoring};
+use super::{Backend, Residence, Scoring};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::kernels::{self, QMatrix};
@@ -36,15 +38,21 @@ impl Backend for Cpu {
     /// Matrices in a format of Realm's kernels that the kernels do not repack (a repacked
     /// matrix is a copy in another layout). An expert tensor's `dims[0]` and `dims[1]` are the
     /// width and height of each expert's matrix.
-    fn borrows_mapping(&self, info: &TensorInfo) -> bool {
-        matches!(info.dims.len(), 2 | 3)
+    fn borrows_mapping(&self, info: &TensorInfo, residence: Residence) -> bool {
+        residence == Residence::Streamed
+            && matches!(info.dims.len(), 2 | 3)
             && kernels::supported_shape(info.dtype, info.dims[0] as usize)
             && !kernels::repacks(info.dtype, info.dims[1] as usize)
     }
 
-    fn load_matrix(&self, file: &GgufFile, info: &TensorInfo) -> Result<Matrix> {
+    fn load_matrix(
+        &self,
+        file: &GgufFile,
+        info: &TensorInfo,
+        residence: Residence,
+    ) -> Result<Matrix> {
         let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
-        if self.borrows_mapping(info) {
+        if self.borrows_mapping(info, residence) {
             if let Some(m) = QMatrix::mapped(info.dtype, rows, cols, file.tensor_data(info)?) {
                 // Fault the pages in now, at load time, rather than during the first step.
                 file.populate_tensor(info)?;
@@ -52,8 +60,8 @@ impl Backend for Cpu {
             }
         } else if kernels::supported_shape(info.dtype, cols) {
             let bytes = file.tensor_bytes(info)?;
-            // The repacked copy is all the kernels read: the file's pages can go, as the
-            // copy proceeds (best effort; the whole tensor's release below reports errors).
+            // The copy is all the kernels read: the file's pages can go, as the copy proceeds
+            // (best effort; the whole tensor's release below reports errors).
             let release = |n| drop(file.release_tensor_part(info, n));
             if let Some(m) = QMatrix::new_releasing(info.dtype, rows, cols, bytes, release) {
                 file.release_tensor(info)?;
