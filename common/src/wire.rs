@@ -142,6 +142,19 @@ impl Activations {
     pub fn to_wire(hidden: &Tensor, dtype: WireDType) -> Result<pb::Tensor> {
         let (n, d) = hidden.dims2()?;
         let values = hidden.flatten_all()?.to_vec1::<f32>()?;
+        // A finite value f16 cannot hold would arrive as infinity: say so here, where the cause
+        // is known (gemma3's hidden states reach past f16's range, for one).
+        if dtype == WireDType::F16 {
+            if let Some(v) = values
+                .iter()
+                .find(|v| v.is_finite() && v.abs() > f16::MAX.to_f32())
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "the hidden state holds {v}, beyond f16's range (±65504): this model's \
+                     activations need --wire-dtype bf16 or f32"
+                )));
+            }
+        }
         let mut data = Vec::with_capacity(values.len() * dtype.size());
         match dtype {
             WireDType::F32 => values
@@ -291,6 +304,24 @@ mod tests {
                 x.to_vec2::<f32>().unwrap()
             );
         }
+    }
+
+    #[test]
+    fn a_value_beyond_f16_is_an_error_at_the_sender_naming_the_wider_types() {
+        let x = Tensor::new(&[[1.0f32, 82658.2, -3.0]], &Device::Cpu).unwrap();
+        let error = Activations::to_wire(&x, WireDType::F16)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("82658") && error.contains("bf16"), "{error}");
+        for dtype in [WireDType::F32, WireDType::BF16] {
+            let wire = Activations::to_wire(&x, dtype).unwrap();
+            let back = Activations::from_wire(&wire, 3).unwrap().hidden;
+            let v = back.to_vec2::<f32>().unwrap()[0][1];
+            assert!((v - 82658.2).abs() < 400.0, "{dtype:?}: {v}");
+        }
+        // f16's largest value itself still goes.
+        let edge = Tensor::new(&[[65504.0f32, -65504.0, 0.0]], &Device::Cpu).unwrap();
+        assert!(Activations::to_wire(&edge, WireDType::F16).is_ok());
     }
 
     #[test]
