@@ -163,18 +163,25 @@ impl Layout {
         }
     }
 
-    /// Copies `bytes` (rows of `row_bytes` in the file's layout) into `out` in this layout,
-    /// telling `done(n)` as it goes that the first `n` bytes of `bytes` will not be read again.
+    /// Copies `bytes` (rows of `row_bytes` in the file's layout) into `out` in this layout (the
+    /// file's: as they are), telling `done(n)` as it goes that the first `n` bytes of `bytes`
+    /// will not be read again.
     fn repack(
         self,
         dtype: GgmlType,
         row_bytes: usize,
         bytes: &[u8],
         out: &mut [u8],
-        done: impl FnMut(usize),
+        mut done: impl FnMut(usize),
     ) {
         match self {
-            Self::File => unreachable!("the file's layout is kept as it is"),
+            Self::File => {
+                const PIECE: usize = 1 << 20;
+                for (i, (to, from)) in out.chunks_mut(PIECE).zip(bytes.chunks(PIECE)).enumerate() {
+                    to.copy_from_slice(from);
+                    done(i * PIECE + from.len());
+                }
+            }
             Self::Interleaved => interleaved::repack(dtype, row_bytes, bytes, out, done),
             #[cfg(target_arch = "x86_64")]
             Self::Wide(_) => wide::repack(dtype, row_bytes, bytes, out, done),
@@ -243,15 +250,17 @@ impl Storage {
         }
     }
 
-    /// A copy of `bytes` in the file's layout, `done(n)` told as it goes that the first `n`
-    /// bytes will not be read again.
-    fn copy(bytes: &[u8], mut done: impl FnMut(usize)) -> Option<Self> {
-        const PIECE: usize = 1 << 20;
+    /// A copy of `bytes` (rows of `row_bytes` in the file's layout) in `layout`, `done(n)` told
+    /// as it goes that the first `n` bytes of `bytes` will not be read again.
+    fn copy(
+        layout: Layout,
+        dtype: GgmlType,
+        row_bytes: usize,
+        bytes: &[u8],
+        done: impl FnMut(usize),
+    ) -> Option<Self> {
         let copy = WeightBytes::new(bytes.len(), |copy| {
-            for (at, (to, from)) in copy.chunks_mut(PIECE).zip(bytes.chunks(PIECE)).enumerate() {
-                to.copy_from_slice(from);
-                done(at * PIECE + from.len());
-            }
+            layout.repack(dtype, row_bytes, bytes, copy, done);
         });
         Some(Self::Copied(Arc::new(copy.ok()?)))
     }
@@ -292,14 +301,7 @@ impl QMatrix {
             return None;
         }
         let layout = Layout::of(isa, dtype, rows);
-        let data = if layout == Layout::File {
-            Storage::copy(bytes, done)?
-        } else {
-            let copy = WeightBytes::new(bytes.len(), |copy| {
-                layout.repack(dtype, row_bytes, bytes, copy, done);
-            });
-            Storage::Copied(Arc::new(copy.ok()?))
-        };
+        let data = Storage::copy(layout, dtype, row_bytes, bytes, done)?;
         Self::with_storage(isa, dtype, rows, cols, layout, data)
     }
 
@@ -350,7 +352,8 @@ impl QMatrix {
     /// A copy kept in the file's layout, whatever the format.
     #[cfg(test)]
     fn file_layout_for_test(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Self {
-        let storage = Storage::copy(bytes, |_| {}).unwrap();
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let storage = Storage::copy(Layout::File, dtype, row_bytes, bytes, |_| {}).unwrap();
         Self::with_storage(Isa::detect(), dtype, rows, cols, Layout::File, storage).unwrap()
     }
 
