@@ -16,14 +16,16 @@
 //! - the **pinned prefix**: the first layers of the shard that fit in the rest are loaded at once
 //!   and never evicted.
 //!
-//! Pinned layers hit on every sweep; every other layer passes through the streaming area, loaded
-//! by the prefetcher while the layer before it computes (or on demand, a miss). So a decode step
-//! over `n` layers of which `p` are pinned costs exactly `p` hits and `n - p` loads, whatever the
-//! order of the steps: the same hit rate as the optimal (MRU) policy for the scan, less the slots
-//! given to prefetching, with counters that do not drift. When the whole shard fits, every layer
-//! is pinned and every access is a hit. Within the streaming area eviction is LRU among layers not
-//! in use, which serves arbitrary access (any reuse inside the area hits); a layer loaded by the
-//! prefetcher and not used yet is evicted only by a demand load, never by another prefetch.
+//! Pinned layers hit on every sweep: they are kept as a resident shard keeps its layers (every
+//! matrix a copy, the file's pages given back) and a step takes one without the table's lock.
+//! Every other layer passes through the streaming area, loaded by the prefetcher while the layer
+//! before it computes (or on demand, a miss). So a decode step over `n` layers of which `p` are
+//! pinned costs exactly `p` hits and `n - p` loads, whatever the order of the steps: the same hit
+//! rate as the optimal (MRU) policy for the scan, less the slots given to prefetching, with
+//! counters that do not drift. When the whole shard fits, every layer is pinned and every access
+//! is a hit. Within the streaming area eviction is LRU among layers not in use, which serves
+//! arbitrary access (any reuse inside the area hits); a layer loaded by the prefetcher and not
+//! used yet is evicted only by a demand load, never by another prefetch.
 //!
 //! # Concurrency
 //!
@@ -133,8 +135,10 @@ struct Inner<B: Backend> {
     sizes: Vec<u64>,
     /// The tensors of each layer, for releasing their pages.
     tensors: Vec<Vec<TensorInfo>>,
-    /// Layers `0..pinned` are loaded up front and never evicted.
-    pinned: usize,
+    /// Layers `0..pinned.len()`, loaded up front and kept for the shard's life: the weights are
+    /// copies like a resident shard's, and a step takes one without the table's lock (its slot
+    /// in the table only counts it as resident).
+    pinned: Vec<Arc<dyn Block>>,
     /// Room for the layers `pinned..`.
     stream_capacity: u64,
     budget: u64,
@@ -240,6 +244,29 @@ impl<B: Backend> LayerManager<B> {
             (pinned, budget_bytes - pinned_bytes)
         };
 
+        let counters = Counters::default();
+        let started = Instant::now();
+        let blocks = (0..pinned)
+            .map(|i| load_block(&backend, file, config, range.start + i, Residence::Kept))
+            .collect::<Result<Vec<_>>>()?;
+        // As for a resident shard: the copied tensors' pages go once every block is loaded
+        // (loading the next tensor faults its neighbours' pages in again).
+        for layer_tensors in &tensors[..pinned] {
+            release_copied(&backend, file, layer_tensors, Residence::Kept);
+        }
+        let pinned: Vec<Arc<dyn Block>> = blocks.into_iter().map(Arc::from).collect();
+        counters.loads.store(pinned.len() as u64, Ordering::Relaxed);
+        let load_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        counters.load_us.store(load_us, Ordering::Relaxed);
+        let mut slots: Vec<Slot> = (0..sizes.len()).map(|_| Slot::Absent).collect();
+        for (slot, block) in slots.iter_mut().zip(&pinned) {
+            *slot = Slot::Resident {
+                block: Arc::clone(block),
+                last_use: 0,
+                prefetched: false,
+            };
+        }
+        let pinned_bytes = sizes[..pinned.len()].iter().sum();
         let inner = Arc::new(Inner {
             backend,
             file: file.clone(),
@@ -251,25 +278,16 @@ impl<B: Backend> LayerManager<B> {
             budget: budget_bytes,
             depth: budget.prefetch,
             table: Mutex::new(Table {
-                slots: (0..sizes.len()).map(|_| Slot::Absent).collect(),
+                slots,
                 stream_bytes: 0,
-                pinned_bytes: 0,
+                pinned_bytes,
                 clock: 0,
             }),
             sizes,
             changed: Condvar::new(),
-            counters: Counters::default(),
+            counters,
         });
-        for i in 0..pinned {
-            let block = inner.load(i)?;
-            let mut table = inner.lock();
-            table.pinned_bytes += inner.sizes[i];
-            table.slots[i] = Slot::Resident {
-                block,
-                last_use: 0,
-                prefetched: false,
-            };
-        }
+        let pinned = inner.pinned.len();
         // With every layer pinned there is nothing to prefetch.
         let prefetch = (budget.prefetch > 0 && pinned < inner.sizes.len()).then(|| {
             let (sender, receiver) = mpsc::channel::<usize>();
@@ -311,26 +329,32 @@ impl<B: Backend> LayerManager<B> {
     /// Whether the budget holds the whole shard: every layer pinned, so no access ever waits
     /// for a load.
     pub fn all_pinned(&self) -> bool {
-        self.inner.pinned == self.n_layers()
+        self.inner.pinned.len() == self.n_layers()
     }
 
     /// Layer `layer` (shard-relative), materialized, held in use until the guard drops. Asks the
     /// prefetcher for the layers after it.
     pub fn acquire(&self, layer: usize) -> Result<LayerGuard<'_, B>> {
-        let block = self.inner.acquire(layer)?;
+        let block = match self.inner.pinned.get(layer) {
+            Some(block) => {
+                self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Held::Pinned(block)
+            }
+            None => Held::Streaming(Some(self.inner.acquire(layer)?)),
+        };
         if let Some(sender) = &self.prefetch {
             let n = self.n_layers();
             let sender = sender.lock().unwrap_or_else(PoisonError::into_inner);
             for ahead in 1..=self.inner.depth.min(n - 1) {
                 let next = (layer + ahead) % n;
                 // Pinned layers are always resident; the thread is gone only during teardown.
-                if next >= self.inner.pinned {
+                if next >= self.inner.pinned.len() {
                     let _ = sender.send(next);
                 }
             }
         }
         Ok(LayerGuard {
-            block: Some(block),
+            block,
             inner: &self.inner,
         })
     }
@@ -342,24 +366,38 @@ impl<B: Backend> LayerManager<B> {
 
 /// A materialized layer in use: it cannot be evicted until this drops.
 pub(crate) struct LayerGuard<'a, B: Backend> {
-    block: Option<Arc<dyn Block>>,
+    block: Held<'a>,
     inner: &'a Inner<B>,
+}
+
+/// The block a guard holds.
+enum Held<'a> {
+    /// A pinned layer: never evicted, so nothing to hold or release.
+    Pinned(&'a Arc<dyn Block>),
+    /// A layer of the streaming area, `Some` until the guard drops.
+    Streaming(Option<Arc<dyn Block>>),
 }
 
 impl<B: Backend> std::ops::Deref for LayerGuard<'_, B> {
     type Target = dyn Block;
 
     fn deref(&self) -> &Self::Target {
-        // Present until drop.
-        self.block.as_deref().expect("layer guard holds its block")
+        match &self.block {
+            Held::Pinned(block) => block.as_ref(),
+            // Present until drop.
+            Held::Streaming(block) => block.as_deref().expect("layer guard holds its block"),
+        }
     }
 }
 
 impl<B: Backend> Drop for LayerGuard<'_, B> {
     fn drop(&mut self) {
+        let Held::Streaming(block) = &mut self.block else {
+            return;
+        };
         // Released under the lock, so a request checking for evictable layers cannot miss it.
         let table = self.inner.lock();
-        self.block = None;
+        *block = None;
         drop(table);
         self.inner.changed.notify_all();
     }
@@ -480,7 +518,7 @@ impl<B: Backend> Inner<B> {
                 .slots
                 .iter()
                 .enumerate()
-                .skip(self.pinned)
+                .skip(self.pinned.len())
                 .filter_map(|(i, slot)| match slot {
                     // Only the table holds it: not in use by any step.
                     Slot::Resident {
@@ -509,7 +547,7 @@ impl<B: Backend> Inner<B> {
         true
     }
 
-    /// Materializes `layer` (shard-relative): matrices the backend computes from the mapped
+    /// Materializes streaming `layer` (shard-relative): matrices the backend computes from the mapped
     /// pages keep them, mapped in by loading, until eviction; the pages of tensors the block
     /// copied are given back at once.
     fn load(&self, layer: usize) -> Result<Arc<dyn Block>> {
@@ -560,7 +598,7 @@ impl<B: Backend> Inner<B> {
             load_us: c.load_us.load(Ordering::Relaxed),
             resident_bytes: table.pinned_bytes + table.stream_bytes,
             resident_layers: resident_layers as u64,
-            pinned_layers: self.pinned as u64,
+            pinned_layers: self.pinned.len() as u64,
             budget_bytes: self.budget,
         }
     }
