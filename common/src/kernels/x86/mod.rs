@@ -54,12 +54,18 @@ const PREFETCH_AHEAD: usize = 4096;
 /// Asks for the cache lines `PREFETCH_AHEAD` bytes past `span`, every line the span covers
 /// whatever its alignment. Prefetches never fault, so the addresses may run past the matrix's
 /// end.
+///
+/// The hint is non-temporal: a decode step reads each weight once, and lines fetched for one use
+/// should not push out of the caches what is used again — the activations and KV rows, and
+/// between a worker's steps the code and buffers of the hop. With the default hint a gemma3
+/// step's 235 MB sweep left the hop after it cold: the coordinator's send to the first worker
+/// took ~160 µs after the head, ~95 µs with this one, for no loss of decode speed.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn prefetch_ahead(span: &[u8]) {
     let start = span.as_ptr().wrapping_add(PREFETCH_AHEAD);
     for off in (0..span.len() + 63).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off).cast());
+        _mm_prefetch::<_MM_HINT_NTA>(start.wrapping_add(off).cast());
     }
 }
 
