@@ -105,3 +105,28 @@ pub fn reference_greedy(model: &str, index: usize) -> (String, Vec<u32>) {
         .collect();
     (prompt, ids)
 }
+
+/// Resident KiB of the mappings of `path` in this process (`/proc/self/smaps`).
+pub fn mapped_rss_kib(path: &std::path::Path) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let name = path.to_str().expect("a UTF-8 path");
+    let mut inside = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let is_header = line
+            .split_whitespace()
+            .next()
+            .is_some_and(|range| range.contains('-') && !range.ends_with(':'));
+        if is_header {
+            inside = line.ends_with(name);
+        } else if let (true, Some(rest)) = (inside, line.strip_prefix("Rss:")) {
+            kib += rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    kib
+}

@@ -86,6 +86,33 @@ fn argmax(logits: &Tensor) -> u32 {
     best as u32
 }
 
+/// A worker's shard that fits its budget (every layer pinned) keeps its weights as a resident
+/// shard does, as copies, none of the file's pages: the K formats, which the kernels can compute
+/// from the file's layout, too. Run through a few steps, every weight read, the file's pages stay
+/// out of this process.
+#[test]
+fn a_pinned_shard_keeps_no_pages_of_its_file() {
+    let path = std::env::temp_dir().join(format!("realm-pinned-{}.gguf", std::process::id()));
+    synthetic::write(&path, &SyntheticSpec::small(4, 256, SyntheticDType::Q4KM)).expect("write");
+    let size_kib = std::fs::metadata(&path).expect("size").len() / 1024;
+    let model = open(&path);
+    let shard = model.managed(None, 1);
+    model.greedy(&shard, &[1, 2, 3, 4, 5]);
+    let stats = shard.layer_stats().expect("a managed shard");
+    assert_eq!(
+        stats.pinned_layers, model.config.n_layers as u64,
+        "{stats:?}"
+    );
+    let resident = mapped_rss_kib(&path);
+    std::fs::remove_file(&path).ok();
+    // The head and embedding tables (not the shard's) are read from the file in this test.
+    let layers_kib = model.sizes().iter().sum::<u64>() / 1024;
+    assert!(
+        resident * 2 < layers_kib,
+        "{resident} KiB of the {size_kib} KiB file stay resident, its layers {layers_kib} KiB"
+    );
+}
+
 /// Checks the counters of a single-session run of `sweeps` steps over `n` layers.
 fn check_counters(stats: &LayerStats, n: u64, sweeps: u64, prefetch: usize, what: &str) {
     let p = stats.pinned_layers;

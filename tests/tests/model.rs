@@ -321,31 +321,6 @@ fn gemma3_batched_steps_equal_each_session_alone() {
     a_batched_step_gives_each_session_its_bits_alone(gemma3());
 }
 
-/// Resident KiB of the mappings of `path` in this process (`/proc/self/smaps`).
-fn mapped_rss_kib(path: &std::path::Path) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
-    let name = path.to_str().expect("a UTF-8 path");
-    let mut inside = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        let is_header = line
-            .split_whitespace()
-            .next()
-            .is_some_and(|range| range.contains('-') && !range.ends_with(':'));
-        if is_header {
-            inside = line.ends_with(name);
-        } else if let (true, Some(rest)) = (inside, line.strip_prefix("Rss:")) {
-            kib += rest
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0);
-        }
-    }
-    kib
-}
-
 /// A model whose matrices the kernels copy (repacked) keeps none of the file's weight pages
 /// once loaded and run, though reading each tensor maps its neighbours' pages in again (the
 /// kernel's fault-around), and every embedding lookup maps pages around its row: the peak RSS
