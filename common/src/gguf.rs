@@ -323,6 +323,22 @@ impl GgufFile {
             })
     }
 
+    /// Reads `buf.len()` bytes of `info`'s from `from` out of the file, mapping none of its pages
+    /// (see [`MappedFile::read_at`]).
+    pub fn read_tensor_range(&self, info: &TensorInfo, from: usize, buf: &mut [u8]) -> Result<()> {
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let past_end = || io(std::io::ErrorKind::InvalidInput.into());
+        let start = usize::try_from(info.offset).map_err(|_| past_end())?;
+        let size = usize::try_from(info.size).map_err(|_| past_end())?;
+        if from.checked_add(buf.len()).is_none_or(|end| end > size) {
+            return Err(past_end());
+        }
+        self.map.read_at(start + from, buf).map_err(io)
+    }
+
     /// Gives the mapped pages of `info`'s bytes back to the OS (see [`MappedFile::release`]): a
     /// caller that has copied a tensor out of the mapping calls this so the file's pages do not
     /// stay resident beside the copy. Reading the tensor again later still works.
@@ -333,12 +349,6 @@ impl GgufFile {
     /// [`release_tensor`](Self::release_tensor) for the first `len` bytes of `info`'s (all of
     /// them if it has fewer).
     pub fn release_tensor_part(&self, info: &TensorInfo, len: usize) -> Result<()> {
-        self.release_tensor_range(info, 0, len)
-    }
-
-    /// [`release_tensor`](Self::release_tensor) for `len` bytes of `info`'s from `from` (as
-    /// many as it has).
-    pub fn release_tensor_range(&self, info: &TensorInfo, from: usize, len: usize) -> Result<()> {
         let io = |source| Error::Io {
             path: self.path.clone(),
             source,
@@ -347,10 +357,7 @@ impl GgufFile {
             .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
         let size =
             usize::try_from(info.size).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
-        let from = from.min(size);
-        self.map
-            .release(start + from, len.min(size - from))
-            .map_err(io)
+        self.map.release(start, len.min(size)).map_err(io)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -1035,6 +1042,14 @@ mod tests {
             );
             assert_eq!(b.offset + b.size, file.file_len());
             assert_eq!(&file.tensor_bytes(b).unwrap()[2..5], &[0, 3, 6]);
+            // Read from the file rather than the mapping: the same bytes, and none past the
+            // tensor's end.
+            let mut buf = [0u8; 3];
+            file.read_tensor_range(b, 2, &mut buf).unwrap();
+            assert_eq!(buf, [0, 3, 6]);
+            let mut past = [0u8; 2];
+            assert!(file.read_tensor_range(b, 33, &mut past).is_err());
+            assert!(file.read_tensor_range(b, usize::MAX, &mut past).is_err());
         }
     }
 

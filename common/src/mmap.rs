@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Error, Result};
 
-/// A read-only memory map of a whole file.
+/// A read-only memory map of a whole file, and the file, for reads that should map nothing.
 #[derive(Debug)]
 pub struct MappedFile {
     map: memmap2::Mmap,
+    file: File,
 }
 
 impl MappedFile {
@@ -24,7 +25,29 @@ impl MappedFile {
         // inputs (the contract every GGUF engine relies on).
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Ok(Self { map })
+        Ok(Self { map, file })
+    }
+
+    /// Fills `buf` with the file's bytes from `offset` by reading the file, not the map: none of
+    /// its pages is mapped into the process (a read through the map maps up to 64 KiB around
+    /// the bytes, the kernel's fault-around, which then stay resident until given back).
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset
+            .checked_add(buf.len())
+            .is_none_or(|end| end > self.map.len())
+        {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            self.file.read_exact_at(buf, offset as u64)
+        }
+        #[cfg(not(unix))]
+        {
+            buf.copy_from_slice(&self.map[offset..offset + buf.len()]);
+            Ok(())
+        }
     }
 
     pub fn bytes(&self) -> &[u8] {

@@ -323,7 +323,7 @@ fn gemma3_batched_steps_equal_each_session_alone() {
 
 /// A model whose matrices the kernels copy (repacked) keeps none of the file's weight pages
 /// once loaded and run, though reading each tensor maps its neighbours' pages in again (the
-/// kernel's fault-around), and every embedding lookup maps pages around its row: the peak RSS
+/// kernel's fault-around), and every embedding lookup reads a row of the table: the peak RSS
 /// of a single process stays one copy of the weights.
 #[test]
 fn a_loaded_model_keeps_no_copied_pages_of_its_file() {

@@ -174,9 +174,8 @@ impl Embedding {
     /// `[tokens.len(), d_model]` hidden states for `tokens`.
     pub fn forward(&self, tokens: &[u32]) -> Result<Tensor> {
         let row_bytes = self.info.size as usize / self.vocab;
-        let bytes = self.file.tensor_bytes(&self.info)?;
-        let mut rows = Vec::with_capacity(tokens.len());
-        for &t in tokens {
+        let mut rows = vec![0u8; tokens.len() * row_bytes];
+        for (&t, row) in tokens.iter().zip(rows.chunks_exact_mut(row_bytes)) {
             let t = t as usize;
             if t >= self.vocab {
                 return Err(Error::InvalidArgument(format!(
@@ -184,16 +183,16 @@ impl Embedding {
                     self.vocab
                 )));
             }
-            let row = &bytes[t * row_bytes..(t + 1) * row_bytes];
-            let q = qtensor_from_bytes(self.info.dtype, row, &[self.d_model as u64], &Device::Cpu)?;
-            rows.push(q.dequantize(&Device::Cpu)?);
-            // Reading a row maps up to 64 KiB of the table around it (the kernel's fault-around):
-            // giving those pages back keeps the table out of the resident memory, where it
-            // would otherwise grow with every token seen.
+            // Read from the file, not the mapping: a read through the mapping would map up to
+            // 64 KiB of the table around the row (the kernel's fault-around), pages that then
+            // stay resident, growing with every token seen, or cost a page fault and a TLB
+            // flush on every thread to give back (~12 µs a token).
             self.file
-                .release_tensor_range(&self.info, t * row_bytes, row_bytes)?;
+                .read_tensor_range(&self.info, t * row_bytes, row)?;
         }
-        let x = Tensor::stack(&rows, 0)?;
+        let dims = [self.d_model as u64, tokens.len() as u64];
+        let x = qtensor_from_bytes(self.info.dtype, &rows, &dims, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?;
         Ok(if self.scale != 1.0 {
             (x * self.scale)?
         } else {
