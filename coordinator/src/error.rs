@@ -61,12 +61,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Whether a step failed because of a worker (gone, restarted, re-planned under it), so the
-    /// step is worth retrying on live workers. Refusals that retrying cannot cure are not.
+    /// step is worth retrying on live workers. Refusals that retrying cannot cure are not, nor is
+    /// a step whose output the wire's element type cannot carry (`OutOfRange`: an f16 wire and
+    /// activations past its range), which would fail the same way on any worker.
     pub fn is_worker_failure(&self) -> bool {
         match self {
             Error::Worker { status, .. } => !matches!(
                 status.code(),
-                Code::ResourceExhausted | Code::Unauthenticated | Code::PermissionDenied
+                Code::ResourceExhausted
+                    | Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::OutOfRange
             ),
             Error::Unreachable { .. } | Error::Protocol { .. } => true,
             _ => false,
@@ -161,6 +166,38 @@ impl From<Error> for tonic::Status {
             }
             Error::Stopped => tonic::Status::cancelled(message),
             Error::Protocol { .. } | Error::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(code: Code) -> Error {
+        Error::Worker {
+            url: "http://127.0.0.1:1".to_string(),
+            status: tonic::Status::new(code, "step"),
+        }
+    }
+
+    #[test]
+    fn steps_a_retry_cannot_cure_are_not_worker_failures() {
+        for code in [
+            Code::Unavailable,
+            Code::Internal,
+            Code::DeadlineExceeded,
+            Code::Unknown,
+        ] {
+            assert!(worker(code).is_worker_failure(), "{code:?}");
+        }
+        for code in [
+            Code::OutOfRange,
+            Code::ResourceExhausted,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+        ] {
+            assert!(!worker(code).is_worker_failure(), "{code:?}");
         }
     }
 }

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use realm_common::gguf::GgufFile;
 use realm_common::kv::SessionKv;
 use realm_common::model::{Embedding, LayerRange, ModelConfig, Shard};
@@ -217,6 +217,33 @@ impl Running {
             .expect("worker task");
         assert!(result.is_ok(), "worker failed: {result:?}");
     }
+}
+
+/// A step whose output an f16 wire cannot hold fails with `OUT_OF_RANGE`, naming the wider
+/// types (the coordinator does not retry it: any worker would fail it the same way), and the
+/// worker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_past_the_wires_range_is_out_of_range() {
+    let r = smollm2();
+    let mut w = start(LONG).await;
+    let n = r.config.n_layers as u32;
+    w.assign(0, n).await;
+    // Every value at f16's largest: the residual stream passes it as soon as a layer adds
+    // anything positive.
+    let edge = Tensor::full(65504f32, (1, r.config.d_model), &Device::Cpu).expect("tensor");
+    let sent = Activations::to_wire(&edge, WireDType::F16).expect("to wire");
+    let refused = w
+        .forward(step("edge", 0, sent, (0, n)))
+        .await
+        .expect_err("an output past f16's range");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(refused.message().contains("bf16"), "{}", refused.message());
+    let fine = w
+        .forward(step("fine", 0, wire(&r.embed(&TOKENS[..1])), (0, n)))
+        .await
+        .expect("the next step");
+    assert_eq!(values(&fine).len(), 1);
+    w.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

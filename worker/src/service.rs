@@ -409,11 +409,18 @@ impl WorkerService {
                 loaded.shard.forward_batch(&hidden, &mut batch)
             }));
             let compute = started.elapsed();
+            let failed = |e: &dyn std::fmt::Display| {
+                Status::internal(format!("forward pass failed, its sessions dropped: {e}"))
+            };
             let wire = match computed {
-                Ok(hidden) => hidden
-                    .and_then(|h| Activations::to_wire(&h, dtype))
-                    .map_err(|e| e.to_string()),
-                Err(_) => Err("the forward pass panicked".to_string()),
+                Ok(Ok(hidden)) => Activations::to_wire(&hidden, dtype).map_err(|e| {
+                    // The same step would fail the same way on any worker: not one to retry.
+                    Status::out_of_range(format!(
+                        "the step's output cannot go on the wire, its sessions dropped: {e}"
+                    ))
+                }),
+                Ok(Err(e)) => Err(failed(&e)),
+                Err(_) => Err(failed(&"the forward pass panicked")),
             };
             for s in &sessions {
                 let _span = s.span.enter();
@@ -421,6 +428,7 @@ impl WorkerService {
                     Ok(_) => loaded.sessions.finish_step(&s.step),
                     // Some blocks may have cached this step and others not: the cache is unusable.
                     Err(error) => {
+                        let error = error.message();
                         warn!(session = %s.id, position = s.position, %error, "forward failed: session dropped");
                         loaded.sessions.discard(&s.id, &s.step);
                     }
@@ -442,9 +450,7 @@ impl WorkerService {
                 compute_us: u64::try_from(compute.as_micros()).unwrap_or(u64::MAX),
                 failed,
             }),
-            Ok(Err(error)) => Err(Status::internal(format!(
-                "forward pass failed, its sessions dropped: {error}"
-            ))),
+            Ok(Err(status)) => Err(status),
             Err(e) => Err(Status::internal(format!("forward pass did not run: {e}"))),
         }
     }
