@@ -165,8 +165,6 @@ struct Table {
     slots: Vec<Slot>,
     /// Bytes of the streaming layers resident or being loaded.
     stream_bytes: u64,
-    /// Bytes of the pinned layers.
-    pinned_bytes: u64,
     /// Logical time, for LRU.
     clock: u64,
 }
@@ -266,7 +264,6 @@ impl<B: Backend> LayerManager<B> {
                 prefetched: false,
             };
         }
-        let pinned_bytes = sizes[..pinned.len()].iter().sum();
         let inner = Arc::new(Inner {
             backend,
             file: file.clone(),
@@ -280,7 +277,6 @@ impl<B: Backend> LayerManager<B> {
             table: Mutex::new(Table {
                 slots,
                 stream_bytes: 0,
-                pinned_bytes,
                 clock: 0,
             }),
             sizes,
@@ -547,9 +543,9 @@ impl<B: Backend> Inner<B> {
         true
     }
 
-    /// Materializes streaming `layer` (shard-relative): matrices the backend computes from the mapped
-    /// pages keep them, mapped in by loading, until eviction; the pages of tensors the block
-    /// copied are given back at once.
+    /// Materializes streaming `layer` (shard-relative): matrices the backend computes from the
+    /// mapped pages keep them, mapped in by loading, until eviction; the pages of tensors the
+    /// block copied are given back at once.
     fn load(&self, layer: usize) -> Result<Arc<dyn Block>> {
         let started = Instant::now();
         let block = load_block(
@@ -596,7 +592,8 @@ impl<B: Backend> Inner<B> {
             prefetches: c.prefetches.load(Ordering::Relaxed),
             loads: c.loads.load(Ordering::Relaxed),
             load_us: c.load_us.load(Ordering::Relaxed),
-            resident_bytes: table.pinned_bytes + table.stream_bytes,
+            resident_bytes: self.sizes[..self.pinned.len()].iter().sum::<u64>()
+                + table.stream_bytes,
             resident_layers: resident_layers as u64,
             pinned_layers: self.pinned.len() as u64,
             budget_bytes: self.budget,
