@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use realm_common::model::{Embedding, Head};
 use realm_common::runtime::INLINE_TOKENS;
 use realm_common::tokenizer::Tokenizer;
@@ -136,34 +137,63 @@ impl MicroBatch {
                 return out;
             }
         };
-        // One row of logits per session due (none when every step was a prompt chunk).
-        let vocab = logits.len().checked_div(due_count).unwrap_or(0).max(1);
-        let mut logits = logits.chunks_exact(vocab);
-        for ((mut session, _), done) in alive.into_iter().zip(due) {
-            if !done {
-                out.push(Returned::Ready(session));
-                continue;
+        let mut unsampled = Some(alive);
+        let mut sample = |logits: &[f32]| {
+            if let Some(alive) = unsampled.take() {
+                sample_all(alive, &due, due_count, logits, &stages.tokenizer, &mut out);
             }
-            let Some(row) = logits.next() else {
-                session.fail(Error::Internal("the head gave too few rows".to_string()));
-                continue;
-            };
-            match session.sample(&stages.tokenizer, row) {
-                Ok(true) if session.cancelled() => session.end(),
-                Ok(true) => out.push(Returned::Ready(session)),
-                // Finished and reported, or its consumer went away.
-                Ok(false) => {
-                    if session.cancelled() {
-                        session
-                            .span
-                            .in_scope(|| debug!(session = %session.id, "client went away"));
-                    }
-                    session.end()
-                }
-                Err(e) => session.fail(e),
+        };
+        // The logits read in place: a copy of a large vocabulary's costs tens of µs a token.
+        let read = match &logits {
+            Some(logits) => realm_common::model::with_values(logits, &mut sample),
+            None => {
+                sample(&[]);
+                Ok(())
             }
+        };
+        if let (Err(e), Some(alive)) = (read, unsampled) {
+            fail_all(alive, &Error::from(e));
         }
         out
+    }
+}
+
+/// Samples the next token of each session of `alive` whose step is `due`, from its row of
+/// `logits` (one row per session due, in order), and hands back those that go on.
+fn sample_all(
+    alive: Vec<(Session, Rows)>,
+    due: &[bool],
+    due_count: usize,
+    logits: &[f32],
+    tokenizer: &Tokenizer,
+    out: &mut Vec<Returned>,
+) {
+    // One row of logits per session due (none when every step was a prompt chunk).
+    let vocab = logits.len().checked_div(due_count).unwrap_or(0).max(1);
+    let mut logits = logits.chunks_exact(vocab);
+    for ((mut session, _), &done) in alive.into_iter().zip(due) {
+        if !done {
+            out.push(Returned::Ready(session));
+            continue;
+        }
+        let Some(row) = logits.next() else {
+            session.fail(Error::Internal("the head gave too few rows".to_string()));
+            continue;
+        };
+        match session.sample(tokenizer, row) {
+            Ok(true) if session.cancelled() => session.end(),
+            Ok(true) => out.push(Returned::Ready(session)),
+            // Finished and reported, or its consumer went away.
+            Ok(false) => {
+                if session.cancelled() {
+                    session
+                        .span
+                        .in_scope(|| debug!(session = %session.id, "client went away"));
+                }
+                session.end()
+            }
+            Err(e) => session.fail(e),
+        }
     }
 }
 
@@ -210,32 +240,30 @@ async fn embed(stages: &Arc<Stages>, tokens: Vec<u32>) -> Result<pb::Tensor> {
     blocking(move || embed(&embedding, &tokens)).await
 }
 
-/// Logits `[n, vocab]`, flattened, of the `n` rows `rows` (bytes of `dtype` on the wire).
-async fn head(stages: &Arc<Stages>, rows: Vec<u8>, dtype: i32, n: usize) -> Result<Vec<f32>> {
+/// Logits `[n, vocab]` of the `n` rows `rows` (bytes of `dtype` on the wire); `None` when `n`
+/// is 0.
+async fn head(stages: &Arc<Stages>, rows: Vec<u8>, dtype: i32, n: usize) -> Result<Option<Tensor>> {
     if n == 0 {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let d_model = stages.d_model;
-    let run = move |head: &Head| -> Result<Vec<f32>> {
+    let run = move |head: &Head| -> Result<Option<Tensor>> {
         let wire = pb::Tensor {
             shape: vec![n as u64, d_model as u64],
             dtype,
             data: rows,
         };
         let x = Activations::from_wire(&wire, d_model)?.hidden;
-        let logits = head.forward(&x)?;
-        Ok(logits
-            .flatten_all()
-            .and_then(|l| l.to_vec1::<f32>())
-            .map_err(realm_common::Error::from)?)
+        Ok(Some(head.forward(&x)?))
     };
-    // One row (a lone stream's step) in place, where a thread hand-off would cost more than
-    // the row; the rows of several sessions off the async thread, so that the replies of the
-    // other micro-batches in flight pass on to their next worker meanwhile.
-    if n == 1 {
-        return in_place(|| run(&stages.head));
-    }
     let head = Arc::clone(&stages.head);
+    // One row (a lone stream's step) as one job of the compute pool that this thread waits
+    // for, where moving off the async thread would cost more than the row; the rows of several
+    // sessions off the async thread, so that the replies of the other micro-batches in flight
+    // pass on to their next worker meanwhile.
+    if n == 1 {
+        return pooled(move || run(&head));
+    }
     blocking(move || run(&head)).await
 }
 
@@ -243,6 +271,13 @@ async fn head(stages: &Arc<Stages>, rows: Vec<u8>, dtype: i32, n: usize) -> Resu
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     realm_common::runtime::compute(f)
         .await
+        .map_err(|e| Error::Internal(format!("model computation did not finish: {e}")))?
+}
+
+/// [`blocking`] for parallel work short enough for the async thread to wait for: one job of the
+/// compute pool (see [`realm_common::runtime::pooled`]).
+fn pooled<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    realm_common::runtime::pooled(f)
         .map_err(|e| Error::Internal(format!("model computation did not finish: {e}")))?
 }
 

@@ -392,7 +392,10 @@ impl WorkerService {
         };
 
         let span = trace_span!("forward", sessions = sessions.len(), rows);
-        let joined = realm_common::runtime::step(rows, move || {
+        // A shard that never waits for a layer to load runs a short step as one job of the
+        // compute pool, its parallel loops forking there (see `realm_common::runtime`).
+        let parallel = loaded.shard.never_waits();
+        let joined = realm_common::runtime::step(rows, parallel, move || {
             let _span = span.enter();
             let started = Instant::now();
             // A panic in the model code must not take the worker down: it fails this step alone.

@@ -44,7 +44,7 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 
 /// Runs `f` on the values of `t` (any shape) as one row: in place where `t` is a contiguous
 /// f32 tensor in host memory, which spares the copy, else on a copy.
-pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =

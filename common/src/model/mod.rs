@@ -13,7 +13,7 @@ mod backend;
 mod block;
 pub mod config;
 mod elementwise;
-pub(crate) use elementwise::with_values;
+pub use elementwise::with_values;
 mod experts;
 mod layers;
 mod norm;
