@@ -317,26 +317,19 @@ impl GgufFile {
         let data = self.tensor_data(info)?;
         self.map
             .populate(data.start, data.len)
-            .map_err(|source| Error::Io {
-                path: self.path.clone(),
-                source,
-            })
+            .map_err(|e| self.io_error(e))
     }
 
     /// Reads `buf.len()` bytes of `info`'s from `from` out of the file, mapping none of its pages
     /// (see [`MappedFile::read_at`]).
     pub fn read_tensor_range(&self, info: &TensorInfo, from: usize, buf: &mut [u8]) -> Result<()> {
-        let io = |source| Error::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let past_end = || io(std::io::ErrorKind::InvalidInput.into());
-        let start = usize::try_from(info.offset).map_err(|_| past_end())?;
-        let size = usize::try_from(info.size).map_err(|_| past_end())?;
+        let (start, size) = self.span_of(info)?;
         if from.checked_add(buf.len()).is_none_or(|end| end > size) {
-            return Err(past_end());
+            return Err(self.io_error(std::io::ErrorKind::InvalidInput.into()));
         }
-        self.map.read_at(start + from, buf).map_err(io)
+        self.map
+            .read_at(start + from, buf)
+            .map_err(|e| self.io_error(e))
     }
 
     /// Gives the mapped pages of `info`'s bytes back to the OS (see [`MappedFile::release`]): a
@@ -349,15 +342,25 @@ impl GgufFile {
     /// [`release_tensor`](Self::release_tensor) for the first `len` bytes of `info`'s (all of
     /// them if it has fewer).
     pub fn release_tensor_part(&self, info: &TensorInfo, len: usize) -> Result<()> {
-        let io = |source| Error::Io {
+        let (start, size) = self.span_of(info)?;
+        self.map
+            .release(start, len.min(size))
+            .map_err(|e| self.io_error(e))
+    }
+
+    /// Where `info`'s bytes start in the file, and how many there are.
+    fn span_of(&self, info: &TensorInfo) -> Result<(usize, usize)> {
+        let too_large = || self.io_error(std::io::ErrorKind::InvalidInput.into());
+        let start = usize::try_from(info.offset).map_err(|_| too_large())?;
+        let size = usize::try_from(info.size).map_err(|_| too_large())?;
+        Ok((start, size))
+    }
+
+    fn io_error(&self, source: std::io::Error) -> Error {
+        Error::Io {
             path: self.path.clone(),
             source,
-        };
-        let start = usize::try_from(info.offset)
-            .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
-        let size =
-            usize::try_from(info.size).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
-        self.map.release(start, len.min(size)).map_err(io)
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

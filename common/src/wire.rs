@@ -142,27 +142,25 @@ impl Activations {
     pub fn to_wire(hidden: &Tensor, dtype: WireDType) -> Result<pb::Tensor> {
         let (n, d) = hidden.dims2()?;
         let values = hidden.flatten_all()?.to_vec1::<f32>()?;
-        // A finite value f16 cannot hold would arrive as infinity: say so here, where the cause
-        // is known (gemma3's hidden states reach past f16's range, for one).
-        if dtype == WireDType::F16 {
-            if let Some(v) = values
-                .iter()
-                .find(|v| v.is_finite() && v.abs() > f16::MAX.to_f32())
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "the hidden state holds {v}, beyond f16's range (±65504): this model's \
-                     activations need --wire-dtype bf16 or f32"
-                )));
-            }
-        }
         let mut data = Vec::with_capacity(values.len() * dtype.size());
         match dtype {
             WireDType::F32 => values
                 .iter()
                 .for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            WireDType::F16 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            WireDType::F16 => {
+                for v in &values {
+                    let h = f16::from_f32(*v);
+                    // A finite value f16 cannot hold would arrive as infinity: say so here,
+                    // where the cause is known (gemma3's hidden states reach past its range).
+                    if h.is_infinite() && v.is_finite() {
+                        return Err(Error::InvalidArgument(format!(
+                            "the hidden state holds {v}, beyond f16's range (±65504): this \
+                             model's activations need --wire-dtype bf16 or f32"
+                        )));
+                    }
+                    data.extend_from_slice(&h.to_le_bytes());
+                }
+            }
             WireDType::BF16 => values
                 .iter()
                 .for_each(|v| data.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
