@@ -42,7 +42,8 @@ fn selected(name: &str) -> bool {
 
 fn run(label: &str, pool: &rayon::ThreadPool) {
     // SmolLM2's shapes (attention 576 × 576 and 192 × 576, FFN 1536 × 576 and 576 × 1536, the
-    // 49152 × 576 head), gemma3's FFN-down shape (640 × 2048) and its 262144 × 640 head.
+    // 49152 × 576 head), gemma3's FFN-down shape (640 × 2048) and its 262144 × 640 head, and a
+    // 7B model's.
     for (dtype, rows, cols) in [
         (GgmlType::Q4_0, 1536, 576),
         (GgmlType::Q4_1, 192, 576),
@@ -53,6 +54,10 @@ fn run(label: &str, pool: &rayon::ThreadPool) {
         (GgmlType::Q8_0, 1536, 576),
         (GgmlType::Q4K, 640, 2048),
         (GgmlType::Q6K, 640, 2048),
+        // A 7B model's widths in its `Q4_K_M` formats: attention, FFN gate/up, FFN down.
+        (GgmlType::Q4K, 4096, 4096),
+        (GgmlType::Q4K, 11008, 4096),
+        (GgmlType::Q6K, 4096, 11008),
         (GgmlType::Q8_0, 49152, 576),
         (GgmlType::Q8_0, 262144, 640),
     ] {

@@ -9,7 +9,9 @@
 //!
 //! Matrices whose rows come in whole groups of eight, in the 4-bit 32-value formats, are
 //! repacked at load with their rows interleaved (see [`interleaved`]), which changes how the
-//! integers are grouped before scaling for `Q4_0` and `Q4_1` (one total per block).
+//! integers are grouped before scaling for `Q4_0` and `Q4_1` (one total per block). On AVX-512
+//! VNNI, groups of sixteen rows take one row per 32-bit lane instead (`wide`), the K formats'
+//! too.
 //!
 //! The K formats (`Q4_K`, `Q6_K`) work on super-blocks of 256 values: activations are quantized
 //! to `Q8_K` (one f32 scale per 256 values, and the sums of each 16 quants so that a weight
@@ -408,6 +410,13 @@ impl QMatrix {
                 let acts = self.quantize_for_groups(x);
                 self.by_groups(&acts, out, interleaved::ROWS, |group, acts, ys| {
                     interleaved_group_matmul(isa, dtype, group, acts, ys)
+                })
+            }
+            #[cfg(target_arch = "x86_64")]
+            Layout::Wide(cpu) if is_k(dtype) => {
+                let acts = self.quantize(x, QK_K, |x, q| quantize_row_k(isa, x, q));
+                self.by_groups(&acts, out, wide::ROWS, |group, acts, ys| {
+                    x86::wide_k::group_matmul(cpu, dtype, group, acts, ys)
                 })
             }
             #[cfg(target_arch = "x86_64")]

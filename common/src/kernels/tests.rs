@@ -404,3 +404,49 @@ fn every_kernel_matches_the_dequantized_product() {
         }
     }
 }
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn the_wide_k_layout_computes_the_portable_bits() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    // One and three groups of one and three super-blocks, decode and every leftover count of a
+    // prefill's token tiles; then decode over 40 groups in several tasks (gemma3's down shape).
+    let small = [1, 2, 3, 5, 6, 7, 13].into_iter().flat_map(|n| {
+        [(16, 256), (48, 768)]
+            .into_iter()
+            .map(move |(rows, cols)| (n, rows, cols))
+    });
+    for (dtype, (n, rows, cols)) in [GgmlType::Q4K, GgmlType::Q6K]
+        .into_iter()
+        .flat_map(|d| small.clone().chain([(1, 640, 2048)]).map(move |s| (d, s)))
+    {
+        let bytes = random_matrix(dtype, rows, cols, &mut rng);
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let m = QMatrix::new(dtype, rows, cols, &bytes).unwrap();
+        let Layout::Wide(cpu) = m.layout else {
+            // Without AVX-512 VNNI the K formats keep the file's layout.
+            assert!(!matches!(Isa::detect(), Isa::X86(cpu) if cpu.avx512()));
+            assert_eq!(m.layout, Layout::File);
+            continue;
+        };
+        assert!(cpu.avx512());
+        assert!(!wide::repacks(dtype, rows + 8), "whole groups only");
+        let mut got = vec![0.0; n * rows];
+        m.matmul(&x, n, &mut got);
+        assert_near_dequantized(dtype, &bytes, rows, cols, &x, &got);
+
+        // The portable code over the file's layout defines the bits.
+        let acts = m.quantize(&x, QK_K, portable::quantize_row_k);
+        let mut want = vec![0.0; n * rows];
+        portable::dot_rows_k(dtype, &bytes, m.row_bytes, &acts, &mut want);
+        for t in 0..n {
+            for r in 0..rows {
+                assert_eq!(
+                    want[r * n + t].to_bits(),
+                    got[t * rows + r].to_bits(),
+                    "{dtype:?} {rows}x{cols} x {n} [{t}][{r}]"
+                );
+            }
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! `Q4_0`, `Q4_1` and `Q8_0` repacked for AVX-512 VNNI into groups of sixteen rows whose 32-bit
+//! `Q4_0`, `Q4_1`, `Q8_0` and the K formats repacked for AVX-512 VNNI into groups of sixteen rows whose 32-bit
 //! lanes each hold four quants of one row: one `vpdpbusd` multiplies four values of all sixteen
 //! rows by four activation bytes, broadcast from memory by the instruction itself.
 //!
@@ -23,7 +23,23 @@
 //! `Q4_1` one integer per block, `Q8_0` one per four values, its eight lanes summed at the end
 //! as the file-layout kernels sum them).
 //!
-//! The kernels are in `x86::wide`.
+//! The K formats (`Q4_K`, `Q6_K`) take the same sixteen-row groups, one super-block of each row
+//! per group-block, their bytes moved but not changed: the 32-bit words of the sixteen blocks
+//! transposed, so that the 64-byte vector at `64w` holds word `w` of each row, row `i`'s at
+//! bytes `4i..4i + 4` — four nibble bytes (`Q4_K`: the low nibbles four values of one
+//! sub-block, the high nibbles the same four of the next; `Q6_K`'s `ql` likewise, its `qh` four
+//! bytes of high bits) or four scale bytes. One `and` (and a shift) turns a vector of them into
+//! four unsigned quants of each of sixteen rows, one row per lane, for one `vpdpbusd`: nothing is
+//! unpacked across lanes at run time. The words that are no whole word of every row are gathered
+//! apart, sixteen f16 in a row:
+//! - `Q4_K` (144 bytes a block): the rows' scales `d` (bytes 0..32), their minimums `dmin`
+//!   (32..64), then words 1..36 (the packed sub-block scales and minimums, words 1..4; the
+//!   nibbles, words 4..36) at `64w`;
+//! - `Q6_K` (210 bytes): words 0..52 (`ql` 0..32, `qh` 32..48, the sub-block scales 48..52),
+//!   the values' words reordered so that each step of a product reads three neighbours
+//!   ([`q6k_slot`]), then the rows' scales `d` (bytes 3328..3360).
+//!
+//! The kernels are in `x86::wide` and (the K formats) `x86::wide_k`.
 
 use super::QK;
 use crate::quant::GgmlType;
@@ -34,7 +50,34 @@ pub(super) const ROWS: usize = 16;
 /// Whether a `[rows, cols]` matrix of `dtype` can take this layout: one of its formats, whole
 /// groups (the CPU must run AVX-512 VNNI too).
 pub(super) fn repacks(dtype: GgmlType, rows: usize) -> bool {
-    quants(dtype).is_some() && rows.is_multiple_of(ROWS)
+    (quants(dtype).is_some() || super::is_k(dtype)) && rows.is_multiple_of(ROWS)
+}
+
+/// Where a `Q4_K` group-block keeps its rows' f16 minimums (their scales at 0).
+pub(super) const Q4K_DMIN_AT: usize = 32;
+/// Where a `Q6_K` group-block keeps its rows' f16 scales.
+pub(super) const Q6K_D_AT: usize = 64 * Q6K_WORDS;
+/// The whole 32-bit words of a `Q6_K` block (its last two bytes are its scale).
+const Q6K_WORDS: usize = 52;
+/// The first of a `Q4_K` block's words kept as words (its first holds its two f16).
+pub(super) const Q4K_FIRST_WORD: usize = 1;
+
+/// Where a `Q6_K` group-block keeps its blocks' word `w`: the three words that a step of its
+/// products reads together lie together, in the order it reads them (for each half `h` of the
+/// block and step `j`, `ql` words `16h + j` and `16h + 8 + j`, then `qh` word `32 + 8h + j`),
+/// then the sub-block scales (words 48..52).
+pub(super) const fn q6k_slot(w: usize) -> usize {
+    match w {
+        0..32 => 24 * (w / 16) + 3 * (w % 8) + w % 16 / 8,
+        32..48 => 24 * ((w - 32) / 8) + 3 * ((w - 32) % 8) + 2,
+        _ => w,
+    }
+}
+
+/// Where a K-format group-block keeps word `w` of its rows' blocks (`Q6_K`: slot `w`, see
+/// [`q6k_slot`]).
+pub(super) const fn word_at(w: usize) -> usize {
+    64 * w
 }
 
 /// Where a format's group-block keeps its quants, and how many bytes of quants a block of one
@@ -82,6 +125,9 @@ pub(super) fn repack(
     out: &mut [u8],
     done: impl FnMut(usize),
 ) {
+    if super::is_k(dtype) {
+        return repack_k(dtype, row_bytes, bytes, out, done);
+    }
     let Some(q) = quants(dtype) else {
         unreachable!("only formats with a wide layout are repacked into it")
     };
@@ -98,6 +144,36 @@ pub(super) fn repack(
                 if dtype == GgmlType::Q8_0 {
                     to.iter_mut().for_each(|q| *q ^= 0x80);
                 }
+            }
+        }
+    });
+}
+
+/// [`repack`] for the K formats: each group-block's words transposed, its f16 gathered.
+fn repack_k(
+    dtype: GgmlType,
+    row_bytes: usize,
+    bytes: &[u8],
+    out: &mut [u8],
+    done: impl FnMut(usize),
+) {
+    let q4k = dtype == GgmlType::Q4K;
+    let words = if q4k {
+        Q4K_FIRST_WORD..dtype.type_size() / 4
+    } else {
+        0..Q6K_WORDS
+    };
+    super::repack_groups::<ROWS>(dtype, row_bytes, bytes, out, done, |src, dst| {
+        for (i, src) in src.iter().enumerate() {
+            if q4k {
+                dst[2 * i..2 * i + 2].copy_from_slice(&src[..2]);
+                dst[Q4K_DMIN_AT + 2 * i..][..2].copy_from_slice(&src[2..4]);
+            } else {
+                dst[Q6K_D_AT + 2 * i..][..2].copy_from_slice(&src[4 * Q6K_WORDS..][..2]);
+            }
+            for w in words.clone() {
+                let slot = if q4k { w } else { q6k_slot(w) };
+                dst[word_at(slot) + 4 * i..][..4].copy_from_slice(&src[4 * w..][..4]);
             }
         }
     });

@@ -9,7 +9,8 @@
 //!
 //! - this file: the activations' quantization, and what the kernels share;
 //! - [`rows`] and [`k`]: the file layout's dot products, 32-value and K formats;
-//! - [`wide_k`]: the K formats' prefill on AVX-512, sixteen rows at a time;
+//! - [`wide_k`]: the K formats on AVX-512, sixteen rows at a time: the sixteen-row layout's
+//!   products, and the file layout's prefill;
 //! - [`interleaved`] and [`wide`]: the grouped layouts' products;
 //! - [`attention`]: attention's scores and value sums.
 
@@ -24,7 +25,7 @@ pub(super) mod interleaved;
 pub(super) mod k;
 pub(super) mod rows;
 pub(super) mod wide;
-mod wide_k;
+pub(super) mod wide_k;
 
 /// Tokens of a several-token product whose accumulators one pass over a group of rows keeps
 /// (on the stack): each group-block of weights is unpacked once per pass.
