@@ -38,7 +38,7 @@ pub(in crate::kernels) fn group_matmul(
 /// The sixteen rows' f16 at `bytes[..32]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn f16s(bytes: &[u8]) -> __m512 {
+pub(super) fn f16s(bytes: &[u8]) -> __m512 {
     // SAFETY: `bytes` holds at least 32 bytes, sixteen f16.
     _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(bytes[..32].as_ptr().cast()) })
 }

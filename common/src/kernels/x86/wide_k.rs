@@ -20,6 +20,7 @@
 
 use std::arch::x86_64::*;
 
+use super::wide::f16s;
 use super::{dpwssd, f16_at, PREFETCH_AHEAD, X86};
 use crate::kernels::portable::q4_k_scales;
 use crate::kernels::wide::{
@@ -400,14 +401,6 @@ fn word(gb: &[u8], w: usize) -> __m512i {
     _mm_prefetch::<_MM_HINT_NTA>(bytes.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
     // SAFETY: `bytes` is 64 bytes.
     unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
-}
-
-/// The sixteen rows' f16 at `bytes[..32]`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn f16s(bytes: &[u8]) -> __m512 {
-    // SAFETY: `bytes` holds at least 32 bytes, sixteen f16.
-    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(bytes[..32].as_ptr().cast()) })
 }
 
 /// Activation bytes `4g..4g + 4` of a super-block (four values of sub-block `g / 8`) as one
