@@ -391,7 +391,7 @@ pub(in crate::kernels) fn group_matmul(
 /// One request per line loaded, spread over the loop: a group-block of the K formats is 36 and
 /// 52 lines, and asking for all of them at its start (as the 32-value formats' kernels do for
 /// their 5 to 9) filled the core's queue of misses ahead of the loads (decode of a 4096 × 4096
-/// `Q4_K` matrix from memory, one thread: 12 GB/s that way, 18 with no prefetch, 25 this way).
+/// `Q4_K` matrix from memory, one thread: 8–12 GB/s that way, 18 with no prefetch, 25 this way).
 ///
 /// [`prefetch_ahead`]: super::prefetch_ahead
 #[inline]
