@@ -61,7 +61,7 @@ import resource, subprocess, sys
 subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                stderr=subprocess.DEVNULL, check=True)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)' "$@" > "$file.part" 2>/dev/null; then
-        echo "bench-vs-reference: no peak RSS from $(basename "$1") on $(basename "$3"): it failed" >&2
+        echo "bench-vs-reference: no peak RSS for $(basename "$file"): $(basename "$1") failed" >&2
         rm -f "$file.part"
         return 0
     fi

@@ -1,6 +1,7 @@
-//! `Q4_0`, `Q4_1`, `Q8_0` and the K formats repacked for AVX-512 VNNI into groups of sixteen rows whose 32-bit
-//! lanes each hold four quants of one row: one `vpdpbusd` multiplies four values of all sixteen
-//! rows by four activation bytes, broadcast from memory by the instruction itself.
+//! `Q4_0`, `Q4_1`, `Q8_0` and the K formats repacked for AVX-512 VNNI into groups of sixteen
+//! rows whose 32-bit lanes each hold four quants of one row: one `vpdpbusd` multiplies four
+//! values of all sixteen rows by four activation bytes, broadcast from memory by the
+//! instruction itself.
 //!
 //! The eight-row layout ([`super::interleaved`]) shared by every SIMD path puts eight bytes of a
 //! row in each 64-bit lane, so each product needs its activations broadcast first, and the two
@@ -59,8 +60,15 @@ pub(super) const Q4K_DMIN_AT: usize = 32;
 pub(super) const Q6K_D_AT: usize = 64 * Q6K_WORDS;
 /// The whole 32-bit words of a `Q6_K` block (its last two bytes are its scale).
 const Q6K_WORDS: usize = 52;
-/// The first of a `Q4_K` block's words kept as words (its first holds its two f16).
+/// The first of a `Q4_K` block's words kept as words (its first holds its two f16): words 1..4
+/// are its packed sub-block scales and minimums.
 pub(super) const Q4K_FIRST_WORD: usize = 1;
+/// Where a `Q4_K` block's nibbles start, in words: word `4 + 8c + j` holds values `4j..4j + 4`
+/// of sub-blocks `2c` (low nibbles) and `2c + 1` (high).
+pub(super) const Q4K_NIBBLES: usize = 4;
+/// Where a `Q6_K` block's sub-block scales start, in words: word `48 + m` holds scales
+/// `4m..4m + 4`.
+pub(super) const Q6K_SCALES: usize = 48;
 
 /// Where a `Q6_K` group-block keeps its blocks' word `w`: the three words that a step of its
 /// products reads together lie together, in the order it reads them (for each half `h` of the
@@ -69,7 +77,7 @@ pub(super) const Q4K_FIRST_WORD: usize = 1;
 pub(super) const fn q6k_slot(w: usize) -> usize {
     match w {
         0..32 => 24 * (w / 16) + 3 * (w % 8) + w % 16 / 8,
-        32..48 => 24 * ((w - 32) / 8) + 3 * ((w - 32) % 8) + 2,
+        32..Q6K_SCALES => 24 * ((w - 32) / 8) + 3 * ((w - 32) % 8) + 2,
         _ => w,
     }
 }

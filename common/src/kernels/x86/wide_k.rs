@@ -24,7 +24,8 @@ use super::wide::f16s;
 use super::{dpwssd, f16_at, PREFETCH_AHEAD, X86};
 use crate::kernels::portable::q4_k_scales;
 use crate::kernels::wide::{
-    group_block_bytes, q6k_slot, word_at, Q4K_DMIN_AT, Q4K_FIRST_WORD, Q6K_D_AT,
+    group_block_bytes, q6k_slot, word_at, Q4K_DMIN_AT, Q4K_FIRST_WORD, Q4K_NIBBLES, Q6K_D_AT,
+    Q6K_SCALES,
 };
 use crate::kernels::KBlock;
 use crate::quant::GgmlType;
@@ -364,7 +365,6 @@ pub(in crate::kernels) fn group_matmul(
         cpu.avx512(),
         "the wide layout is used only where AVX-512 VNNI is"
     );
-    let gb_bytes = group_block_bytes(dtype);
     // SAFETY: `cpu` says this CPU runs AVX-512 F, BW and VNNI, with AVX2, FMA and F16C.
     unsafe {
         match (dtype, acts) {
@@ -372,7 +372,7 @@ pub(in crate::kernels) fn group_matmul(
             (_, [act]) => one_token_q6k(group, act, out),
             _ => {
                 let tiles: Vec<Tile> = group
-                    .chunks_exact(gb_bytes)
+                    .chunks_exact(group_block_bytes(dtype))
                     .map(|gb| gather(dtype, gb))
                     .collect();
                 products(dtype, &tiles, acts, |first, ys| {
@@ -454,10 +454,6 @@ fn q4k_scales(gb: &[u8]) -> ([__m512i; 2], [__m512i; 2]) {
     )
 }
 
-/// Where a `Q4_K` group-block's nibbles start, in words: word `4 + 8c + j` holds values
-/// `4j..4j + 4` of sub-blocks `2c` (low nibbles) and `2c + 1` (high).
-const Q4K_NIBBLES: usize = 4;
-
 /// Steps `8c + j` and `8(c + 1) + j` of a `Q4_K` group-block: sub-blocks `2c` and `2c + 1`'s
 /// values `4j..4j + 4`, unsigned, one row per lane.
 #[inline]
@@ -495,10 +491,6 @@ fn q6k_quants(gb: &[u8], half: usize, j: usize) -> [__m512i; 4] {
         join(_mm512_srli_epi32::<4>(l1), _mm512_srli_epi32::<2>(h)),
     ]
 }
-
-/// Where a `Q6_K` group-block's sub-block scales start, in words: word `48 + m` holds scales
-/// `4m..4m + 4`.
-const Q6K_SCALES: usize = 48;
 
 /// One super-block of a group-block gathered for a prefill's tokens.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -607,6 +599,8 @@ fn one_token_q6k(group: &[u8], act: &[KBlock], out: &mut [f32]) {
         .chunks_exact(group_block_bytes(GgmlType::Q6K))
         .zip(act)
     {
+        // The sixteen rows' scales, four 16-value groups' a word.
+        let scales: [__m512i; 4] = std::array::from_fn(|m| word(gb, Q6K_SCALES + m));
         let mut total = zero;
         for half in 0..2 {
             // Chunk 4 half + part's two 16-value sums.
@@ -622,7 +616,7 @@ fn one_token_q6k(group: &[u8], act: &[KBlock], out: &mut [f32]) {
                 for (k, sum) in sums.into_iter().enumerate() {
                     let s = 2 * (4 * half + part) + k;
                     let offset = _mm512_set1_epi32(32 * a.bsums[s] as i32);
-                    let scale = byte_i(word(gb, Q6K_SCALES + s / 4), s % 4);
+                    let scale = byte_i(scales[s / 4], s % 4);
                     let sum = _mm512_sub_epi32(sum, offset);
                     total = _mm512_add_epi32(total, _mm512_mullo_epi32(sum, scale));
                 }
